@@ -1,0 +1,126 @@
+"""Everything chatsync raises on purpose, and the exit codes the CLI maps it to.
+
+Catch at the level you care about::
+
+    ChatsyncError                      base of every deliberate failure
+    ├── UsageError                     bad input from a person or script (exit 2)
+    │   ├── InvalidDate
+    │   ├── InvalidDuration
+    │   └── InvalidNumber              not an 8-digit number, optionally with country code
+    ├── NotFound                       a named thing does not exist (exit 1)
+    │   └── ConversationNotFound
+    ├── ConfigError                    configuration rejected (exit 4)
+    │   ├── MissingSetting             e.g. no CHATBASE_API_KEY
+    │   └── ChatbaseRejected           Chatbase said 400/401/403/404: bad key, chatbot or parameter
+    ├── SchemaTooNew                   database migrated by a newer chatsync (exit 1)
+    ├── LockHeld                       another sync of the chatbot is running (exit 75)
+    └── ChatbaseUnavailable            retries ran out: outage, rate limit, broken pages (exit 3)
+        └── PagingError                the server repeated a page or never stopped paging
+
+A record Chatbase sends that cannot be stored is not an exception the caller sees: it raises
+``BadRecord`` inside normalisation and the sync engine quarantines it.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Exit statuses of the CLI contract (spec/cli.md)."""
+
+    OK = 0
+    ERROR = 1
+    USAGE = 2
+    PARTIAL = 3
+    CONFIG = 4
+    LOCKED = 75
+
+
+class ChatsyncError(Exception):
+    """Base of every deliberate chatsync failure."""
+
+    exit_code: ExitCode = ExitCode.ERROR
+
+
+class UsageError(ChatsyncError):
+    exit_code = ExitCode.USAGE
+
+
+class InvalidDate(UsageError):
+    def __init__(self, text: str) -> None:
+        super().__init__(f"invalid date {text!r}: expected YYYY-MM-DD, e.g. 2024-05-01")
+
+
+class InvalidDuration(UsageError):
+    def __init__(self, text: str) -> None:
+        super().__init__(f"invalid duration {text!r}: expected a number and a unit, e.g. 3d, 12h, 90m, 30s")
+
+
+class InvalidNumber(UsageError):
+    def __init__(self, text: str, reason: str = "") -> None:
+        detail = f" ({reason})" if reason else ""
+        super().__init__(
+            f"invalid WhatsApp number {text!r}{detail}: expected 8 digits, optionally with country code "
+            "852, 853 or 65, e.g. 9123 4567 or +852 9123 4567"
+        )
+
+
+class NotFound(ChatsyncError):
+    exit_code = ExitCode.ERROR
+
+
+class ConversationNotFound(NotFound):
+    def __init__(self, conversation_id: str) -> None:
+        self.conversation_id = conversation_id
+        super().__init__(f"conversation {conversation_id!r} not found")
+
+
+class ConfigError(ChatsyncError):
+    exit_code = ExitCode.CONFIG
+
+
+class MissingSetting(ConfigError):
+    def __init__(self, variable: str, flag: str) -> None:
+        super().__init__(f"{variable} is not set: export it or pass {flag}")
+
+
+class ChatbaseRejected(ConfigError):
+    """Chatbase answered 400/401/403/404: retrying will not help, the configuration must change."""
+
+    def __init__(self, status: int, message: str, hint: str) -> None:
+        self.status = status
+        super().__init__(f"Chatbase rejected the request ({status}: {message}); {hint}")
+
+
+class SchemaTooNew(ChatsyncError):
+    def __init__(self, found: str, known: str) -> None:
+        super().__init__(
+            f"database schema {found!r} is newer than this chatsync knows ({known!r}): upgrade chatsync"
+        )
+
+
+class LockHeld(ChatsyncError):
+    exit_code = ExitCode.LOCKED
+
+    def __init__(self, chatbot_id: str) -> None:
+        self.chatbot_id = chatbot_id
+        super().__init__(f"another sync of chatbot {chatbot_id!r} is running; nothing was done")
+
+
+class ChatbaseUnavailable(ChatsyncError):
+    """Transient failures outlasted the retry budget; what was committed stays, the next run continues."""
+
+    exit_code = ExitCode.PARTIAL
+
+
+class PagingError(ChatbaseUnavailable):
+    """The server repeated a page or paged past any sane bound."""
+
+
+class BadRecord(Exception):
+    """A Chatbase record that cannot be stored; carries the reason it is quarantined with."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)

@@ -1,0 +1,445 @@
+"""The WhatsApp-number rule of spec/whatsapp.md, as pure functions.
+
+The bot asks for the user's WhatsApp number; the user's next reply may hold an 8-digit number. Support
+staff must be able to trust what is stored, so every step is explicit and every rejected candidate keeps
+the reason it was rejected (``chatsync extract-test`` shows them).
+
+Steps: recognise the prompt (:func:`is_prompt`), take the first user reply after it, normalise it
+(:func:`normalize_text`), cut candidates that are never trimmed (:func:`cut_candidates`), reject by
+context, check shape and country code, validate, then deduplicate (:func:`extract_reply`).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from chatsync.config import WhatsAppRule
+from chatsync.errors import InvalidNumber, UsageError
+
+# Outcomes stored per conversation (analytics.md counts them).
+CAPTURED = "captured"
+NO_PROMPT = "no_prompt"
+NO_REPLY = "no_reply"
+NOT_FOUND = "not_found"
+AMBIGUOUS = "ambiguous"
+OUTCOMES = (CAPTURED, NO_PROMPT, NO_REPLY, NOT_FOUND, AMBIGUOUS)
+
+# First national digit allowed when validation is "off", by country code.
+FIRST_DIGITS = {"852": "456789", "853": "6", "65": "89"}
+
+_DASHES = {chr(c) for c in range(0x2010, 0x2016)} | {"\u2212", "\uff0d", "\ufe63", "\u2043"}
+_QUOTES = {"\u2018": "'", "\u2019": "'", "\u02bc": "'", "\uff07": "'"}
+
+
+# ---------------------------------------------------------------------------------------------- normalising
+@dataclass(frozen=True)
+class Normalized:
+    """Normalised text plus, for each of its characters, the index of the original character."""
+
+    text: str
+    origin: tuple[int, ...]
+    original: str
+
+    def original_span(self, start: int, end: int) -> str:
+        if start >= end:
+            return ""
+        first = self.origin[start]
+        last = self.origin[end - 1]
+        return self.original[first : last + 1]
+
+
+def _normalize_char(ch: str) -> str:
+    if ch.isascii():
+        return ch
+    out = []
+    for c in unicodedata.normalize("NFKC", ch):
+        if c.isascii():
+            out.append(c)
+        elif c in _DASHES:
+            out.append("-")
+        elif c in _QUOTES:
+            out.append(_QUOTES[c])
+        elif unicodedata.category(c) == "Nd":
+            out.append(str(unicodedata.decimal(c)))
+        elif unicodedata.category(c) == "Zs":
+            out.append(" ")
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def normalize_text(text: str) -> Normalized:
+    """NFKC, every decimal digit to 0-9, dash variants to ``-``, Unicode spaces to a space; keeps a map back."""
+    if text.isascii():
+        return Normalized(text, tuple(range(len(text))), text)
+    chars: list[str] = []
+    origin: list[int] = []
+    for index, ch in enumerate(text):
+        for c in _normalize_char(ch):
+            chars.append(c)
+            origin.append(index)
+    return Normalized("".join(chars), tuple(origin), text)
+
+
+# --------------------------------------------------------------------------------------------------- prompt
+_WHATSAPP_WORD = re.compile(r"whats?app|whatsap|what's\s?app\b|(?<![a-z])wa(?![a-z])")
+_NUMBER_WORD = re.compile(
+    r"(?<![a-z])(?:number|no\.|num|phone|contact|n[uú]mero|nombor|nomor|numéro|nummer)"
+    r"|電話|电话|號碼|号码|手機|手机|聯絡|联络|联系|番号|번호"
+)
+_REQUEST_CUE = re.compile(
+    r"\?|(?<![a-z])(?:please|may i|could you|can you|what is your|your|provide|share|leave|enter"
+    r"|por favor|tu|su|anda)(?![a-z])"
+    r"|請|请|麻煩|麻烦|可否|可以|提供|留下|輸入|输入|告訴|告诉|你的|您的|閣下|幾多|多少"
+)
+_SECOND_PERSON = re.compile(r"(?<![a-z])(?:your|tu|su|anda)(?![a-z])|你的|您的|閣下")
+
+
+@lru_cache(maxsize=64)
+def _compiled_extra(patterns: tuple[str, ...]) -> tuple[re.Pattern[str], ...]:
+    return tuple(re.compile(p, re.IGNORECASE) for p in patterns)
+
+
+def is_prompt(message: str, rule: WhatsAppRule | None = None) -> bool:
+    """Is this assistant message the bot asking for the user's WhatsApp number?"""
+    rule = rule or WhatsAppRule()
+    norm = normalize_text(message)
+    text = norm.text.lower()
+    if any(p.search(norm.text) for p in _compiled_extra(rule.extra_prompt_patterns)):
+        return True
+    if not (_WHATSAPP_WORD.search(text) and _NUMBER_WORD.search(text) and _REQUEST_CUE.search(text)):
+        return False
+    # A bot message carrying a long number of its own and not addressing the user is an advertisement.
+    advertises = any(c.digit_count >= 8 for c in _cut(norm.text))
+    return not (advertises and not _SECOND_PERSON.search(text))
+
+
+# ----------------------------------------------------------------------------------------------- candidates
+@dataclass(frozen=True)
+class _Span:
+    start: int  # includes a leading "+", "(", "(+" or "+("
+    end: int  # includes a closing ")"
+    digits_start: int
+    groups: tuple[str, ...]
+    lead: str
+
+    @property
+    def digit_count(self) -> int:
+        return sum(len(g) for g in self.groups)
+
+
+_DIGIT_RUN = re.compile(r"[0-9]+")
+_JOINERS = set(" -.()")
+
+
+def _joinable(gap: str) -> bool:
+    return 1 <= len(gap) <= 3 and set(gap) <= _JOINERS and (gap.count("-") + gap.count(".")) <= 1
+
+
+def _cut(text: str) -> list[_Span]:
+    runs = [(m.start(), m.end()) for m in _DIGIT_RUN.finditer(text)]
+    spans: list[_Span] = []
+    i = 0
+    while i < len(runs):
+        first = i
+        while i + 1 < len(runs) and _joinable(text[runs[i][1] : runs[i + 1][0]]):
+            i += 1
+        digits_start, end = runs[first][0], runs[i][1]
+        start = digits_start
+        lead = ""
+        for option in ("(+", "+(", "+", "("):
+            if text[max(0, digits_start - len(option)) : digits_start] == option:
+                lead, start = option, digits_start - len(option)
+                break
+        # A closing bracket belongs to the candidate when it closes one it opened.
+        body = text[start:end]
+        if end < len(text) and text[end] == ")" and body.count("(") > body.count(")"):
+            end += 1
+        groups = tuple(text[a:b] for a, b in runs[first : i + 1])
+        spans.append(_Span(start, end, digits_start, groups, lead))
+        i += 1
+    return spans
+
+
+# ------------------------------------------------------------------------------------------------- context
+_CURRENCY_BEFORE = re.compile(r"(?:[$€£¥￥]|hk\$|s\$|hkd|sgd|mop|usd|rmb)\s*$")
+_HASH_BEFORE = re.compile(r"#\s*$")
+_CURRENCY_AFTER = re.compile(r"^\s*(?:%|元|蚊|dollars?(?![a-z]))")
+_LABELS = {"whatsapp", "wa", "tel", "ph", "phone", "mobile", "mob", "hp", "cell", "no", "num", "number"}
+_EXTENSION_AFTER = re.compile(r"^(?:x|ext)\.?\s*[0-9]")
+_KEYWORD_BEFORE = re.compile(
+    r"(?<![a-z])(?:order|ref|invoice|booking|tracking|otp|code|id|account)(?![a-z])"
+    r"|訂單|订单|單號|单号|編號|编号|會員|会员|驗證碼|验证码"
+)
+_KEYWORD_REACH = 16  # characters before a candidate in which a reference keyword rejects it
+_ASCII_LETTER = re.compile(r"[A-Za-z]")
+
+
+def _glued_word_before(text: str, start: int) -> str | None:
+    if start == 0 or not _ASCII_LETTER.match(text[start - 1]):
+        return None
+    i = start
+    while i > 0 and _ASCII_LETTER.match(text[i - 1]):
+        i -= 1
+    return text[i:start]
+
+
+def _glued_word_after(text: str, end: int) -> str | None:
+    if end >= len(text) or not _ASCII_LETTER.match(text[end]):
+        return None
+    i = end
+    while i < len(text) and _ASCII_LETTER.match(text[i]):
+        i += 1
+    return text[end:i]
+
+
+def _context_reason(text: str, span: _Span, previous_end: int) -> str | None:
+    lower = text.lower()
+    before = lower[: span.start]
+    after = lower[span.end :]
+    if _CURRENCY_BEFORE.search(before) or _CURRENCY_AFTER.match(after):
+        return "looks like money"
+    if _HASH_BEFORE.search(before):
+        return "looks like an id (after '#')"
+    word = _glued_word_before(text, span.start)
+    if word is not None and word.lower() not in _LABELS:
+        return f"glued to the letters {word!r}"
+    word = _glued_word_after(text, span.end)
+    if word is not None and not _EXTENSION_AFTER.match(after):
+        return f"glued to the letters {word!r}"
+    window = lower[max(previous_end, span.start - _KEYWORD_REACH) : span.start]
+    keyword = _KEYWORD_BEFORE.search(window)
+    if keyword:
+        return f"looks like a reference (after {keyword.group(0)!r})"
+    return None
+
+
+# ------------------------------------------------------------------------------------------ shape and region
+@lru_cache(maxsize=32)
+def _country_code(region: str) -> str:
+    import phonenumbers
+
+    code = phonenumbers.country_code_for_region(region.upper())
+    if not code:
+        raise UsageError(f"unknown region {region!r}: expected an ISO code such as HK, MO or SG")
+    return str(code)
+
+
+def check_rule(rule: WhatsAppRule) -> WhatsAppRule:
+    """Reject a rule whose regions phonenumbers does not know (a clear error instead of a silent miss)."""
+    for region in (rule.default_region, *rule.accepted_regions):
+        _country_code(region)
+    if rule.validation not in ("strict", "off"):
+        raise UsageError(f"invalid validation mode {rule.validation!r}: expected strict or off")
+    try:
+        _compiled_extra(rule.extra_prompt_patterns)
+    except re.error as exc:
+        raise UsageError(f"invalid prompt pattern: {exc}") from None
+    return rule
+
+
+def _shape(span: _Span, rule: WhatsAppRule) -> tuple[str, str] | str:
+    """Return (country code, 8 national digits), or the reason the candidate's shape is rejected."""
+    groups = list(span.groups)
+    explicit = "+" in span.lead
+    if groups[0].startswith("00"):
+        explicit = True
+        groups[0] = groups[0][2:]
+        if not groups[0]:
+            groups.pop(0)
+            if not groups:
+                return "no digits after 00"
+    digits = "".join(groups)
+    sizes = [len(g) for g in groups]
+    for region in rule.accepted_regions:
+        cc = _country_code(region)
+        if digits.startswith(cc) and len(digits) == len(cc) + 8:
+            n = len(cc)
+            if sizes in ([n, 8], [n, 4, 4], [n + 8], [n + 4, 4]):
+                return cc, digits[n:]
+            return f"country code {cc} with digits grouped as {'-'.join(map(str, sizes))}"
+    if explicit:
+        for region in rule.accepted_regions:
+            if digits.startswith(_country_code(region)):
+                return f"wrong length for +{_country_code(region)} ({len(digits)} digits)"
+        return "foreign country code"
+    if len(digits) != 8:
+        return f"{len(digits)} digits, not 8"
+    if sizes not in ([8], [4, 4]):
+        return f"8 digits grouped as {'-'.join(map(str, sizes))}"
+    return _country_code(rule.default_region), digits
+
+
+@lru_cache(maxsize=4096)
+def _validate(cc: str, national: str, validation: str) -> str | None:
+    """Return the reason a well-shaped number is refused, or None when it is a plausible mobile."""
+    if validation == "off":
+        allowed = FIRST_DIGITS.get(cc, "123456789")
+        return None if national[0] in allowed else f"+{cc} numbers do not start with {national[0]}"
+    import phonenumbers
+    from phonenumbers import PhoneNumberType
+
+    try:
+        number = phonenumbers.parse(f"+{cc}{national}", None)
+    except phonenumbers.NumberParseException:
+        return "not a phone number"
+    if not phonenumbers.is_valid_number(number):
+        return f"+{cc} {national} is not a valid number"
+    kind = phonenumbers.number_type(number)
+    if kind not in (PhoneNumberType.MOBILE, PhoneNumberType.FIXED_LINE_OR_MOBILE):
+        return f"+{cc} {national} is not a mobile number"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------- result
+@dataclass(frozen=True)
+class Candidate:
+    """One candidate of a reply: its original text, and the number it gave or why it was rejected."""
+
+    text: str
+    start: int
+    end: int
+    e164: str | None
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class ReplyResult:
+    candidates: tuple[Candidate, ...]
+
+    @property
+    def numbers(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(c.e164 for c in self.candidates if c.e164))
+
+    @property
+    def outcome(self) -> str:
+        found = len(self.numbers)
+        return CAPTURED if found == 1 else AMBIGUOUS if found > 1 else NOT_FOUND
+
+    @property
+    def number(self) -> str | None:
+        numbers = self.numbers
+        return numbers[0] if len(numbers) == 1 else None
+
+    @property
+    def matched(self) -> str | None:
+        """The original text of the captured candidate."""
+        number = self.number
+        return next((c.text for c in self.candidates if c.e164 == number), None) if number else None
+
+    @property
+    def reasons(self) -> list[str]:
+        return [f"{c.text}: {c.reason}" for c in self.candidates if c.reason]
+
+
+def extract_reply(reply: str, rule: WhatsAppRule | None = None) -> ReplyResult:
+    """Cut a reply into candidates and judge each: the number it gives (E.164) or why it gives none."""
+    rule = rule or WhatsAppRule()
+    norm = normalize_text(reply)
+    text = norm.text
+    out: list[Candidate] = []
+    previous_end = 0
+    previous: _Span | None = None
+    for span in _cut(text):
+        original = norm.original_span(span.start, span.end)
+        start = norm.origin[span.start]
+        end = norm.origin[span.end - 1] + 1
+        reason: str | None
+        e164: str | None = None
+        if previous is not None and _EXTENSION_AFTER.match(text[previous.end : span.digits_start + 1].lower()):
+            reason = "extension"
+        else:
+            reason = _context_reason(text, span, previous_end)
+            if reason is None:
+                shape = _shape(span, rule)
+                if isinstance(shape, str):
+                    reason = shape
+                else:
+                    cc, national = shape
+                    reason = _validate(cc, national, rule.validation)
+                    if reason is None:
+                        e164 = f"+{cc}{national}"
+        out.append(Candidate(original, start, end, e164, reason))
+        previous_end = span.end
+        previous = span
+    return ReplyResult(tuple(out))
+
+
+def normalize_number(text: str, rule: WhatsAppRule | None = None) -> str:
+    """Read one WhatsApp number typed by a person or a form, by the extraction rule; E.164 or InvalidNumber."""
+    result = extract_reply(text, rule)
+    numbers = result.numbers
+    if len(numbers) == 1:
+        return numbers[0]
+    if len(numbers) > 1:
+        raise InvalidNumber(text, "more than one number")
+    reasons = [c.reason for c in result.candidates if c.reason]
+    raise InvalidNumber(text, reasons[0] if len(reasons) == 1 else "")
+
+
+def region_of(e164: str) -> str | None:
+    """The ISO region of a stored number (for the report's phone regions)."""
+    import phonenumbers
+
+    try:
+        return phonenumbers.region_code_for_number(phonenumbers.parse(e164, None))
+    except phonenumbers.NumberParseException:
+        return None
+
+
+# ------------------------------------------------------------------------------------------- conversations
+ASSISTANT_ROLES = frozenset({"assistant", "bot", "ai", "chatbot"})
+USER_ROLES = frozenset({"user", "human", "customer"})
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """What the rule found in one conversation."""
+
+    outcome: str
+    number: str | None = None
+    matched: str | None = None
+    reasons: list[str] = field(default_factory=list)
+    prompt_index: int | None = None
+    reply_index: int | None = None
+
+
+def extract_conversation(messages: Sequence[tuple[str, str]], rule: WhatsAppRule | None = None) -> Extraction:
+    """Apply the rule to a conversation given as (role, content) pairs in order."""
+    rule = rule or WhatsAppRule()
+    prompt_index = None
+    assistants_seen = 0
+    for index, (role, content) in enumerate(messages):
+        if role not in ASSISTANT_ROLES:
+            continue
+        assistants_seen += 1
+        if assistants_seen > rule.prompt_window:
+            break
+        if is_prompt(content, rule):
+            prompt_index = index
+            break
+    if prompt_index is None:
+        return Extraction(NO_PROMPT)
+    reply_index = next(
+        (i for i in range(prompt_index + 1, len(messages)) if messages[i][0] in USER_ROLES), None
+    )
+    if reply_index is None:
+        return Extraction(NO_REPLY, prompt_index=prompt_index)
+    result = extract_reply(messages[reply_index][1], rule)
+    return Extraction(
+        result.outcome, result.number, result.matched, result.reasons, prompt_index, reply_index
+    )
+
+
+def iter_roles_and_contents(messages: Iterable[dict[str, object]]) -> list[tuple[str, str]]:
+    """(role, content) pairs from stored messages, tolerant of odd roles and non-string content."""
+    pairs = []
+    for m in messages:
+        role = str(m.get("role") or "").lower()
+        content = m.get("content")
+        pairs.append((role, content if isinstance(content, str) else ""))
+    return pairs
