@@ -134,7 +134,9 @@ def validate_timezone(name: str) -> str:
     try:
         ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
-        raise UsageError(f"unknown time zone {name!r}: expected an IANA name such as UTC or Asia/Hong_Kong")
+        raise UsageError(
+            f"unknown time zone {name!r}: expected an IANA name such as UTC or Asia/Hong_Kong"
+        ) from None
     return name
 
 

@@ -350,7 +350,9 @@ def extract_reply(reply: str, rule: WhatsAppRule | None = None) -> ReplyResult:
         end = norm.origin[span.end - 1] + 1
         reason: str | None
         e164: str | None = None
-        if previous is not None and _EXTENSION_AFTER.match(text[previous.end : span.digits_start + 1].lower()):
+        if previous is not None and _EXTENSION_AFTER.match(
+            text[previous.end : span.digits_start + 1].lower()
+        ):
             reason = "extension"
         else:
             reason = _context_reason(text, span, previous_end)

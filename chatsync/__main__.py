@@ -1,0 +1,3 @@
+from chatsync.cli import main
+
+main()

@@ -1,0 +1,332 @@
+"""The Chatbase client: requests, paging rules, retries and rate limiting. No SQL here.
+
+Chatbase's ``get-conversations`` has no total, no cursor and no ``hasMore``: the last page is the first
+one shorter than ``size``. Pages may shift while conversations arrive, so callers dedupe by id; a server
+that repeats a page or never stops is caught here. Transient failures (408, 429, 5xx, transport errors,
+truncated bodies) are retried within a budget; 400/401/403/404 fail at once with what to fix.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import date, timedelta
+from typing import Any
+
+import httpx
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_before_delay
+
+from chatsync.config import Secret
+from chatsync.errors import ChatbaseRejected, ChatbaseUnavailable, PagingError, UsageError
+
+PAGE_SIZE = 100  # Chatbase's maximum; omitting size silently gives 10 a page
+MAX_PAGES_PER_WINDOW = 20_000
+HISTORY_FLOOR = date(2020, 1, 1)  # before Chatbase existed: the search for a chatbot's first day starts here
+MAX_WAIT_SECONDS = 60.0
+SOURCES = (
+    "API",
+    "Chatbase site",
+    "Instagram",
+    "Messenger",
+    "Slack",
+    "Unspecified",
+    "WhatsApp",
+    "Widget or Iframe",
+    "Playground",
+    "Action preview",
+)
+
+
+def canonical_source(name: str) -> str:
+    """Chatbase's exact spelling of a source named in any case (a misspelt filter silently matches nothing)."""
+    for known in SOURCES:
+        if known.lower() == name.strip().lower():
+            return known
+    raise UsageError(f"unknown source {name!r}: expected one of {', '.join(SOURCES)}")
+
+
+class TransientError(Exception):
+    """A failure worth retrying; ``retry_after`` is the server's hint in seconds, if any."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RateLimiter:
+    """Keeps requests under ``limit`` per sliding ``window`` seconds across threads, and obeys pauses.
+
+    Requests are spaced by their send time with a small margin, because Chatbase counts them on arrival.
+    """
+
+    def __init__(self, limit: int = 100, window: float = 10.0, margin: float = 0.02) -> None:
+        self.limit = limit
+        self.window = window * (1 + margin)
+        self._sent: deque[float] = deque()
+        self._paused_until = 0.0
+        self._lock = threading.Lock()
+
+    def acquire(self, stop: threading.Event | None = None) -> None:
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                while self._sent and self._sent[0] <= now - self.window:
+                    self._sent.popleft()
+                wait = self._paused_until - now
+                if len(self._sent) >= self.limit:
+                    wait = max(wait, self._sent[0] + self.window - now)
+                if wait <= 0:
+                    self._sent.append(now)
+                    return
+            if stop is not None and stop.wait(min(wait, 0.5)):
+                raise ChatbaseUnavailable("sync stopped")
+            if stop is None:
+                time.sleep(wait)
+
+    def pause(self, seconds: float) -> None:
+        """Hold every request for ``seconds`` (the server said Retry-After or its window resets then)."""
+        with self._lock:
+            self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+
+
+@dataclass
+class ClientStats:
+    requests: int = 0
+    retries: int = 0
+    throttled: int = 0
+
+
+def _error_message(response: httpx.Response) -> tuple[str, str | None]:
+    """Message and code from a v1 ``{"message"}`` or v2 ``{"error": {"code", "message"}}`` body."""
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return (response.reason_phrase or "error", None)
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict):
+            return (str(err.get("message") or err.get("code") or "error"), err.get("code"))
+        if isinstance(err, str):
+            return (err, None)
+        if body.get("message"):
+            return (str(body["message"]), None)
+    return (response.reason_phrase or "error", None)
+
+
+def _reset_seconds(headers: httpx.Headers) -> float | None:
+    """Seconds until X-RateLimit-Reset (documented both as epoch ms and epoch s: > 10^12 means ms)."""
+    value = headers.get("x-ratelimit-reset")
+    if not value:
+        return None
+    try:
+        reset = float(value)
+    except ValueError:
+        return None
+    if reset > 10**12:
+        reset /= 1000
+    if reset > 10**9:
+        return max(0.0, reset - time.time())
+    return max(0.0, reset)  # some servers send seconds from now
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    value = headers.get("retry-after")
+    if value is None:
+        return _reset_seconds(headers)
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+class ChatbaseClient:
+    """Talks to Chatbase v1 with one shared rate limiter; safe to use from several threads."""
+
+    def __init__(
+        self,
+        api_key: Secret,
+        base_url: str,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        rate_limit: tuple[int, float] = (100, 10.0),
+        retry_budget: timedelta = timedelta(minutes=5),
+        timeout: float = 30.0,
+        backoff: tuple[float, float] = (0.5, 30.0),
+        max_connections: int = 16,
+    ) -> None:
+        self._key = api_key
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/") + "/",
+            headers={"Authorization": f"Bearer {api_key.reveal()}", "User-Agent": "chatsync"},
+            timeout=timeout,
+            transport=transport,
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        )
+        self.limiter = RateLimiter(*rate_limit)
+        self.retry_budget = retry_budget.total_seconds()
+        self.backoff = backoff
+        self.stats = ClientStats()
+        self._stats_lock = threading.Lock()
+        self.stop = threading.Event()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> ChatbaseClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -------------------------------------------------------------------------------------- one request
+    def _redact(self, text: str) -> str:
+        key = self._key.reveal()
+        return text.replace(key, "***") if key else text
+
+    def _count(self, field: str) -> None:
+        with self._stats_lock:
+            setattr(self.stats, field, getattr(self.stats, field) + 1)
+
+    def _send(self, path: str, params: dict[str, Any]) -> Any:
+        if self.stop.is_set():
+            raise ChatbaseUnavailable("sync stopped")
+        self.limiter.acquire(self.stop)
+        self._count("requests")
+        try:
+            response = self._http.get(path, params=params)
+        except httpx.TransportError as exc:
+            raise TransientError(f"{type(exc).__name__}: {self._redact(str(exc)) or 'no answer'}") from None
+        status = response.status_code
+        if status == 200:
+            remaining = response.headers.get("x-ratelimit-remaining")
+            if remaining == "0":
+                self.limiter.pause(_reset_seconds(response.headers) or 1.0)
+            try:
+                return response.json()
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise TransientError("truncated or invalid JSON body") from None
+        message, code = _error_message(response)
+        message = self._redact(message)
+        if status == 408 or status == 429 or status >= 500:
+            retry_after = _retry_after(response.headers)
+            if status == 429:
+                self._count("throttled")
+                self.limiter.pause(max(1.0, retry_after or 1.0))
+            raise TransientError(f"HTTP {status}: {message}", retry_after)
+        raise ChatbaseRejected(status, message, _hint(status, code, params))
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        hinted = getattr(exc, "retry_after", None)
+        if hinted is not None:
+            return min(max(1.0, hinted), MAX_WAIT_SECONDS)  # 0 or tiny still means wait at least 1 s
+        base, cap = self.backoff
+        return min(cap, base * 2 ** (state.attempt_number - 1)) * random.uniform(0.5, 1.0)
+
+    def request(self, path: str, params: dict[str, Any]) -> Any:
+        """One GET with retries; raises ChatbaseUnavailable when the retry budget is spent."""
+        retrying = Retrying(
+            retry=retry_if_exception_type(TransientError),
+            wait=self._wait,
+            stop=stop_before_delay(self.retry_budget),
+            sleep=self._sleep,
+            before_sleep=lambda _state: self._count("retries"),
+            reraise=True,
+        )
+        try:
+            return retrying(self._send, path, params)
+        except TransientError as exc:
+            raise ChatbaseUnavailable(
+                f"Chatbase kept failing for {self.retry_budget:.0f}s (last: {exc}); "
+                "what was saved is kept and the next run continues"
+            ) from None
+
+    def _sleep(self, seconds: float) -> None:
+        if self.stop.wait(seconds):
+            raise ChatbaseUnavailable("sync stopped")
+
+    # ------------------------------------------------------------------------------------------ paging
+    def get_conversations(
+        self,
+        chatbot_id: str,
+        page: int,
+        *,
+        start: date | None = None,
+        end: date | None = None,
+        sources: tuple[str, ...] = (),
+        size: int = PAGE_SIZE,
+    ) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"chatbotId": chatbot_id, "page": page, "size": size}
+        if start:
+            params["startDate"] = start.isoformat()
+        if end:
+            params["endDate"] = end.isoformat()
+        if sources:
+            params["filteredSources"] = ",".join(sources)
+        body = self.request("get-conversations", params)
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list):
+            raise ChatbaseUnavailable(
+                "Chatbase answered without a 'data' list; nothing of this page was saved"
+            )
+        return data
+
+    def iter_pages(
+        self,
+        chatbot_id: str,
+        start: date | None,
+        end: date | None,
+        sources: tuple[str, ...] = (),
+        size: int = PAGE_SIZE,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Every page of a window, in order, until the first short or empty page."""
+        previous_ids: list[object] | None = None
+        for page in range(1, MAX_PAGES_PER_WINDOW + 1):
+            data = self.get_conversations(chatbot_id, page, start=start, end=end, sources=sources, size=size)
+            ids = [c.get("id") if isinstance(c, dict) else None for c in data]
+            if data and ids == previous_ids:
+                raise PagingError(f"Chatbase repeated page {page - 1} as page {page} for {start}..{end}")
+            previous_ids = ids
+            if data:
+                yield data
+            if len(data) < size:
+                return
+        raise PagingError(f"more than {MAX_PAGES_PER_WINDOW} pages for {start}..{end}: stopped paging")
+
+    def has_conversations(
+        self, chatbot_id: str, start: date, end: date, sources: tuple[str, ...] = ()
+    ) -> bool:
+        return bool(self.get_conversations(chatbot_id, 1, start=start, end=end, sources=sources, size=1))
+
+    def find_first_day(
+        self, chatbot_id: str, today: date, sources: tuple[str, ...] = (), floor: date = HISTORY_FLOOR
+    ) -> date | None:
+        """The first day with a conversation, by bisection over date ranges (about 12 one-row requests)."""
+        if not self.has_conversations(chatbot_id, floor, today, sources):
+            return None
+        lo, hi = floor, today
+        while lo < hi:
+            mid = lo + (hi - lo) // 2
+            if self.has_conversations(chatbot_id, floor, mid, sources):
+                hi = mid
+            else:
+                lo = mid + timedelta(days=1)
+        return lo
+
+
+def _hint(status: int, code: str | None, params: dict[str, Any]) -> str:
+    if status == 401:
+        return "check CHATBASE_API_KEY (a secret key from your Chatbase workspace settings)"
+    if status == 403:
+        return "this key or plan has no API access to the chatbot; check the plan and CHATBASE_CHATBOT_ID"
+    if status == 404:
+        return f"check CHATBASE_CHATBOT_ID: chatbot {params.get('chatbotId')!r} was not found for this key"
+    return "check the chatbot id, dates (YYYY-MM-DD) and sources"
+
+
+RequestHook = Callable[[str, dict[str, Any]], None]

@@ -1,0 +1,333 @@
+"""The chatsync command line: parse, build settings, call the core, render, map errors to exit codes."""
+
+from __future__ import annotations
+
+import functools
+import os
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from chatsync.errors import ChatsyncError, ExitCode, UsageError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="chatsync",
+    help="Sync Chatbase conversations into your database, find the WhatsApp numbers users type, and report.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+db_app = typer.Typer(help="Database schema and status.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@dataclass
+class Context:
+    """What the global options hand to every command."""
+
+    database_url: str | None = None
+    debug: bool = False
+    flags: dict[str, Any] = field(default_factory=dict)
+
+    def settings(self, **flags: Any) -> Any:
+        from chatsync.config import load_settings
+
+        return load_settings({"database_url": self.database_url, **flags})
+
+    def engine(self, settings: Any) -> Any:
+        from chatsync.store.engine import ensure_schema, open_engine
+
+        engine = open_engine(settings.database_url)
+        ensure_schema(engine)
+        return engine
+
+
+def handle_errors(command: F) -> F:
+    """Turn chatsync's exceptions into one line on stderr and the contract's exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from chatsync import render
+
+        debug = _ctx().debug
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except ChatsyncError as exc:
+            if debug:
+                traceback.print_exc()
+            render.error(str(exc))
+            raise typer.Exit(int(exc.exit_code)) from None
+        except KeyboardInterrupt:
+            render.error("interrupted; what was committed is kept")
+            raise typer.Exit(130) from None
+        except Exception as exc:
+            if debug:
+                traceback.print_exc()
+            first = str(exc).strip().splitlines()
+            render.error(
+                f"unexpected {type(exc).__name__}: {first[0] if first else ''} (run with --debug for details)"
+            )
+            raise typer.Exit(int(ExitCode.ERROR)) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _default_db_help() -> str:
+    from chatsync.config import default_database_path
+
+    try:
+        return f"SQLAlchemy URL [env CHATSYNC_DATABASE_URL, DATABASE_URL; default: sqlite:///{default_database_path()}]"
+    except Exception:
+        return (
+            "SQLAlchemy URL [env CHATSYNC_DATABASE_URL, DATABASE_URL; default: SQLite in the data directory]"
+        )
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    database_url: Annotated[
+        str | None, typer.Option("--database-url", help=_default_db_help(), show_default=False)
+    ] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+) -> None:
+    """Sync Chatbase conversations into your database, find WhatsApp numbers, and report on them."""
+    global _current
+    _current = ctx.obj = Context(database_url=database_url, debug=debug)
+
+
+_current = Context()
+
+
+def _ctx() -> Context:
+    """The global options of this invocation (the callback runs before every command)."""
+    return _current
+
+
+def _day(value: str | None) -> date | None:
+    from chatsync.timeutil import parse_day
+
+    return parse_day(value) if value is not None else None
+
+
+def _sources(values: list[str] | None) -> tuple[str, ...]:
+    from chatsync.chatbase import canonical_source
+
+    return tuple(dict.fromkeys(canonical_source(v) for v in values or []))
+
+
+def _window(since: date | None, until: date | None) -> None:
+    if since and until and since > until:
+        raise UsageError(f"--since {since} is after --until {until}")
+
+
+# Options shared by several commands (one definition, stacked where used).
+ChatbotOpt = Annotated[
+    list[str] | None,
+    typer.Option("--chatbot-id", help="Chatbot to use; repeatable [env CHATBASE_CHATBOT_ID]."),
+]
+SourceOpt = Annotated[
+    list[str] | None,
+    typer.Option("--source", help="Chatbase source (WhatsApp, 'Widget or Iframe', …); repeatable, any case."),
+]
+SinceOpt = Annotated[str | None, typer.Option("--since", help="First day, YYYY-MM-DD (inclusive).")]
+UntilOpt = Annotated[str | None, typer.Option("--until", help="Last day, YYYY-MM-DD (inclusive).")]
+RegionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--region",
+        help="Region of 8-digit numbers without country code [env CHATSYNC_DEFAULT_REGION; default HK].",
+    ),
+]
+
+
+# ---------------------------------------------------------------------------------------------------- sync
+@app.command()
+@handle_errors
+def sync(
+    chatbot_id: ChatbotOpt = None,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
+    source: SourceOpt = None,
+    lookback: Annotated[
+        str | None,
+        typer.Option(help="Refetch what was created this long before the checkpoint [default 3d]."),
+    ] = None,
+    full: Annotated[
+        bool, typer.Option("--full", help="Ignore checkpoints and fetch the whole range again.")
+    ] = False,
+    api_key: Annotated[
+        str | None,
+        typer.Option("--api-key", help="Chatbase secret key [env CHATBASE_API_KEY].", show_default=False),
+    ] = None,
+    base_url: Annotated[
+        str | None, typer.Option("--base-url", help="Chatbase API root [env CHATBASE_BASE_URL].")
+    ] = None,
+    region: RegionOpt = None,
+    retry_budget: Annotated[
+        str | None, typer.Option("--retry-budget", help="Give up on an outage after this long [default 5m].")
+    ] = None,
+    concurrency: Annotated[
+        int | None, typer.Option("--concurrency", help="Requests in flight at once [default 8].")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print only the run summary as one JSON object.")
+    ] = False,
+) -> None:
+    """Fetch conversations from Chatbase and upsert them (incremental after the first run)."""
+    from chatsync import render
+    from chatsync.chatbase import ChatbaseClient
+    from chatsync.sync import Syncer, SyncRequest
+
+    settings = _ctx().settings(
+        chatbot_ids=chatbot_id,
+        api_key=api_key,
+        base_url=base_url,
+        region=region,
+        lookback=lookback,
+        retry_budget=retry_budget,
+        concurrency=concurrency,
+    )
+    start, end = _day(since), _day(until)
+    _window(start, end)
+    request = SyncRequest(
+        chatbot_ids=settings.require_chatbot_ids(),
+        since=start,
+        until=end,
+        sources=_sources(source),
+        lookback=settings.lookback,
+        full=full,
+    )
+    key = settings.require_api_key()
+    engine = _ctx().engine(settings)
+    with (
+        ChatbaseClient(
+            key,
+            settings.base_url,
+            rate_limit=(settings.rate_limit_requests, settings.rate_limit_seconds),
+            retry_budget=settings.retry_budget,
+            max_connections=settings.concurrency * 2,
+        ) as client,
+        render.sync_progress(not as_json) as hook,
+    ):
+        syncer = Syncer(engine, client, settings.whatsapp, settings.concurrency, hook)
+        try:
+            summary = syncer.run(request)
+        except ChatsyncError as exc:
+            if exc.exit_code == ExitCode.PARTIAL:
+                if as_json:
+                    render.write_json(syncer.summary.as_dict())
+                else:
+                    render.sync_summary(syncer.summary)
+            raise
+    if as_json:
+        render.write_json(summary.as_dict())
+    else:
+        render.sync_summary(summary)
+
+
+# ------------------------------------------------------------------------------------------------------ db
+@db_app.command("upgrade")
+@handle_errors
+def db_upgrade() -> None:
+    """Apply the schema migrations shipped with chatsync."""
+    from chatsync import render
+    from chatsync.config import mask_url
+    from chatsync.store.engine import open_engine, upgrade
+
+    settings = _ctx().settings()
+    revision = upgrade(open_engine(settings.database_url))
+    render.info(f"{mask_url(settings.database_url)} is at schema {revision}")
+
+
+@db_app.command("info")
+@handle_errors
+def db_info() -> None:
+    """Show the database URL (password masked), schema revision and row counts."""
+    from chatsync import render
+    from chatsync.config import mask_url
+    from chatsync.store.engine import current_revision, head_revision, table_counts
+
+    settings = _ctx().settings()
+    engine = _ctx().engine(settings)
+    render.db_info(
+        mask_url(settings.database_url), current_revision(engine), head_revision(), table_counts(engine)
+    )
+
+
+# ------------------------------------------------------------------------------------------------ emulator
+@app.command()
+@handle_errors
+def emulator(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8765,
+    conversations: Annotated[int, typer.Option(help="Conversations per chatbot.")] = 5000,
+    seed: Annotated[int, typer.Option(help="Same seed, same data.")] = 1,
+    days: Annotated[float, typer.Option(help="Spread conversations over this many days before now.")] = 60,
+    chatbot_id: Annotated[
+        list[str] | None, typer.Option("--chatbot-id", help="Chatbots served; repeatable.")
+    ] = None,
+    api_key: Annotated[str, typer.Option("--api-key", help="The only key accepted.")] = "demo-key",
+    latency_ms: Annotated[float, typer.Option("--latency-ms", help="Added to every request.")] = 0,
+    rate_limit: Annotated[str, typer.Option("--rate-limit", help="requests/span, or 'off'.")] = "100/10s",
+    fail_rate: Annotated[
+        float, typer.Option("--fail-rate", help="Share of requests answered 429/5xx.")
+    ] = 0.0,
+    slow_rate: Annotated[float, typer.Option("--slow-rate", help="Share of requests answered slowly.")] = 0.0,
+    malformed_rate: Annotated[
+        float, typer.Option("--malformed-rate", help="Share of pages sent with a truncated body.")
+    ] = 0.0,
+    bad_records: Annotated[
+        int, typer.Option("--bad-records", help="Conversations sent as broken records.")
+    ] = 0,
+) -> None:
+    """Serve the Chatbase-compatible emulator for tests, demos and benchmarks."""
+    from chatsync import render
+    from chatsync.config import _parse_rate
+    from chatsync.emulator import Emulator, Faults
+    from chatsync.emulator.server import make_server
+
+    limit = None if rate_limit.lower() in ("off", "none", "0") else _parse_rate(rate_limit)
+    emu = Emulator(
+        conversations=conversations,
+        seed=seed,
+        chatbot_ids=tuple(chatbot_id or ["demo-bot"]),
+        api_key=api_key,
+        days=days,
+        latency_ms=latency_ms,
+        rate_limit=limit,
+        faults=Faults(fail_rate=fail_rate, slow_rate=slow_rate, malformed_rate=malformed_rate),
+        bad_records=bad_records,
+    )
+    server = make_server(emu, host, port)
+    bound_host, bound_port = str(server.server_address[0]), int(server.server_address[1])
+    render.info(
+        f"Chatbase emulator on http://{bound_host}:{bound_port}/api/v1 — chatbots {', '.join(emu.datasets)}, "
+        f"key {api_key!r}; Ctrl-C to stop"
+    )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    if os.environ.get("NO_COLOR"):
+        os.environ.setdefault("TERM", "dumb")
+    app(prog_name="chatsync")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,1 @@
+"""Storage: tables, engine and migrations, upserts and queries. No HTTP here."""

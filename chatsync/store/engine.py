@@ -1,0 +1,133 @@
+"""Opening the database and keeping its schema current (Alembic, shipped inside the package)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, func, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+from chatsync.config import normalize_database_url
+from chatsync.errors import ChatsyncError, ConfigError, SchemaTooNew
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+_UPGRADE_LOCK = 0x63686174_73796E63  # "chatsync": serialises concurrent upgrades on PostgreSQL
+
+
+def open_engine(url: str) -> Engine:
+    """An engine for a SQLite path/URL or a PostgreSQL URL (Supabase URLs work as given)."""
+    url = normalize_database_url(url)
+    try:
+        parsed = make_url(url)
+    except Exception:
+        raise ConfigError(
+            "invalid database URL: expected sqlite:///path or postgresql://user@host/db"
+        ) from None
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(parsed, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    if parsed.get_backend_name() == "postgresql":
+        if parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        # Supabase's transaction pooler (port 6543) cannot keep prepared statements or our pool.
+        if parsed.port == 6543 or parsed.query.get("pgbouncer") == "true":
+            parsed = parsed.difference_update_query(["pgbouncer"])
+            kwargs = {"poolclass": NullPool, "connect_args": {"prepare_threshold": None}}
+        try:
+            return create_engine(parsed, **kwargs)
+        except ModuleNotFoundError:
+            raise ConfigError("PostgreSQL needs psycopg 3: pip install 'chatsync[postgres]'") from None
+    raise ConfigError(f"unsupported database {parsed.get_backend_name()!r}: use SQLite or PostgreSQL")
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _alembic_config(connection: Any) -> Any:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    config = _alembic_config(None)
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def known_revisions() -> set[str]:
+    from alembic.script import ScriptDirectory
+
+    return {s.revision for s in ScriptDirectory.from_config(_alembic_config(None)).walk_revisions()}
+
+
+def upgrade(engine: Engine) -> str:
+    """Apply every migration not yet applied; refuse a schema newer than this code."""
+    from alembic import command
+
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _UPGRADE_LOCK})
+        from alembic.runtime.migration import MigrationContext
+
+        found = MigrationContext.configure(connection).get_current_revision()
+        if found is not None and found not in known_revisions():
+            raise SchemaTooNew(found, head_revision())
+        if found != head_revision():
+            command.upgrade(_alembic_config(connection), "head")
+    return head_revision()
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Bring the schema to this code's head on first use; cheap when it already is."""
+    try:
+        found = current_revision(engine)
+    except Exception as exc:
+        raise DatabaseUnreachable(exc) from None
+    if found == head_revision():
+        return
+    if found is not None and found not in known_revisions():
+        raise SchemaTooNew(found, head_revision())
+    upgrade(engine)
+
+
+class DatabaseUnreachable(ChatsyncError):
+    def __init__(self, exc: BaseException) -> None:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        super().__init__(f"cannot open the database: {first_line}")
+
+
+def table_counts(engine: Engine) -> dict[str, int]:
+    from chatsync.store.tables import metadata
+
+    counts = {}
+    with engine.connect() as connection:
+        for table in metadata.sorted_tables:
+            counts[table.name] = connection.execute(select(func.count()).select_from(table)).scalar_one()
+    return counts

@@ -1,0 +1,148 @@
+"""chatsync's tables (SQLAlchemy Core). Alembic migrations in ``chatsync/migrations`` create them."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Date,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+Json = JSON().with_variant(JSONB(), "postgresql")
+Moment = DateTime(timezone=True)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", String(64), primary_key=True, comment="Clerk user id"),
+    Column("email", String(320)),
+    Column("first_name", String(200)),
+    Column("last_name", String(200)),
+    Column("image_url", Text),
+    Column("clerk_created_at", Moment),
+    Column("clerk_updated_at", Moment),
+    Column("deleted_at", Moment),
+)
+
+chatbots = Table(
+    "chatbots",
+    metadata,
+    Column("id", String(128), primary_key=True),
+    Column("name", String(200)),
+    Column("first_day", Date, comment="first UTC day with a conversation, found on the first full sync"),
+    Column("last_synced_at", Moment),
+)
+
+conversations = Table(
+    "conversations",
+    metadata,
+    Column("id", String(128), primary_key=True),
+    Column("chatbot_id", String(128), nullable=False),
+    Column("user_id", String(64), comment="owning Clerk user, when one is assigned"),
+    Column("created_at", Moment, nullable=False),
+    Column("last_message_at", Moment),
+    Column("source", String(64)),
+    Column("customer", Text),
+    Column("country", String(16)),
+    Column("min_score", Float),
+    Column("messages", Json, nullable=False, comment="the messages exactly as Chatbase sent them"),
+    Column("raw", Json, nullable=False, comment="every other field Chatbase sent"),
+    Column("content_hash", String(32), nullable=False),
+    # figures the report aggregates, computed at sync time
+    Column("message_count", Integer, nullable=False),
+    Column("user_messages", Integer, nullable=False),
+    Column("assistant_messages", Integer, nullable=False),
+    Column("response_steps", Integer, nullable=False),
+    Column("response_seconds", Json, comment="seconds of each timed user→assistant step"),
+    Column("first_response_seconds", Float),
+    Column("unanswered", Boolean, nullable=False),
+    # the WhatsApp rule's finding, and the number in force (a person's manual value beats both)
+    Column("wa_outcome", String(16), nullable=False),
+    Column("wa_extracted", String(20)),
+    Column("wa_form", String(20)),
+    Column("wa_matched", Text),
+    Column("wa_reasons", Json),
+    Column("whatsapp_number", String(20)),
+    Column("whatsapp_source", String(16)),
+    Column("whatsapp_region", String(4)),
+    Column("first_synced_at", Moment, nullable=False),
+    Column("synced_at", Moment, nullable=False),
+    Index("ix_conversations_chatbot_created", "chatbot_id", "created_at", "id"),
+    Index("ix_conversations_created", "created_at", "id"),
+    Index("ix_conversations_source_created", "source", "created_at"),
+    Index("ix_conversations_whatsapp_number", "whatsapp_number"),
+    Index("ix_conversations_user_id", "user_id"),
+)
+
+whatsapp_audit = Table(
+    "whatsapp_audit",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column(
+        "conversation_id", String(128), ForeignKey("conversations.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("at", Moment, nullable=False),
+    Column("by", String(200), nullable=False),
+    Column("old", String(20)),
+    Column("new", String(20)),
+    Column("old_source", String(16)),
+    Column("new_source", String(16)),
+    Index("ix_whatsapp_audit_conversation", "conversation_id", "id"),
+)
+
+sync_days = Table(
+    "sync_days",
+    metadata,
+    Column("chatbot_id", String(128), primary_key=True),
+    Column("scope", String(400), primary_key=True, comment="'*' or the sorted sources the run filtered on"),
+    Column("day", Date, primary_key=True),
+    Column("fetched_at", Moment, nullable=False, comment="when the fetch of this day began"),
+)
+
+sync_runs = Table(
+    "sync_runs",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("chatbot_ids", Json, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("started_at", Moment, nullable=False),
+    Column("finished_at", Moment),
+    Column("summary", Json),
+    Column("error", Text),
+)
+
+quarantine = Table(
+    "quarantine",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("chatbot_id", String(128), nullable=False),
+    Column("record_key", String(160), nullable=False, comment="conversation id, or a hash of the record"),
+    Column("conversation_id", String(128)),
+    Column("reason", Text, nullable=False),
+    Column("raw", Text, nullable=False, comment="the record as received, JSON-escaped"),
+    Column("first_seen_at", Moment, nullable=False),
+    Column("last_seen_at", Moment, nullable=False),
+    Column("run_id", String(36)),
+    UniqueConstraint("chatbot_id", "record_key"),
+)

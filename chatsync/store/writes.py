@@ -1,0 +1,238 @@
+"""Upserts: conversations, sync checkpoints, runs and the quarantine. Callers own the transaction."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import Connection, and_, bindparam, case, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from chatsync.store.tables import chatbots, conversations, quarantine, sync_days, sync_runs
+
+# Columns that come from Chatbase (and the rule) and are rewritten when a conversation changes.
+DATA_COLUMNS = (
+    "chatbot_id",
+    "created_at",
+    "last_message_at",
+    "source",
+    "customer",
+    "country",
+    "min_score",
+    "messages",
+    "raw",
+    "content_hash",
+    "message_count",
+    "user_messages",
+    "assistant_messages",
+    "response_steps",
+    "response_seconds",
+    "first_response_seconds",
+    "unanswered",
+    "wa_outcome",
+    "wa_extracted",
+    "wa_form",
+    "wa_matched",
+    "wa_reasons",
+)
+# The rule's number for the conversation; a person's manual value beats it and is never overwritten.
+AUTO_COLUMNS = {
+    "whatsapp_number": "auto_number",
+    "whatsapp_source": "auto_source",
+    "whatsapp_region": "auto_region",
+}
+
+
+def insert_for(connection: Connection, table: Any) -> Any:
+    """INSERT with ON CONFLICT support for the connection's dialect."""
+    module = postgresql if connection.dialect.name == "postgresql" else sqlite
+    return module.insert(table)
+
+
+@dataclass
+class UpsertCounts:
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    captured: int = 0
+
+    def add(self, other: UpsertCounts) -> None:
+        self.inserted += other.inserted
+        self.updated += other.updated
+        self.unchanged += other.unchanged
+        self.captured += other.captured
+
+
+def upsert_conversations(
+    connection: Connection, rows: Iterable[dict[str, Any]], now: datetime
+) -> UpsertCounts:
+    """Insert new conversations, rewrite changed ones, skip unchanged ones (same content hash)."""
+    batch = {row["id"]: row for row in rows}  # the last copy of a conversation in a batch wins
+    counts = UpsertCounts(captured=sum(1 for r in batch.values() if r["wa_extracted"]))
+    if not batch:
+        return counts
+    known = dict(
+        connection.execute(
+            select(conversations.c.id, conversations.c.content_hash).where(
+                conversations.c.id.in_(list(batch))
+            )
+        ).all()
+    )
+    fresh = [r for i, r in batch.items() if i not in known]
+    changed = [r for i, r in batch.items() if i in known and known[i] != r["content_hash"]]
+    counts.inserted, counts.updated = len(fresh), len(changed)
+    counts.unchanged = len(batch) - len(fresh) - len(changed)
+    if fresh:
+        connection.execute(
+            conversations.insert(),
+            [
+                {
+                    "id": r["id"],
+                    **{c: r[c] for c in DATA_COLUMNS},
+                    **{c: r[a] for c, a in AUTO_COLUMNS.items()},
+                    "first_synced_at": now,
+                    "synced_at": now,
+                }
+                for r in fresh
+            ],
+        )
+    if changed:
+        apply_rule_results(connection, changed, now, DATA_COLUMNS)
+    return counts
+
+
+def apply_rule_results(
+    connection: Connection, rows: list[dict[str, Any]], now: datetime, columns: Iterable[str]
+) -> None:
+    """Rewrite ``columns`` and the automatic number of existing conversations, keeping manual numbers."""
+    manual = conversations.c.whatsapp_source == "manual"
+    values: dict[str, Any] = {c: bindparam(f"v_{c}") for c in columns}
+    for column, auto in AUTO_COLUMNS.items():
+        values[column] = case((manual, conversations.c[column]), else_=bindparam(f"v_{auto}"))
+    values["synced_at"] = now
+    statement = update(conversations).where(conversations.c.id == bindparam("v_id")).values(**values)
+    params = [
+        {
+            "v_id": r["id"],
+            **{f"v_{c}": r[c] for c in columns},
+            **{f"v_{a}": r[a] for a in AUTO_COLUMNS.values()},
+        }
+        for r in rows
+    ]
+    connection.execute(statement, params)
+
+
+def mark_days_fetched(
+    connection: Connection, chatbot_id: str, scope: str, days: Iterable[date], fetched_at: datetime
+) -> None:
+    rows = [{"chatbot_id": chatbot_id, "scope": scope, "day": d, "fetched_at": fetched_at} for d in days]
+    if not rows:
+        return
+    statement = insert_for(connection, sync_days)
+    statement = statement.on_conflict_do_update(
+        index_elements=["chatbot_id", "scope", "day"], set_={"fetched_at": statement.excluded.fetched_at}
+    )
+    connection.execute(statement, rows)
+
+
+def fetched_days(
+    connection: Connection, chatbot_id: str, scopes: Iterable[str], start: date, end: date
+) -> dict[date, datetime]:
+    """When each day of a range was last fetched under any of ``scopes`` (the latest wins)."""
+    from chatsync.timeutil import as_utc
+
+    rows = connection.execute(
+        select(sync_days.c.day, sync_days.c.fetched_at).where(
+            and_(
+                sync_days.c.chatbot_id == chatbot_id,
+                sync_days.c.scope.in_(list(scopes)),
+                sync_days.c.day >= start,
+                sync_days.c.day <= end,
+            )
+        )
+    ).all()
+    out: dict[date, datetime] = {}
+    for day, fetched_at in rows:
+        moment = as_utc(fetched_at)
+        if day not in out or out[day] < moment:
+            out[day] = moment
+    return out
+
+
+def quarantine_record(
+    connection: Connection, chatbot_id: str, record: object, reason: str, run_id: str, now: datetime
+) -> None:
+    """Keep a record Chatbase sent that cannot be stored, with the reason, once per record."""
+    text = json.dumps(record, ensure_ascii=True, default=str, sort_keys=True)
+    conversation_id = record.get("id") if isinstance(record, dict) else None
+    if isinstance(conversation_id, str | int) and str(conversation_id).strip():
+        key = str(conversation_id)[:160]
+    else:
+        key = "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:40]
+    statement = insert_for(connection, quarantine).values(
+        chatbot_id=chatbot_id,
+        record_key=key,
+        conversation_id=str(conversation_id)[:128] if conversation_id not in (None, "") else None,
+        reason=reason,
+        raw=text,
+        first_seen_at=now,
+        last_seen_at=now,
+        run_id=run_id,
+    )
+    statement = statement.on_conflict_do_update(
+        index_elements=["chatbot_id", "record_key"],
+        set_={"reason": reason, "raw": text, "last_seen_at": now, "run_id": run_id},
+    )
+    connection.execute(statement)
+
+
+def remember_chatbot(
+    connection: Connection, chatbot_id: str, first_day: date | None = None, synced_at: datetime | None = None
+) -> None:
+    values: dict[str, Any] = {"id": chatbot_id}
+    updates: dict[str, Any] = {}
+    if first_day is not None:
+        values["first_day"] = updates["first_day"] = first_day
+    if synced_at is not None:
+        values["last_synced_at"] = updates["last_synced_at"] = synced_at
+    statement = insert_for(connection, chatbots).values(**values)
+    if updates:
+        statement = statement.on_conflict_do_update(index_elements=["id"], set_=updates)
+    else:
+        statement = statement.on_conflict_do_nothing(index_elements=["id"])
+    connection.execute(statement)
+
+
+def chatbot_first_day(connection: Connection, chatbot_id: str) -> date | None:
+    return connection.execute(select(chatbots.c.first_day).where(chatbots.c.id == chatbot_id)).scalar()
+
+
+def start_run(connection: Connection, run_id: str, chatbot_ids: list[str], now: datetime) -> None:
+    # A run that was killed never finished its row: say so rather than leave it "running" forever.
+    for row in connection.execute(
+        select(sync_runs.c.id, sync_runs.c.chatbot_ids).where(sync_runs.c.status == "running")
+    ).all():
+        if set(row.chatbot_ids or []) & set(chatbot_ids):
+            connection.execute(update(sync_runs).where(sync_runs.c.id == row.id).values(status="interrupted"))
+    connection.execute(
+        sync_runs.insert().values(id=run_id, chatbot_ids=chatbot_ids, status="running", started_at=now)
+    )
+
+
+def finish_run(
+    connection: Connection,
+    run_id: str,
+    status: str,
+    summary: dict[str, Any],
+    error: str | None,
+    now: datetime,
+) -> None:
+    connection.execute(
+        update(sync_runs)
+        .where(sync_runs.c.id == run_id)
+        .values(status=status, finished_at=now, summary=summary, error=error)
+    )

@@ -1,0 +1,242 @@
+"""The WhatsApp rule against the corpus, properties of its formats, and the conversation-level steps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from chatsync.config import WhatsAppRule
+from chatsync.errors import InvalidNumber
+from chatsync.whatsapp import (
+    AMBIGUOUS,
+    CAPTURED,
+    NO_PROMPT,
+    NO_REPLY,
+    NOT_FOUND,
+    extract_conversation,
+    extract_reply,
+    is_prompt,
+    normalize_number,
+)
+from tests.shared import shared_file
+
+
+def _corpus(name: str) -> list[dict]:
+    with shared_file(f"corpus/{name}").open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _reply_cases() -> list:
+    try:
+        cases = _corpus("whatsapp_replies.jsonl")
+    except pytest.skip.Exception:
+        return []
+    return [
+        pytest.param(case["reply"], mode, case[mode], id=f"{case['id']}-{mode}")
+        for case in cases
+        for mode in ("strict", "off")
+    ]
+
+
+def _prompt_cases() -> list:
+    try:
+        cases = _corpus("whatsapp_prompts.jsonl")
+    except pytest.skip.Exception:
+        return []
+    return [pytest.param(c["message"], c["is_prompt"], id=str(c["id"])) for c in cases]
+
+
+def test_corpus_is_present() -> None:
+    assert len(_corpus("whatsapp_replies.jsonl")) >= 40
+    assert len(_corpus("whatsapp_prompts.jsonl")) >= 10
+
+
+@pytest.mark.parametrize(("reply", "mode", "expected"), _reply_cases())
+def test_reply_corpus(reply: str, mode: str, expected: str | None) -> None:
+    assert extract_reply(reply, WhatsAppRule(validation=mode)).number == expected
+
+
+@pytest.mark.parametrize(("message", "expected"), _prompt_cases())
+def test_prompt_corpus(message: str, expected: bool) -> None:
+    assert is_prompt(message) is expected
+
+
+# ------------------------------------------------------------------------------------------------ properties
+FULL_WIDTH = str.maketrans("0123456789+-", "０１２３４５６７８９＋－")
+FORMATS = [
+    "{a}{b}",
+    "{a} {b}",
+    "{a}-{b}",
+    "{a}.{b}",
+    "+{cc} {a} {b}",
+    "+{cc}-{a}-{b}",
+    "+{cc}{a}{b}",
+    "{cc} {a} {b}",
+    "{cc}-{a}{b}",
+    "{cc}{a}{b}",
+    "{cc}{a} {b}",
+    "00{cc} {a} {b}",
+    "00{cc}{a}{b}",
+    "({cc}) {a} {b}",
+    "(+{cc}) {a}-{b}",
+    "+({cc}) {a} {b}",
+]
+SURROUNDINGS = [
+    "{n}",
+    "my number is {n}",
+    "我的電話是 {n}，謝謝",
+    "WhatsApp: {n}!",
+    "call me on {n} thanks",
+    "{n}。",
+]
+REGIONS = {"852": ("HK", "569"), "853": ("MO", "6"), "65": ("SG", "89")}
+
+
+@st.composite
+def valid_numbers(draw: st.DrawFn) -> tuple[str, str]:
+    cc = draw(st.sampled_from(sorted(REGIONS)))
+    first = draw(st.sampled_from(REGIONS[cc][1]))
+    rest = draw(st.text(alphabet="0123456789", min_size=7, max_size=7))
+    national = first + rest
+    import phonenumbers
+
+    parsed = phonenumbers.parse(f"+{cc}{national}", None)
+    assume(phonenumbers.is_valid_number(parsed))
+    assume(phonenumbers.number_type(parsed) in (phonenumbers.PhoneNumberType.MOBILE,))
+    return cc, national
+
+
+@settings(max_examples=300, deadline=None)
+@given(valid_numbers(), st.sampled_from(FORMATS), st.sampled_from(SURROUNDINGS), st.booleans())
+def test_every_accepted_format_gives_the_same_number(
+    number: tuple[str, str], fmt: str, around: str, full_width: bool
+) -> None:
+    cc, national = number
+    if cc != "852" and "{cc}" not in fmt:
+        fmt = "+{cc} " + fmt  # without a country code a number means the default region (HK)
+    written = fmt.format(cc=cc, a=national[:4], b=national[4:])
+    if full_width:
+        written = written.translate(FULL_WIDTH)
+    reply = around.format(n=written)
+    assert extract_reply(reply).number == f"+{cc}{national}", reply
+
+
+@settings(max_examples=200, deadline=None)
+@given(valid_numbers(), st.sampled_from(FORMATS), st.sampled_from(["$", "HK$", "S$", "#", "USD ", "€"]))
+def test_money_and_ids_give_nothing(number: tuple[str, str], fmt: str, prefix: str) -> None:
+    cc, national = number
+    written = fmt.format(cc=cc, a=national[:4], b=national[4:])
+    assert extract_reply(prefix + written).number is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(valid_numbers(), st.sampled_from(FORMATS), st.sampled_from("0123456789"))
+def test_an_appended_digit_gives_nothing(number: tuple[str, str], fmt: str, digit: str) -> None:
+    cc, national = number
+    written = fmt.format(cc=cc, a=national[:4], b=national[4:]) + digit
+    assert extract_reply(written).number is None
+
+
+def test_candidates_are_never_trimmed() -> None:
+    result = extract_reply("ref 912345678901 and 91234567")
+    assert [c.text for c in result.candidates] == ["912345678901", "91234567"]
+    assert result.number == "+85291234567"
+
+
+def test_rejected_candidates_say_why() -> None:
+    result = extract_reply("HK$91234567 or 2123 4567")
+    assert result.outcome == NOT_FOUND
+    assert result.reasons == ["91234567: looks like money", "2123 4567: +852 21234567 is not a mobile number"]
+
+
+def test_matched_span_is_the_original_text() -> None:
+    assert extract_reply("我的WhatsApp係：９１２３－４５６７").matched == "９１２３－４５６７"
+
+
+def test_two_different_numbers_are_ambiguous() -> None:
+    assert extract_reply("9123 4567 or 6123 4567").outcome == AMBIGUOUS
+
+
+def test_default_region_applies_to_eight_digits() -> None:
+    assert extract_reply("9123 4567", WhatsAppRule(default_region="SG")).number == "+6591234567"
+
+
+def test_region_outside_accepted_is_foreign() -> None:
+    rule = WhatsAppRule(accepted_regions=("HK",))
+    assert extract_reply("+65 9123 4567", rule).number is None
+
+
+def test_extra_prompt_pattern_is_recognised() -> None:
+    rule = WhatsAppRule(extra_prompt_patterns=(r"^Hello! Type your digits",))
+    assert is_prompt("Hello! Type your digits to start", rule)
+    assert not is_prompt("Hello! Type your digits to start")
+
+
+@pytest.mark.parametrize("text", ["9123 4567", "+852 9123 4567", "85291234567", "(852) 9123-4567"])
+def test_normalize_number_accepts_what_extraction_accepts(text: str) -> None:
+    assert normalize_number(text) == "+85291234567"
+
+
+@pytest.mark.parametrize("text", ["1234", "2024-01-05", "abc", "", "9123 4567 / 6123 4567"])
+def test_normalize_number_refuses_with_what_is_expected(text: str) -> None:
+    with pytest.raises(InvalidNumber, match="expected 8 digits"):
+        normalize_number(text)
+
+
+# ------------------------------------------------------------------------------------------- conversations
+PROMPT = "Hi! May I have your WhatsApp number?"
+
+
+def test_number_before_the_prompt_is_ignored() -> None:
+    messages = [("user", "hi 9123 4567"), ("assistant", PROMPT), ("user", "no thanks")]
+    result = extract_conversation(messages)
+    assert (result.outcome, result.number) == (NOT_FOUND, None)
+
+
+def test_prompt_without_reply_is_no_reply() -> None:
+    result = extract_conversation([("user", "hello"), ("assistant", PROMPT)])
+    assert result.outcome == NO_REPLY
+
+
+def test_prompt_after_the_third_bot_message_is_ignored() -> None:
+    messages = [
+        ("assistant", "Hello!"),
+        ("user", "hi"),
+        ("assistant", "How can I help?"),
+        ("user", "prices"),
+        ("assistant", "Here they are."),
+        ("assistant", PROMPT),
+        ("user", "9123 4567"),
+    ]
+    assert extract_conversation(messages).outcome == NO_PROMPT
+    assert extract_conversation(messages, WhatsAppRule(prompt_window=4)).number == "+85291234567"
+
+
+def test_number_split_across_two_bubbles_is_not_found() -> None:
+    messages = [("assistant", PROMPT), ("user", "9123"), ("user", "4567")]
+    assert extract_conversation(messages).outcome == NOT_FOUND
+
+
+def test_later_messages_do_not_count() -> None:
+    messages = [("assistant", PROMPT), ("user", "later"), ("assistant", "ok"), ("user", "9123 4567")]
+    assert extract_conversation(messages).outcome == NOT_FOUND
+
+
+def test_first_prompt_counts_and_reply_is_captured() -> None:
+    messages = [
+        ("assistant", PROMPT),
+        ("user", "sure: 9123 4567"),
+        ("assistant", PROMPT),
+        ("user", "6123 4567"),
+    ]
+    result = extract_conversation(messages)
+    assert (result.outcome, result.number, result.matched) == (CAPTURED, "+85291234567", "9123 4567")
+    assert (result.prompt_index, result.reply_index) == (0, 1)
+
+
+def test_bot_advertising_its_number_is_not_a_prompt() -> None:
+    messages = [("assistant", "Our WhatsApp number is 2123 4567."), ("user", "9123 4567")]
+    assert extract_conversation(messages).outcome == NO_PROMPT
