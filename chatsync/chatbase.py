@@ -13,7 +13,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any
@@ -327,6 +327,3 @@ def _hint(status: int, code: str | None, params: dict[str, Any]) -> str:
     if status == 404:
         return f"check CHATBASE_CHATBOT_ID: chatbot {params.get('chatbotId')!r} was not found for this key"
     return "check the chatbot id, dates (YYYY-MM-DD) and sources"
-
-
-RequestHook = Callable[[str, dict[str, Any]], None]

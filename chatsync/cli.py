@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -233,6 +234,142 @@ def sync(
         render.write_json(summary.as_dict())
     else:
         render.sync_summary(summary)
+
+
+# ---------------------------------------------------------------------------------------- list, show, set
+FormatOpt = Annotated[
+    str | None,
+    typer.Option("--format", help="table, json, csv or ndjson [default: table on a terminal, else json]."),
+]
+
+
+@app.command("list")
+@handle_errors
+def list_(
+    chatbot_id: ChatbotOpt = None,
+    source: SourceOpt = None,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
+    has_whatsapp: Annotated[
+        bool | None,
+        typer.Option(
+            "--has-whatsapp/--no-whatsapp",
+            help="Only conversations with / without a number.",
+            show_default=False,
+        ),
+    ] = None,
+    number: Annotated[
+        str | None, typer.Option("--number", help="Conversations with this WhatsApp number, any format.")
+    ] = None,
+    search: Annotated[
+        str | None, typer.Option("--search", help="Case-insensitive text in any message.")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="How many, newest first.")] = 20,
+    all_: Annotated[bool, typer.Option("--all", help="Stream every match.")] = False,
+    output: FormatOpt = None,
+    region: RegionOpt = None,
+) -> None:
+    """List stored conversations, newest first."""
+    from chatsync import render
+    from chatsync.store.queries import LIST_KEYS, ConversationFilter, iter_conversations
+    from chatsync.whatsapp import normalize_number
+
+    settings = _ctx().settings(region=region)
+    fmt = _format(output, ("table", "json", "csv", "ndjson"))
+    start, end = _day(since), _day(until)
+    _window(start, end)
+    filters = ConversationFilter(
+        chatbot_ids=tuple(chatbot_id or ()),
+        sources=_sources(source),
+        since=start,
+        until=end,
+        has_whatsapp=has_whatsapp,
+        number=normalize_number(number, settings.whatsapp) if number is not None else None,
+        search=search or None,
+    )
+    rows = iter_conversations(_ctx().engine(settings), filters, None if all_ else limit)
+    if fmt == "table":
+        render.conversations_table(rows)
+    elif fmt == "json":
+        render.write_json_array(rows)
+    elif fmt == "ndjson":
+        render.write_ndjson(rows)
+    else:
+        render.write_csv(rows, LIST_KEYS)
+
+
+@app.command()
+@handle_errors
+def show(
+    conversation_id: Annotated[str, typer.Argument(metavar="ID", help="Conversation id.")],
+    output: Annotated[
+        str | None, typer.Option("--format", help="table or json [default: table on a terminal].")
+    ] = None,
+) -> None:
+    """One conversation with its transcript and WhatsApp audit trail."""
+    from chatsync import render
+    from chatsync.store.queries import get_conversation
+
+    fmt = _format(output, ("table", "json"))
+    settings = _ctx().settings()
+    with _ctx().engine(settings).connect() as connection:
+        detail = get_conversation(connection, conversation_id, with_finding=fmt == "table")
+    if fmt == "json":
+        render.write_json(detail)
+    else:
+        render.conversation(detail)
+
+
+@app.command("set-whatsapp")
+@handle_errors
+def set_whatsapp(
+    conversation_id: Annotated[str, typer.Argument(metavar="ID", help="Conversation id.")],
+    number: Annotated[
+        str | None, typer.Argument(metavar="NUMBER", help="8 digits, optionally with country code.")
+    ] = None,
+    clear: Annotated[
+        bool, typer.Option("--clear", help="The conversation has no number (kept by later syncs).")
+    ] = False,
+    auto: Annotated[
+        bool, typer.Option("--auto", help="Forget the manual value; use what extraction finds.")
+    ] = False,
+    by: Annotated[
+        str | None, typer.Option("--by", help="Who made the change [default: the OS user].")
+    ] = None,
+    region: RegionOpt = None,
+) -> None:
+    """Store a WhatsApp number on a conversation by hand; later syncs never overwrite it."""
+    from chatsync import render
+    from chatsync.store.queries import set_whatsapp as store_number
+    from chatsync.timeutil import utcnow
+    from chatsync.whatsapp import normalize_number
+
+    if sum([number is not None, clear, auto]) != 1:
+        raise UsageError("give exactly one of NUMBER, --clear or --auto")
+    settings = _ctx().settings(region=region)
+    e164 = normalize_number(number, settings.whatsapp) if number is not None else None
+    with _ctx().engine(settings).begin() as connection:
+        change = store_number(
+            connection, conversation_id, number=e164, auto=auto, by=by or _os_user(), now=utcnow()
+        )
+    render.whatsapp_change(change)
+
+
+def _os_user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "unknown"
+
+
+def _format(value: str | None, allowed: tuple[str, ...]) -> str:
+    if value is None:
+        return "table" if sys.stdout.isatty() else "json"
+    if value not in allowed:
+        raise UsageError(f"invalid --format {value!r}: expected {' or '.join(allowed)}")
+    return value
 
 
 # ------------------------------------------------------------------------------------------------------ db

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from chatsync.chatbase import SOURCES
 from chatsync.config import WhatsAppRule
 from chatsync.errors import BadRecord, InvalidNumber
 from chatsync.timeutil import iso_z, parse_timestamp
@@ -148,7 +149,7 @@ def normalize_conversation(raw: object, chatbot_id: str, rule: WhatsAppRule) -> 
         "chatbot_id": str(bot) if bot not in (None, "") else chatbot_id,
         "created_at": created_at,
         "last_message_at": last_message_at or max((t for t in times if t), default=None),
-        "source": str(source) if source not in (None, "") else None,
+        "source": source_name(source),
         "customer": customer_label(raw.get("customer")),
         "country": str(country).upper() if isinstance(country, str) and country.strip() else None,
         "min_score": float(min_score)
@@ -167,6 +168,14 @@ def normalize_conversation(raw: object, chatbot_id: str, rule: WhatsAppRule) -> 
         "auto_source": finding.source,
         "auto_region": region_of(finding.number) if finding.number else None,
     }
+
+
+def source_name(value: object) -> str | None:
+    """Chatbase's canonical spelling of a source (the OpenAPI lists lowercase variants); others as sent."""
+    if value in (None, ""):
+        return None
+    text = str(value).strip()
+    return next((known for known in SOURCES if known.lower() == text.lower()), text)
 
 
 def _role(value: object) -> str:

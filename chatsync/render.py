@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -158,3 +159,123 @@ def db_info(url: str, revision: str | None, head: str, counts: dict[str, int]) -
     for name, count in counts.items():
         table.add_row(name, f"{count:,}")
     console.print(table)
+
+
+# ------------------------------------------------------------------------------------------ conversations
+def _wa_link(number: str | None, console: Console) -> Text:
+    if not number:
+        return Text("—", style="dim")
+    if console.is_terminal and not console.legacy_windows:
+        return Text(number, style=f"link https://wa.me/{number.lstrip('+')}")
+    return Text(number)
+
+
+def _clip(value: str | None, width: int) -> str:
+    if not value:
+        return ""
+    return value if len(value) <= width else value[: width - 1] + "…"
+
+
+def conversations_table(rows: Iterable[dict[str, Any]]) -> int:
+    """Print conversations as a table that fits the terminal; returns how many were shown.
+
+    The id is never cut (people copy it into ``show``); on a narrow terminal the less useful columns go.
+    """
+    console = stdout_console()
+    wide = console.width >= 130
+    medium = console.width >= 100
+    table = Table(header_style="bold", pad_edge=False, box=box.SIMPLE_HEAD)
+    table.add_column("created (UTC)", no_wrap=True, min_width=16)
+    table.add_column("id", no_wrap=True, min_width=8)
+    if medium:
+        table.add_column("source", no_wrap=True, max_width=16, overflow="ellipsis")
+    if wide:
+        table.add_column("customer", no_wrap=True, max_width=24, overflow="ellipsis")
+        table.add_column("country", no_wrap=True)
+    table.add_column("msgs", justify="right", no_wrap=True)
+    table.add_column("whatsapp", no_wrap=True)
+    if wide:
+        table.add_column("via", no_wrap=True, style="dim")
+    count = 0
+    for row in rows:
+        count += 1
+        cells: list[Any] = [(row["created_at"] or "")[:16].replace("T", " "), row["id"]]
+        if medium:
+            cells.append(row["source"] or "")
+        if wide:
+            cells += [_clip(row["customer"], 24), row["country"] or ""]
+        cells += [str(row["message_count"]), _wa_link(row["whatsapp_number"], console)]
+        if wide:
+            cells.append(row["whatsapp_source"] or "")
+        table.add_row(*cells)
+    if count:
+        console.print(table)
+    else:
+        info("no conversations match")
+    return count
+
+
+def conversation(detail: dict[str, Any]) -> None:
+    """One conversation: its fields, transcript, what the rule found, and the audit trail."""
+    console = stdout_console()
+    head = Table(show_header=False, box=None, pad_edge=False)
+    head.add_column(style="bold")
+    head.add_column()
+    for key in (
+        "id",
+        "chatbot_id",
+        "created_at",
+        "last_message_at",
+        "source",
+        "customer",
+        "country",
+        "message_count",
+    ):
+        head.add_row(key.replace("_", " "), "" if detail[key] is None else str(detail[key]))
+    number = _wa_link(detail["whatsapp_number"], console)
+    if detail["whatsapp_source"]:
+        number.append(f"  ({detail['whatsapp_source']})", style="dim")
+    head.add_row("whatsapp", number)
+    finding = detail.get("whatsapp_finding")
+    if finding:
+        found = finding["outcome"] + (f": {finding['matched']!r}" if finding["matched"] else "")
+        head.add_row("rule found", found)
+        for reason in finding["rejected"]:
+            head.add_row("", Text(f"rejected {reason}", style="dim"))
+    console.print(head)
+    console.print()
+    for message in detail["messages"]:
+        stamp = (message["created_at"] or "")[11:19]
+        role = message["role"]
+        style = "cyan" if role == "user" else "green" if role == "assistant" else "yellow"
+        line = Text(f"{stamp:>8} ", style="dim") + Text(f"{role:>9}  ", style=f"bold {style}")
+        line.append(message["content"])
+        console.print(line, highlight=False)
+    if detail["whatsapp_audit"]:
+        console.print()
+        audit = Table(
+            title="WhatsApp changes", title_justify="left", header_style="bold", box=box.SIMPLE_HEAD
+        )
+        for column in ("at (UTC)", "by", "old", "new"):
+            audit.add_column(column)
+        for entry in detail["whatsapp_audit"]:
+            audit.add_row(
+                entry["at"][:19].replace("T", " "),
+                entry["by"],
+                f"{entry['old'] or '—'} ({entry['old_source'] or 'none'})",
+                f"{entry['new'] or '—'} ({entry['new_source'] or 'none'})",
+            )
+        console.print(audit)
+
+
+def whatsapp_change(change: Any) -> None:
+    def show(number: str | None, source: str | None) -> str:
+        return f"{number or 'no number'} ({source or 'none'})"
+
+    if not change.changed:
+        info(f"{change.conversation_id}: unchanged, {show(change.new, change.new_source)}")
+        return
+    stdout_console().print(
+        f"{change.conversation_id}: {show(change.old, change.old_source)} → {show(change.new, change.new_source)}",
+        highlight=False,
+    )
