@@ -1,0 +1,47 @@
+"""Comparing what chatsync stored with what the emulator serves."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import create_engine, select
+
+from chatsync.emulator import Emulator
+from chatsync.store.engine import open_engine
+from chatsync.store.tables import conversations
+from chatsync.timeutil import as_utc, parse_timestamp
+
+
+def stored_conversations(database_url: str) -> dict[str, dict[str, Any]]:
+    engine = open_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(select(conversations)).mappings().all()
+        return {r["id"]: dict(r) for r in rows}
+    finally:
+        engine.dispose()
+
+
+def assert_exact(
+    database_url: str, emulator: Emulator, chatbot_id: str | None = None
+) -> dict[str, dict[str, Any]]:
+    """Every good conversation the emulator serves is stored once, with its timestamps and messages."""
+    chatbot_id = chatbot_id or next(iter(emulator.datasets))
+    stored = stored_conversations(database_url)
+    bad = set(emulator.bad_indexes(chatbot_id))
+    expected = {
+        raw["id"]: raw for i, raw in enumerate(emulator.all_conversations(chatbot_id)) if i not in bad
+    }
+    assert set(stored) == set(expected), (
+        f"missing {len(set(expected) - set(stored))}, unexpected {len(set(stored) - set(expected))}"
+    )
+    for conversation_id, raw in expected.items():
+        row = stored[conversation_id]
+        assert as_utc(row["created_at"]) == parse_timestamp(raw["created_at"])
+        assert row["messages"] == raw["messages"]
+        last = raw.get("last_message_at") or raw.get("updated_at")
+        assert as_utc(row["last_message_at"]) == parse_timestamp(last)
+    return stored
+
+
+__all__ = ["assert_exact", "create_engine", "stored_conversations"]
