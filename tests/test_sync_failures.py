@@ -1,0 +1,208 @@
+"""A sync stays exact when Chatbase fails, when it is killed, when the database goes away."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chatsync.chatbase import ChatbaseClient
+from chatsync.config import Secret, WhatsAppRule
+from chatsync.emulator import Faults
+from chatsync.errors import ExitCode
+from chatsync.store.engine import ensure_schema, open_engine
+from chatsync.store.locks import chatbot_lock
+from chatsync.sync import DatabaseUnavailable, Syncer, SyncRequest
+from tests.conftest import chatbase_env
+from tests.helpers import assert_exact
+
+
+def _client(server: Any, **kwargs: Any) -> ChatbaseClient:
+    kwargs.setdefault("backoff", (0.05, 0.3))
+    kwargs.setdefault("rate_limit", (1000, 1.0))
+    return ChatbaseClient(Secret("demo-key"), server.base_url, **kwargs)
+
+
+def test_twenty_percent_failures_end_ok_with_exact_data(emulator_factory: Any, database_url: str) -> None:
+    faults = Faults(fail_rate=0.10, slow_rate=0.05, malformed_rate=0.05, slow_seconds=2.0, retry_after=1)
+    server = emulator_factory(conversations=1500, seed=21, faults=faults)
+    engine = open_engine(database_url)
+    ensure_schema(engine)
+    with _client(server, timeout=0.5) as client:
+        summary = Syncer(engine, client, WhatsAppRule(), concurrency=8).run(SyncRequest(("demo-bot",)))
+    engine.dispose()
+    assert summary.status == "ok"
+    assert summary.retries > 0
+    assert server.emulator.faulted > 0
+    assert_exact(database_url, server.emulator)
+
+
+def test_an_outage_that_never_ends_exits_3_and_a_later_run_completes(
+    cli: Any, emulator_factory: Any, database_url: str
+) -> None:
+    server = emulator_factory(conversations=800, seed=22, faults=Faults(fail_rate=1.0))
+    env = chatbase_env(server, database_url)
+    started = time.monotonic()
+    result = cli("sync", "--json", "--retry-budget", "3s", env=env)
+    assert result.exit_code == ExitCode.PARTIAL
+    assert time.monotonic() - started < 30
+    assert json.loads(result.stdout)["status"] == "partial"
+    assert "kept failing" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+    server.emulator.faults.fail_rate = 0.0
+    result = cli("sync", "--json", env=env)
+    assert result.exit_code == 0, result.stderr
+    assert_exact(database_url, server.emulator)
+
+
+def test_sigkill_at_five_points_then_rerun_ends_exact(
+    emulator_factory: Any, database_url: str, tmp_path: Path
+) -> None:
+    server = emulator_factory(conversations=3000, seed=23, latency_ms=120)
+    env = {**os.environ, **chatbase_env(server, database_url), "CHATSYNC_CONCURRENCY": "4"}
+    command = [sys.executable, "-m", "chatsync", "sync", "--json"]
+    outcomes = []
+    for delay in (1.2, 1.9, 2.6, 3.3, 4.0):
+        process = subprocess.Popen(
+            command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        time.sleep(delay)
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        outcomes.append(process.returncode)
+    assert outcomes.count(-signal.SIGKILL) >= 3, outcomes  # most runs really were killed mid-way
+    final = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert final.returncode == 0, final.stderr
+    assert json.loads(final.stdout)["status"] == "ok"
+    assert_exact(database_url, server.emulator)
+
+
+def test_a_second_sync_of_the_same_chatbot_exits_75_and_does_nothing(
+    cli: Any, emulator_factory: Any, database_url: str
+) -> None:
+    server = emulator_factory(conversations=200, seed=24, chatbot_ids=("bot-a", "bot-b"))
+    env = chatbase_env(server, database_url)
+    engine = open_engine(database_url)
+    ensure_schema(engine)
+    with chatbot_lock(engine, "bot-a"):
+        busy = cli("sync", "--json", "--chatbot-id", "bot-a", env=env)
+        other = cli("sync", "--json", "--chatbot-id", "bot-b", env=env)
+    assert busy.exit_code == ExitCode.LOCKED
+    assert busy.stdout == ""
+    assert busy.stderr.strip() == "error: another sync of chatbot 'bot-a' is running; nothing was done"
+    assert other.exit_code == 0, other.stderr  # different chatbots sync at the same time
+    assert json.loads(other.stdout)["inserted"] == 200
+    from sqlalchemy import func, select
+
+    from chatsync.store.tables import conversations
+
+    with engine.connect() as connection:
+        bots = dict(
+            connection.execute(
+                select(conversations.c.chatbot_id, func.count()).group_by(conversations.c.chatbot_id)
+            ).all()
+        )
+    engine.dispose()
+    assert bots == {"bot-b": 200}
+
+
+SECRET = "sk-live-DO-NOT-PRINT-1234567890"
+
+
+@pytest.mark.parametrize(
+    ("args", "extra_env", "code", "fragment"),
+    [
+        ((), {"CHATBASE_API_KEY": SECRET}, ExitCode.CONFIG, "CHATBASE_API_KEY"),
+        (("--chatbot-id", "no-such-bot"), {}, ExitCode.CONFIG, "no-such-bot"),
+        (("--since", "2024-13-01"), {}, ExitCode.USAGE, "expected YYYY-MM-DD"),
+        (("--since", "2024-05-01", "--until", "2024-04-01"), {}, ExitCode.USAGE, "after --until"),
+        (("--source", "Whatsap"), {}, ExitCode.USAGE, "unknown source"),
+        (("--lookback", "three days"), {}, ExitCode.USAGE, "invalid duration"),
+    ],
+    ids=["bad-key", "unknown-chatbot", "bad-date", "reversed-window", "misspelt-source", "bad-lookback"],
+)
+def test_configuration_errors_exit_with_one_clear_line_and_never_show_the_key(
+    cli: Any,
+    emulator_factory: Any,
+    sqlite_url: str,
+    args: tuple[str, ...],
+    extra_env: dict[str, str],
+    code: int,
+    fragment: str,
+) -> None:
+    server = emulator_factory(conversations=50, seed=25, api_key=SECRET if not extra_env else "another-key")
+    env = chatbase_env(server, sqlite_url)
+    env["CHATBASE_API_KEY"] = SECRET
+    for debug in ((), ("--debug",)):
+        result = cli(*debug, "sync", *args, env=env)
+        assert result.exit_code == code, result.output
+        assert SECRET not in result.output
+        if not debug:
+            assert result.stdout == ""
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
+
+
+def test_missing_api_key_names_the_variable(cli: Any, sqlite_url: str) -> None:
+    result = cli("sync", env={"CHATBASE_CHATBOT_ID": "bot", "CHATSYNC_DATABASE_URL": sqlite_url})
+    assert result.exit_code == ExitCode.CONFIG
+    assert result.stderr.strip() == "error: CHATBASE_API_KEY is not set: export it or pass --api-key"
+
+
+@pytest.mark.postgres
+def test_postgres_going_away_mid_run_ends_cleanly_and_the_next_run_completes(
+    emulator_factory: Any, postgres_url: str
+) -> None:
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from tests.conftest import POSTGRES_ADMIN_URL
+
+    name = make_url(postgres_url).database
+    server = emulator_factory(conversations=3000, seed=26, latency_ms=80)
+    engine = open_engine(postgres_url)
+    ensure_schema(engine)
+    saved = threading.Event()
+
+    def progress(status: Any) -> None:
+        if status.conversations >= 300:
+            saved.set()
+
+    def outage() -> None:
+        saved.wait(timeout=30)
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+            )
+
+    killer = threading.Thread(target=outage)
+    killer.start()
+    with _client(server) as client, pytest.raises(DatabaseUnavailable) as raised:
+        Syncer(engine, client, WhatsAppRule(), concurrency=4, progress=progress).run(
+            SyncRequest(("demo-bot",))
+        )
+    killer.join()
+    assert raised.value.exit_code == ExitCode.PARTIAL
+    engine.dispose()
+
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    engine = open_engine(postgres_url)
+    with _client(server) as client:
+        summary = Syncer(engine, client, WhatsAppRule()).run(
+            SyncRequest(("demo-bot",), lookback=timedelta(days=3))
+        )
+    engine.dispose()
+    assert summary.status == "ok"
+    assert_exact(postgres_url, server.emulator)
