@@ -1,0 +1,211 @@
+"""The Chatbase client: paging rules, retries, rate limiting, error bodies; cassettes are replayed only."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import vcr
+
+from chatsync.chatbase import ChatbaseClient, RateLimiter, _reset_seconds, canonical_source
+from chatsync.config import Secret, WhatsAppRule
+from chatsync.emulator import Emulator, EmulatorTransport
+from chatsync.errors import ChatbaseRejected, ChatbaseUnavailable, PagingError, UsageError
+from chatsync.normalize import normalize_conversation
+
+CASSETTES = Path(__file__).parent / "cassettes"
+replay = vcr.VCR(cassette_library_dir=str(CASSETTES), record_mode="none", match_on=["method", "uri"])
+KEY = "sk-live-echoed-secret"
+
+
+def _client(transport: httpx.BaseTransport | None = None, **kwargs: Any) -> ChatbaseClient:
+    kwargs.setdefault("backoff", (0.01, 0.05))
+    return ChatbaseClient(Secret(KEY), "https://www.chatbase.co/api/v1", transport=transport, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- cassettes
+def test_documented_field_variants_all_normalise() -> None:
+    with replay.use_cassette("conversation_page_shapes.yaml"), _client() as client:
+        pages = list(client.iter_pages("bot-1", date(2024, 5, 1), date(2024, 5, 2)))
+        assert list(client.iter_pages("bot-1", date(2024, 5, 3), date(2024, 5, 3))) == []
+    assert len(pages) == 1 and len(pages[0]) == 3
+    rows = {r["id"]: r for r in (normalize_conversation(c, "bot-1", WhatsAppRule()) for c in pages[0])}
+    live, openapi, old = rows["c-live"], rows["c-openapi"], rows["c-old"]
+    assert live["last_message_at"].isoformat() == "2024-05-02T09:03:00+00:00"
+    assert openapi["last_message_at"].isoformat() == "2024-05-01T10:05:00+00:00"  # updated_at variant
+    assert old["last_message_at"] is None  # no timestamps anywhere
+    assert (live["customer"], openapi["customer"], old["customer"]) == ("cust_42", "a@example.com", None)
+    assert (live["source"], openapi["source"], old["source"]) == ("WhatsApp", "Widget or Iframe", None)
+    assert (live["wa_outcome"], live["wa_extracted"], live["wa_form"]) == (
+        "captured",
+        "+85291234567",
+        "+85291234567",
+    )
+    assert live["response_seconds"] is None and live["response_steps"] == 0
+    assert (
+        openapi["response_steps"] == 1 and openapi["first_response_seconds"] is None
+    )  # assistant had no time
+    assert old["assistant_messages"] == 1  # "bot" is an assistant
+
+
+def test_bad_key_fails_fast_and_never_repeats_the_key() -> None:
+    with replay.use_cassette("errors_v1.yaml") as cassette, _client() as client:
+        with pytest.raises(ChatbaseRejected) as raised:
+            client.get_conversations("bot-1", 1)
+        assert cassette.play_count == 1  # not retried
+    assert raised.value.status == 401
+    assert KEY not in str(raised.value)
+    assert "CHATBASE_API_KEY" in str(raised.value)
+
+
+def test_unknown_chatbot_names_the_setting_to_fix() -> None:
+    expected = "CHATBASE_CHATBOT_ID: chatbot 'ghost' was not found"
+    with (
+        replay.use_cassette("errors_v1.yaml"),
+        _client() as client,
+        pytest.raises(ChatbaseRejected, match=expected),
+    ):
+        client.get_conversations("ghost", 1)
+
+
+def test_v2_errors_are_retried_honouring_retry_after() -> None:
+    with replay.use_cassette("errors_v2_then_ok.yaml") as cassette, _client() as client:
+        started = time.monotonic()
+        data = client.get_conversations("bot-1", 1)
+        waited = time.monotonic() - started
+        assert cassette.play_count == 3
+    assert [c["id"] for c in data] == ["c1"]
+    assert client.stats.retries == 2 and client.stats.throttled == 1
+    assert waited >= 1.0  # Retry-After: 1
+
+
+# ---------------------------------------------------------------------------------------- paging rules
+def _pages_transport(pages: list[list[dict[str, Any]]], seen: list[httpx.Request]) -> httpx.MockTransport:
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        page = int(request.url.params["page"])
+        data = pages[page - 1] if page <= len(pages) else []
+        return httpx.Response(200, json={"data": data})
+
+    return httpx.MockTransport(handler)
+
+
+def _records(start: int, count: int) -> list[dict[str, Any]]:
+    return [
+        {"id": f"c{i}", "created_at": "2024-05-01T00:00:00Z", "messages": []}
+        for i in range(start, start + count)
+    ]
+
+
+def test_paging_asks_100_a_page_and_stops_at_the_first_short_page() -> None:
+    seen: list[httpx.Request] = []
+    transport = _pages_transport([_records(0, 100), _records(100, 100), _records(200, 7)], seen)
+    with _client(transport) as client:
+        pages = list(client.iter_pages("bot", date(2024, 5, 1), date(2024, 5, 1)))
+    assert [len(p) for p in pages] == [100, 100, 7]
+    assert [r.url.params["page"] for r in seen] == ["1", "2", "3"]
+    assert {r.url.params["size"] for r in seen} == {"100"}
+    assert seen[0].headers["authorization"] == f"Bearer {KEY}"
+
+
+def test_a_full_last_page_is_closed_by_an_empty_one() -> None:
+    seen: list[httpx.Request] = []
+    with _client(_pages_transport([_records(0, 100)], seen)) as client:
+        assert [len(p) for p in client.iter_pages("bot", None, None)] == [100]
+    assert len(seen) == 2
+
+
+def test_a_repeated_page_is_caught() -> None:
+    seen: list[httpx.Request] = []
+    same = _records(0, 100)
+    with (
+        _client(_pages_transport([same, same, same], seen)) as client,
+        pytest.raises(PagingError, match="repeated"),
+    ):
+        list(client.iter_pages("bot", None, None))
+
+
+def test_truncated_bodies_and_transport_errors_are_retried() -> None:
+    calls = {"n": 0}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise httpx.ReadTimeout("slow", request=request)
+        if calls["n"] == 2:
+            return httpx.Response(200, content=b'{"data": [{"id": "c1", "crea')
+        return httpx.Response(200, json={"data": _records(0, 1)})
+
+    with _client(httpx.MockTransport(handler)) as client:
+        assert len(client.get_conversations("bot", 1)) == 1
+    assert client.stats.retries == 2
+
+
+def test_retry_budget_ends_an_outage() -> None:
+    transport = httpx.MockTransport(lambda request: httpx.Response(503, json={"message": "down"}))
+    with _client(transport, retry_budget=timedelta(seconds=1)) as client:
+        started = time.monotonic()
+        with pytest.raises(ChatbaseUnavailable, match="kept failing"):
+            client.get_conversations("bot", 1)
+    assert time.monotonic() - started < 5
+
+
+def test_a_data_less_answer_is_not_taken_for_an_empty_page() -> None:
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json={"conversations": []}))
+    with _client(transport) as client, pytest.raises(ChatbaseUnavailable, match="without a 'data' list"):
+        client.get_conversations("bot", 1)
+
+
+def test_first_day_is_found_by_bisection() -> None:
+    emulator = Emulator(conversations=300, seed=3, days=45, rate_limit=None, api_key=KEY)
+    with _client(EmulatorTransport(emulator)) as client:
+        today = emulator.datasets["demo-bot"].end.date()
+        first = client.find_first_day("demo-bot", today)
+        requests = client.stats.requests
+    oldest = min(c["created_at"][:10] for c in emulator.all_conversations("demo-bot"))
+    assert first is not None and first.isoformat() == oldest
+    assert requests <= 16
+
+
+def test_rate_limiter_never_exceeds_its_window() -> None:
+    limiter = RateLimiter(limit=5, window=0.5, margin=0.0)
+    sent = []
+    for _ in range(12):
+        limiter.acquire()
+        sent.append(time.monotonic())
+    for i in range(len(sent) - 5):
+        assert sent[i + 5] - sent[i] >= 0.5 - 1e-3
+
+
+def test_rate_limit_reset_is_read_as_milliseconds_or_seconds() -> None:
+    now = time.time()
+    in_ms = _reset_seconds(httpx.Headers({"x-ratelimit-reset": str(int((now + 3) * 1000))}))
+    in_s = _reset_seconds(httpx.Headers({"x-ratelimit-reset": str(int(now + 3))}))
+    assert in_ms is not None and 1.5 < in_ms <= 3.0
+    assert in_s is not None and 1.5 < in_s <= 3.0
+
+
+def test_sources_are_matched_in_any_case_and_misspellings_refused() -> None:
+    assert canonical_source("widget OR iframe") == "Widget or Iframe"
+    with pytest.raises(UsageError, match="expected one of"):
+        canonical_source("Whatsap")
+
+
+def test_emulator_answers_like_chatbase() -> None:
+    emulator = Emulator(conversations=30, seed=1, rate_limit=(2, 60.0))
+    transport = EmulatorTransport(emulator)
+    with httpx.Client(transport=transport, base_url="http://emulator/api/v1/") as http:
+        auth = {"Authorization": "Bearer demo-key"}
+        assert http.get("get-conversations", params={"chatbotId": "demo-bot"}, headers={}).status_code == 401
+        bad_date = http.get(
+            "get-conversations", params={"chatbotId": "demo-bot", "startDate": "2024-1-5"}, headers=auth
+        )
+        assert bad_date.status_code == 400 and "message" in bad_date.json()
+        limited = http.get("get-conversations", params={"chatbotId": "demo-bot"}, headers=auth)
+        assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+        assert json.loads(limited.content)["error"]["code"] == "RATE_LIMIT_TOO_MANY_REQUESTS"

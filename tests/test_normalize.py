@@ -1,0 +1,75 @@
+"""Raw Chatbase records → rows: what is refused, and the per-conversation figures."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatsync.config import WhatsAppRule
+from chatsync.errors import BadRecord
+from chatsync.normalize import customer_label, normalize_conversation, transcript
+
+
+def _raw(**fields: object) -> dict[str, object]:
+    base: dict[str, object] = {"id": "c1", "created_at": "2024-05-01T08:00:00Z", "messages": []}
+    base.update(fields)
+    return base
+
+
+@pytest.mark.parametrize(
+    ("record", "reason"),
+    [
+        ("not an object", "not a JSON object"),
+        ({"created_at": "2024-05-01T08:00:00Z", "messages": []}, "no id"),
+        (_raw(messages={"role": "user"}), "not a list"),
+        (_raw(messages=[{"role": "user", "content": "a\x00b"}]), "NUL"),
+        (_raw(messages=[{"role": "user", "content": "x" * 1_048_576}]), r"characters \(limit"),
+        (_raw(created_at="soon"), "unparsable created_at"),
+        (_raw(last_message_at="later"), "unparsable last_message_at"),
+        (_raw(messages=[{"role": "user", "content": "hi", "createdAt": "nope"}]), "unparsable createdAt"),
+        (_raw(messages=["hi"]), "message 0 is not an object"),
+    ],
+)
+def test_records_that_cannot_be_stored_say_why(record: object, reason: str) -> None:
+    with pytest.raises(BadRecord, match=reason):
+        normalize_conversation(record, "bot", WhatsAppRule())
+
+
+def test_figures_count_roles_response_times_and_unanswered_questions() -> None:
+    messages = [
+        {"role": "user", "content": "hi", "createdAt": "2024-05-01T08:00:00Z"},
+        {"role": "assistant", "content": "hello", "createdAt": "2024-05-01T08:00:02Z"},
+        {"role": "user", "content": "price?", "created_at": "2024-05-01T08:01:00Z"},
+        {"role": "assistant", "content": "HK$680"},
+        {"role": "user", "content": "ok", "createdAt": "2024-05-01T08:02:00Z"},
+        {"role": "assistant", "content": "Anything else？", "createdAt": "2024-05-01T08:02:05.5Z"},
+    ]
+    row = normalize_conversation(_raw(messages=messages), "bot", WhatsAppRule())
+    assert (row["message_count"], row["user_messages"], row["assistant_messages"]) == (6, 3, 3)
+    assert row["response_steps"] == 3
+    assert row["response_seconds"] == [2.0, 5.5]  # the untimed step is not guessed
+    assert row["first_response_seconds"] == 2.0
+    assert row["unanswered"] is True
+    assert row["last_message_at"].isoformat() == "2024-05-01T08:02:05.500000+00:00"
+    assert row["chatbot_id"] == "bot"
+
+
+def test_unknown_fields_are_kept_and_the_hash_tracks_content() -> None:
+    first = normalize_conversation(_raw(brand_new_field={"x": 1}), "bot", WhatsAppRule())
+    second = normalize_conversation(_raw(brand_new_field={"x": 2}), "bot", WhatsAppRule())
+    assert first["raw"]["brand_new_field"] == {"x": 1}
+    assert first["content_hash"] != second["content_hash"]
+
+
+def test_customer_label_rules() -> None:
+    assert customer_label(" cust_1 ") == "cust_1"
+    assert customer_label({"name": "A", "email": ""}) == "A"
+    assert customer_label({"id": 7}) == "7"
+    assert customer_label("") is None and customer_label({}) is None and customer_label(None) is None
+
+
+def test_transcript_keeps_times_where_chatbase_sent_them() -> None:
+    out = transcript([{"role": "user", "content": "hi", "createdAt": 1714550400}, {"role": "assistant"}])
+    assert out == [
+        {"role": "user", "content": "hi", "created_at": "2024-05-01T08:00:00Z"},
+        {"role": "assistant", "content": "", "created_at": None},
+    ]
