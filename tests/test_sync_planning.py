@@ -32,7 +32,7 @@ def test_a_day_settles_once_fetched_lookback_after_it_ended() -> None:
 
 def test_windows_group_consecutive_days_only() -> None:
     days = [D, D + timedelta(days=1), D + timedelta(days=5)]
-    assert plan_windows(days, parallel=8) == [
+    assert plan_windows(days, parallel=1) == [
         Window(D, D + timedelta(days=1)),
         Window(D + timedelta(days=5), D + timedelta(days=5)),
     ]
