@@ -372,6 +372,46 @@ def _format(value: str | None, allowed: tuple[str, ...]) -> str:
     return value
 
 
+# -------------------------------------------------------------------------------------------------- report
+@app.command()
+@handle_errors
+def report(
+    chatbot_id: ChatbotOpt = None,
+    source: SourceOpt = None,
+    since: Annotated[
+        str | None, typer.Option("--since", help="First day in the report's time zone, YYYY-MM-DD.")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option("--until", help="Last day in the report's time zone, YYYY-MM-DD.")
+    ] = None,
+    tz: Annotated[
+        str | None,
+        typer.Option(
+            "--tz", help="Time zone for days and the weekday/hour grid [env CHATSYNC_TIMEZONE; default UTC]."
+        ),
+    ] = None,
+    output: Annotated[
+        str | None, typer.Option("--format", help="table or json [default: table on a terminal].")
+    ] = None,
+) -> None:
+    """Analytics over stored conversations, computed in the database."""
+    from chatsync import render
+    from chatsync.analytics import report as build_report
+    from chatsync.store.queries import ConversationFilter
+
+    fmt = _format(output, ("table", "json"))
+    settings = _ctx().settings(timezone=tz)
+    start, end = _day(since), _day(until)
+    _window(start, end)
+    filters = ConversationFilter(chatbot_ids=tuple(chatbot_id or ()), sources=_sources(source))
+    with _ctx().engine(settings).connect() as connection:
+        data = build_report(connection, filters, start, end, settings.timezone)
+    if fmt == "json":
+        render.write_json(data)
+    else:
+        render.report(data)
+
+
 # ------------------------------------------------------------------------------------------------------ db
 @db_app.command("upgrade")
 @handle_errors
@@ -457,6 +497,52 @@ def emulator(
         pass
     finally:
         server.server_close()
+
+
+@app.command()
+@handle_errors
+def demo(
+    conversations: Annotated[int, typer.Option(help="How many conversations the emulator serves.")] = 3000,
+    seed: Annotated[int, typer.Option(help="Same seed, same data.")] = 1,
+    path: Annotated[
+        str | None,
+        typer.Option("--path", help="SQLite file to create [default: demo.db in the data directory]."),
+    ] = None,
+) -> None:
+    """The whole job with no account and no network: emulator → fresh SQLite file → report."""
+    from pathlib import Path
+
+    from chatsync import render
+    from chatsync.analytics import report as build_report
+    from chatsync.chatbase import ChatbaseClient
+    from chatsync.config import Secret, default_database_path, load_settings
+    from chatsync.emulator import Emulator, serve_in_thread
+    from chatsync.store.engine import ensure_schema, open_engine
+    from chatsync.store.queries import ConversationFilter
+    from chatsync.sync import Syncer, SyncRequest
+
+    database = Path(path) if path else default_database_path().with_name("demo.db")
+    database.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in database.parent.glob(database.name + "*"):
+        leftover.unlink()
+    url = f"sqlite:///{database}"
+    engine = open_engine(url)
+    ensure_schema(engine)
+    settings = load_settings({"database_url": url})
+    render.info(f"emulating Chatbase with {conversations:,} conversations; syncing into {database}")
+    with (
+        serve_in_thread(Emulator(conversations=conversations, seed=seed)) as server,
+        ChatbaseClient(Secret("demo-key"), server.base_url) as client,
+        render.sync_progress(True) as hook,
+    ):
+        summary = Syncer(engine, client, settings.whatsapp, settings.concurrency, hook).run(
+            SyncRequest(("demo-bot",))
+        )
+    render.sync_summary(summary)
+    with engine.connect() as connection:
+        data = build_report(connection, ConversationFilter(), tz=settings.timezone)
+    render.report(data)
+    render.info(f"explore it: chatsync --database-url {url} list --has-whatsapp")
 
 
 def main() -> None:

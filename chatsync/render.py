@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -279,3 +280,191 @@ def whatsapp_change(change: Any) -> None:
         f"{change.conversation_id}: {show(change.old, change.old_source)} → {show(change.new, change.new_source)}",
         highlight=False,
     )
+
+
+# ------------------------------------------------------------------------------------------------- report
+_SHADES = " ░▒▓█"
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{value * 100:.1f}%"
+
+
+def _num(value: float | int | None, unit: str = "") -> str:
+    if value is None:
+        return "—"
+    return f"{value:,}{unit}" if isinstance(value, int) else f"{value:,.2f}{unit}"
+
+
+def _bar(value: int, top: int, width: int) -> str:
+    if not top:
+        return ""
+    cells = value / top * width
+    full = int(cells)
+    return "█" * full + ("▌" if cells - full >= 0.5 else "")
+
+
+def _section(console: Console, title: str) -> None:
+    console.print()
+    console.print(Text(title, style="bold underline"))
+
+
+def _pairs_table(rows: list[tuple[str, str]]) -> Table:
+    table = Table(show_header=False, box=None, pad_edge=False, padding=(0, 2, 0, 0))
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for label, value in rows:
+        table.add_row(label, value)
+    return table
+
+
+def _counts_table(counts: dict[str, int], total: int, limit: int = 8) -> Table:
+    table = Table(show_header=False, box=None, pad_edge=False, padding=(0, 2, 0, 0))
+    table.add_column()
+    table.add_column(justify="right")
+    table.add_column(justify="right", style="dim")
+    table.add_column()
+    top = max(counts.values(), default=0)
+    items = list(counts.items())
+    shown, rest = items[:limit], items[limit:]
+    if rest:
+        shown.append((f"{len(rest)} more", sum(v for _, v in rest)))
+    for key, value in shown:
+        table.add_row(key, f"{value:,}", _pct(value / total if total else None), _bar(value, top, 20))
+    return table
+
+
+def report(data: dict[str, Any]) -> None:
+    """The report as a person reads it: window and coverage first, then volume, depth, WhatsApp, audience."""
+    console = stdout_console()
+    window = data["window"]
+    span = f"{window['since'] or 'first'} … {window['until'] or 'latest'} ({window['timezone']})"
+    console.print(Text("chatsync report", style="bold") + Text(f"  {span}", style="dim"))
+    n = data["conversations"]
+    if not n:
+        console.print("no conversations in this window")
+        return
+    console.print(
+        _pairs_table(
+            [
+                ("conversations", f"{n:,}"),
+                ("users", f"{data['users']:,}  (known for {_pct(data['users_coverage'])} of conversations)"),
+                ("response-time coverage", _pct(data["response_time_seconds"]["coverage"])),
+            ]
+        )
+    )
+
+    _section(console, "Volume")
+    console.print(
+        _pairs_table(
+            [
+                ("messages", f"{data['messages']:,}"),
+                ("from users", f"{data['user_messages']:,}"),
+                ("from the bot", f"{data['assistant_messages']:,}"),
+            ]
+        )
+    )
+    days = data["by_day"]
+    if days:
+        console.print()
+        if len(days) > 31:  # weeks keep a long window readable on 80 columns
+            weeks: dict[str, int] = {}
+            for row in days:
+                monday = date_of(row["date"])
+                key = (monday - timedelta_days(monday.weekday())).isoformat()
+                weeks[key] = weeks.get(key, 0) + row["conversations"]
+            rows = [(f"week of {k}", v) for k, v in weeks.items()]
+        else:
+            rows = [(row["date"], row["conversations"]) for row in days]
+        top = max(v for _, v in rows)
+        for label, value in rows:
+            console.print(f"{label:>18} {value:>7,} {_bar(value, top, 46)}", highlight=False)
+
+    _section(console, "Depth")
+    per = data["messages_per_conversation"]
+    console.print(
+        _pairs_table(
+            [
+                ("messages per conversation", f"mean {_num(per['mean'])} · median {_num(per['median'])}"),
+                ("engaged (2+ user messages)", _pct(data["engagement_rate"])),
+                ("left with a bot question", _pct(data["unanswered_rate"])),
+            ]
+        )
+    )
+    console.print(_counts_table({f"{k} messages": v for k, v in data["length_histogram"].items()}, n))
+
+    _section(console, "WhatsApp numbers")
+    wa = data["whatsapp"]
+    console.print(
+        _pairs_table(
+            [
+                ("asked for a number", f"{wa['prompted']:,}"),
+                ("replied", f"{wa['replied']:,}"),
+                ("number captured", f"{wa['captured']:,}  ({_pct(wa['capture_rate'])} of asked)"),
+                ("from Chatbase forms", f"{wa['from_form']:,}"),
+                ("set by hand", f"{wa['manual']:,}"),
+                ("conversations with a number", f"{wa['with_number']:,}"),
+            ]
+        )
+    )
+    missed = wa["missed"]
+    if any(missed.values()):
+        console.print(Text("missed because", style="dim"))
+        labels = {
+            "no_reply": "no reply",
+            "not_found": "no number in reply",
+            "ambiguous": "two numbers in reply",
+        }
+        console.print(_counts_table({labels[k]: v for k, v in missed.items()}, max(wa["prompted"], 1)))
+
+    _section(console, "Audience")
+    console.print(Text("sources", style="dim"))
+    console.print(_counts_table(data["by_source"], n))
+    console.print(Text("countries", style="dim"))
+    console.print(_counts_table(data["by_country"], n))
+    if data["by_phone_region"]:
+        console.print(Text("phone regions", style="dim"))
+        console.print(_counts_table(data["by_phone_region"], wa["with_number"]))
+    console.print(Text(f"conversation starts by weekday and hour ({window['timezone']})", style="dim"))
+    grid = data["by_weekday_hour"]
+    top = max((v for row in grid for v in row), default=0)
+    console.print("      " + "".join(f"{h:<6}" for h in range(0, 24, 3)), highlight=False)
+    for name, row in zip(("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"), grid, strict=True):
+        cells = "".join(_SHADES[min(4, math.ceil(v / top * 4))] * 2 if top else "  " for v in row)
+        console.print(f"{name:>4}  {cells}", highlight=False)
+
+    timing = data["response_time_seconds"]
+    first = data["first_response_time_seconds"]
+    if timing["coverage"]:
+        _section(console, "Timing")
+        console.print(
+            _pairs_table(
+                [
+                    (
+                        "bot reply time",
+                        f"median {_num(timing['median'], 's')} · p90 {_num(timing['p90'], 's')} · "
+                        f"mean {_num(timing['mean'], 's')}",
+                    ),
+                    (
+                        "first reply time",
+                        f"median {_num(first['median'], 's')} · p90 {_num(first['p90'], 's')}",
+                    ),
+                    (
+                        "measured on",
+                        f"{timing['pairs']:,} replies, {_pct(timing['coverage'])} of conversations",
+                    ),
+                ]
+            )
+        )
+
+
+def date_of(text: str) -> Any:
+    from datetime import date
+
+    return date.fromisoformat(text)
+
+
+def timedelta_days(days: int) -> Any:
+    from datetime import timedelta
+
+    return timedelta(days=days)

@@ -20,7 +20,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
-Json = JSON().with_variant(JSONB(), "postgresql")
+# none_as_null: a Python None is SQL NULL (not JSON null), so "IS NULL" means "absent" in every query.
+Json = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 Moment = DateTime(timezone=True)
 
 metadata = MetaData(
