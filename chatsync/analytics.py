@@ -19,7 +19,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, and_, case, func, literal_column, select, text
+from sqlalchemy import Connection, and_, case, func, literal_column, select, text, true
 from sqlalchemy.sql import ColumnElement
 
 from chatsync.store.queries import ConversationFilter, conditions
@@ -117,7 +117,7 @@ class _LocalTime:
             self.hour = func.extract("hour", local)
             return
         span = connection.execute(
-            select(func.min(c.c.created_at), func.max(c.c.created_at)).where(and_(*where))
+            select(func.min(c.c.created_at), func.max(c.c.created_at)).where(and_(true(), *where))
         ).one()
         first = as_utc(span[0]) if span[0] is not None else datetime.now(UTC)
         last = as_utc(span[1]) if span[1] is not None else first
@@ -156,7 +156,7 @@ def report(
     start, end = local_window(since, until, tz)
     filters = replace(filters, since=None, until=None, created_from=start, created_before=end)
     where = conditions(filters, connection.dialect.name)
-    scope = and_(*where) if where else text("1=1")
+    scope = and_(true(), *where)
 
     def count_if(condition: Any) -> Any:
         return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
@@ -304,7 +304,7 @@ def _percentiles(
     connection: Connection, column: Any, where: list[ColumnElement[bool]]
 ) -> dict[str, float | None]:
     """Median and p90 of a numeric column, interpolated like percentile_cont."""
-    scope = and_(*where)
+    scope = and_(true(), *where)
     if connection.dialect.name == "postgresql":
         median, p90 = connection.execute(
             select(
@@ -336,7 +336,7 @@ def _ranked_percentiles(connection: Connection, values: Any) -> dict[str, float 
 
 def _response_pairs(connection: Connection, where: list[ColumnElement[bool]]) -> dict[str, Any]:
     """Mean, median, p90 and count over every timed user→assistant step of the set."""
-    scope = and_(*where, c.c.response_seconds.is_not(None)) if where else c.c.response_seconds.is_not(None)
+    scope = and_(true(), *where, c.c.response_seconds.is_not(None))
     if connection.dialect.name == "postgresql":
         values = func.jsonb_array_elements_text(c.c.response_seconds).table_valued("value").alias("pair")
         value = func.cast(values.c.value, _float())

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, false, literal, or_, select, text, tuple_, update
+from sqlalchemy import Connection, Engine, and_, false, literal, or_, select, text, true, tuple_, update
 from sqlalchemy.sql import ColumnElement
 
 from chatsync.errors import ConversationNotFound, UsageError
@@ -140,7 +140,7 @@ def list_page(
         )
     statement = (
         select(*_LIST_COLUMNS)
-        .where(and_(*where))
+        .where(and_(true(), *where))
         .order_by(c.c.created_at.desc(), c.c.id.desc())
         .limit(limit + 1)
     )
@@ -186,7 +186,7 @@ def get_conversation(
     row = (
         connection.execute(
             select(*_LIST_COLUMNS, c.c.messages, c.c.wa_outcome, c.c.wa_matched, c.c.wa_reasons).where(
-                and_(*where)
+                and_(true(), *where)
             )
         )
         .mappings()
@@ -260,7 +260,7 @@ def set_whatsapp(
         where.append(c.c.chatbot_id.in_(list(visible_chatbot_ids)) if visible_chatbot_ids else false())
     current = connection.execute(
         select(c.c.whatsapp_number, c.c.whatsapp_source, c.c.wa_extracted, c.c.wa_form)
-        .where(and_(*where))
+        .where(and_(true(), *where))
         .with_for_update()
     ).first()
     if current is None:
