@@ -372,6 +372,66 @@ def _format(value: str | None, allowed: tuple[str, ...]) -> str:
     return value
 
 
+# ------------------------------------------------------------------------------------------------ whatsapp
+@app.command("extract-test")
+@handle_errors
+def extract_test(
+    text: Annotated[
+        str, typer.Argument(metavar="TEXT", help="A user's reply (or, with --prompt, a bot message).")
+    ],
+    prompt: Annotated[
+        bool, typer.Option("--prompt", help="Say whether TEXT is the bot's WhatsApp prompt.")
+    ] = False,
+    region: RegionOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the verdict as JSON.")] = False,
+) -> None:
+    """Show how the WhatsApp rule reads a reply: each candidate and why it was accepted or rejected."""
+    from chatsync import render
+    from chatsync.whatsapp import extract_reply, is_prompt
+
+    rule = _ctx().settings(region=region).whatsapp
+    if prompt:
+        verdict = is_prompt(text, rule)
+        if as_json:
+            render.write_json({"text": text, "is_prompt": verdict})
+        else:
+            render.info("this is the WhatsApp prompt" if verdict else "this is not the WhatsApp prompt")
+        return
+    result = extract_reply(text, rule)
+    if as_json:
+        render.write_json(
+            {
+                "text": text,
+                "outcome": result.outcome,
+                "number": result.number,
+                "candidates": [
+                    {"text": c.text, "start": c.start, "end": c.end, "number": c.e164, "rejected": c.reason}
+                    for c in result.candidates
+                ],
+            }
+        )
+    else:
+        render.extraction(text, result)
+
+
+@app.command()
+@handle_errors
+def reextract(
+    chatbot_id: ChatbotOpt = None,
+    region: RegionOpt = None,
+) -> None:
+    """Apply the WhatsApp rule again to stored conversations (after changing its settings); no fetching."""
+    from chatsync import render
+    from chatsync.reextract import reextract as run
+
+    settings = _ctx().settings(region=region)
+    counts = run(_ctx().engine(settings), settings.whatsapp, tuple(chatbot_id or ()))
+    render.info(
+        f"examined {counts.examined:,} conversations: {counts.changed:,} findings changed, "
+        f"{counts.numbers_changed:,} stored numbers changed (manual numbers kept)"
+    )
+
+
 # -------------------------------------------------------------------------------------------------- report
 @app.command()
 @handle_errors

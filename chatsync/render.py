@@ -468,3 +468,26 @@ def timedelta_days(days: int) -> Any:
     from datetime import timedelta
 
     return timedelta(days=days)
+
+
+def extraction(text: str, result: Any) -> None:
+    """Each candidate of a reply and the verdict on it, for "why wasn't this number stored?"."""
+    console = stdout_console()
+    verdict = {
+        "captured": f"stores {result.number}",
+        "ambiguous": "stores nothing: more than one number",
+        "not_found": "stores nothing: no acceptable number",
+    }[result.outcome]
+    console.print(Text(verdict, style="bold"), highlight=False)
+    if not result.candidates:
+        console.print("no digits in the reply", highlight=False)
+        return
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False)
+    table.add_column("candidate")
+    table.add_column("verdict")
+    for candidate in result.candidates:
+        table.add_row(
+            candidate.text,
+            (candidate.e164 and f"accepted as {candidate.e164}") or f"rejected: {candidate.reason}",
+        )
+    console.print(table)

@@ -128,22 +128,25 @@ def _row(mapping: Any) -> dict[str, Any]:
     return out
 
 
-def list_page(
-    connection: Connection, filters: ConversationFilter, limit: int, cursor: str | None = None
-) -> tuple[list[dict[str, Any]], str | None]:
-    """One page, newest first, and the cursor of the next page (None at the end)."""
-    where = conditions(filters, connection.dialect.name)
+def list_statement(filters: ConversationFilter, dialect: str, limit: int, cursor: str | None = None) -> Any:
+    """The SELECT behind a list page: newest first, keyset after ``cursor``, one row more than asked."""
+    where = conditions(filters, dialect)
     if cursor:
         created, conversation_id = decode_cursor(cursor)
-        where.append(
-            tuple_(c.c.created_at, c.c.id) < tuple_(literal(created, c.c.created_at.type), conversation_id)
-        )
-    statement = (
+        where.append(tuple_(c.c.created_at, c.c.id) < tuple_(literal(created, c.c.created_at.type), conversation_id))
+    return (
         select(*_LIST_COLUMNS)
         .where(and_(true(), *where))
         .order_by(c.c.created_at.desc(), c.c.id.desc())
         .limit(limit + 1)
     )
+
+
+def list_page(
+    connection: Connection, filters: ConversationFilter, limit: int, cursor: str | None = None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """One page, newest first, and the cursor of the next page (None at the end)."""
+    statement = list_statement(filters, connection.dialect.name, limit, cursor)
     rows = connection.execute(statement).mappings().all()
     more = len(rows) > limit
     rows = rows[:limit]

@@ -1,0 +1,259 @@
+"""list, show and set-whatsapp on SQLite and PostgreSQL: filters, formats, paging, corrections, plans."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text
+
+from chatsync.config import WhatsAppRule
+from chatsync.errors import ExitCode
+from chatsync.normalize import normalize_conversation
+from chatsync.store import writes
+from chatsync.store.queries import LIST_KEYS, ConversationFilter, iter_conversations, list_statement
+from chatsync.store.tables import conversations
+
+PROMPT = "May I have your WhatsApp number?"
+
+
+def _conversation(
+    cid: str,
+    created: str,
+    bot: str = "bot-a",
+    source: str | None = "WhatsApp",
+    reply: str = "no",
+    words: str = "hello",
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "id": cid,
+        "chatbot_id": bot,
+        "created_at": created,
+        "source": source,
+        "messages": [
+            {"role": "assistant", "content": PROMPT},
+            {"role": "user", "content": reply},
+            {"role": "assistant", "content": f"we talked about {words}"},
+        ],
+        **extra,
+    }
+
+
+SET = [
+    _conversation("c1", "2024-05-01T08:00:00Z", reply="9123 4567", words="Parking"),
+    _conversation("c2", "2024-05-02T08:00:00Z", bot="bot-b", source="Widget or Iframe", customer="cust_9"),
+    _conversation("c3", "2024-05-03T08:00:00Z", reply="+65 9123 4567", words="停車場"),
+    _conversation("c4", "2024-05-03T08:00:00Z", source=None, reply="9123-4567"),  # same instant as c3
+    _conversation("c5", "2024-05-04T23:59:59Z", bot="bot-b", reply="6123 4567", customer={"name": "Mei"}),
+    _conversation("c6", "2024-05-05T00:00:00Z", source="API", words="100% off_sale"),
+]
+
+
+@pytest.fixture
+def seeded(engine: Any) -> str:
+    rows = [normalize_conversation(raw, raw["chatbot_id"], WhatsAppRule()) for raw in SET]
+    with engine.begin() as connection:
+        writes.upsert_conversations(connection, rows, datetime.now(UTC))
+    return engine.url.render_as_string(hide_password=False)
+
+
+def _ids(cli: Any, url: str, *args: str) -> list[str]:
+    result = cli("--database-url", url, "list", "--format", "json", "--all", *args)
+    assert result.exit_code == 0, result.stderr
+    return [row["id"] for row in json.loads(result.stdout)]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ((), ["c6", "c5", "c4", "c3", "c2", "c1"]),
+        (("--chatbot-id", "bot-b"), ["c5", "c2"]),
+        (("--chatbot-id", "bot-a", "--chatbot-id", "bot-b"), ["c6", "c5", "c4", "c3", "c2", "c1"]),
+        (("--source", "whatsapp"), ["c5", "c3", "c1"]),
+        (("--source", "Unspecified"), ["c4"]),
+        (("--source", "API", "--source", "widget or iframe"), ["c6", "c2"]),
+        (("--since", "2024-05-03"), ["c6", "c5", "c4", "c3"]),
+        (("--until", "2024-05-04"), ["c5", "c4", "c3", "c2", "c1"]),
+        (("--since", "2024-05-04", "--until", "2024-05-04"), ["c5"]),
+        (("--has-whatsapp",), ["c5", "c4", "c3", "c1"]),
+        (("--no-whatsapp",), ["c6", "c2"]),
+        (("--number", "91234567"), ["c4", "c1"]),
+        (("--number", "+852 9123 4567"), ["c4", "c1"]),
+        (("--number", "+65 9123 4567"), ["c3"]),
+        (("--search", "parking"), ["c1"]),
+        (("--search", "停車"), ["c3"]),
+        (("--search", "100%"), ["c6"]),
+        (("--search", "f_s"), ["c6"]),
+        (("--search", "%"), ["c6"]),  # a wildcard character is searched for literally
+        (
+            ("--chatbot-id", "bot-a", "--has-whatsapp", "--source", "WhatsApp", "--since", "2024-05-02"),
+            ["c3"],
+        ),
+        (("--number", "91234567", "--until", "2024-05-02"), ["c1"]),
+        (("--no-whatsapp", "--search", "hello"), ["c2"]),
+    ],
+)
+def test_every_filter_alone_and_combined(
+    cli: Any, seeded: str, args: tuple[str, ...], expected: list[str]
+) -> None:
+    assert _ids(cli, seeded, *args) == expected
+
+
+def test_limit_and_newest_first_with_ties_broken_by_id(cli: Any, seeded: str) -> None:
+    result = cli("--database-url", seeded, "list", "--format", "json", "--limit", "3")
+    assert [r["id"] for r in json.loads(result.stdout)] == ["c6", "c5", "c4"]
+
+
+def test_keyset_pages_cover_everything_once(engine: Any, seeded: str) -> None:
+    rows = list(iter_conversations(engine, ConversationFilter(), limit=None, page_size=2))
+    assert [r["id"] for r in rows] == ["c6", "c5", "c4", "c3", "c2", "c1"]
+
+
+def test_every_format_has_exactly_the_contract_keys(cli: Any, seeded: str) -> None:
+    def run(fmt: str) -> str:
+        result = cli("--database-url", seeded, "list", "--format", fmt, "--all")
+        assert result.exit_code == 0 and result.stderr == ""
+        return result.stdout
+
+    as_json = json.loads(run("json"))
+    as_ndjson = [json.loads(line) for line in run("ndjson").splitlines()]
+    as_csv = list(csv.DictReader(io.StringIO(run("csv"))))
+    assert [list(r) for r in as_json] == [LIST_KEYS] * 6
+    assert as_ndjson == as_json
+    assert list(as_csv[0]) == LIST_KEYS
+    for row_csv, row_json in zip(as_csv, as_json, strict=True):
+        assert row_csv == {k: "" if v is None else str(v) for k, v in row_json.items()}
+    first = as_json[-1]
+    assert first == {
+        "id": "c1",
+        "chatbot_id": "bot-a",
+        "created_at": "2024-05-01T08:00:00Z",
+        "last_message_at": None,
+        "source": "WhatsApp",
+        "customer": None,
+        "country": None,
+        "message_count": 3,
+        "whatsapp_number": "+85291234567",
+        "whatsapp_source": "extracted",
+    }
+    customers = {r["id"]: r["customer"] for r in as_json}
+    assert (customers["c2"], customers["c5"]) == ("cust_9", "Mei")
+    assert json.loads(run("json").replace("\n", "")) == as_json
+
+
+def test_table_output_names_the_conversation_ids(cli: Any, seeded: str) -> None:
+    result = cli("--database-url", seeded, "list", "--format", "table", "--limit", "2")
+    assert result.exit_code == 0
+    assert "c6" in result.stdout and "c5" in result.stdout and "c4" not in result.stdout
+
+
+def test_bad_filters_exit_2(cli: Any, seeded: str) -> None:
+    for args, fragment in [
+        (("--number", "1234"), "expected 8 digits"),
+        (("--since", "May 1"), "expected YYYY-MM-DD"),
+        (("--format", "xml"), "invalid --format"),
+        (("--source", "Telegram"), "unknown source"),
+    ]:
+        result = cli("--database-url", seeded, "list", *args)
+        assert result.exit_code == ExitCode.USAGE and fragment in result.stderr, (args, result.output)
+
+
+# ------------------------------------------------------------------------------------------ set-whatsapp
+@pytest.mark.parametrize("written", ["9123 4567", "+852 9123 4567", "85291234567"])
+def test_set_whatsapp_normalises_every_accepted_form(cli: Any, seeded: str, written: str) -> None:
+    result = cli("--database-url", seeded, "set-whatsapp", "c2", written, "--by", "alice")
+    assert result.exit_code == 0, result.stderr
+    assert "+85291234567 (manual)" in result.stdout
+    shown = json.loads(cli("--database-url", seeded, "show", "c2", "--format", "json").stdout)
+    assert (shown["whatsapp_number"], shown["whatsapp_source"]) == ("+85291234567", "manual")
+
+
+@pytest.mark.parametrize("written", ["1234", "2024-01-05", "abc"])
+def test_set_whatsapp_refuses_what_is_not_a_number_and_changes_nothing(
+    cli: Any, engine: Any, seeded: str, written: str
+) -> None:
+    with engine.connect() as connection:
+        before = connection.execute(select(conversations)).mappings().all()
+    result = cli("--database-url", seeded, "set-whatsapp", "c1", written)
+    assert result.exit_code == ExitCode.USAGE
+    assert result.stderr.startswith("error: invalid WhatsApp number") and "expected 8 digits" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    with engine.connect() as connection:
+        assert connection.execute(select(conversations)).mappings().all() == before
+
+
+def test_set_whatsapp_on_an_unknown_id_exits_1(cli: Any, seeded: str) -> None:
+    result = cli("--database-url", seeded, "set-whatsapp", "nope", "91234567")
+    assert result.exit_code == ExitCode.ERROR
+    assert result.stderr.strip() == "error: conversation 'nope' not found"
+    shown = cli("--database-url", seeded, "show", "nope")
+    assert shown.exit_code == ExitCode.ERROR and "conversation 'nope' not found" in shown.stderr
+
+
+def test_set_whatsapp_needs_exactly_one_action(cli: Any, seeded: str) -> None:
+    for args in ((), ("91234567", "--clear"), ("--clear", "--auto")):
+        assert cli("--database-url", seeded, "set-whatsapp", "c1", *args).exit_code == ExitCode.USAGE
+
+
+def test_every_change_is_shown_with_who_and_when(cli: Any, seeded: str) -> None:
+    url = ("--database-url", seeded)
+    assert cli(*url, "set-whatsapp", "c1", "6123 4567", "--by", "alice").exit_code == 0
+    assert cli(*url, "set-whatsapp", "c1", "--clear", "--by", "bob").exit_code == 0
+    assert cli(*url, "set-whatsapp", "c1", "--auto", "--by", "carol").exit_code == 0
+    unchanged = cli(*url, "set-whatsapp", "c1", "--auto", "--by", "dave")
+    assert unchanged.exit_code == 0 and "unchanged" in unchanged.stderr
+    shown = json.loads(cli(*url, "show", "c1", "--format", "json").stdout)
+    audit = [(a["by"], a["old"], a["new"], a["old_source"], a["new_source"]) for a in shown["whatsapp_audit"]]
+    assert audit == [
+        ("alice", "+85291234567", "+85261234567", "extracted", "manual"),
+        ("bob", "+85261234567", None, "manual", "manual"),
+        ("carol", None, "+85291234567", "manual", "extracted"),
+    ]
+    assert all(a["at"].endswith("Z") for a in shown["whatsapp_audit"])
+    assert [m["role"] for m in shown["messages"]] == ["assistant", "user", "assistant"]
+    assert set(shown) == {*LIST_KEYS, "messages", "whatsapp_audit"}
+    table = cli(*url, "show", "c1", "--format", "table")
+    assert "alice" in table.stdout and "captured" in table.stdout
+
+
+# ------------------------------------------------------------------------------------------- query plans
+@pytest.mark.postgres
+def test_lookups_use_indexes_on_postgres(postgres_url: str) -> None:
+    from chatsync.store.engine import ensure_schema, open_engine
+
+    engine = open_engine(postgres_url)
+    ensure_schema(engine)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO conversations (id, chatbot_id, created_at, source, messages, raw, content_hash, "
+                "message_count, user_messages, assistant_messages, response_steps, unanswered, wa_outcome, "
+                "whatsapp_number, whatsapp_source, first_synced_at, synced_at) "
+                "SELECT 'c' || g, 'bot-' || (g % 3), now() - g * interval '1 minute', "
+                "CASE WHEN g % 2 = 0 THEN 'WhatsApp' ELSE 'API' END, '[]'::jsonb, '{}'::jsonb, 'h', 0, 0, 0, 0, "
+                "false, 'no_prompt', CASE WHEN g % 4 = 0 THEN '+8529' || lpad((g % 10000000)::text, 7, '0') END, "
+                "CASE WHEN g % 4 = 0 THEN 'extracted' END, now(), now() FROM generate_series(1, 60000) AS g"
+            )
+        )
+        connection.execute(text("ANALYZE conversations"))
+    dialect = engine.dialect
+
+    def plan(statement: Any) -> str:
+        sql = str(statement.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+        with engine.connect() as connection:
+            return "\n".join(row[0] for row in connection.execute(text("EXPLAIN " + sql)))
+
+    by_number = plan(list_statement(ConversationFilter(number="+85290000004"), "postgresql", 20))
+    with_number = plan(
+        list_statement(ConversationFilter(has_whatsapp=True, sources=("WhatsApp",)), "postgresql", 20)
+    )
+    show = plan(select(conversations).where(conversations.c.id == "c42"))
+    engine.dispose()
+    assert "ix_conversations_whatsapp_number" in by_number, by_number
+    assert "Index" in with_number and "Seq Scan" not in with_number, with_number
+    assert "pk_conversations" in show, show
