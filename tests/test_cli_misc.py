@@ -1,0 +1,138 @@
+"""db, demo, extract-test, reextract, help texts: the rest of the command line."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+from sqlalchemy import select, text
+
+from chatsync.cli import app
+from chatsync.errors import ExitCode
+from chatsync.store.engine import head_revision, open_engine
+from chatsync.store.tables import conversations, sync_days
+from tests.conftest import chatbase_env
+
+
+def _commands(group: typer.Typer, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    found = []
+    for info in group.registered_commands:
+        found.append(((*prefix, info.name or info.callback.__name__), info.callback))
+    for sub in group.registered_groups:
+        found.extend(_commands(sub.typer_instance, (*prefix, sub.name)))
+    return found
+
+
+def test_every_command_has_help_text(cli: Any) -> None:
+    commands = _commands(app)
+    assert len(commands) >= 11
+    for path, callback in commands:
+        assert callback.__doc__ and callback.__doc__.strip(), f"chatsync {' '.join(path)} has no help"
+        result = cli(*path, "--help")
+        assert result.exit_code == 0 and "Usage" in result.stdout
+
+
+def test_db_upgrade_and_info_mask_the_password(cli: Any, database_url: str) -> None:
+    assert cli("--database-url", database_url, "db", "upgrade").exit_code == 0
+    info = cli("--database-url", database_url, "db", "info")
+    assert info.exit_code == 0
+    assert head_revision() in info.stdout and "conversations" in info.stdout
+
+
+def test_a_schema_newer_than_the_code_is_refused(cli: Any, database_url: str) -> None:
+    assert cli("--database-url", database_url, "db", "upgrade").exit_code == 0
+    engine = open_engine(database_url)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '9999_future'"))
+    engine.dispose()
+    result = cli("--database-url", database_url, "list")
+    assert result.exit_code == ExitCode.ERROR
+    assert "newer than this chatsync knows" in result.stderr
+
+
+def test_demo_syncs_and_reports_with_no_account(cli: Any, tmp_path: Path) -> None:
+    result = cli("demo", "--conversations", "400", "--path", str(tmp_path / "demo.db"))
+    assert result.exit_code == 0, result.stderr
+    assert "sync ok" in result.stdout and "WhatsApp numbers" in result.stdout
+    listed = cli("--database-url", f"sqlite:///{tmp_path / 'demo.db'}", "list", "--all", "--format", "json")
+    assert len(json.loads(listed.stdout)) == 400
+
+
+def test_extract_test_explains_each_candidate(cli: Any) -> None:
+    result = cli("extract-test", "HK$91234567 or 9123 4567", "--json")
+    verdict = json.loads(result.stdout)
+    assert verdict["outcome"] == "captured" and verdict["number"] == "+85291234567"
+    assert [c["rejected"] for c in verdict["candidates"]] == ["looks like money", None]
+    table = cli("extract-test", "2024-01-05")
+    assert "rejected: 8 digits grouped as 4-2-2" in table.stdout
+    assert json.loads(cli("extract-test", "--prompt", "What's your Whatsapp no.?", "--json").stdout)[
+        "is_prompt"
+    ]
+
+
+def test_reextract_applies_a_new_region_and_keeps_manual_numbers(
+    cli: Any, emulator_factory: Any, database_url: str
+) -> None:
+    server = emulator_factory(conversations=300, seed=41)
+    env = chatbase_env(server, database_url)
+    assert cli("sync", "--json", env=env).exit_code == 0
+    planted = server.emulator.planted("demo-bot")
+    local = [
+        cid
+        for cid, t in planted.items()
+        if t.source == "extracted" and t.number and t.number.startswith("+852")
+    ]
+    manual = local[0]
+    assert cli("set-whatsapp", manual, "6123 4567", env=env).exit_code == 0
+
+    result = cli("reextract", "--region", "SG", env=env)
+    assert result.exit_code == 0 and "stored numbers changed" in result.stderr
+    engine = open_engine(database_url)
+    with engine.connect() as connection:
+        rows = dict(connection.execute(select(conversations.c.id, conversations.c.whatsapp_number)).all())
+    assert rows[manual] == "+85261234567"
+    # every other stored number is now what the rule finds with Singapore as the default region
+    from chatsync.config import WhatsAppRule
+    from chatsync.normalize import find_whatsapp
+
+    singapore = WhatsAppRule(default_region="SG")
+    changed = 0
+    for raw in server.emulator.all_conversations("demo-bot"):
+        if raw["id"] == manual:
+            continue
+        form = raw.get("form_submission") or {}
+        expected = find_whatsapp(raw["messages"], form.get("phone"), singapore).number
+        assert rows[raw["id"]] == expected
+        changed += expected != planted[raw["id"]].number
+    assert changed > 10
+    assert cli("reextract", env=env).exit_code == 0  # back to HK: the planted numbers again
+    with engine.connect() as connection:
+        rows = dict(connection.execute(select(conversations.c.id, conversations.c.whatsapp_number)).all())
+    engine.dispose()
+    assert all(rows[cid] == t.number for cid, t in planted.items() if cid != manual)
+
+
+def test_today_is_never_recorded_as_fetched(cli: Any, emulator_factory: Any, sqlite_url: str) -> None:
+    server = emulator_factory(conversations=200, seed=42, days=3)
+    assert cli("sync", "--json", env=chatbase_env(server, sqlite_url)).exit_code == 0
+    engine = open_engine(sqlite_url)
+    with engine.connect() as connection:
+        days = set(connection.execute(select(sync_days.c.day)).scalars())
+    engine.dispose()
+    today = datetime.now(UTC).date()
+    assert days and today not in days and max(days) < today
+
+
+@pytest.mark.parametrize("fmt", ["json", "ndjson", "csv"])
+def test_machine_formats_print_nothing_else_on_an_empty_database(cli: Any, sqlite_url: str, fmt: str) -> None:
+    result = cli("--database-url", sqlite_url, "list", "--format", fmt)
+    assert result.exit_code == 0
+    assert result.stdout in (
+        "[]\n",
+        "",
+        "id,chatbot_id,created_at,last_message_at,source,customer,country,message_count,whatsapp_number,whatsapp_source\n",
+    )

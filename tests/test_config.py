@@ -1,0 +1,85 @@
+"""Settings precedence (flag > environment > .env > default) and the URLs chatsync accepts."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy.pool import NullPool
+
+from chatsync.config import Secret, load_settings, mask_url, normalize_database_url
+from chatsync.errors import UsageError
+from chatsync.store.engine import open_engine
+
+
+def test_flag_beats_environment_beats_dotenv_beats_default(tmp_path: Path) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(
+        "CHATBASE_CHATBOT_ID=from-dotenv\nCHATSYNC_TIMEZONE=Asia/Singapore\nCHATBASE_API_KEY=k1\n"
+    )
+    env = {"CHATBASE_CHATBOT_ID": "from-env", "CHATSYNC_LOOKBACK": "12h"}
+    settings = load_settings({"chatbot_ids": ["from-flag"]}, env=env, dotenv_path=dotenv)
+    assert settings.chatbot_ids == ("from-flag",)
+    settings = load_settings({}, env=env, dotenv_path=dotenv)
+    assert settings.chatbot_ids == ("from-env",)
+    assert settings.timezone == "Asia/Singapore"  # only the .env sets it
+    assert settings.lookback == timedelta(hours=12)
+    assert settings.api_key is not None and settings.api_key.reveal() == "k1"
+    default = load_settings({}, env={}, dotenv_path=tmp_path / "missing")
+    assert default.timezone == "UTC" and default.lookback == timedelta(days=3)
+    assert default.base_url == "https://www.chatbase.co/api/v1"
+    assert default.whatsapp.default_region == "HK"
+    assert default.database_url.startswith("sqlite:///") and default.database_url.endswith("chatsync.db")
+
+
+def test_chatbot_ids_split_on_commas_and_database_url_falls_back_to_database_url(tmp_path: Path) -> None:
+    env = {"CHATBASE_CHATBOT_ID": "a, b,a", "DATABASE_URL": "postgres://u:p@db.example.com:5432/app"}
+    settings = load_settings({}, env=env, dotenv_path=tmp_path / "none")
+    assert settings.chatbot_ids == ("a", "b")
+    assert settings.database_url == "postgresql+psycopg://u:p@db.example.com:5432/app"
+    env["CHATSYNC_DATABASE_URL"] = "sqlite:///x.db"
+    assert load_settings({}, env=env, dotenv_path=tmp_path / "none").database_url == "sqlite:///x.db"
+
+
+def test_region_setting_reaches_the_rule(tmp_path: Path) -> None:
+    settings = load_settings({}, env={"CHATSYNC_DEFAULT_REGION": "sg"}, dotenv_path=tmp_path / "none")
+    assert settings.whatsapp.default_region == "SG"
+    with pytest.raises(UsageError, match="unknown region"):
+        load_settings({"region": "XX"}, env={}, dotenv_path=tmp_path / "none")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "fragment"),
+    [
+        ("CHATSYNC_TIMEZONE", "Mars/Olympus", "unknown time zone"),
+        ("CHATSYNC_RETRY_BUDGET", "soon", "invalid duration"),
+        ("CHATSYNC_WHATSAPP_VALIDATION", "lenient", "strict or off"),
+        ("CHATSYNC_RATE_LIMIT", "lots", "invalid rate limit"),
+    ],
+)
+def test_bad_settings_say_what_was_expected(tmp_path: Path, variable: str, value: str, fragment: str) -> None:
+    with pytest.raises(UsageError, match=fragment):
+        load_settings({}, env={variable: value}, dotenv_path=tmp_path / "none")
+
+
+def test_the_key_never_shows_itself() -> None:
+    secret = Secret("sk-very-secret")
+    assert "sk-very-secret" not in repr(secret) and "sk-very-secret" not in str(secret)
+    assert "sk-very-secret" not in repr(load_settings({"api_key": "sk-very-secret"}, env={}))
+
+
+def test_supabase_urls_work_as_given() -> None:
+    assert normalize_database_url("postgres://a:b@h:5432/d") == "postgresql+psycopg://a:b@h:5432/d"
+    assert (
+        normalize_database_url("postgresql://a:b@h/d?sslmode=require")
+        == "postgresql+psycopg://a:b@h/d?sslmode=require"
+    )
+    assert mask_url("postgresql+psycopg://a:hunter2@h/d") == "postgresql+psycopg://a:***@h/d"
+    session = open_engine("postgresql://u:p@pooler.example.com:5432/postgres?sslmode=require")
+    pooled = open_engine("postgresql://u:p@pooler.example.com:6543/postgres?sslmode=require")
+    flagged = open_engine("postgres://u:p@pooler.example.com:5432/postgres?pgbouncer=true")
+    assert session.dialect.driver == "psycopg" and not isinstance(session.pool, NullPool)
+    assert isinstance(pooled.pool, NullPool)
+    assert isinstance(flagged.pool, NullPool) and "pgbouncer" not in str(flagged.url)
+    assert pooled.url.query["sslmode"] == "require"
