@@ -133,7 +133,9 @@ def list_statement(filters: ConversationFilter, dialect: str, limit: int, cursor
     where = conditions(filters, dialect)
     if cursor:
         created, conversation_id = decode_cursor(cursor)
-        where.append(tuple_(c.c.created_at, c.c.id) < tuple_(literal(created, c.c.created_at.type), conversation_id))
+        where.append(
+            tuple_(c.c.created_at, c.c.id) < tuple_(literal(created, c.c.created_at.type), conversation_id)
+        )
     return (
         select(*_LIST_COLUMNS)
         .where(and_(true(), *where))
