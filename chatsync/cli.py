@@ -27,6 +27,12 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema and status.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+access_app = typer.Typer(
+    help="Which Clerk users and organizations may see which chatbot (HTTP API).", no_args_is_help=True
+)
+app.add_typer(access_app, name="access")
+users_app = typer.Typer(help="Clerk users known to chatsync (HTTP API).", no_args_is_help=True)
+app.add_typer(users_app, name="users")
 
 
 @dataclass
@@ -603,6 +609,129 @@ def demo(
         data = build_report(connection, ConversationFilter(), tz=settings.timezone)
     render.report(data)
     render.info(f"explore it: chatsync --database-url {url} list --has-whatsapp")
+
+
+# ---------------------------------------------------------------------------------------------- HTTP API
+@app.command()
+@handle_errors
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+) -> None:
+    """Serve the HTTP API for the frontend (needs the api extra and CLERK_* settings)."""
+    try:
+        import uvicorn
+
+        from chatsync.web.app import configure_sentry, create_app
+        from chatsync.web.auth import ClerkSettings
+    except ImportError:
+        raise UsageError("the HTTP API needs the api extra: pip install 'chatsync[api]'") from None
+    clerk = ClerkSettings.from_env()
+    settings = _ctx().settings()
+    configure_sentry(os.environ.get("SENTRY_DSN"))
+    app_ = create_app(_ctx().engine(settings), settings, clerk)
+    uvicorn.run(app_, host=host, port=port, log_level="info", proxy_headers=True)
+
+
+def _principal(user: str | None, org: str | None) -> tuple[str, str]:
+    if (user is None) == (org is None):
+        raise UsageError("give exactly one of --user USER_ID or --org ORG_ID")
+    return ("user", user) if user is not None else ("org", org or "")
+
+
+@access_app.command("grant")
+@handle_errors
+def access_grant(
+    chatbot_id: Annotated[str, typer.Argument(metavar="CHATBOT_ID")],
+    user: Annotated[str | None, typer.Option("--user", help="Clerk user id.")] = None,
+    org: Annotated[str | None, typer.Option("--org", help="Clerk organization id.")] = None,
+) -> None:
+    """Let a Clerk user, or everyone in a Clerk organization, see a chatbot's conversations."""
+    from chatsync import render
+    from chatsync.store.access import grant
+    from chatsync.timeutil import utcnow
+
+    kind, principal = _principal(user, org)
+    with _ctx().engine(_ctx().settings()).begin() as connection:
+        added = grant(connection, chatbot_id, kind, principal, utcnow())
+    render.info(f"{kind} {principal} {'may now see' if added else 'could already see'} chatbot {chatbot_id}")
+
+
+@access_app.command("revoke")
+@handle_errors
+def access_revoke(
+    chatbot_id: Annotated[str, typer.Argument(metavar="CHATBOT_ID")],
+    user: Annotated[str | None, typer.Option("--user", help="Clerk user id.")] = None,
+    org: Annotated[str | None, typer.Option("--org", help="Clerk organization id.")] = None,
+) -> None:
+    """Take a chatbot away from a Clerk user or organization."""
+    from chatsync import render
+    from chatsync.store.access import revoke
+
+    kind, principal = _principal(user, org)
+    with _ctx().engine(_ctx().settings()).begin() as connection:
+        removed = revoke(connection, chatbot_id, kind, principal)
+    render.info(
+        f"{kind} {principal} {'no longer sees' if removed else 'had no grant for'} chatbot {chatbot_id}"
+    )
+
+
+@access_app.command("list")
+@handle_errors
+def access_list(
+    output: Annotated[str | None, typer.Option("--format", help="table or json.")] = None,
+) -> None:
+    """Every grant: chatbot, user or organization, since when."""
+    from chatsync import render
+    from chatsync.store.access import list_grants
+
+    fmt = _format(output, ("table", "json"))
+    with _ctx().engine(_ctx().settings()).connect() as connection:
+        grants = [{**g, "granted_at": iso_z_text(g["granted_at"])} for g in list_grants(connection)]
+    if fmt == "json":
+        render.write_json(grants)
+    else:
+        render.grants(grants)
+
+
+def iso_z_text(moment: Any) -> str | None:
+    from chatsync.timeutil import as_utc, iso_z
+
+    return iso_z(as_utc(moment)) if moment else None
+
+
+@users_app.command("sync")
+@handle_errors
+def users_sync() -> None:
+    """Backfill users from Clerk's Backend API (CLERK_SECRET_KEY) with the webhook's upsert."""
+    from chatsync import render
+    from chatsync.clerk import fetch_clerk_users
+    from chatsync.config import Secret
+    from chatsync.errors import MissingSetting
+    from chatsync.store.users import upsert_user
+
+    secret = os.environ.get("CLERK_SECRET_KEY")
+    if not secret:
+        raise MissingSetting("CLERK_SECRET_KEY", "the environment")
+    engine = _ctx().engine(_ctx().settings())
+    seen = written = 0
+    batch: list[dict[str, Any]] = []
+    for user in fetch_clerk_users(
+        Secret(secret), os.environ.get("CLERK_API_URL", "https://api.clerk.com/v1")
+    ):
+        batch.append(user)
+        if len(batch) == 500:
+            written += _save_users(engine, batch, upsert_user)
+            seen += len(batch)
+            batch = []
+    written += _save_users(engine, batch, upsert_user)
+    seen += len(batch)
+    render.info(f"{seen:,} Clerk users read, {written:,} stored or updated")
+
+
+def _save_users(engine: Any, batch: list[dict[str, Any]], upsert: Any) -> int:
+    with engine.begin() as connection:
+        return sum(1 for user in batch if upsert(connection, user))
 
 
 def main() -> None:

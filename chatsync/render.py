@@ -491,3 +491,17 @@ def extraction(text: str, result: Any) -> None:
             (candidate.e164 and f"accepted as {candidate.e164}") or f"rejected: {candidate.reason}",
         )
     console.print(table)
+
+
+def grants(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        info("no grants: nobody but admins sees any chatbot")
+        return
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False)
+    for column in ("chatbot", "who", "id", "granted (UTC)"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row["chatbot_id"], row["principal_type"], row["principal_id"], (row["granted_at"] or "")[:19]
+        )
+    stdout_console().print(table)

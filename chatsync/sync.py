@@ -207,7 +207,9 @@ class Syncer:
         summary.finished_at = iso_z(self.now())
         if error is not None:
             summary.status = "partial"
-        status = "ok" if error is None else "partial" if isinstance(error, ChatsyncError) else "failed"
+        # partial: retries ran out or the database went away, the next run continues; failed: anything else
+        partial = isinstance(error, ChatsyncError) and error.exit_code == ExitCode.PARTIAL
+        status = "ok" if error is None else "partial" if partial else "failed"
         try:
             with self.engine.begin() as connection:
                 writes.finish_run(

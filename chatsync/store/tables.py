@@ -147,3 +147,21 @@ quarantine = Table(
     Column("run_id", String(36)),
     UniqueConstraint("chatbot_id", "record_key"),
 )
+
+access_grants = Table(
+    "access_grants",
+    metadata,
+    Column("chatbot_id", String(128), primary_key=True),
+    Column("principal_type", String(8), primary_key=True, comment="'user' or 'org'"),
+    Column("principal_id", String(64), primary_key=True, comment="Clerk user id or organization id"),
+    Column("granted_at", Moment, nullable=False),
+    Index("ix_access_grants_principal", "principal_type", "principal_id"),
+)
+
+webhook_events = Table(
+    "webhook_events",
+    metadata,
+    Column("id", String(128), primary_key=True, comment="svix-id: a redelivery carries the same id"),
+    Column("type", String(64), nullable=False),
+    Column("received_at", Moment, nullable=False),
+)

@@ -1,0 +1,83 @@
+"""Clerk users as chatsync stores them, from webhooks and from the Backend API backfill."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, or_, select, update
+
+from chatsync.store.tables import users, webhook_events
+from chatsync.store.writes import insert_for
+
+
+def _moment(epoch_ms: object) -> datetime | None:
+    """Clerk timestamps are epoch milliseconds."""
+    if isinstance(epoch_ms, int | float) and not isinstance(epoch_ms, bool):
+        return datetime.fromtimestamp(epoch_ms / 1000, UTC)
+    return None
+
+
+def user_row(clerk_user: dict[str, Any]) -> dict[str, Any]:
+    """The stored fields of a Clerk user object (webhook ``data`` or a Backend API list item)."""
+    primary = clerk_user.get("primary_email_address_id")
+    email = None
+    for address in clerk_user.get("email_addresses") or []:
+        if isinstance(address, dict) and (address.get("id") == primary or email is None):
+            email = address.get("email_address")
+            if address.get("id") == primary:
+                break
+    return {
+        "id": str(clerk_user["id"]),
+        "email": email,
+        "first_name": clerk_user.get("first_name"),
+        "last_name": clerk_user.get("last_name"),
+        "image_url": clerk_user.get("image_url"),
+        "clerk_created_at": _moment(clerk_user.get("created_at")),
+        "clerk_updated_at": _moment(clerk_user.get("updated_at")),
+    }
+
+
+def upsert_user(connection: Connection, clerk_user: dict[str, Any]) -> bool:
+    """Insert or update a user unless what is stored is newer; returns whether anything was written."""
+    row = user_row(clerk_user)
+    statement = insert_for(connection, users).values(**row, deleted_at=None)
+    newer = or_(
+        users.c.clerk_updated_at.is_(None),
+        statement.excluded.clerk_updated_at.is_(None),
+        users.c.clerk_updated_at <= statement.excluded.clerk_updated_at,
+    )
+    statement = statement.on_conflict_do_update(
+        index_elements=["id"],
+        set_={k: statement.excluded[k] for k in row if k != "id"},
+        where=newer,
+    )
+    # RETURNING, not rowcount: psycopg reports -1 for INSERT … ON CONFLICT here
+    return connection.execute(statement.returning(users.c.id)).first() is not None
+
+
+def mark_deleted(connection: Connection, user_id: str, when: datetime) -> None:
+    connection.execute(update(users).where(users.c.id == user_id).values(deleted_at=when))
+    if not connection.execute(select(users.c.id).where(users.c.id == user_id)).first():
+        connection.execute(users.insert().values(id=user_id, deleted_at=when))
+
+
+def first_delivery(connection: Connection, event_id: str, event_type: str, now: datetime) -> bool:
+    """Record a webhook delivery; False when this svix-id was already handled (a redelivery)."""
+    statement = insert_for(connection, webhook_events).values(id=event_id, type=event_type, received_at=now)
+    inserted = connection.execute(statement.on_conflict_do_nothing().returning(webhook_events.c.id)).first()
+    return inserted is not None
+
+
+def apply_clerk_event(connection: Connection, event: dict[str, Any], now: datetime) -> str:
+    """Apply a ``user.*`` event; returns what happened, for the response and the logs."""
+    kind = event.get("type")
+    data = event.get("data") or {}
+    if not isinstance(data, dict) or not data.get("id"):
+        return "ignored: no user id"
+    if kind in ("user.created", "user.updated"):
+        return "stored" if upsert_user(connection, data) else "ignored: older than what is stored"
+    if kind == "user.deleted":
+        mark_deleted(connection, str(data["id"]), _moment(event.get("timestamp")) or now)
+        return "deleted"
+    return f"ignored: {kind}"

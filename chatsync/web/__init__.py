@@ -1,0 +1,1 @@
+"""The optional HTTP API (`chatsync serve`, the ``api`` extra). The core never imports this package."""

@@ -1,0 +1,513 @@
+"""The HTTP API: Clerk tokens signed with keys made here, who sees what, webhooks, SSE, schemathesis."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from svix.webhooks import Webhook
+
+from chatsync.config import Settings, WhatsAppRule
+from chatsync.normalize import normalize_conversation
+from chatsync.store import writes
+from chatsync.store.access import grant
+from chatsync.store.tables import users, whatsapp_audit
+from chatsync.web.app import create_app, scrub_event
+from chatsync.web.auth import ClerkSettings
+
+ISSUER = "https://clerk.chatsync.test"
+ORIGIN = "https://app.example.com"
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"chatsync-test-webhook-secret-32b").decode()
+
+
+def _keypair() -> tuple[Any, str]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    return key, public
+
+
+SIGNING_KEY, PUBLIC_PEM = _keypair()
+FOREIGN_KEY, _ = _keypair()
+
+
+def token(key: Any = None, drop: tuple[str, ...] = (), **claims: Any) -> str:
+    now = int(time.time())
+    body = {"sub": "user_a", "iss": ISSUER, "azp": ORIGIN, "iat": now - 10, "nbf": now - 10, "exp": now + 300}
+    body.update(claims)
+    for name in drop:
+        body.pop(name, None)
+    return jwt.encode(body, key or SIGNING_KEY, algorithm="RS256", headers={"kid": "ins_test"})
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def forged(alg: str) -> str:
+    """A token PyJWT would refuse to make: alg none, or HS256 keyed with the public key."""
+    now = int(time.time())
+    payload = {"sub": "user_a", "iss": ISSUER, "azp": ORIGIN, "iat": now, "nbf": now, "exp": now + 300}
+    signing_input = (
+        _b64(json.dumps({"alg": alg, "typ": "JWT"}).encode()) + "." + _b64(json.dumps(payload).encode())
+    )
+    if alg == "none":
+        return signing_input + "."
+    signature = hmac.new(PUBLIC_PEM.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return signing_input + "." + _b64(signature)
+
+
+def bearer(value: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {value}"}
+
+
+PROMPT = "May I have your WhatsApp number?"
+
+
+def _conversation(cid: str, bot: str, reply: str = "9123 4567") -> dict[str, Any]:
+    return {
+        "id": cid,
+        "chatbot_id": bot,
+        "created_at": "2024-05-01T08:00:00Z",
+        "source": "WhatsApp",
+        "messages": [{"role": "assistant", "content": PROMPT}, {"role": "user", "content": reply}],
+    }
+
+
+@pytest.fixture
+def api(engine: Any) -> TestClient:
+    rows = [
+        normalize_conversation(_conversation(cid, bot), bot, WhatsAppRule())
+        for cid, bot in [("a1", "bot-a"), ("a2", "bot-a"), ("b1", "bot-b")]
+    ]
+    now = datetime.now(UTC)
+    with engine.begin() as connection:
+        writes.upsert_conversations(connection, rows, now)
+        grant(connection, "bot-a", "user", "user_a", now)
+        grant(connection, "bot-b", "org", "org_x", now)
+    clerk = ClerkSettings(
+        issuer=ISSUER,
+        authorized_parties=(ORIGIN,),
+        public_key=PUBLIC_PEM,
+        webhook_secret=WEBHOOK_SECRET,
+        admin_user_ids=("user_admin",),
+    )
+    url = engine.url.render_as_string(hide_password=False)
+    return TestClient(create_app(engine, Settings(database_url=url), clerk, poll_seconds=0.2))
+
+
+# ------------------------------------------------------------------------------------------ authentication
+def test_a_valid_token_works_with_either_case_of_scheme(api: TestClient) -> None:
+    for scheme in ("Bearer", "bearer", "BEARER"):
+        response = api.get("/api/conversations", headers={"Authorization": f"{scheme} {token()}"})
+        assert response.status_code == 200, response.text
+        assert [c["id"] for c in response.json()["data"]] == ["a2", "a1"]
+        assert response.headers["x-request-id"]
+
+
+UNAUTHORIZED = {
+    "no header": {},
+    "another scheme": {"Authorization": f"Basic {token()}"},
+    "scheme without token": {"Authorization": "Bearer"},
+    "expired": bearer(
+        token(exp=int(time.time()) - 60, iat=int(time.time()) - 400, nbf=int(time.time()) - 400)
+    ),
+    "not yet valid": bearer(token(nbf=int(time.time()) + 120)),
+    "foreign issuer": bearer(token(iss="https://evil.example")),
+    "missing azp": bearer(token(drop=("azp",))),
+    "foreign azp": bearer(token(azp="https://evil.example")),
+    "missing sub": bearer(token(drop=("sub",))),
+    "missing exp": bearer(token(drop=("exp",))),
+    "missing iat": bearer(token(drop=("iat",))),
+    "missing nbf": bearer(token(drop=("nbf",))),
+    "another key": bearer(token(key=FOREIGN_KEY)),
+    "alg none": bearer(forged("none")),
+    "HS256 with the public key": bearer(forged("HS256")),
+    "garbage": bearer("not.a.token"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNAUTHORIZED))
+def test_every_bad_token_is_401_without_detail(api: TestClient, case: str) -> None:
+    response = api.get("/api/conversations", headers=UNAUTHORIZED[case])
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert response.json() == {
+        "error": {"code": "unauthorized", "message": "a valid session token is required"}
+    }
+
+
+def test_a_pending_session_is_403(api: TestClient) -> None:
+    response = api.get("/api/conversations", headers=bearer(token(sts="pending")))
+    assert response.status_code == 403 and response.json()["error"]["code"] == "forbidden"
+
+
+def test_clock_skew_of_a_few_seconds_is_tolerated(api: TestClient) -> None:
+    assert api.get("/api/conversations", headers=bearer(token(nbf=int(time.time()) + 3))).status_code == 200
+
+
+# ------------------------------------------------------------------------------------------- authorisation
+USER_A = bearer(token())
+ORG_MEMBER = bearer(token(sub="user_b", o={"id": "org_x", "rol": "member"}))
+ORG_ADMIN = bearer(token(sub="user_o", o={"id": "org_x", "rol": "admin"}))
+NOBODY = bearer(token(sub="user_c"))
+ADMIN = bearer(token(sub="user_admin"))
+
+
+def test_each_caller_sees_only_their_chatbots(api: TestClient) -> None:
+    def ids(headers: dict[str, str], **params: Any) -> list[str]:
+        return [c["id"] for c in api.get("/api/conversations", headers=headers, params=params).json()["data"]]
+
+    assert ids(USER_A) == ["a2", "a1"]
+    assert ids(ORG_MEMBER) == ["b1"]
+    assert ids(NOBODY) == []
+    assert ids(ADMIN) == ["b1", "a2", "a1"]
+    assert ids(USER_A, chatbot_id="bot-b") == []  # asking for another's chatbot shows nothing
+    assert ids(USER_A, number="+852 9123 4567") == ["a2", "a1"]
+
+    def conversations(headers: dict[str, str]) -> int:
+        response = api.get("/api/analytics", headers=headers, params={"tz": "Asia/Hong_Kong"})
+        assert response.status_code == 200
+        return response.json()["conversations"]
+
+    assert (
+        conversations(USER_A),
+        conversations(ORG_MEMBER),
+        conversations(NOBODY),
+        conversations(ADMIN),
+    ) == (2, 1, 0, 3)
+
+
+def test_another_callers_conversation_is_404_exactly_like_a_missing_one(api: TestClient) -> None:
+    hidden = api.get("/api/conversations/b1", headers=USER_A)
+    missing = api.get("/api/conversations/zz", headers=USER_A)
+    assert hidden.status_code == missing.status_code == 404
+    assert hidden.json()["error"]["code"] == missing.json()["error"]["code"] == "not_found"
+    update = api.post(
+        "/api/conversations/b1/update-whatsapp", headers=USER_A, json={"whatsapp_number": "61234567"}
+    )
+    assert update.status_code == 404
+    assert api.get("/api/conversations/b1", headers=ORG_MEMBER).status_code == 200
+    assert api.get("/api/conversations/a1", headers=NOBODY).status_code == 404
+
+
+def test_only_admins_may_sync(api: TestClient) -> None:
+    body = {"chatbot_id": "bot-b"}
+    assert api.post("/api/sync", headers=USER_A, json=body).status_code == 403
+    assert api.post("/api/sync", headers=ORG_MEMBER, json=body).status_code == 403
+    assert api.post("/api/sync", headers=ORG_ADMIN, json={"chatbot_id": "bot-a"}).status_code == 403
+    # allowed, but this server has no CHATBASE_API_KEY: a declared 503 rather than a crash
+    for who in (ADMIN, ORG_ADMIN):
+        response = api.post("/api/sync", headers=who, json=body)
+        assert response.status_code == 503 and "CHATBASE_API_KEY" in response.json()["error"]["message"]
+
+
+def test_admin_sync_runs_in_the_background_and_a_second_one_is_409(
+    engine: Any, emulator_factory: Any
+) -> None:
+    server = emulator_factory(conversations=300, seed=51, latency_ms=30)
+    from chatsync.config import Secret
+
+    url = engine.url.render_as_string(hide_password=False)
+    settings = Settings(database_url=url, api_key=Secret("demo-key"), base_url=server.base_url)
+    clerk = ClerkSettings(
+        issuer=ISSUER, authorized_parties=(ORIGIN,), public_key=PUBLIC_PEM, admin_user_ids=("user_admin",)
+    )
+    client = TestClient(create_app(engine, settings, clerk))
+    started = client.post("/api/sync", headers=ADMIN, json={"chatbot_id": "demo-bot"})
+    assert started.status_code == 202
+    run_id = started.json()["run_id"]
+    assert client.post("/api/sync", headers=ADMIN, json={"chatbot_id": "demo-bot"}).status_code == 409
+    deadline = time.monotonic() + 60
+    status = client.get(f"/api/sync/{run_id}", headers=ADMIN).json()
+    while status["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        status = client.get(f"/api/sync/{run_id}", headers=ADMIN).json()
+    assert status["status"] == "ok"
+    assert status["summary"]["inserted"] == 300 and status["summary"]["status"] == "ok"
+    assert client.get("/api/sync/unknown", headers=ADMIN).status_code == 404
+    assert client.get(f"/api/sync/{run_id}", headers=USER_A).status_code == 403
+
+
+def test_api_and_cli_corrections_store_the_same_value_and_audit(
+    api: TestClient, cli: Any, engine: Any
+) -> None:
+    response = api.post(
+        "/api/conversations/a1/update-whatsapp", headers=USER_A, json={"whatsapp_number": "6123 4567"}
+    )
+    assert response.status_code == 200
+    assert (response.json()["whatsapp_number"], response.json()["whatsapp_source"]) == (
+        "+85261234567",
+        "manual",
+    )
+    url = engine.url.render_as_string(hide_password=False)
+    assert cli("--database-url", url, "set-whatsapp", "a2", "6123 4567", "--by", "user_a").exit_code == 0
+    with engine.connect() as connection:
+        audit = connection.execute(
+            select(
+                whatsapp_audit.c.conversation_id,
+                whatsapp_audit.c.by,
+                whatsapp_audit.c.old,
+                whatsapp_audit.c.new,
+                whatsapp_audit.c.old_source,
+                whatsapp_audit.c.new_source,
+            ).order_by(whatsapp_audit.c.id)
+        ).all()
+    assert [tuple(r)[1:] for r in audit] == [
+        ("user_a", "+85291234567", "+85261234567", "extracted", "manual")
+    ] * 2
+    shown = api.get("/api/conversations/a1", headers=USER_A).json()
+    assert shown["whatsapp_audit"][0]["by"] == "user_a"
+
+    cleared = api.post(
+        "/api/conversations/a1/update-whatsapp", headers=USER_A, json={"whatsapp_number": None}
+    )
+    assert (cleared.json()["whatsapp_number"], cleared.json()["whatsapp_source"]) == (None, "manual")
+    auto = api.post("/api/conversations/a1/update-whatsapp", headers=USER_A, json={"auto": True})
+    assert (auto.json()["whatsapp_number"], auto.json()["whatsapp_source"]) == ("+85291234567", "extracted")
+    invalid = api.post(
+        "/api/conversations/a1/update-whatsapp", headers=USER_A, json={"whatsapp_number": "1234"}
+    )
+    assert invalid.status_code == 422 and "expected 8 digits" in invalid.json()["error"]["message"]
+    assert api.post("/api/conversations/a1/update-whatsapp", headers=USER_A, json={}).status_code == 422
+
+
+def test_unexpected_errors_are_500_with_a_request_id_and_no_trace(api: TestClient) -> None:
+    app = api.app
+
+    @app.get("/boom")  # type: ignore[attr-defined]
+    def boom() -> None:
+        raise RuntimeError("secret internals")
+
+    client = TestClient(app, raise_server_exceptions=False)
+    response = client.get("/boom", headers={"x-request-id": "req-123"})
+    assert response.status_code == 500
+    assert response.json() == {
+        "error": {"code": "internal", "message": "unexpected error; request id req-123"}
+    }
+    assert "secret internals" not in response.text
+
+
+def test_health_needs_no_token(api: TestClient) -> None:
+    assert api.get("/healthz").json() == {"status": "ok", "database": "ok"}
+
+
+def test_sentry_events_carry_no_tokens_or_personal_data() -> None:
+    event = {
+        "request": {"headers": {"Authorization": "Bearer x"}, "data": "{}", "url": "/api"},
+        "user": {"id": 1},
+    }
+    assert scrub_event(event) == {"request": {"url": "/api"}}
+
+
+# ------------------------------------------------------------------------------------------------ webhooks
+def _signed(event: dict[str, Any], msg_id: str, when: datetime | None = None) -> tuple[bytes, dict[str, str]]:
+    body = json.dumps(event)
+    when = when or datetime.now(UTC)
+    signature = Webhook(WEBHOOK_SECRET).sign(msg_id, when, body)
+    return body.encode(), {
+        "svix-id": msg_id,
+        "svix-timestamp": str(int(when.timestamp())),
+        "svix-signature": signature,
+    }
+
+
+def _user_event(kind: str, updated_ms: int, first_name: str = "Mei") -> dict[str, Any]:
+    return {
+        "type": kind,
+        "timestamp": updated_ms,
+        "data": {
+            "id": "user_w",
+            "first_name": first_name,
+            "last_name": "Chan",
+            "image_url": "https://img.example/u.png",
+            "primary_email_address_id": "idn_2",
+            "email_addresses": [
+                {"id": "idn_1", "email_address": "old@example.com"},
+                {"id": "idn_2", "email_address": "mei@example.com"},
+            ],
+            "created_at": 1714550400000,
+            "updated_at": updated_ms,
+        },
+    }
+
+
+def _stored_user(engine: Any) -> Any:
+    with engine.connect() as connection:
+        return connection.execute(select(users).where(users.c.id == "user_w")).mappings().first()
+
+
+def test_a_valid_webhook_is_stored_and_a_redelivery_changes_nothing(api: TestClient, engine: Any) -> None:
+    body, headers = _signed(_user_event("user.created", 1714550400000), "msg_1")
+    assert api.post("/api/webhooks/clerk", content=body, headers=headers).json() == {"result": "stored"}
+    user = _stored_user(engine)
+    assert (user["email"], user["first_name"], user["last_name"]) == ("mei@example.com", "Mei", "Chan")
+    assert user["clerk_created_at"] is not None
+    newer, newer_headers = _signed(_user_event("user.updated", 1714550500000, "Mei Ling"), "msg_2")
+    assert api.post("/api/webhooks/clerk", content=newer, headers=newer_headers).json() == {
+        "result": "stored"
+    }
+    replay = api.post("/api/webhooks/clerk", content=body, headers=headers)
+    assert replay.json() == {"result": "duplicate"}
+    assert _stored_user(engine)["first_name"] == "Mei Ling"
+
+
+def test_an_older_update_after_a_newer_one_changes_nothing(api: TestClient, engine: Any) -> None:
+    for msg_id, updated, name in (("m1", 2000, "New"), ("m2", 1000, "Old")):
+        body, headers = _signed(_user_event("user.updated", updated, name), msg_id)
+        assert api.post("/api/webhooks/clerk", content=body, headers=headers).status_code == 200
+    assert _stored_user(engine)["first_name"] == "New"
+
+
+def test_user_deleted_marks_the_user(api: TestClient, engine: Any) -> None:
+    body, headers = _signed(_user_event("user.created", 1000), "m1")
+    api.post("/api/webhooks/clerk", content=body, headers=headers)
+    body, headers = _signed(
+        {"type": "user.deleted", "timestamp": 1714560000000, "data": {"id": "user_w", "deleted": True}}, "m2"
+    )
+    assert api.post("/api/webhooks/clerk", content=body, headers=headers).json() == {"result": "deleted"}
+    assert _stored_user(engine)["deleted_at"] is not None
+
+
+@pytest.mark.parametrize(
+    "problem", ["tampered body", "stale timestamp", "no signature", "malformed signature", "no headers"]
+)
+def test_bad_webhooks_are_400_and_store_nothing(api: TestClient, engine: Any, problem: str) -> None:
+    when = datetime.now(UTC) - timedelta(hours=1) if problem == "stale timestamp" else None
+    body, headers = _signed(_user_event("user.created", 1000), "m1", when)
+    if problem == "tampered body":
+        body = body.replace(b"Mei", b"Eve")
+    elif problem == "no signature":
+        headers.pop("svix-signature")
+    elif problem == "malformed signature":
+        headers["svix-signature"] = "not-a-signature"
+    elif problem == "no headers":
+        headers = {}
+    response = api.post("/api/webhooks/clerk", content=body, headers=headers)
+    assert response.status_code == 400
+    assert _stored_user(engine) is None
+
+
+def test_users_backfill_pages_through_clerk(engine: Any) -> None:
+    import httpx
+
+    from chatsync.clerk import fetch_clerk_users
+    from chatsync.config import Secret
+    from chatsync.store.users import upsert_user
+
+    everyone = [dict(_user_event("user.created", 1000 + i)["data"], id=f"user_{i}") for i in range(730)]
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.headers["authorization"] == "Bearer sk_test_clerk"
+        seen.append(request.url.params["offset"])
+        offset, limit = int(request.url.params["offset"]), int(request.url.params["limit"])
+        return httpx.Response(200, json=everyone[offset : offset + limit])
+
+    fetched = list(fetch_clerk_users(Secret("sk_test_clerk"), transport=httpx.MockTransport(handler)))
+    assert len(fetched) == 730 and seen == ["0", "500"]
+    with engine.begin() as connection:
+        assert sum(upsert_user(connection, u) for u in fetched) == 730
+
+
+# ---------------------------------------------------------------------------------------------------- SSE
+def test_events_stream_what_the_caller_may_see_until_the_token_expires(api: TestClient, engine: Any) -> None:
+    expiring = bearer(token(exp=int(time.time()) + 3))
+
+    def upsert_later() -> None:
+        time.sleep(0.8)
+        rows = [
+            normalize_conversation(_conversation(cid, bot, "6123 4567"), bot, WhatsAppRule())
+            for cid, bot in [("a3", "bot-a"), ("b2", "bot-b")]
+        ]
+        with engine.begin() as connection:
+            writes.upsert_conversations(connection, rows, datetime.now(UTC))
+
+    writer = threading.Thread(target=upsert_later)
+    writer.start()
+    started = time.monotonic()
+    with api.stream("GET", "/api/events", headers=expiring) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        text = "".join(response.iter_text())
+    writer.join()
+    assert time.monotonic() - started < 15
+    assert "event: conversation.upserted" in text and '"id": "a3"' in text
+    assert '"id": "b2"' not in text  # another chatbot's conversation
+    assert text.rstrip().endswith("data: {}") and "event: expired" in text
+
+
+# ----------------------------------------------------------------------------------------------- serving
+def test_serve_refuses_to_start_without_clerk_settings(cli: Any) -> None:
+    result = cli("serve", env={"CLERK_ISSUER": ISSUER})
+    assert result.exit_code == 4
+    assert "CLERK_JWT_KEY or CLERK_JWKS_URL" in result.stderr and "CLERK_AUTHORIZED_PARTIES" in result.stderr
+
+
+def test_access_commands_grant_list_and_revoke(cli: Any, sqlite_url: str) -> None:
+    url = ("--database-url", sqlite_url)
+    assert cli(*url, "access", "grant", "bot-a", "--user", "user_a").exit_code == 0
+    assert cli(*url, "access", "grant", "bot-a", "--org", "org_x").exit_code == 0
+    assert cli(*url, "access", "grant", "bot-a").exit_code == 2
+    listed = json.loads(cli(*url, "access", "list", "--format", "json").stdout)
+    assert [(g["chatbot_id"], g["principal_type"], g["principal_id"]) for g in listed] == [
+        ("bot-a", "org", "org_x"),
+        ("bot-a", "user", "user_a"),
+    ]
+    assert cli(*url, "access", "revoke", "bot-a", "--user", "user_a").exit_code == 0
+    assert len(json.loads(cli(*url, "access", "list", "--format", "json").stdout)) == 1
+
+
+# ---------------------------------------------------------------------------------------------- schemathesis
+def test_openapi_declares_every_status_and_no_request_is_a_500(engine: Any, emulator_factory: Any) -> None:
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import status_code_conformance
+
+    url = engine.url.render_as_string(hide_password=False)
+    clerk = ClerkSettings(
+        issuer=ISSUER,
+        authorized_parties=(ORIGIN,),
+        public_key=PUBLIC_PEM,
+        webhook_secret=WEBHOOK_SECRET,
+        admin_user_ids=("user_admin",),
+    )
+    from chatsync.config import Secret
+
+    server = emulator_factory(conversations=50, seed=52)
+    configured = Settings(
+        database_url=url,
+        api_key=Secret("demo-key"),
+        base_url=server.base_url,
+        retry_budget=timedelta(seconds=2),
+    )
+    app = create_app(engine, configured, clerk)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    headers = bearer(token(sub="user_admin", exp=int(time.time()) + 3600))
+    operations = [op for op in schema.get_all_operations() if op.ok().path != "/api/events"]
+    assert len(operations) >= 8
+    for result in operations:
+        operation = result.ok()
+
+        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(case=operation.as_strategy())
+        def check(case: Any) -> None:
+            case.call_and_validate(headers=headers, checks=[not_a_server_error, status_code_conformance])
+
+        check()
