@@ -1,0 +1,1 @@
+"""chatsync's benchmark (spec/benchmarks.md): `python -m bench [--quick]`."""

@@ -1,0 +1,212 @@
+"""Run S1–S8 against SQLite and PostgreSQL, print figure / target / met, write the figures to JSON.
+
+    python -m bench            the sizes of spec/benchmarks.md (about half an hour on 2 cores)
+    python -m bench --quick    every workload at a tenth of the size, for CI
+
+Every comparison is a ratio measured in the same run; absolute times are printed for the record.
+Nothing here asserts: a target not met is printed as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import fresh_database, machine
+from bench.workloads import s1_rate_limit, s2_s4_speed, s3_memory, s5_s6_queries, s7_http, s8_extraction, seed
+
+FULL = {
+    "S1": 20_000,
+    "S2": 100_000,
+    "S3": (20_000, 200_000),
+    "S5": 1_000_000,
+    "S7_seconds": 20,
+    "S8": 100_000,
+}
+
+
+def sizes(quick: bool) -> dict[str, Any]:
+    if not quick:
+        return FULL
+    return {"S1": 2_000, "S2": 10_000, "S3": (2_000, 20_000), "S5": 100_000, "S7_seconds": 5, "S8": 10_000}
+
+
+def targets(figures: dict[str, Any]) -> list[tuple[str, str, str, str, bool | None]]:
+    """(workload, database, figure, target, met) rows for the table."""
+    rows: list[tuple[str, str, str, str, bool | None]] = []
+    for db, f in figures.get("S1", {}).items():
+        rows.append(
+            (
+                "S1",
+                db,
+                f"{f['conversations_per_s']:,} conv/s = {f['ceiling_share']:.0%} of ceiling",
+                "≥ 90 %",
+                f["ceiling_share"] >= 0.9,
+            )
+        )
+        rows.append(("S1", db, f"{f['http_429']} × 429", "0", f["http_429"] == 0))
+    for db, f in figures.get("S2", {}).items():
+        rows.append(
+            (
+                "S2",
+                db,
+                f"{f['seconds']} s ÷ floor {f['floor_seconds']} s = {f['floor_ratio']}",
+                "≤ 1.5",
+                f["floor_ratio"] <= 1.5,
+            )
+        )
+        rows.append(
+            (
+                "S2",
+                db,
+                f"dlt {f['dlt_seconds']} s = {f['times_faster_than_dlt']}× slower",
+                "≥ 2×",
+                f["times_faster_than_dlt"] >= 2,
+            )
+        )
+    for db, f in figures.get("S3", {}).items():
+        rows.append(
+            (
+                "S3",
+                db,
+                f"peak {f['peak_rss_mb_small']} / {f['peak_rss_mb_large']} MB",
+                "≤ 200 MB",
+                max(f["peak_rss_mb_small"], f["peak_rss_mb_large"]) <= 200,
+            )
+        )
+        rows.append(("S3", db, f"growth {f['growth']}×", "≤ 1.2×", f["growth"] <= 1.2))
+    for db, f in figures.get("S4", {}).items():
+        rows.append(
+            (
+                "S4",
+                db,
+                f"{f['seconds']} s = {f['share_of_S2']:.1%} of S2, {f['requests']} requests",
+                "≤ 5 %",
+                f["share_of_S2"] <= 0.05,
+            )
+        )
+    for db, f in figures.get("S5", {}).items():
+        limit = 2.0 if db == "postgres" else 4.0
+        rows.append(
+            (
+                "S5",
+                db,
+                f"report {f['report_all_s']} s ({f['all_over_count']}× count)",
+                f"≤ {limit:g} s",
+                f["report_all_s"] <= limit,
+            )
+        )
+        rows.append(("S5", db, f"one month {f['report_month_s']} s", "< all", f["month_faster"]))
+    for db, f in figures.get("S6", {}).items():
+        for key in ("list_number_ms", "list_has_whatsapp_ms", "show_ms"):
+            rows.append(("S6", db, f"{key.removesuffix('_ms')} {f[key]} ms", "≤ 50 ms", f[key] <= 50))
+        if f.get("plans_use_indexes"):
+            rows.append(
+                (
+                    "S6",
+                    db,
+                    f"index plans {f['plans_use_indexes']}",
+                    "all",
+                    all(f["plans_use_indexes"].values()),
+                )
+            )
+    for db, f in figures.get("S7", {}).items():
+        rows.append(
+            (
+                "S7",
+                db,
+                f"{f['requests_per_s']} req/s, p50 {f['p50_ms']} ms, p99 {f['p99_ms']} ms, "
+                f"{f['errors']} errors",
+                "≥ 400/s, p99 ≤ 150 ms, 0 errors",
+                f["requests_per_s"] >= 400 and f["p99_ms"] <= 150 and f["errors"] == 0,
+            )
+        )
+    if "S8" in figures:
+        f = figures["S8"]
+        rows.append(
+            ("S8", "-", f"{f['replies_per_s']:,} replies/s", "≥ 20,000/s", f["replies_per_s"] >= 20_000)
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a tenth of the size, for CI")
+    parser.add_argument("--databases", default="sqlite,postgres", help="comma-separated: sqlite, postgres")
+    parser.add_argument("--only", default="S1,S2,S3,S4,S5,S6,S7,S8", help="workloads to run")
+    parser.add_argument("--out", default=None, help="JSON file (default bench/results[-quick].json)")
+    args = parser.parse_args(argv)
+    size = sizes(args.quick)
+    only = set(args.only.upper().split(","))
+    databases = [d.strip() for d in args.databases.split(",") if d.strip()]
+    out = Path(args.out or Path(__file__).parent / ("results-quick.json" if args.quick else "results.json"))
+    figures: dict[str, Any] = {}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="chatsync-bench-") as tmp:
+        workdir = Path(tmp)
+        for db in databases:
+            if "S1" in only:
+                _step(f"S1 {db}")
+                figures.setdefault("S1", {})[db] = s1_rate_limit(size["S1"], db, workdir)
+            if only & {"S2", "S4"}:
+                _step(f"S2/S4 {db}")
+                both = s2_s4_speed(size["S2"], db, workdir)
+                figures.setdefault("S2", {})[db] = both["S2"]
+                figures.setdefault("S4", {})[db] = both["S4"]
+            if "S3" in only:
+                _step(f"S3 {db}")
+                figures.setdefault("S3", {})[db] = s3_memory(*size["S3"], db, workdir)
+            if only & {"S5", "S6", "S7"}:
+                with fresh_database(db, workdir) as url:
+                    _step(f"seeding {size['S5']:,} conversations into {db}")
+                    figures.setdefault("seed", {})[db] = seed(url, size["S5"])
+                    if only & {"S5", "S6"}:
+                        _step(f"S5/S6 {db}")
+                        both = s5_s6_queries(url)
+                        figures.setdefault("S5", {})[db] = both["S5"]
+                        figures.setdefault("S6", {})[db] = both["S6"]
+                    if "S7" in only and db == "postgres":
+                        _step("S7 postgres")
+                        figures.setdefault("S7", {})[db] = s7_http(url, size["S7_seconds"], 32, workdir)
+        if "S8" in only:
+            _step("S8")
+            figures["S8"] = s8_extraction(size["S8"])
+    rows = targets(figures)
+    result = {
+        "machine": machine(),
+        "quick": args.quick,
+        "seconds": round(time.perf_counter() - started, 1),
+        "figures": figures,
+        "targets": [
+            {"workload": w, "database": d, "figure": f, "target": t, "met": m} for w, d, f, t, m in rows
+        ],
+    }
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    _print_table(result, rows)
+    print(f"\nfigures written to {out}")
+    return 0
+
+
+def _step(what: str) -> None:
+    print(f"… {what}", file=sys.stderr, flush=True)
+
+
+def _print_table(result: dict[str, Any], rows: list[tuple[str, str, str, str, bool | None]]) -> None:
+    m = result["machine"]
+    print(
+        f"chatsync benchmark{' (quick)' if result['quick'] else ''}: {m['cores']} cores, Python {m['python']}, "
+        f"SQLite {m['sqlite']}, PostgreSQL {m['postgresql']}; {result['seconds']} s"
+    )
+    print()
+    print("| id | db | figure | target | met |\n|---|---|---|---|---|")
+    for workload, db, figure, target, met in rows:
+        print(f"| {workload} | {db} | {figure} | {target} | {'yes' if met else 'NO'} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""What every workload needs: an emulator process, fresh databases, timed chatsync runs, the machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "CHATSYNC_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+SEED = 7
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class EmulatorProcess:
+    process: subprocess.Popen[bytes]
+    port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/v1"
+
+    def stats(self) -> dict[str, int]:
+        import httpx
+
+        return dict(httpx.get(f"http://127.0.0.1:{self.port}/_emulator/stats", timeout=10).json())
+
+
+@contextmanager
+def emulator(
+    conversations: int, latency_ms: float = 0, rate_limit: str = "off", days: int = 60
+) -> Iterator[EmulatorProcess]:
+    """The Chatbase emulator in its own process, so it does not share the benchmarked interpreter."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "chatsync", "emulator", "--port", str(port), "--conversations", str(conversations),
+        "--seed", str(SEED), "--days", str(days), "--latency-ms", str(latency_ms), "--rate-limit", rate_limit,
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+        except OSError:
+            time.sleep(0.1)
+    try:
+        yield EmulatorProcess(process, port)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@contextmanager
+def fresh_database(kind: str, workdir: Path) -> Iterator[str]:
+    """An empty SQLite file or PostgreSQL database, removed afterwards."""
+    if kind == "sqlite":
+        path = workdir / f"bench-{uuid.uuid4().hex[:8]}.db"
+        try:
+            yield f"sqlite:///{path}"
+        finally:
+            for leftover in workdir.glob(path.name + "*"):
+                leftover.unlink()
+        return
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    name = f"chatsync_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@dataclass
+class Timed:
+    seconds: float
+    peak_rss_mb: float
+    summary: dict[str, Any]
+
+
+# Runs chatsync's CLI and reports the process's own peak RSS when it exits.
+_MEASURED = (
+    "import atexit, resource, sys\n"
+    "atexit.register(lambda: sys.stderr.write('\\nPEAK_RSS_KB=%d\\n' % "
+    "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))\n"
+    "sys.argv = ['chatsync', *sys.argv[1:]]\n"
+    "from chatsync.cli import main\n"
+    "main()\n"
+)
+
+
+def run_sync(database_url: str, base_url: str, workdir: Path, *extra: str) -> Timed:
+    """``chatsync sync --json`` as a child process: wall time, its peak RSS, its summary."""
+    env = {
+        **os.environ,
+        "CHATBASE_API_KEY": "demo-key",
+        "CHATBASE_CHATBOT_ID": "demo-bot",
+        "CHATBASE_BASE_URL": base_url,
+        "CHATSYNC_DATABASE_URL": database_url,
+    }
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURED, "sync", "--json", *extra],
+        env=env, cwd=workdir, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"sync failed ({done.returncode}): {done.stderr[-500:]}")
+    peak = [line for line in done.stderr.splitlines() if line.startswith("PEAK_RSS_KB=")]
+    return Timed(
+        seconds, int(peak[-1].split("=")[1]) / 1024 if peak else float("nan"), json.loads(done.stdout)
+    )
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "sqlite": sqlite3.sqlite_version,
+    }
+    try:
+        import psycopg
+
+        with psycopg.connect(POSTGRES_ADMIN_URL) as connection:
+            info["postgresql"] = connection.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+    except Exception as exc:
+        info["postgresql"] = f"unavailable ({type(exc).__name__})"
+    return info

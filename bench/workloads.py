@@ -1,0 +1,279 @@
+"""The workloads S1–S8 of spec/benchmarks.md. Each returns its figures as plain data."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from bench.common import emulator, free_port, fresh_database, run_sync
+from bench.peers import dlt_seconds, floor_seconds
+
+CEILING = 1000.0  # 100 requests / 10 s × 100 conversations a page
+
+
+def s1_rate_limit(size: int, kind: str, workdir: Path) -> dict[str, Any]:
+    """Realistic Chatbase: 250 ms a request, 100 requests per 10 s."""
+    with emulator(size, latency_ms=250, rate_limit="100/10s") as emu, fresh_database(kind, workdir) as url:
+        run = run_sync(url, emu.base_url, workdir)
+        stats = emu.stats()
+    rate = size / run.seconds
+    return {
+        "conversations": size,
+        "seconds": round(run.seconds, 2),
+        "conversations_per_s": round(rate, 1),
+        "ceiling_share": round(rate / CEILING, 3),
+        "requests": run.summary["requests"],
+        "http_429": stats["throttled"],
+    }
+
+
+def s2_s4_speed(size: int, kind: str, workdir: Path) -> dict[str, Any]:
+    """Raw speed from empty against the floor and dlt; then an incremental run with nothing changed."""
+    with emulator(size) as emu:
+        floor, fetched = floor_seconds(emu.base_url)
+        with fresh_database(kind, workdir) as url:
+            first = run_sync(url, emu.base_url, workdir)
+            again = run_sync(url, emu.base_url, workdir)
+        with fresh_database(kind, workdir) as url:
+            peer, loaded = dlt_seconds(emu.base_url, url)
+    return {
+        "S2": {
+            "conversations": size,
+            "seconds": round(first.seconds, 2),
+            "floor_seconds": round(floor, 2),
+            "floor_ratio": round(first.seconds / floor, 3),
+            "dlt_seconds": round(peer, 2),
+            "dlt_rows": loaded,
+            "times_faster_than_dlt": round(peer / first.seconds, 2),
+            "inserted": first.summary["inserted"],
+            "floor_fetched": fetched,
+        },
+        "S4": {
+            "seconds": round(again.seconds, 2),
+            "share_of_S2": round(again.seconds / first.seconds, 4),
+            "requests": again.summary["requests"],
+            "requests_first_run": first.summary["requests"],
+            "unchanged": again.summary["unchanged"],
+        },
+    }
+
+
+def s3_memory(small: int, large: int, kind: str, workdir: Path) -> dict[str, Any]:
+    """Peak RSS of a sync from empty at two history sizes."""
+    peaks = {}
+    for size in (small, large):
+        with emulator(size) as emu, fresh_database(kind, workdir) as url:
+            peaks[size] = run_sync(url, emu.base_url, workdir).peak_rss_mb
+    return {
+        "small": small,
+        "large": large,
+        "peak_rss_mb_small": round(peaks[small], 1),
+        "peak_rss_mb_large": round(peaks[large], 1),
+        "growth": round(peaks[large] / peaks[small], 3),
+    }
+
+
+# ------------------------------------------------------------------------------------- 1M conversations
+def seed(url: str, count: int) -> dict[str, Any]:
+    """Write ``count`` realistic conversations straight through the storage layer.
+
+    5,000 emulator conversations are normalised once and cloned with new ids and start times spread
+    over two years: the rows are what a sync would have stored, without paying for a sync.
+    """
+    from chatsync.config import WhatsAppRule
+    from chatsync.emulator.data import Dataset
+    from chatsync.normalize import normalize_conversation
+    from chatsync.store.engine import ensure_schema, open_engine
+    from chatsync.store.writes import upsert_conversations
+
+    engine = open_engine(url)
+    ensure_schema(engine)
+    end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    dataset = Dataset("bench-bot", 5000, 11, end, 60)
+    templates = [
+        normalize_conversation(dataset.conversation(i)[0], "bench-bot", WhatsAppRule()) for i in range(5000)
+    ]
+    span = timedelta(days=730).total_seconds()
+    started = time.perf_counter()
+    batch: list[dict[str, Any]] = []
+    now = datetime.now(UTC)
+    for i in range(count):
+        row = dict(templates[i % len(templates)])
+        created = end - timedelta(seconds=span * (1 - i / count))
+        shift = created - row["created_at"]
+        row["id"] = f"seed-{i:08d}"
+        row["created_at"] = created
+        row["last_message_at"] = row["last_message_at"] + shift if row["last_message_at"] else None
+        batch.append(row)
+        if len(batch) == 2000:
+            with engine.begin() as connection:
+                upsert_conversations(connection, batch, now)
+            batch = []
+    if batch:
+        with engine.begin() as connection:
+            upsert_conversations(connection, batch, now)
+    with engine.begin() as connection:
+        from sqlalchemy import text
+
+        connection.execute(text("ANALYZE"))
+    engine.dispose()
+    return {"conversations": count, "seed_seconds": round(time.perf_counter() - started, 1)}
+
+
+def _best(call: Any, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def s5_s6_queries(url: str) -> dict[str, Any]:
+    """The report over everything and one month; the support lookups; against a bare count."""
+    from sqlalchemy import func, select, text
+
+    from chatsync.analytics import report
+    from chatsync.store.engine import open_engine
+    from chatsync.store.queries import (
+        ConversationFilter,
+        get_conversation,
+        iter_conversations,
+        list_statement,
+    )
+    from chatsync.store.tables import conversations
+
+    engine = open_engine(url)
+    with engine.connect() as connection:
+        count_s = _best(
+            lambda: connection.execute(select(func.count()).select_from(conversations)).scalar(), 3
+        )
+        last = connection.execute(select(func.max(conversations.c.created_at))).scalar()
+        month_end = (last if isinstance(last, datetime) else datetime.fromisoformat(str(last))).date()
+        month_start = month_end - timedelta(days=30)
+        all_s = _best(lambda: report(connection, ConversationFilter()), 2)
+        month_s = _best(lambda: report(connection, ConversationFilter(), month_start, month_end), 2)
+        number = connection.execute(
+            select(conversations.c.whatsapp_number)
+            .where(conversations.c.whatsapp_number.is_not(None))
+            .limit(1)
+        ).scalar()
+        some_id = connection.execute(select(conversations.c.id).offset(12345).limit(1)).scalar()
+
+    def timed_ms(call: Any) -> float:
+        samples = []
+        for _ in range(25):
+            started = time.perf_counter()
+            call()
+            samples.append((time.perf_counter() - started) * 1000)
+        return round(statistics.median(samples), 2)
+
+    by_number = ConversationFilter(number=number)
+    with_number = ConversationFilter(has_whatsapp=True, sources=("WhatsApp",))
+    lookups = {
+        "list_number_ms": timed_ms(lambda: list(iter_conversations(engine, by_number, 20))),
+        "list_has_whatsapp_ms": timed_ms(lambda: list(iter_conversations(engine, with_number, 20))),
+        "show_ms": timed_ms(lambda: _show(engine, some_id, get_conversation)),
+    }
+    plans: dict[str, bool] = {}
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as connection:
+            for name, statement in (
+                ("list_number", list_statement(by_number, "postgresql", 20)),
+                ("list_has_whatsapp", list_statement(with_number, "postgresql", 20)),
+            ):
+                sql = str(statement.compile(dialect=engine.dialect, compile_kwargs={"literal_binds": True}))
+                plan = "\n".join(r[0] for r in connection.execute(text("EXPLAIN " + sql)))
+                plans[name] = "Index" in plan and "Seq Scan" not in plan
+    engine.dispose()
+    return {
+        "S5": {
+            "report_all_s": round(all_s, 3),
+            "report_month_s": round(month_s, 3),
+            "count_s": round(count_s, 4),
+            "all_over_count": round(all_s / count_s, 1) if count_s else None,
+            "month_faster": month_s < all_s,
+        },
+        "S6": {**lookups, "plans_use_indexes": plans or None},
+    }
+
+
+def _show(engine: Any, conversation_id: str, get: Any) -> None:
+    with engine.connect() as connection:
+        get(connection, conversation_id)
+
+
+def s7_http(url: str, seconds: float, clients: int, workdir: Path) -> dict[str, Any]:
+    """`GET /api/conversations?limit=20` from a second process: requests/s, p50, p99, errors."""
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    now = int(time.time())
+    token = jwt.encode(
+        {"sub": "bench_admin", "iss": "https://clerk.bench", "azp": "https://app.bench", "iat": now, "nbf": now,
+         "exp": now + 3600},
+        key, algorithm="RS256",
+    )  # fmt: skip
+    port = free_port()
+    env = {
+        **os.environ,
+        "CHATSYNC_DATABASE_URL": url,
+        "CLERK_JWT_KEY": public,
+        "CLERK_ISSUER": "https://clerk.bench",
+        "CLERK_AUTHORIZED_PARTIES": "https://app.bench",
+        "CHATSYNC_ADMIN_USER_IDS": "bench_admin",
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "chatsync", "serve", "--port", str(port)],
+        env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        load = subprocess.run(
+            [sys.executable, "-m", "bench.load", f"http://127.0.0.1:{port}/api/conversations?limit=20", token,
+             str(clients), str(seconds)],
+            capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1],
+        )  # fmt: skip
+        return dict(json.loads(load.stdout))
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def s8_extraction(count: int) -> dict[str, Any]:
+    """The corpus replies repeated to ``count``, through the rule, on one core."""
+    from chatsync.whatsapp import extract_reply
+
+    corpus = Path(os.environ.get("CHATSYNC_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+    lines = (corpus / "corpus" / "whatsapp_replies.jsonl").read_text(encoding="utf-8").splitlines()
+    replies = [json.loads(line)["reply"] for line in lines if line.strip()]
+    work = [replies[i % len(replies)] for i in range(count)]
+    random.Random(1).shuffle(work)
+    started = time.perf_counter()
+    for reply in work:
+        extract_reply(reply)
+    seconds = time.perf_counter() - started
+    return {"replies": count, "seconds": round(seconds, 3), "replies_per_s": round(count / seconds)}
