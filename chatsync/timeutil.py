@@ -43,9 +43,9 @@ def parse_timestamp(value: object) -> datetime:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"not a timestamp: {value!r}")
     text = value.strip()
-    if text.endswith(("Z", "z")):
-        text = text[:-1] + "+00:00"
-    parsed = datetime.fromisoformat(text)
+    if text.endswith("z"):
+        text = text[:-1] + "Z"
+    parsed = datetime.fromisoformat(text)  # reads a trailing Z itself since Python 3.11
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     return parsed.astimezone(UTC)

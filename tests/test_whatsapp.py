@@ -240,3 +240,19 @@ def test_first_prompt_counts_and_reply_is_captured() -> None:
 def test_bot_advertising_its_number_is_not_a_prompt() -> None:
     messages = [("assistant", "Our WhatsApp number is 2123 4567."), ("user", "9123 4567")]
     assert extract_conversation(messages).outcome == NO_PROMPT
+
+
+@pytest.mark.parametrize(
+    ("e164", "region"),
+    [
+        ("+85291234567", "HK"),
+        ("+85366123456", "MO"),
+        ("+6591234567", "SG"),
+        ("+447400123456", "GB"),
+        ("+14155552671", "US"),
+    ],
+)
+def test_region_of_a_stored_number(e164: str, region: str) -> None:
+    from chatsync.whatsapp import region_of
+
+    assert region_of(e164) == region

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,8 @@ from chatsync.config import normalize_database_url
 from chatsync.errors import ChatsyncError, ConfigError, SchemaTooNew
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+# Compact UTF-8 JSON: the default escapes every CJK character, which is slower and stores more bytes.
+_JSON = functools.partial(json.dumps, ensure_ascii=False, separators=(",", ":"))
 _UPGRADE_LOCK = 0x63686174_73796E63  # "chatsync": serialises concurrent upgrades on PostgreSQL
 
 
@@ -29,17 +33,17 @@ def open_engine(url: str) -> Engine:
         database = parsed.database
         if database and database != ":memory:" and not database.startswith("file:"):
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(parsed, connect_args={"timeout": 30})
+        engine = create_engine(parsed, connect_args={"timeout": 30}, json_serializer=_JSON)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     if parsed.get_backend_name() == "postgresql":
         if parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")
-        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        kwargs: dict[str, Any] = {"pool_pre_ping": True, "json_serializer": _JSON}
         # Supabase's transaction pooler (port 6543) cannot keep prepared statements or our pool.
         if parsed.port == 6543 or parsed.query.get("pgbouncer") == "true":
             parsed = parsed.difference_update_query(["pgbouncer"])
-            kwargs = {"poolclass": NullPool, "connect_args": {"prepare_threshold": None}}
+            kwargs = {"poolclass": NullPool, "connect_args": {"prepare_threshold": None}, "json_serializer": _JSON}
         try:
             return create_engine(parsed, **kwargs)
         except ModuleNotFoundError:
