@@ -211,7 +211,7 @@ def _show(engine: Any, conversation_id: str, get: Any) -> None:
         get(connection, conversation_id)
 
 
-def s7_http(url: str, seconds: float, clients: int, workdir: Path) -> dict[str, Any]:
+def s7_http(url: str, seconds: float, clients: int, workdir: Path, workers: int = 2) -> dict[str, Any]:
     """`GET /api/conversations?limit=20` from a second process: requests/s, p50, p99, errors."""
     import jwt
     from cryptography.hazmat.primitives import serialization
@@ -239,7 +239,7 @@ def s7_http(url: str, seconds: float, clients: int, workdir: Path) -> dict[str, 
         "CHATSYNC_ADMIN_USER_IDS": "bench_admin",
     }
     server = subprocess.Popen(
-        [sys.executable, "-m", "chatsync", "serve", "--port", str(port)],
+        [sys.executable, "-m", "chatsync", "serve", "--port", str(port), "--workers", str(workers)],
         env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:

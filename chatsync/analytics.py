@@ -35,6 +35,7 @@ LENGTH_BUCKETS = (
     ("21+", 21, None),
 )
 MISSED = ("no_reply", "not_found", "ambiguous")
+MAX_WINDOW_DAYS = 20 * 366  # by_day lists every day of the window
 
 
 def _rate(numerator: int | float, denominator: int | float) -> float | None:
@@ -153,6 +154,14 @@ def report(
     tz: str = "UTC",
 ) -> dict[str, Any]:
     """The analytics object of spec/analytics.md for conversations created in local days since..until."""
+    from chatsync.errors import UsageError
+    from chatsync.timeutil import check_day
+
+    for day in (since, until):
+        if day is not None:
+            check_day(day)
+    if since and until and (until - since).days > MAX_WINDOW_DAYS:
+        raise UsageError("the report window is longer than 20 years: narrow --since/--until")
     start, end = local_window(since, until, tz)
     filters = replace(filters, since=None, until=None, created_from=start, created_before=end)
     where = conditions(filters, connection.dialect.name)

@@ -617,6 +617,7 @@ def demo(
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes (one per core is a good start).")] = 1,
 ) -> None:
     """Serve the HTTP API for the frontend (needs the api extra and CLERK_* settings)."""
     try:
@@ -628,6 +629,20 @@ def serve(
         raise UsageError("the HTTP API needs the api extra: pip install 'chatsync[api]'") from None
     clerk = ClerkSettings.from_env()
     settings = _ctx().settings()
+    _ctx().engine(settings)  # refuse to start on an unreachable or too-new database
+    if _ctx().database_url:
+        os.environ["CHATSYNC_DATABASE_URL"] = _ctx().database_url or ""
+    if workers > 1:  # each worker process builds its own app from the environment
+        uvicorn.run(
+            "chatsync.web.app:app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level="info",
+            proxy_headers=True,
+        )
+        return
     configure_sentry(os.environ.get("SENTRY_DSN"))
     app_ = create_app(_ctx().engine(settings), settings, clerk)
     uvicorn.run(app_, host=host, port=port, log_level="info", proxy_headers=True)

@@ -133,7 +133,7 @@ def _split_list(value: object) -> tuple[str, ...]:
 def validate_timezone(name: str) -> str:
     try:
         ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # a folder name or an overlong name is an OSError
         raise UsageError(
             f"unknown time zone {name!r}: expected an IANA name such as UTC or Asia/Hong_Kong"
         ) from None

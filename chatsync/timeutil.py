@@ -5,11 +5,15 @@ from __future__ import annotations
 import re
 from datetime import UTC, date, datetime, timedelta
 
-from chatsync.errors import InvalidDate, InvalidDuration
+from chatsync.errors import InvalidDate, InvalidDuration, UsageError
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+FIRST_DAY = date(1970, 1, 1)
+LAST_DAY = date(2999, 12, 31)
 
 
 def parse_day(text: str) -> date:
@@ -17,9 +21,16 @@ def parse_day(text: str) -> date:
     if not _DAY.match(text.strip()):
         raise InvalidDate(text)
     try:
-        return date.fromisoformat(text.strip())
+        return check_day(date.fromisoformat(text.strip()))
     except ValueError:
         raise InvalidDate(text) from None
+
+
+def check_day(day: date) -> date:
+    """Refuse days no conversation can have (and whose next day would overflow)."""
+    if not FIRST_DAY <= day <= LAST_DAY:
+        raise UsageError(f"date {day.isoformat()} is out of range: expected {FIRST_DAY} to {LAST_DAY}")
+    return day
 
 
 def parse_duration(text: str) -> timedelta:

@@ -511,3 +511,24 @@ def test_openapi_declares_every_status_and_no_request_is_a_500(engine: Any, emul
             case.call_and_validate(headers=headers, checks=[not_a_server_error, status_code_conformance])
 
         check()
+
+
+@pytest.mark.parametrize(
+    ("path", "params"),
+    [
+        ("/api/conversations", {"until": "9999-12-31"}),
+        ("/api/conversations", {"since": "0001-01-01"}),
+        ("/api/conversations", {"since": "2024-05-02", "until": "2024-05-01"}),
+        ("/api/conversations", {"search": "a\x00b"}),
+        ("/api/conversations", {"cursor": "not-a-cursor"}),
+        ("/api/conversations", {"number": "1234"}),
+        ("/api/analytics", {"tz": "America"}),
+        ("/api/analytics", {"tz": "x" * 60}),
+        ("/api/analytics", {"since": "1990-01-01", "until": "2024-01-01"}),
+        ("/api/conversations/a%00b", {}),
+    ],
+)
+def test_bad_input_is_a_clear_422_never_a_500(api: TestClient, path: str, params: dict[str, str]) -> None:
+    response = api.get(path, params=params, headers=ADMIN)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "invalid_request"

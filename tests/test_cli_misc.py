@@ -136,3 +136,19 @@ def test_machine_formats_print_nothing_else_on_an_empty_database(cli: Any, sqlit
         "",
         "id,chatbot_id,created_at,last_message_at,source,customer,country,message_count,whatsapp_number,whatsapp_source\n",
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("list", "--until", "9999-12-31"), "out of range"),
+        (("report", "--tz", "America"), "unknown time zone"),
+        (("report", "--since", "1990-01-01", "--until", "2024-01-01"), "longer than 20 years"),
+    ],
+)
+def test_out_of_range_input_exits_2_with_one_line(
+    cli: Any, sqlite_url: str, args: tuple[str, ...], fragment: str
+) -> None:
+    result = cli("--database-url", sqlite_url, *args)
+    assert result.exit_code == ExitCode.USAGE, result.output
+    assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1

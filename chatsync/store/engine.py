@@ -43,7 +43,11 @@ def open_engine(url: str) -> Engine:
         # Supabase's transaction pooler (port 6543) cannot keep prepared statements or our pool.
         if parsed.port == 6543 or parsed.query.get("pgbouncer") == "true":
             parsed = parsed.difference_update_query(["pgbouncer"])
-            kwargs = {"poolclass": NullPool, "connect_args": {"prepare_threshold": None}, "json_serializer": _JSON}
+            kwargs = {
+                "poolclass": NullPool,
+                "connect_args": {"prepare_threshold": None},
+                "json_serializer": _JSON,
+            }
         try:
             return create_engine(parsed, **kwargs)
         except ModuleNotFoundError:

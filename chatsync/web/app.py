@@ -30,7 +30,7 @@ from chatsync.errors import ChatsyncError, LockHeld, NotFound, UsageError
 from chatsync.store.access import Access, Caller, access_for
 from chatsync.store.queries import ConversationFilter, get_conversation, list_page, set_whatsapp
 from chatsync.store.tables import conversations, sync_runs
-from chatsync.timeutil import as_utc, iso_z, utcnow
+from chatsync.timeutil import as_utc, check_day, iso_z, utcnow
 from chatsync.web.auth import ClerkSettings, ClerkVerifier, Forbidden, Unauthorized
 
 log = logging.getLogger("chatsync.web")
@@ -93,7 +93,7 @@ class WhatsAppUpdate(BaseModel):
 
 
 class SyncStart(BaseModel):
-    chatbot_id: str = Field(min_length=1, max_length=128)
+    chatbot_id: str = Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]+$")
     since: date | None = None
     until: date | None = None
 
@@ -202,6 +202,12 @@ def create_app(
         incoming = request.headers.get("x-request-id", "")
         rid = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
         request.state.request_id = rid
+        if "\x00" in request.scope.get("path", "") or any("\x00" in v for v in request.query_params.values()):
+            response = _error(
+                422, "invalid_request", "NUL characters are not allowed"
+            )  # PostgreSQL text refuses them
+            response.headers["x-request-id"] = rid
+            return response
         response = await call_next(request)
         response.headers["x-request-id"] = rid
         return response
@@ -239,6 +245,8 @@ def create_app(
             raise ApiError(403, "forbidden", "this session is not active yet") from None
 
     def access(who: Annotated[tuple[Caller, int], Depends(caller)]) -> Access:
+        if who[0].user_id in clerk.admin_user_ids:
+            return Access(visible=None, administers=None)  # no database round trip for admins
         with engine.connect() as connection:
             return access_for(connection, who[0], clerk.admin_user_ids)
 
@@ -270,6 +278,8 @@ def create_app(
     ) -> dict[str, Any]:
         """Conversations the caller may see, newest first, with the fields of `chatsync list`."""
         filters = _filters(settings, who, chatbot_id, source, since, until, has_whatsapp, number, search)
+        if since and until and since > until:
+            raise ApiError(422, "invalid_request", "since is after until")
         with engine.connect() as connection:
             data, next_cursor = _core(lambda: list_page(connection, filters, limit, cursor))
         return {"data": data, "next_cursor": next_cursor}
@@ -333,6 +343,7 @@ def create_app(
             raise ApiError(403, "forbidden", "only admins of this chatbot may sync it")
         if body.since and body.until and body.since > body.until:
             raise ApiError(422, "invalid_request", "since is after until")
+        _core(lambda: [check_day(d) for d in (body.since, body.until) if d])
         try:
             return {"run_id": runner.start(body)}
         except LockHeld:
@@ -368,7 +379,7 @@ def create_app(
         zone = _core(lambda: validate_timezone(tz or settings.timezone))
         filters = _filters(settings, who, chatbot_id, source, None, None, None, None, None)
         with engine.connect() as connection:
-            return report(connection, filters, since, until, zone)
+            return dict(_core(lambda: report(connection, filters, since, until, zone)))
 
     @app.post("/api/webhooks/clerk", responses=_errors(400))
     async def clerk_webhook(request: Request) -> dict[str, str]:
@@ -431,6 +442,7 @@ def _filters(
     from chatsync.chatbase import canonical_source
     from chatsync.whatsapp import normalize_number
 
+    _core(lambda: [check_day(d) for d in (since, until) if d])
     return ConversationFilter(
         chatbot_ids=tuple(chatbot_id or ()),
         sources=tuple(_core(lambda: [canonical_source(s) for s in source or []])),
@@ -478,6 +490,20 @@ def _event_stream(engine: Engine, who: Access, expires: int, poll_seconds: float
                 yield f"event: sync.finished\ndata: {json.dumps(payload)}\n\n"
         since = now
     yield "event: expired\ndata: {}\n\n"
+
+
+def app_from_env() -> FastAPI:
+    """The app as ``chatsync serve --workers N`` builds it in each worker, from the environment."""
+    import os
+
+    from chatsync.config import load_settings
+    from chatsync.store.engine import ensure_schema, open_engine
+
+    settings = load_settings()
+    engine = open_engine(settings.database_url)
+    ensure_schema(engine)
+    configure_sentry(os.environ.get("SENTRY_DSN"))
+    return create_app(engine, settings, ClerkSettings.from_env())
 
 
 def scrub_event(event: dict[str, Any], hint: Any = None) -> dict[str, Any]:

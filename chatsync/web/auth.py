@@ -65,11 +65,20 @@ class ClerkSettings:
 
 
 class ClerkVerifier:
+    """Verifies tokens; a token already verified is remembered until it expires (the frontend reuses one
+    for about a minute, and an RSA check per request is the largest cost of a small request)."""
+
+    CACHE_SIZE = 4096
+
     def __init__(self, settings: ClerkSettings) -> None:
+        import threading
+
         import jwt
 
         self.settings = settings
         self._jwks = jwt.PyJWKClient(settings.jwks_url, cache_keys=True) if settings.jwks_url else None
+        self._verified: dict[str, tuple[Caller, int]] = {}
+        self._lock = threading.Lock()
 
     def _key(self, token: str) -> Any:
         if self._jwks is not None:
@@ -78,7 +87,6 @@ class ClerkVerifier:
 
     def verify(self, authorization: str | None) -> tuple[Caller, int]:
         """The caller of an ``Authorization`` header, and when their token expires (epoch seconds)."""
-        import jwt
 
         if not authorization:
             raise Unauthorized()
@@ -86,6 +94,21 @@ class ClerkVerifier:
         token = token.strip()
         if scheme.lower() != "bearer" or not token or " " in token:
             raise Unauthorized()
+        import time
+
+        known = self._verified.get(token)
+        if known is not None and known[1] + CLOCK_SKEW_SECONDS > time.time():
+            return known
+        caller = self._verify(token)
+        with self._lock:
+            if len(self._verified) >= self.CACHE_SIZE:
+                self._verified.clear()
+            self._verified[token] = caller
+        return caller
+
+    def _verify(self, token: str) -> tuple[Caller, int]:
+        import jwt
+
         try:
             claims = jwt.decode(
                 token,
