@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -252,15 +254,59 @@ def s7_http(url: str, seconds: float, clients: int, workdir: Path, workers: int 
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
+        target = f"http://127.0.0.1:{port}/api/conversations?limit=20"
+        if shutil.which("wrk"):
+            return {**_wrk(target, token, clients, seconds), "workers": workers}
         load = subprocess.run(
-            [sys.executable, "-m", "bench.load", f"http://127.0.0.1:{port}/api/conversations?limit=20", token,
-             str(clients), str(seconds)],
+            [sys.executable, "-m", "bench.load", target, token, str(clients), str(seconds)],
             capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1],
         )  # fmt: skip
-        return dict(json.loads(load.stdout))
+        return {**json.loads(load.stdout), "load_generator": "python threads", "workers": workers}
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def _wrk(url: str, token: str, clients: int, seconds: float) -> dict[str, Any]:
+    """wrk as the second process: light enough to leave the CPU to the server on a small machine."""
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t2",
+            f"-c{clients}",
+            f"-d{int(seconds)}s",
+            "--latency",
+            "-H",
+            f"Authorization: Bearer {token}",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+    def ms(label: str) -> float:
+        match = re.search(rf"^\s*{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.MULTILINE)
+        if not match:
+            return float("nan")
+        value, unit = float(match.group(1)), match.group(2)
+        return round(value / 1000 if unit == "us" else value * 1000 if unit == "s" else value, 1)
+
+    requests = re.search(r"(\d+) requests in", out)
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = (int(non_2xx.group(1)) if non_2xx else 0) + (sum(map(int, socket.groups())) if socket else 0)
+    return {
+        "clients": clients,
+        "seconds": seconds,
+        "requests": int(requests.group(1)) if requests else 0,
+        "requests_per_s": float(rate.group(1)) if rate else 0.0,
+        "p50_ms": ms("50%"),
+        "p99_ms": ms("99%"),
+        "errors": errors,
+        "load_generator": "wrk",
+    }
 
 
 def s8_extraction(count: int) -> dict[str, Any]:
