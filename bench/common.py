@@ -111,10 +111,14 @@ _MEASURED = (
 )
 
 
-def run_sync(database_url: str, base_url: str, workdir: Path, *extra: str) -> Timed:
-    """``chatsync sync --json`` as a child process: wall time, its peak RSS, its summary."""
+def run_sync(database_url: str, base_url: str, workdir: Path, *extra: str, unlimited: bool = False) -> Timed:
+    """``chatsync sync --json`` as a child process: wall time, its peak RSS, its summary.
+
+    ``unlimited``: the server has no rate limit, so chatsync is configured not to keep Chatbase's.
+    """
     env = {
         **os.environ,
+        **({"CHATSYNC_RATE_LIMIT": "1000000/1s"} if unlimited else {}),
         "CHATBASE_API_KEY": "demo-key",
         "CHATBASE_CHATBOT_ID": "demo-bot",
         "CHATBASE_BASE_URL": base_url,

@@ -42,8 +42,8 @@ def s2_s4_speed(size: int, kind: str, workdir: Path) -> dict[str, Any]:
     with emulator(size) as emu:
         floor, fetched = floor_seconds(emu.base_url)
         with fresh_database(kind, workdir) as url:
-            first = run_sync(url, emu.base_url, workdir)
-            again = run_sync(url, emu.base_url, workdir)
+            first = run_sync(url, emu.base_url, workdir, unlimited=True)
+            again = run_sync(url, emu.base_url, workdir, unlimited=True)
         with fresh_database(kind, workdir) as url:
             peer, loaded = dlt_seconds(emu.base_url, url)
     return {
@@ -73,7 +73,7 @@ def s3_memory(small: int, large: int, kind: str, workdir: Path) -> dict[str, Any
     peaks = {}
     for size in (small, large):
         with emulator(size) as emu, fresh_database(kind, workdir) as url:
-            peaks[size] = run_sync(url, emu.base_url, workdir).peak_rss_mb
+            peaks[size] = run_sync(url, emu.base_url, workdir, unlimited=True).peak_rss_mb
     return {
         "small": small,
         "large": large,

@@ -262,7 +262,8 @@ class Syncer:
         today: date,
         status: Progress,
     ) -> None:
-        pages: queue.Queue[object] = queue.Queue(maxsize=2 * self.concurrency)
+        # Pages wait here for the single writer; a short queue bounds memory (a decoded page is ~1.5 MB).
+        pages: queue.Queue[object] = queue.Queue(maxsize=self.concurrency)
         seen: dict[Window, set[str]] = {}
         first_error: BaseException | None = None
 
