@@ -100,11 +100,16 @@ class Timed:
     summary: dict[str, Any]
 
 
-# Runs chatsync's CLI and reports the process's own peak RSS when it exits.
+# Runs chatsync's CLI and reports the process's own peak RSS when it exits. VmHWM, not getrusage:
+# ru_maxrss carries the parent's high-water mark across fork/exec, so a child of a large benchmark
+# process would report the parent's peak instead of its own.
 _MEASURED = (
-    "import atexit, resource, sys\n"
-    "atexit.register(lambda: sys.stderr.write('\\nPEAK_RSS_KB=%d\\n' % "
-    "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))\n"
+    "import atexit, sys\n"
+    "def _peak():\n"
+    "    for line in open('/proc/self/status'):\n"
+    "        if line.startswith('VmHWM:'):\n"
+    "            sys.stderr.write('\\nPEAK_RSS_KB=%d\\n' % int(line.split()[1]))\n"
+    "atexit.register(_peak)\n"
     "sys.argv = ['chatsync', *sys.argv[1:]]\n"
     "from chatsync.cli import main\n"
     "main()\n"

@@ -102,20 +102,18 @@ def offset_segments(tz: str, start: datetime, end: datetime) -> list[tuple[datet
 
 
 class _LocalTime:
-    """SQL for a conversation's local day, ISO weekday (Monday 0) and hour in the report's zone."""
+    """SQL for a conversation's local hour in the report's zone, as one sortable key.
 
-    day: Any
-    weekday: Any
+    PostgreSQL: the local timestamp truncated to the hour; SQLite: ``YYYY-MM-DD HH``.
+    """
+
     hour: Any
 
     def __init__(self, connection: Connection, tz: str, where: list[ColumnElement[bool]]) -> None:
         self.dialect = connection.dialect.name
         self.tz = tz
         if self.dialect == "postgresql":
-            local: Any = func.timezone(tz, c.c.created_at)
-            self.day = func.to_char(local, "YYYY-MM-DD")
-            self.weekday = func.extract("isodow", local) - 1
-            self.hour = func.extract("hour", local)
+            self.hour = func.date_trunc("hour", func.timezone(tz, c.c.created_at))
             return
         span = connection.execute(
             select(func.min(c.c.created_at), func.max(c.c.created_at)).where(and_(true(), *where))
@@ -134,15 +132,7 @@ class _LocalTime:
                 else_=literal_column(str(segments[0][1])),
             )
         local = func.datetime(c.c.created_at, func.printf("%+d minutes", minutes))
-        self.day = func.substr(local, 1, 10)
-        self.weekday = (func.cast(func.strftime("%w", local), _int()) + 6) % 7
-        self.hour = func.cast(func.strftime("%H", local), _int())
-
-
-def _int() -> Any:
-    from sqlalchemy import Integer
-
-    return Integer()
+        self.hour = func.substr(local, 1, 13)
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -157,9 +147,9 @@ def report(
     from chatsync.errors import UsageError
     from chatsync.timeutil import check_day
 
-    for day in (since, until):
-        if day is not None:
-            check_day(day)
+    for bound in (since, until):
+        if bound is not None:
+            check_day(bound)
     if since and until and (until - since).days > MAX_WINDOW_DAYS:
         raise UsageError("the report window is longer than 20 years: narrow --since/--until")
     start, end = local_window(since, until, tz)
@@ -185,7 +175,6 @@ def report(
                 count_if(c.c.response_steps > 0).label("with_steps"),
                 count_if(c.c.response_seconds.is_not(None)).label("with_pairs"),
                 count_if(c.c.first_response_seconds.is_not(None)).label("with_first"),
-                func.avg(c.c.first_response_seconds).label("first_mean"),
                 count_if(c.c.unanswered.is_(True)).label("unanswered"),
                 count_if(outcome != "no_prompt").label("prompted"),
                 count_if(outcome.in_(("captured", "not_found", "ambiguous"))).label("replied"),
@@ -213,21 +202,28 @@ def report(
     }
 
     pairs = _response_pairs(connection, where)
-    first = _percentiles(
-        connection, c.c.first_response_seconds, [*where, c.c.first_response_seconds.is_not(None)]
+    first = _distribution(
+        connection,
+        c.c.first_response_seconds,
+        c,
+        and_(true(), *where, c.c.first_response_seconds.is_not(None)),
     )
 
+    # One scan by (local day, hour) gives both the daily series and the weekday × hour grid.
     local = _LocalTime(connection, tz, where)
-    daily = connection.execute(
-        select(local.day.label("day"), func.count(), func.coalesce(func.sum(c.c.message_count), 0))
+    by_hour = connection.execute(
+        select(local.hour, func.count(), func.coalesce(func.sum(c.c.message_count), 0))
         .where(scope)
-        .group_by(local.day)
+        .group_by(local.hour)
     ).all()
+    daily: dict[str, tuple[int, int]] = {}
     grid = [[0] * 24 for _ in range(7)]
-    for weekday, hour, count in connection.execute(
-        select(local.weekday, local.hour, func.count()).where(scope).group_by(local.weekday, local.hour)
-    ).all():
-        grid[int(weekday)][int(hour)] = count
+    for key, count, messages in by_hour:
+        text_key = key.isoformat(sep=" ") if isinstance(key, datetime) else str(key)
+        local_day, hour = text_key[:10], int(text_key[11:13])
+        seen, total = daily.get(local_day, (0, 0))
+        daily[local_day] = (seen + count, total + int(messages))
+        grid[date.fromisoformat(local_day).weekday()][hour] += count
 
     return {
         "window": {
@@ -255,7 +251,7 @@ def report(
             "coverage": _rate(totals["with_pairs"], totals["with_steps"]),
         },
         "first_response_time_seconds": {
-            "mean": _round2(totals["first_mean"]),
+            "mean": _round2(first["mean"]),
             "median": _round2(first["median"]),
             "p90": _round2(first["p90"]),
             "coverage": _rate(totals["with_first"], totals["with_steps"]),
@@ -293,9 +289,8 @@ def _grouped(connection: Connection, key: Any, scope: Any) -> dict[str, int]:
     return {str(k): n for k, n in rows}
 
 
-def _days(rows: Sequence[Any], since: date | None, until: date | None) -> list[dict[str, Any]]:
+def _days(found: dict[str, tuple[int, int]], since: date | None, until: date | None) -> list[dict[str, Any]]:
     """One row per day of the window, including days with no conversations."""
-    found = {str(day): (count, int(messages)) for day, count, messages in rows}
     if not found and (since is None or until is None):
         return []
     first = since or date.fromisoformat(min(found))
@@ -309,69 +304,39 @@ def _days(rows: Sequence[Any], since: date | None, until: date | None) -> list[d
     return out
 
 
-def _percentiles(
-    connection: Connection, column: Any, where: list[ColumnElement[bool]]
-) -> dict[str, float | None]:
-    """Median and p90 of a numeric column, interpolated like percentile_cont."""
-    scope = and_(true(), *where)
-    if connection.dialect.name == "postgresql":
-        median, p90 = connection.execute(
-            select(
-                func.percentile_cont(0.5).within_group(column),
-                func.percentile_cont(0.9).within_group(column),
-            ).where(scope)
-        ).one()
-        return {"median": median, "p90": p90}
-    return _ranked_percentiles(connection, select(column.label("v")).where(scope).subquery())
+def _distribution(connection: Connection, value: Any, source: Any, scope: Any) -> dict[str, Any]:
+    """Count, mean, median and p90 of a column from its GROUP BY distribution.
 
-
-def _ranked_percentiles(connection: Connection, values: Any) -> dict[str, float | None]:
-    total = connection.execute(select(func.count()).select_from(values)).scalar_one()
-    if not total:
-        return {"median": None, "p90": None}
-    ranks: dict[str, tuple[int, int, float]] = {}
-    for name, p in (("median", 0.5), ("p90", 0.9)):
-        rank = p * (total - 1)
-        ranks[name] = (math.floor(rank), math.ceil(rank), rank - math.floor(rank))
-    wanted = sorted({r for lo, hi, _ in ranks.values() for r in (lo, hi)})
-    numbered = select(values.c.v, func.row_number().over(order_by=values.c.v).label("rn")).subquery()
-    found = dict(
-        connection.execute(
-            select(numbered.c.rn - 1, numbered.c.v).where((numbered.c.rn - 1).in_(wanted))
-        ).all()
-    )
-    return {name: found[lo] + (found[hi] - found[lo]) * frac for name, (lo, hi, frac) in ranks.items()}
+    Response times are stored rounded to the millisecond, so grouping loses nothing: the percentiles
+    are exactly percentile_cont's, and one query serves both databases.
+    """
+    rows = connection.execute(
+        select(value.label("v"), func.count())
+        .select_from(source)
+        .where(scope)
+        .group_by(value)
+        .order_by(value)
+    ).all()
+    distribution = [(float(v), n) for v, n in rows]
+    count = sum(n for _, n in distribution)
+    return {
+        "count": count,
+        "mean": sum(v * n for v, n in distribution) / count if count else None,
+        "median": percentile_from_distribution(distribution, 0.5),
+        "p90": percentile_from_distribution(distribution, 0.9),
+    }
 
 
 def _response_pairs(connection: Connection, where: list[ColumnElement[bool]]) -> dict[str, Any]:
-    """Mean, median, p90 and count over every timed user→assistant step of the set."""
+    """Every timed user→assistant step of the set, unnested from the per-conversation arrays."""
     scope = and_(true(), *where, c.c.response_seconds.is_not(None))
     if connection.dialect.name == "postgresql":
-        values = func.jsonb_array_elements_text(c.c.response_seconds).table_valued("value").alias("pair")
-        value = func.cast(values.c.value, _float())
-        row = connection.execute(
-            select(
-                func.count(),
-                func.avg(value),
-                func.percentile_cont(0.5).within_group(value),
-                func.percentile_cont(0.9).within_group(value),
-            )
-            .select_from(c)
-            .join(values, text("true"))
-            .where(scope)
-        ).one()
-        return {"count": row[0], "mean": row[1], "median": row[2], "p90": row[3]}
-    each = func.json_each(c.c.response_seconds).table_valued("value").alias("pair")
-    pairs = (
-        select(func.cast(each.c.value, _float()).label("v"))
-        .select_from(c)
-        .join(each, text("1=1"))
-        .where(scope)
-    )
-    subquery = pairs.subquery()
-    count, mean = connection.execute(select(func.count(), func.avg(subquery.c.v))).one()
-    ranked = _ranked_percentiles(connection, subquery)
-    return {"count": count, "mean": mean, **ranked}
+        pairs = func.jsonb_array_elements_text(c.c.response_seconds).table_valued("value").alias("pair")
+        source = c.join(pairs, text("true"))
+    else:
+        pairs = func.json_each(c.c.response_seconds).table_valued("value").alias("pair")
+        source = c.join(pairs, text("1=1"))
+    return _distribution(connection, func.cast(pairs.c.value, _float()), source, scope)
 
 
 def _float() -> Any:

@@ -532,3 +532,40 @@ def test_bad_input_is_a_clear_422_never_a_500(api: TestClient, path: str, params
     response = api.get(path, params=params, headers=ADMIN)
     assert response.status_code == 422, response.text
     assert response.json()["error"]["code"] == "invalid_request"
+
+
+def test_jwks_url_keys_verify_tokens_and_are_cached() -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from chatsync.web.auth import ClerkVerifier, Unauthorized
+
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(SIGNING_KEY.public_key()))
+    body = json.dumps({"keys": [{**jwk, "kid": "ins_test", "use": "sig", "alg": "RS256"}]}).encode()
+    hits = []
+
+    class Keys(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Keys)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/.well-known/jwks.json"
+        verifier = ClerkVerifier(ClerkSettings(issuer=ISSUER, authorized_parties=(ORIGIN,), jwks_url=url))
+        caller, _ = verifier.verify(f"Bearer {token()}")
+        assert caller.user_id == "user_a"
+        verifier.verify(f"Bearer {token(sub='user_b')}")
+        assert len(hits) == 1  # the key set is fetched once and cached
+        with pytest.raises(Unauthorized):
+            verifier.verify(f"Bearer {token(key=FOREIGN_KEY)}")
+    finally:
+        server.shutdown()
