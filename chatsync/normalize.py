@@ -90,6 +90,11 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
+def content_hash(canonical: str) -> str:
+    """The fingerprint that tells an unchanged conversation from a changed one."""
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
 def normalize_conversation(raw: object, chatbot_id: str, rule: WhatsAppRule) -> dict[str, Any]:
     """Validate one raw conversation and compute its row; raises BadRecord with the reason otherwise."""
     if not isinstance(raw, dict):
@@ -157,7 +162,7 @@ def normalize_conversation(raw: object, chatbot_id: str, rule: WhatsAppRule) -> 
         else None,
         "messages": messages,
         "raw": rest,
-        "content_hash": hashlib.sha256(text.encode()).hexdigest()[:32],
+        "content_hash": content_hash(text),
         **figures,
         "wa_outcome": finding.outcome,
         "wa_extracted": finding.extracted,

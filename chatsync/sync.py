@@ -31,10 +31,10 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from chatsync.chatbase import PAGE_SIZE, ChatbaseClient
 from chatsync.config import WhatsAppRule
 from chatsync.errors import BadRecord, ChatsyncError, ExitCode
-from chatsync.normalize import normalize_conversation
+from chatsync.normalize import canonical_json, content_hash, normalize_conversation
 from chatsync.store import writes
 from chatsync.store.locks import chatbot_lock
-from chatsync.timeutil import day_end, iso_z, utcnow
+from chatsync.timeutil import day_end, iso_z, parse_timestamp, utcnow
 
 MAX_WINDOW_DAYS = 31
 
@@ -322,7 +322,14 @@ class Syncer:
         now = self.now()
         rows: list[dict[str, Any]] = []
         bad: list[tuple[object, str]] = []
+        unchanged = captured = 0
+        known = self._fingerprints(page.records)
         for record in page.records:
+            skip = self._unchanged(record, known, page.window, seen)
+            if skip is not None:
+                unchanged += skip[0]
+                captured += skip[1]
+                continue
             try:
                 row = normalize_conversation(record, chatbot_id, self.rule)
             except BadRecord as exc:
@@ -347,10 +354,35 @@ class Syncer:
                 self._record_page(connection, chatbot_id, scope, bad, days, page.fetched_at, now)
         summary.inserted += counts.inserted
         summary.updated += counts.updated
-        summary.unchanged += counts.unchanged
-        summary.whatsapp_captured += counts.captured
+        summary.unchanged += counts.unchanged + unchanged
+        summary.whatsapp_captured += counts.captured + captured
         summary.quarantined += len(bad)
-        summary.fetched += counts.inserted + counts.updated + counts.unchanged + len(bad)
+        summary.fetched += counts.inserted + counts.updated + counts.unchanged + unchanged + len(bad)
+
+    def _fingerprints(self, records: list[Any]) -> dict[str, tuple[str, bool]]:
+        ids = [r["id"] for r in records if isinstance(r, dict) and isinstance(r.get("id"), str)]
+        with self._db() as connection:
+            return writes.stored_fingerprints(connection, ids)
+
+    def _unchanged(
+        self, record: Any, known: dict[str, tuple[str, bool]], window: Window, seen: set[str]
+    ) -> tuple[int, int] | None:
+        """(1, captured) for a stored conversation Chatbase sends unchanged, (0, 0) for one to pass over,
+        None for one to normalise. Unchanged ones skip the rule and the write: the cron path is mostly them."""
+        if not isinstance(record, dict) or not isinstance(record.get("id"), str) or record["id"] not in known:
+            return None  # new, or not even shaped like a conversation: normalising says which
+        conversation_id = record["id"]
+        stored_hash, has_number = known[conversation_id]
+        if content_hash(canonical_json(record)) != stored_hash:
+            return None
+        try:
+            created = parse_timestamp(record.get("created_at")).date()
+        except (ValueError, OverflowError, OSError):
+            return None
+        if not window.start <= created <= window.end or conversation_id in seen:
+            return (0, 0)  # another window's day, or a repeat after pages shifted
+        seen.add(conversation_id)
+        return (1, int(has_number))
 
     def _record_page(
         self,

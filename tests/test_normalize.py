@@ -73,3 +73,31 @@ def test_transcript_keeps_times_where_chatbase_sent_them() -> None:
         {"role": "user", "content": "hi", "created_at": "2024-05-01T08:00:00Z"},
         {"role": "assistant", "content": "", "created_at": None},
     ]
+
+
+def test_a_record_whose_id_is_not_text_is_quarantined_not_crashed_on(engine: object) -> None:
+    from datetime import UTC, datetime
+
+    from chatsync.chatbase import ChatbaseClient
+    from chatsync.config import Secret
+    from chatsync.emulator import Emulator, EmulatorTransport
+    from chatsync.sync import Syncer, SyncRequest
+
+    emulator = Emulator(conversations=20, seed=9, rate_limit=None)
+    client = ChatbaseClient(
+        Secret("demo-key"), "http://emulator/api/v1", transport=EmulatorTransport(emulator)
+    )
+    syncer = Syncer(engine, client, WhatsAppRule())  # type: ignore[arg-type]
+    first = syncer.run(SyncRequest(("demo-bot",)))
+    assert first.inserted == 20
+    odd = {"id": ["not", "text"], "created_at": datetime.now(UTC).isoformat(), "messages": []}
+    from sqlalchemy import select
+
+    from chatsync.store.tables import quarantine
+    from chatsync.sync import Window, _Page
+
+    page = _Page(Window(datetime.now(UTC).date(), datetime.now(UTC).date()), [odd], False, datetime.now(UTC))
+    syncer._save_page("demo-bot", "*", page, datetime.now(UTC).date(), set())
+    with engine.connect() as connection:  # type: ignore[attr-defined]
+        reasons = list(connection.execute(select(quarantine.c.reason)).scalars())
+    assert reasons == ["record has no id"]

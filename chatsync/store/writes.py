@@ -105,6 +105,18 @@ def upsert_conversations(
     return counts
 
 
+def stored_fingerprints(connection: Connection, ids: list[str]) -> dict[str, tuple[str, bool]]:
+    """Content hash of each stored conversation among ``ids``, and whether the chat gave its number."""
+    if not ids:
+        return {}
+    rows = connection.execute(
+        select(conversations.c.id, conversations.c.content_hash, conversations.c.wa_extracted).where(
+            conversations.c.id.in_(ids)
+        )
+    ).all()
+    return {r.id: (r.content_hash, r.wa_extracted is not None) for r in rows}
+
+
 def apply_rule_results(
     connection: Connection, rows: list[dict[str, Any]], now: datetime, columns: Iterable[str]
 ) -> None:
