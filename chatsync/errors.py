@@ -13,7 +13,9 @@ Catch at the level you care about::
     │   ├── MissingSetting             e.g. no CHATBASE_API_KEY
     │   └── ChatbaseRejected           Chatbase said 400/401/403/404: bad key, chatbot or parameter
     ├── SchemaTooNew                   database migrated by a newer chatsync (exit 1)
+    ├── DatabaseUnreachable            the database cannot be opened (exit 1)
     ├── LockHeld                       another sync of the chatbot is running (exit 75)
+    ├── DatabaseUnavailable            the database went away mid-sync; committed work stays (exit 3)
     └── ChatbaseUnavailable            retries ran out: outage, rate limit, broken pages (exit 3)
         └── PagingError                the server repeated a page or never stopped paging
 
@@ -98,6 +100,18 @@ class SchemaTooNew(ChatsyncError):
         super().__init__(
             f"database schema {found!r} is newer than this chatsync knows ({known!r}): upgrade chatsync"
         )
+
+
+class DatabaseUnreachable(ChatsyncError):
+    def __init__(self, exc: BaseException) -> None:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        super().__init__(f"cannot open the database: {first_line}")
+
+
+class DatabaseUnavailable(ChatsyncError):
+    """The database went away mid-run (e.g. a PostgreSQL restart); what was committed stays."""
+
+    exit_code = ExitCode.PARTIAL
 
 
 class LockHeld(ChatsyncError):

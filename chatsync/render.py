@@ -222,16 +222,11 @@ def conversation(detail: dict[str, Any]) -> None:
     head = Table(show_header=False, box=None, pad_edge=False)
     head.add_column(style="bold")
     head.add_column()
-    for key in (
-        "id",
-        "chatbot_id",
-        "created_at",
-        "last_message_at",
-        "source",
-        "customer",
-        "country",
-        "message_count",
-    ):
+    from chatsync.store.queries import LIST_KEYS
+
+    for key in LIST_KEYS:
+        if key.startswith("whatsapp_"):
+            continue  # shown below with its source and a link
         head.add_row(key.replace("_", " "), "" if detail[key] is None else str(detail[key]))
     number = _wa_link(detail["whatsapp_number"], console)
     if detail["whatsapp_source"]:

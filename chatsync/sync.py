@@ -30,19 +30,13 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from chatsync.chatbase import PAGE_SIZE, ChatbaseClient
 from chatsync.config import WhatsAppRule
-from chatsync.errors import BadRecord, ChatsyncError, ExitCode
+from chatsync.errors import BadRecord, ChatsyncError, DatabaseUnavailable, ExitCode
 from chatsync.normalize import canonical_json, content_hash, normalize_conversation
 from chatsync.store import writes
 from chatsync.store.locks import chatbot_lock
 from chatsync.timeutil import day_end, iso_z, parse_timestamp, utcnow
 
 MAX_WINDOW_DAYS = 31
-
-
-class DatabaseUnavailable(ChatsyncError):
-    """The database went away mid-run (e.g. a PostgreSQL restart); what was committed stays."""
-
-    exit_code = ExitCode.PARTIAL
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,10 @@ import pytest
 from chatsync.chatbase import ChatbaseClient
 from chatsync.config import Secret, WhatsAppRule
 from chatsync.emulator import Faults
-from chatsync.errors import ExitCode
+from chatsync.errors import DatabaseUnavailable, ExitCode
 from chatsync.store.engine import ensure_schema, open_engine
 from chatsync.store.locks import chatbot_lock
-from chatsync.sync import DatabaseUnavailable, Syncer, SyncRequest
+from chatsync.sync import Syncer, SyncRequest
 from tests.conftest import chatbase_env
 from tests.helpers import assert_exact
 

@@ -19,19 +19,6 @@ import httpx
 
 from chatsync.emulator.data import BAD_RECORD_KINDS, Dataset, Planted, spoil
 
-KNOWN_SOURCES = (
-    "API",
-    "Chatbase site",
-    "Instagram",
-    "Messenger",
-    "Slack",
-    "Unspecified",
-    "WhatsApp",
-    "Widget or Iframe",
-    "Playground",
-    "Action preview",
-)
-
 
 @dataclass
 class Faults:

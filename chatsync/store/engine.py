@@ -12,7 +12,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from chatsync.config import normalize_database_url
-from chatsync.errors import ChatsyncError, ConfigError, SchemaTooNew
+from chatsync.errors import ConfigError, DatabaseUnreachable, SchemaTooNew
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 # Compact UTF-8 JSON: the default escapes every CJK character, which is slower and stores more bytes.
@@ -123,12 +123,6 @@ def ensure_schema(engine: Engine) -> None:
     if found is not None and found not in known_revisions():
         raise SchemaTooNew(found, head_revision())
     upgrade(engine)
-
-
-class DatabaseUnreachable(ChatsyncError):
-    def __init__(self, exc: BaseException) -> None:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        super().__init__(f"cannot open the database: {first_line}")
 
 
 def table_counts(engine: Engine) -> dict[str, int]:
