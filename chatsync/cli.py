@@ -76,6 +76,11 @@ def handle_errors(command: F) -> F:
         except KeyboardInterrupt:
             render.error("interrupted; what was committed is kept")
             raise typer.Exit(130) from None
+        except BrokenPipeError:
+            # The reader stopped reading (`chatsync list --all | head`): not an error worth a message.
+            # Point stdout at devnull so the interpreter's final flush stays quiet, and end as SIGPIPE would.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(141) from None
         except Exception as exc:
             if debug:
                 traceback.print_exc()

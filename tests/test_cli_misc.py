@@ -152,3 +152,22 @@ def test_out_of_range_input_exits_2_with_one_line(
     result = cli("--database-url", sqlite_url, *args)
     assert result.exit_code == ExitCode.USAGE, result.output
     assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_reader_that_stops_early_gets_no_error_message(cli: Any, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    assert cli("demo", "--conversations", "300", "--path", str(tmp_path / "demo.db")).exit_code == 0
+    env = {**os.environ, "CHATSYNC_DATABASE_URL": f"sqlite:///{tmp_path / 'demo.db'}"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "chatsync", "list", "--all", "--format", "ndjson"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    assert process.stdout is not None and process.stderr is not None
+    assert json.loads(process.stdout.readline())["id"]
+    process.stdout.close()  # like `| head -1`
+    process.wait(timeout=30)
+    assert process.stderr.read() == b""
+    assert process.returncode == 141  # ~90 kB is more than the pipe holds: the pipe really broke
