@@ -209,3 +209,19 @@ def test_emulator_answers_like_chatbase() -> None:
         limited = http.get("get-conversations", params={"chatbotId": "demo-bot"}, headers=auth)
         assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
         assert json.loads(limited.content)["error"]["code"] == "RATE_LIMIT_TOO_MANY_REQUESTS"
+
+
+def test_the_emulator_stays_quiet_when_a_client_hangs_up(
+    emulator_factory: Any, capfd: pytest.CaptureFixture[str]
+) -> None:
+    server = emulator_factory(conversations=3000, seed=1, latency_ms=300)
+    for _ in range(3):
+        with pytest.raises(httpx.TimeoutException):
+            httpx.get(
+                f"{server.base_url}/get-conversations",
+                params={"chatbotId": "demo-bot", "size": 100},
+                headers={"Authorization": "Bearer demo-key"},
+                timeout=0.1,
+            )
+    time.sleep(0.8)  # let the server finish writing into the closed connections
+    assert "Exception occurred" not in capfd.readouterr().err
