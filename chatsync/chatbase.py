@@ -283,8 +283,9 @@ class ChatbaseClient:
         end: date | None,
         sources: tuple[str, ...] = (),
         size: int = PAGE_SIZE,
-    ) -> Iterator[list[dict[str, Any]]]:
-        """Every page of a window, in order, until the first short or empty page."""
+    ) -> Iterator[tuple[list[dict[str, Any]], bool]]:
+        """Every page of a window in order, each with whether it is the last: the first page shorter than
+        ``size``. A window whose last full page is followed by an empty one ends with ``([], True)``."""
         previous_ids: list[object] | None = None
         for page in range(1, MAX_PAGES_PER_WINDOW + 1):
             data = self.get_conversations(chatbot_id, page, start=start, end=end, sources=sources, size=size)
@@ -292,9 +293,9 @@ class ChatbaseClient:
             if data and ids == previous_ids:
                 raise PagingError(f"Chatbase repeated page {page - 1} as page {page} for {start}..{end}")
             previous_ids = ids
-            if data:
-                yield data
-            if len(data) < size:
+            last = len(data) < size
+            yield data, last
+            if last:
                 return
         raise PagingError(f"more than {MAX_PAGES_PER_WINDOW} pages for {start}..{end}: stopped paging")
 

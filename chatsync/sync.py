@@ -18,7 +18,7 @@ import math
 import queue
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -28,7 +28,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from chatsync.chatbase import PAGE_SIZE, ChatbaseClient
+from chatsync.chatbase import ChatbaseClient
 from chatsync.config import WhatsAppRule
 from chatsync.errors import BadRecord, ChatsyncError, DatabaseUnavailable, ExitCode
 from chatsync.normalize import canonical_json, content_hash, normalize_conversation
@@ -264,7 +264,7 @@ class Syncer:
         def fetch(window: Window) -> None:
             try:
                 fetched_at = self.now()
-                for records, last in _pages(self.client, chatbot_id, window, sources):
+                for records, last in self.client.iter_pages(chatbot_id, window.start, window.end, sources):
                     pages.put(_Page(window, records, last, fetched_at))
             except BaseException as exc:
                 pages.put(_Failed(window, exc))
@@ -444,21 +444,3 @@ def _unavailable(exc: DBAPIError) -> DatabaseUnavailable:
         f"the database went away mid-run ({first[0] if first else type(exc).__name__}); "
         "what was committed is kept and the next run continues"
     )
-
-
-def _pages(
-    client: ChatbaseClient, chatbot_id: str, window: Window, sources: tuple[str, ...]
-) -> Iterator[tuple[list[Any], bool]]:
-    """Pages of a window, each flagged when it is the last (an empty last page still closes the window)."""
-    previous: list[Any] | None = None
-    for records in client.iter_pages(chatbot_id, window.start, window.end, sources):
-        if previous is not None:
-            yield previous, False
-        previous = records
-    if previous is None:
-        yield [], True
-    elif len(previous) < PAGE_SIZE:
-        yield previous, True
-    else:
-        yield previous, False
-        yield [], True

@@ -32,9 +32,9 @@ def _client(transport: httpx.BaseTransport | None = None, **kwargs: Any) -> Chat
 def test_documented_field_variants_all_normalise() -> None:
     with replay.use_cassette("conversation_page_shapes.yaml"), _client() as client:
         pages = list(client.iter_pages("bot-1", date(2024, 5, 1), date(2024, 5, 2)))
-        assert list(client.iter_pages("bot-1", date(2024, 5, 3), date(2024, 5, 3))) == []
-    assert len(pages) == 1 and len(pages[0]) == 3
-    rows = {r["id"]: r for r in (normalize_conversation(c, "bot-1", WhatsAppRule()) for c in pages[0])}
+        assert list(client.iter_pages("bot-1", date(2024, 5, 3), date(2024, 5, 3))) == [([], True)]
+    assert len(pages) == 1 and len(pages[0][0]) == 3 and pages[0][1] is True
+    rows = {r["id"]: r for r in (normalize_conversation(c, "bot-1", WhatsAppRule()) for c in pages[0][0])}
     live, openapi, old = rows["c-live"], rows["c-openapi"], rows["c-old"]
     assert live["last_message_at"].isoformat() == "2024-05-02T09:03:00+00:00"
     assert openapi["last_message_at"].isoformat() == "2024-05-01T10:05:00+00:00"  # updated_at variant
@@ -107,7 +107,7 @@ def test_paging_asks_100_a_page_and_stops_at_the_first_short_page() -> None:
     transport = _pages_transport([_records(0, 100), _records(100, 100), _records(200, 7)], seen)
     with _client(transport) as client:
         pages = list(client.iter_pages("bot", date(2024, 5, 1), date(2024, 5, 1)))
-    assert [len(p) for p in pages] == [100, 100, 7]
+    assert [(len(p), last) for p, last in pages] == [(100, False), (100, False), (7, True)]
     assert [r.url.params["page"] for r in seen] == ["1", "2", "3"]
     assert {r.url.params["size"] for r in seen} == {"100"}
     assert seen[0].headers["authorization"] == f"Bearer {KEY}"
@@ -116,7 +116,10 @@ def test_paging_asks_100_a_page_and_stops_at_the_first_short_page() -> None:
 def test_a_full_last_page_is_closed_by_an_empty_one() -> None:
     seen: list[httpx.Request] = []
     with _client(_pages_transport([_records(0, 100)], seen)) as client:
-        assert [len(p) for p in client.iter_pages("bot", None, None)] == [100]
+        assert [(len(p), last) for p, last in client.iter_pages("bot", None, None)] == [
+            (100, False),
+            (0, True),
+        ]
     assert len(seen) == 2
 
 
