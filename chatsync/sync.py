@@ -290,7 +290,7 @@ class Syncer:
                             self.client.stop.set()  # no new requests; pages already fetched are still saved
                         continue
                     assert isinstance(item, _Page)
-                    if first_error is not None and isinstance(first_error, DatabaseUnavailable):
+                    if isinstance(first_error, DatabaseUnavailable):
                         continue
                     try:
                         self._save_page(chatbot_id, scope, item, today, seen.setdefault(item.window, set()))
@@ -329,16 +329,13 @@ class Syncer:
             except BadRecord as exc:
                 bad.append((record, exc.reason))
                 continue
-            if not page.window.start <= row["created_at"].date() <= page.window.end:
-                continue  # a wider answer than asked for: that day belongs to another window
-            if row["id"] in seen:
-                continue  # pages shifted while conversations arrived
-            seen.add(row["id"])
-            rows.append(row)
+            if _claim(row["id"], row["created_at"].date(), page.window, seen):
+                rows.append(row)
         days = [d for d in page.window.days if d < today] if page.last else []
+        stored = {conversation_id: fingerprint[0] for conversation_id, fingerprint in known.items()}
         try:
             with self._db() as connection:
-                counts = writes.upsert_conversations(connection, rows, now)
+                counts = writes.upsert_conversations(connection, rows, now, stored)
                 self._record_page(connection, chatbot_id, scope, bad, days, page.fetched_at, now)
         except DBAPIError:
             # The database refused the page as a whole (not a lost connection, which _db turns into
@@ -373,10 +370,7 @@ class Syncer:
             created = parse_timestamp(record.get("created_at")).date()
         except (ValueError, OverflowError, OSError):
             return None
-        if not window.start <= created <= window.end or conversation_id in seen:
-            return (0, 0)  # another window's day, or a repeat after pages shifted
-        seen.add(conversation_id)
-        return (1, int(has_number))
+        return (1, int(has_number)) if _claim(conversation_id, created, window, seen) else (0, 0)
 
     def _record_page(
         self,
@@ -413,6 +407,15 @@ class Syncer:
     def _report(self, status: Progress) -> None:
         if self.progress:
             self.progress(status)
+
+
+def _claim(conversation_id: str, created: date, window: Window, seen: set[str]) -> bool:
+    """Whether this copy of a conversation counts for this window: created on one of its days (a server
+    may answer wider than asked) and not already seen in it (pages shift while conversations arrive)."""
+    if not window.start <= created <= window.end or conversation_id in seen:
+        return False
+    seen.add(conversation_id)
+    return True
 
 
 class _Transaction:

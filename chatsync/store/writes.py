@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
@@ -68,20 +68,29 @@ class UpsertCounts:
 
 
 def upsert_conversations(
-    connection: Connection, rows: Iterable[dict[str, Any]], now: datetime
+    connection: Connection,
+    rows: Iterable[dict[str, Any]],
+    now: datetime,
+    known_hashes: Mapping[str, str] | None = None,
 ) -> UpsertCounts:
-    """Insert new conversations, rewrite changed ones, skip unchanged ones (same content hash)."""
+    """Insert new conversations, rewrite changed ones, skip unchanged ones (same content hash).
+
+    ``known_hashes``: the stored hashes of these ids when the caller has already read them (the sync
+    engine does, to skip unchanged conversations before normalising); otherwise they are read here.
+    """
     batch = {row["id"]: row for row in rows}  # the last copy of a conversation in a batch wins
     counts = UpsertCounts(captured=sum(1 for r in batch.values() if r["wa_extracted"]))
     if not batch:
         return counts
-    known = dict(
-        connection.execute(
-            select(conversations.c.id, conversations.c.content_hash).where(
-                conversations.c.id.in_(list(batch))
-            )
-        ).all()
-    )
+    if known_hashes is None:
+        known_hashes = dict(
+            connection.execute(
+                select(conversations.c.id, conversations.c.content_hash).where(
+                    conversations.c.id.in_(list(batch))
+                )
+            ).all()
+        )
+    known = known_hashes
     fresh = [r for i, r in batch.items() if i not in known]
     changed = [r for i, r in batch.items() if i in known and known[i] != r["content_hash"]]
     counts.inserted, counts.updated = len(fresh), len(changed)
