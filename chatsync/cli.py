@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import sys
 import traceback
@@ -734,24 +735,13 @@ def users_sync() -> None:
     if not secret:
         raise MissingSetting("CLERK_SECRET_KEY", "the environment")
     engine = _ctx().engine(_ctx().settings())
+    users = fetch_clerk_users(Secret(secret), os.environ.get("CLERK_API_URL", "https://api.clerk.com/v1"))
     seen = written = 0
-    batch: list[dict[str, Any]] = []
-    for user in fetch_clerk_users(
-        Secret(secret), os.environ.get("CLERK_API_URL", "https://api.clerk.com/v1")
-    ):
-        batch.append(user)
-        if len(batch) == 500:
-            written += _save_users(engine, batch, upsert_user)
-            seen += len(batch)
-            batch = []
-    written += _save_users(engine, batch, upsert_user)
-    seen += len(batch)
+    while batch := list(itertools.islice(users, 500)):  # one transaction per page of Clerk users
+        with engine.begin() as connection:
+            written += sum(1 for user in batch if upsert_user(connection, user))
+        seen += len(batch)
     render.info(f"{seen:,} Clerk users read, {written:,} stored or updated")
-
-
-def _save_users(engine: Any, batch: list[dict[str, Any]], upsert: Any) -> int:
-    with engine.begin() as connection:
-        return sum(1 for user in batch if upsert(connection, user))
 
 
 def main() -> None:

@@ -44,6 +44,13 @@ def _keypair() -> tuple[Any, str]:
 
 SIGNING_KEY, PUBLIC_PEM = _keypair()
 FOREIGN_KEY, _ = _keypair()
+CLERK = ClerkSettings(
+    issuer=ISSUER,
+    authorized_parties=(ORIGIN,),
+    public_key=PUBLIC_PEM,
+    webhook_secret=WEBHOOK_SECRET,
+    admin_user_ids=("user_admin",),
+)
 
 
 def token(key: Any = None, drop: tuple[str, ...] = (), **claims: Any) -> str:
@@ -100,15 +107,8 @@ def api(engine: Any) -> TestClient:
         writes.upsert_conversations(connection, rows, now)
         grant(connection, "bot-a", "user", "user_a", now)
         grant(connection, "bot-b", "org", "org_x", now)
-    clerk = ClerkSettings(
-        issuer=ISSUER,
-        authorized_parties=(ORIGIN,),
-        public_key=PUBLIC_PEM,
-        webhook_secret=WEBHOOK_SECRET,
-        admin_user_ids=("user_admin",),
-    )
     url = engine.url.render_as_string(hide_password=False)
-    return TestClient(create_app(engine, Settings(database_url=url), clerk, poll_seconds=0.2))
+    return TestClient(create_app(engine, Settings(database_url=url), CLERK, poll_seconds=0.2))
 
 
 # ------------------------------------------------------------------------------------------ authentication
@@ -225,10 +225,7 @@ def test_admin_sync_runs_in_the_background_and_a_second_one_is_409(
 
     url = engine.url.render_as_string(hide_password=False)
     settings = Settings(database_url=url, api_key=Secret("demo-key"), base_url=server.base_url)
-    clerk = ClerkSettings(
-        issuer=ISSUER, authorized_parties=(ORIGIN,), public_key=PUBLIC_PEM, admin_user_ids=("user_admin",)
-    )
-    client = TestClient(create_app(engine, settings, clerk))
+    client = TestClient(create_app(engine, settings, CLERK))
     started = client.post("/api/sync", headers=ADMIN, json={"chatbot_id": "demo-bot"})
     assert started.status_code == 202
     run_id = started.json()["run_id"]
@@ -481,13 +478,6 @@ def test_openapi_declares_every_status_and_no_request_is_a_500(engine: Any, emul
     from schemathesis.specs.openapi.checks import status_code_conformance
 
     url = engine.url.render_as_string(hide_password=False)
-    clerk = ClerkSettings(
-        issuer=ISSUER,
-        authorized_parties=(ORIGIN,),
-        public_key=PUBLIC_PEM,
-        webhook_secret=WEBHOOK_SECRET,
-        admin_user_ids=("user_admin",),
-    )
     from chatsync.config import Secret
 
     server = emulator_factory(conversations=50, seed=52)
@@ -497,7 +487,7 @@ def test_openapi_declares_every_status_and_no_request_is_a_500(engine: Any, emul
         base_url=server.base_url,
         retry_budget=timedelta(seconds=2),
     )
-    app = create_app(engine, configured, clerk)
+    app = create_app(engine, configured, CLERK)
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     headers = bearer(token(sub="user_admin", exp=int(time.time()) + 3600))
     operations = [op for op in schema.get_all_operations() if op.ok().path != "/api/events"]

@@ -277,9 +277,8 @@ def create_app(
         cursor: Annotated[str | None, Query(max_length=512)] = None,
     ) -> dict[str, Any]:
         """Conversations the caller may see, newest first, with the fields of `chatsync list`."""
+        _check_window(since, until)
         filters = _filters(settings, who, chatbot_id, source, since, until, has_whatsapp, number, search)
-        if since and until and since > until:
-            raise ApiError(422, "invalid_request", "since is after until")
         with engine.connect() as connection:
             data, next_cursor = _core(lambda: list_page(connection, filters, limit, cursor))
         # The core already shaped every row; returning a response skips re-validating what the model documents.
@@ -342,9 +341,7 @@ def create_app(
         """Start a sync of one chatbot in the background (admins)."""
         if not who.may_sync(body.chatbot_id):
             raise ApiError(403, "forbidden", "only admins of this chatbot may sync it")
-        if body.since and body.until and body.since > body.until:
-            raise ApiError(422, "invalid_request", "since is after until")
-        _core(lambda: [check_day(d) for d in (body.since, body.until) if d])
+        _check_window(body.since, body.until)
         try:
             return {"run_id": runner.start(body)}
         except LockHeld:
@@ -375,8 +372,7 @@ def create_app(
         from chatsync.analytics import report
         from chatsync.config import validate_timezone
 
-        if since and until and since > until:
-            raise ApiError(422, "invalid_request", "since is after until")
+        _check_window(since, until)
         zone = _core(lambda: validate_timezone(tz or settings.timezone))
         filters = _filters(settings, who, chatbot_id, source, None, None, None, None, None)
         with engine.connect() as connection:
@@ -429,6 +425,13 @@ def _core(call: Any) -> Any:
         raise ApiError(422, "invalid_request", str(exc)) from None
 
 
+def _check_window(since: date | None, until: date | None) -> None:
+    """The days of a request: each in range, and in order."""
+    _core(lambda: [check_day(d) for d in (since, until) if d])
+    if since and until and since > until:
+        raise ApiError(422, "invalid_request", "since is after until")
+
+
 def _filters(
     settings: Settings,
     who: Access,
@@ -443,7 +446,6 @@ def _filters(
     from chatsync.chatbase import canonical_source
     from chatsync.whatsapp import normalize_number
 
-    _core(lambda: [check_day(d) for d in (since, until) if d])
     return ConversationFilter(
         chatbot_ids=tuple(chatbot_id or ()),
         sources=tuple(_core(lambda: [canonical_source(s) for s in source or []])),
