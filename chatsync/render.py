@@ -12,6 +12,7 @@ import math
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from datetime import date, timedelta
 from typing import IO, Any
 
 from rich import box
@@ -365,8 +366,8 @@ def report(data: dict[str, Any]) -> None:
         if len(days) > 31:  # weeks keep a long window readable on 80 columns
             weeks: dict[str, int] = {}
             for row in days:
-                monday = date_of(row["date"])
-                key = (monday - timedelta_days(monday.weekday())).isoformat()
+                day = date.fromisoformat(row["date"])
+                key = (day - timedelta(days=day.weekday())).isoformat()
                 weeks[key] = weeks.get(key, 0) + row["conversations"]
             rows = [(f"week of {k}", v) for k, v in weeks.items()]
         else:
@@ -451,18 +452,6 @@ def report(data: dict[str, Any]) -> None:
                 ]
             )
         )
-
-
-def date_of(text: str) -> Any:
-    from datetime import date
-
-    return date.fromisoformat(text)
-
-
-def timedelta_days(days: int) -> Any:
-    from datetime import timedelta
-
-    return timedelta(days=days)
 
 
 def extraction(text: str, result: Any) -> None:
