@@ -13,16 +13,17 @@ written into the query as a CASE over offset segments: still one SQL query, exac
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, and_, case, func, literal_column, select, text, true
+from sqlalchemy import Connection, and_, case, false, func, literal_column, select, text, true
 from sqlalchemy.sql import ColumnElement
 
 from chatsync.store.queries import ConversationFilter, conditions
+from chatsync.store.tables import ROLLUP_COUNTERS, report_hours, report_users, report_values
 from chatsync.store.tables import conversations as c
 from chatsync.timeutil import as_utc
 
@@ -136,6 +137,21 @@ class _LocalTime:
 
 
 # ----------------------------------------------------------------------------------------------- report
+@dataclass
+class Figures:
+    """What the report is assembled from, read either from the rollups or from the conversations."""
+
+    totals: dict[str, int]  # ROLLUP_COUNTERS, summed over the set
+    users: int
+    lengths: list[tuple[int, int]]  # (message count, conversations), ascending
+    pairs: list[tuple[float, int]]  # (seconds, steps), ascending
+    first: list[tuple[float, int]]
+    hours: list[tuple[str, int, int]]  # (local "YYYY-MM-DD HH", conversations, messages)
+    by_source: dict[str, int]
+    by_country: dict[str, int]
+    by_phone_region: dict[str, int]
+
+
 def report(
     connection: Connection,
     filters: ConversationFilter,
@@ -143,7 +159,11 @@ def report(
     until: date | None = None,
     tz: str = "UTC",
 ) -> dict[str, Any]:
-    """The analytics object of spec/analytics.md for conversations created in local days since..until."""
+    """The analytics object of spec/analytics.md for conversations created in local days since..until.
+
+    An all-time report filtered at most by chatbot and source reads the rollups; any other set is
+    aggregated from its conversations. Both give the same figures (the tests hold them to it).
+    """
     from chatsync.errors import UsageError
     from chatsync.timeutil import check_day
 
@@ -152,6 +172,187 @@ def report(
             check_day(bound)
     if since and until and (until - since).days > MAX_WINDOW_DAYS:
         raise UsageError("the report window is longer than 20 years: narrow --since/--until")
+    if since is None and until is None and rollups_cover(filters):
+        figures = _from_rollups(connection, filters, tz)
+    else:
+        figures = _from_conversations(connection, filters, since, until, tz)
+    return _assemble(figures, since, until, tz)
+
+
+def rollups_cover(filters: ConversationFilter) -> bool:
+    """Whether the rollups can answer for this filter: they know chatbot, source and hour, nothing more."""
+    return filters == ConversationFilter(
+        chatbot_ids=filters.chatbot_ids,
+        sources=filters.sources,
+        visible_chatbot_ids=filters.visible_chatbot_ids,
+    )
+
+
+def _assemble(f: Figures, since: date | None, until: date | None, tz: str) -> dict[str, Any]:
+    t = f.totals
+    n = t["conversations"]
+    daily: dict[str, tuple[int, int]] = {}
+    grid = [[0] * 24 for _ in range(7)]
+    for key, count, messages in f.hours:
+        local_day, hour = key[:10], int(key[11:13])
+        seen, total = daily.get(local_day, (0, 0))
+        daily[local_day] = (seen + count, total + messages)
+        grid[date.fromisoformat(local_day).weekday()][hour] += count
+    pairs, first = _summary(f.pairs), _summary(f.first)
+    return {
+        "window": {
+            "since": since.isoformat() if since else None,
+            "until": until.isoformat() if until else None,
+            "timezone": tz,
+        },
+        "conversations": n,
+        "messages": t["messages"],
+        "user_messages": t["user_messages"],
+        "assistant_messages": t["assistant_messages"],
+        "users": f.users,
+        "users_coverage": _rate(t["keyed"], n),
+        "engagement_rate": _rate(t["engaged"], n),
+        "messages_per_conversation": {
+            "mean": _round2(t["messages"] / n if n else None),
+            "median": _round2(percentile_from_distribution(f.lengths, 0.5)),
+        },
+        "length_histogram": {
+            label: sum(count for value, count in f.lengths if value >= lo and (hi is None or value <= hi))
+            for label, lo, hi in LENGTH_BUCKETS
+        },
+        "response_time_seconds": {
+            "mean": _round2(pairs["mean"]),
+            "median": _round2(pairs["median"]),
+            "p90": _round2(pairs["p90"]),
+            "pairs": pairs["count"],
+            "coverage": _rate(t["with_pairs"], t["with_steps"]),
+        },
+        "first_response_time_seconds": {
+            "mean": _round2(first["mean"]),
+            "median": _round2(first["median"]),
+            "p90": _round2(first["p90"]),
+            "coverage": _rate(t["with_first"], t["with_steps"]),
+        },
+        "unanswered_rate": _rate(t["unanswered"], n),
+        "by_source": f.by_source,
+        "by_country": f.by_country,
+        "by_phone_region": f.by_phone_region,
+        "by_day": _days(daily, since, until),
+        "by_weekday_hour": grid,
+        "whatsapp": {
+            "prompted": t["prompted"],
+            "replied": t["replied"],
+            "captured": t["captured"],
+            "capture_rate": _rate(t["captured"], t["prompted"]),
+            "manual": t["manual"],
+            "from_form": t["from_form"],
+            "with_number": t["with_number"],
+            "missed": {o: t[f"missed_{o}"] for o in MISSED},
+        },
+    }
+
+
+def _ranked(counts: Iterable[tuple[str, int]]) -> dict[str, int]:
+    """Most first, then by name: the same order whichever database or path produced the counts."""
+    return dict(sorted(((str(k), int(n)) for k, n in counts if n), key=lambda kv: (-kv[1], kv[0])))
+
+
+# ----------------------------------------------------------------------------------------- from rollups
+def _from_rollups(connection: Connection, filters: ConversationFilter, tz: str) -> Figures:
+    """All-time figures from the rollups: thousands of rows, whatever the number of conversations."""
+    hours_where = _rollup_scope(report_hours, filters)
+    totals_row = (
+        connection.execute(
+            select(*[func.coalesce(func.sum(report_hours.c[k]), 0).label(k) for k in ROLLUP_COUNTERS]).where(
+                hours_where
+            )
+        )
+        .one()
+        ._mapping
+    )
+    totals = {k: int(v) for k, v in totals_row.items()}
+    keys = (
+        select(report_users.c.user_key)
+        .where(_rollup_scope(report_users, filters), report_users.c.n > 0)
+        .group_by(report_users.c.user_key)
+        .subquery()
+    )
+    users = connection.execute(select(func.count()).select_from(keys)).scalar_one()
+
+    values: dict[str, list[tuple[str, int]]] = {}
+    for metric, value, n in connection.execute(
+        select(report_values.c.metric, report_values.c.value, func.sum(report_values.c.n))
+        .where(_rollup_scope(report_values, filters))
+        .group_by(report_values.c.metric, report_values.c.value)
+    ):
+        values.setdefault(metric, []).append((value, int(n)))
+
+    def numeric(metric: str, kind: type) -> list[Any]:
+        return sorted((kind(v), n) for v, n in values.get(metric, []) if n)
+
+    sources = connection.execute(
+        select(report_hours.c.source, func.sum(report_hours.c.conversations))
+        .where(hours_where)
+        .group_by(report_hours.c.source)
+    ).all()
+    return Figures(
+        totals=totals,
+        users=users,
+        lengths=numeric("length", int),
+        pairs=numeric("response", float),
+        first=numeric("first_response", float),
+        hours=_rollup_hours(connection, filters, tz),
+        by_source=_ranked((s or "Unspecified", n) for s, n in sources),
+        by_country=_ranked(values.get("country", [])),
+        by_phone_region=_ranked(values.get("region", [])),
+    )
+
+
+def _rollup_scope(table: Any, filters: ConversationFilter) -> ColumnElement[bool]:
+    where: list[ColumnElement[bool]] = []
+    if filters.visible_chatbot_ids is not None:
+        visible = filters.visible_chatbot_ids
+        where.append(table.c.chatbot_id.in_(visible) if visible else false())
+    if filters.chatbot_ids:
+        where.append(table.c.chatbot_id.in_(filters.chatbot_ids))
+    if filters.sources:
+        where.append(
+            table.c.source.in_([*filters.sources, *([""] if "Unspecified" in filters.sources else [])])
+        )
+    return and_(true(), *where)
+
+
+def _rollup_hours(connection: Connection, filters: ConversationFilter, tz: str) -> list[tuple[str, int, int]]:
+    """Local hours from UTC hours, where the zone's offsets are whole hours (nearly all zones)."""
+    rows = connection.execute(
+        select(
+            report_hours.c.hour,
+            func.sum(report_hours.c.conversations),
+            func.sum(report_hours.c.messages),
+        )
+        .where(_rollup_scope(report_hours, filters), report_hours.c.conversations > 0)
+        .group_by(report_hours.c.hour)
+    ).all()
+    if not rows:
+        return []
+    moments = [as_utc(hour) for hour, _, _ in rows]
+    segments = offset_segments(tz, min(moments), max(moments) + timedelta(hours=1))
+    if any(minutes % 60 or moment.minute for moment, minutes in segments):
+        # A half- or quarter-hour zone splits UTC hours between local hours: ask the conversations.
+        where = conditions(filters, connection.dialect.name)
+        return _conversation_hours(connection, tz, where)
+    zone = ZoneInfo(tz)
+    return [
+        (moment.astimezone(zone).strftime("%Y-%m-%d %H"), int(count), int(messages))
+        for moment, (_, count, messages) in zip(moments, rows, strict=True)
+    ]
+
+
+# ------------------------------------------------------------------------------------ from conversations
+def _from_conversations(
+    connection: Connection, filters: ConversationFilter, since: date | None, until: date | None, tz: str
+) -> Figures:
+    """Figures for any set, as aggregate SQL over the conversations' stored columns."""
     start, end = local_window(since, until, tz)
     filters = replace(filters, since=None, until=None, created_from=start, created_before=end)
     where = conditions(filters, connection.dialect.name)
@@ -161,132 +362,75 @@ def report(
         return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
 
     outcome = c.c.wa_outcome
-    totals = (
-        connection.execute(
-            select(
-                func.count().label("conversations"),
-                func.coalesce(func.sum(c.c.message_count), 0).label("messages"),
-                func.coalesce(func.sum(c.c.user_messages), 0).label("user_messages"),
-                func.coalesce(func.sum(c.c.assistant_messages), 0).label("assistant_messages"),
-                func.count(func.distinct(func.coalesce(c.c.whatsapp_number, c.c.customer))).label("users"),
-                count_if(func.coalesce(c.c.whatsapp_number, c.c.customer).is_not(None)).label("keyed"),
-                count_if(c.c.user_messages >= 2).label("engaged"),
-                func.avg(c.c.message_count).label("mean_messages"),
-                count_if(c.c.response_steps > 0).label("with_steps"),
-                count_if(c.c.response_seconds.is_not(None)).label("with_pairs"),
-                count_if(c.c.first_response_seconds.is_not(None)).label("with_first"),
-                count_if(c.c.unanswered.is_(True)).label("unanswered"),
-                count_if(outcome != "no_prompt").label("prompted"),
-                count_if(outcome.in_(("captured", "not_found", "ambiguous"))).label("replied"),
-                count_if(outcome == "captured").label("captured"),
-                count_if(c.c.whatsapp_source == "manual").label("manual"),
-                count_if(c.c.whatsapp_source == "form").label("from_form"),
-                count_if(c.c.whatsapp_number.is_not(None)).label("with_number"),
-                *[count_if(outcome == o).label(f"missed_{o}") for o in MISSED],
-            ).where(scope)
-        )
-        .one()
-        ._mapping
-    )
-    n = totals["conversations"]
-
+    key = func.coalesce(c.c.whatsapp_number, c.c.customer)
+    counted = {
+        "conversations": func.count(),
+        "messages": func.coalesce(func.sum(c.c.message_count), 0),
+        "user_messages": func.coalesce(func.sum(c.c.user_messages), 0),
+        "assistant_messages": func.coalesce(func.sum(c.c.assistant_messages), 0),
+        "keyed": count_if(key.is_not(None)),
+        "engaged": count_if(c.c.user_messages >= 2),
+        "with_steps": count_if(c.c.response_steps > 0),
+        "with_pairs": count_if(c.c.response_seconds.is_not(None)),
+        "with_first": count_if(c.c.first_response_seconds.is_not(None)),
+        "unanswered": count_if(c.c.unanswered.is_(True)),
+        "prompted": count_if(outcome != "no_prompt"),
+        "replied": count_if(outcome.in_(("captured", "not_found", "ambiguous"))),
+        "captured": count_if(outcome == "captured"),
+        "manual": count_if(c.c.whatsapp_source == "manual"),
+        "from_form": count_if(c.c.whatsapp_source == "form"),
+        "with_number": count_if(c.c.whatsapp_number.is_not(None)),
+        **{f"missed_{o}": count_if(outcome == o) for o in MISSED},
+    }
+    row = connection.execute(select(*[v.label(k) for k, v in counted.items()]).where(scope)).one()._mapping
+    keys = select(key.label("k")).where(scope, key.is_not(None)).group_by(key).subquery()
     lengths = connection.execute(
         select(c.c.message_count, func.count())
         .where(scope)
         .group_by(c.c.message_count)
         .order_by(c.c.message_count)
     ).all()
-    histogram = {
-        label: sum(count for value, count in lengths if value >= lo and (hi is None or value <= hi))
-        for label, lo, hi in LENGTH_BUCKETS
-    }
-
-    pairs = _response_pairs(connection, where)
-    first = _distribution(
-        connection,
-        c.c.first_response_seconds,
-        c,
-        and_(true(), *where, c.c.first_response_seconds.is_not(None)),
-    )
-
-    # One scan by (local day, hour) gives both the daily series and the weekday × hour grid.
-    local = _LocalTime(connection, tz, where)
-    by_hour = connection.execute(
-        select(local.hour, func.count(), func.coalesce(func.sum(c.c.message_count), 0))
-        .where(scope)
-        .group_by(local.hour)
-    ).all()
-    daily: dict[str, tuple[int, int]] = {}
-    grid = [[0] * 24 for _ in range(7)]
-    for key, count, messages in by_hour:
-        text_key = key.isoformat(sep=" ") if isinstance(key, datetime) else str(key)
-        local_day, hour = text_key[:10], int(text_key[11:13])
-        seen, total = daily.get(local_day, (0, 0))
-        daily[local_day] = (seen + count, total + int(messages))
-        grid[date.fromisoformat(local_day).weekday()][hour] += count
-
-    return {
-        "window": {
-            "since": since.isoformat() if since else None,
-            "until": until.isoformat() if until else None,
-            "timezone": tz,
-        },
-        "conversations": n,
-        "messages": int(totals["messages"]),
-        "user_messages": int(totals["user_messages"]),
-        "assistant_messages": int(totals["assistant_messages"]),
-        "users": totals["users"],
-        "users_coverage": _rate(totals["keyed"], n),
-        "engagement_rate": _rate(totals["engaged"], n),
-        "messages_per_conversation": {
-            "mean": _round2(totals["mean_messages"]),
-            "median": _round2(percentile_from_distribution(lengths, 0.5)),
-        },
-        "length_histogram": histogram,
-        "response_time_seconds": {
-            "mean": _round2(pairs["mean"]),
-            "median": _round2(pairs["median"]),
-            "p90": _round2(pairs["p90"]),
-            "pairs": pairs["count"],
-            "coverage": _rate(totals["with_pairs"], totals["with_steps"]),
-        },
-        "first_response_time_seconds": {
-            "mean": _round2(first["mean"]),
-            "median": _round2(first["median"]),
-            "p90": _round2(first["p90"]),
-            "coverage": _rate(totals["with_first"], totals["with_steps"]),
-        },
-        "unanswered_rate": _rate(totals["unanswered"], n),
-        "by_source": _grouped(connection, func.coalesce(c.c.source, "Unspecified"), scope),
-        "by_country": _grouped(connection, func.coalesce(c.c.country, "Unknown"), scope),
-        "by_phone_region": _grouped(
+    return Figures(
+        totals={k: int(row[k]) for k in ROLLUP_COUNTERS},
+        users=connection.execute(select(func.count()).select_from(keys)).scalar_one(),
+        lengths=[(int(v), int(n)) for v, n in lengths],
+        pairs=_response_pairs(connection, where),
+        first=_distribution(
+            connection,
+            c.c.first_response_seconds,
+            c,
+            and_(scope, c.c.first_response_seconds.is_not(None)),
+        ),
+        hours=_conversation_hours(connection, tz, where),
+        by_source=_grouped(connection, func.coalesce(c.c.source, "Unspecified"), scope),
+        by_country=_grouped(connection, func.coalesce(c.c.country, "Unknown"), scope),
+        by_phone_region=_grouped(
             connection,
             func.coalesce(c.c.whatsapp_region, "Unknown"),
             and_(scope, c.c.whatsapp_number.is_not(None)),
         ),
-        "by_day": _days(daily, since, until),
-        "by_weekday_hour": grid,
-        "whatsapp": {
-            "prompted": totals["prompted"],
-            "replied": totals["replied"],
-            "captured": totals["captured"],
-            "capture_rate": _rate(totals["captured"], totals["prompted"]),
-            "manual": totals["manual"],
-            "from_form": totals["from_form"],
-            "with_number": totals["with_number"],
-            "missed": {o: totals[f"missed_{o}"] for o in MISSED},
-        },
-    }
+    )
+
+
+def _conversation_hours(
+    connection: Connection, tz: str, where: list[ColumnElement[bool]]
+) -> list[tuple[str, int, int]]:
+    """(local hour, conversations, messages) in one GROUP BY; feeds the daily series and the grid."""
+    local = _LocalTime(connection, tz, where)
+    rows = connection.execute(
+        select(local.hour, func.count(), func.coalesce(func.sum(c.c.message_count), 0))
+        .where(and_(true(), *where))
+        .group_by(local.hour)
+    ).all()
+    out = []
+    for key, count, messages in rows:
+        text_key = key.isoformat(sep=" ") if isinstance(key, datetime) else str(key)
+        out.append((text_key[:13], int(count), int(messages)))
+    return out
 
 
 def _grouped(connection: Connection, key: Any, scope: Any) -> dict[str, int]:
-    rows = connection.execute(
-        select(key.label("key"), func.count().label("n"))
-        .where(scope)
-        .group_by(key)
-        .order_by(func.count().desc(), key)
-    ).all()
-    return {str(k): n for k, n in rows}
+    return _ranked(connection.execute(select(key, func.count()).where(scope).group_by(key)).all())
 
 
 def _days(found: dict[str, tuple[int, int]], since: date | None, until: date | None) -> list[dict[str, Any]]:
@@ -304,11 +448,11 @@ def _days(found: dict[str, tuple[int, int]], since: date | None, until: date | N
     return out
 
 
-def _distribution(connection: Connection, value: Any, source: Any, scope: Any) -> dict[str, Any]:
-    """Count, mean, median and p90 of a column from its GROUP BY distribution.
+def _distribution(connection: Connection, value: Any, source: Any, scope: Any) -> list[tuple[float, int]]:
+    """A column's values with their counts, ascending, from one GROUP BY.
 
-    Response times are stored rounded to the millisecond, so grouping loses nothing: the percentiles
-    are exactly percentile_cont's, and one query serves both databases.
+    Response times are stored rounded to the millisecond, so grouping loses nothing: percentiles over
+    the distribution are exactly percentile_cont's, and one query serves both databases.
     """
     rows = connection.execute(
         select(value.label("v"), func.count())
@@ -317,7 +461,11 @@ def _distribution(connection: Connection, value: Any, source: Any, scope: Any) -
         .group_by(value)
         .order_by(value)
     ).all()
-    distribution = [(float(v), n) for v, n in rows]
+    return [(float(v), int(n)) for v, n in rows]
+
+
+def _summary(distribution: list[tuple[float, int]]) -> dict[str, Any]:
+    """Count, mean, median and p90 of a distribution."""
     count = sum(n for _, n in distribution)
     return {
         "count": count,
@@ -327,7 +475,7 @@ def _distribution(connection: Connection, value: Any, source: Any, scope: Any) -
     }
 
 
-def _response_pairs(connection: Connection, where: list[ColumnElement[bool]]) -> dict[str, Any]:
+def _response_pairs(connection: Connection, where: list[ColumnElement[bool]]) -> list[tuple[float, int]]:
     """Every timed user→assistant step of the set, unnested from the per-conversation arrays."""
     scope = and_(true(), *where, c.c.response_seconds.is_not(None))
     if connection.dialect.name == "postgresql":

@@ -14,8 +14,8 @@ from typing import Any
 from sqlalchemy import Connection, and_, delete, or_, select
 
 from chatsync.errors import UsageError
+from chatsync.store.engine import insert_for
 from chatsync.store.tables import access_grants
-from chatsync.store.writes import insert_for
 
 PRINCIPAL_TYPES = ("user", "org")
 

@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, func, select, text
+from sqlalchemy import Connection, Engine, create_engine, event, func, select, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
@@ -133,3 +134,9 @@ def table_counts(engine: Engine) -> dict[str, int]:
         for table in metadata.sorted_tables:
             counts[table.name] = connection.execute(select(func.count()).select_from(table)).scalar_one()
     return counts
+
+
+def insert_for(connection: Connection, table: Any) -> Any:
+    """INSERT with ON CONFLICT support for the connection's dialect."""
+    module = postgresql if connection.dialect.name == "postgresql" else sqlite
+    return module.insert(table)

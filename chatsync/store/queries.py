@@ -18,6 +18,7 @@ from sqlalchemy.sql import ColumnElement
 
 from chatsync.errors import ConversationNotFound, UsageError
 from chatsync.normalize import transcript
+from chatsync.store import rollups
 from chatsync.store.tables import conversations as c
 from chatsync.store.tables import whatsapp_audit
 from chatsync.timeutil import as_utc, day_end, day_start, iso_z
@@ -264,7 +265,7 @@ def set_whatsapp(
     if visible_chatbot_ids is not None:
         where.append(c.c.chatbot_id.in_(list(visible_chatbot_ids)) if visible_chatbot_ids else false())
     current = connection.execute(
-        select(c.c.whatsapp_number, c.c.whatsapp_source, c.c.wa_extracted, c.c.wa_form)
+        select(*[c.c[k] for k in rollups.REPORT_COLUMNS], c.c.wa_extracted, c.c.wa_form)
         .where(and_(true(), *where))
         .with_for_update()
     ).first()
@@ -280,13 +281,14 @@ def set_whatsapp(
     )
     if not change.changed:
         return change
-    connection.execute(
-        update(c)
-        .where(c.c.id == conversation_id)
-        .values(
-            whatsapp_number=new, whatsapp_source=new_source, whatsapp_region=region_of(new) if new else None
-        )
-    )
+    number_columns = {
+        "whatsapp_number": new,
+        "whatsapp_source": new_source,
+        "whatsapp_region": region_of(new) if new else None,
+    }
+    connection.execute(update(c).where(c.c.id == conversation_id).values(**number_columns))
+    before = current._mapping
+    rollups.track(connection, [before], [{**before, **number_columns}])
     connection.execute(
         whatsapp_audit.insert().values(
             conversation_id=conversation_id,

@@ -96,6 +96,61 @@ conversations = Table(
     Index("ix_conversations_user_id", "user_id"),
 )
 
+# Rollups of the report's figures, kept in step with `conversations` in the same transaction by
+# chatsync.store.rollups, so an all-time report reads thousands of rows instead of every conversation.
+# `source` is the Chatbase source, '' when it sent none (a key column cannot be NULL).
+ROLLUP_COUNTERS = (
+    "conversations",
+    "messages",
+    "user_messages",
+    "assistant_messages",
+    "keyed",
+    "engaged",
+    "with_steps",
+    "with_pairs",
+    "with_first",
+    "unanswered",
+    "prompted",
+    "replied",
+    "captured",
+    "manual",
+    "from_form",
+    "with_number",
+    "missed_no_reply",
+    "missed_not_found",
+    "missed_ambiguous",
+)
+
+report_hours = Table(
+    "report_hours",
+    metadata,
+    Column("chatbot_id", String(128), primary_key=True),
+    Column("source", String(64), primary_key=True),
+    Column("hour", Moment, primary_key=True, comment="UTC hour the conversations were created in"),
+    *[Column(name, Integer, nullable=False) for name in ROLLUP_COUNTERS],
+)
+
+report_values = Table(
+    "report_values",
+    metadata,
+    Column("chatbot_id", String(128), primary_key=True),
+    Column("source", String(64), primary_key=True),
+    Column(
+        "metric", String(16), primary_key=True, comment="length, country, region, response, first_response"
+    ),
+    Column("value", String(64), primary_key=True),
+    Column("n", Integer, nullable=False),
+)
+
+report_users = Table(
+    "report_users",
+    metadata,
+    Column("chatbot_id", String(128), primary_key=True),
+    Column("source", String(64), primary_key=True),
+    Column("user_key", String(32), primary_key=True, comment="hash of the WhatsApp number or customer"),
+    Column("n", Integer, nullable=False, comment="conversations with this key"),
+)
+
 whatsapp_audit = Table(
     "whatsapp_audit",
     metadata,

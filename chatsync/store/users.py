@@ -7,8 +7,8 @@ from typing import Any
 
 from sqlalchemy import Connection, or_, select, update
 
+from chatsync.store.engine import insert_for
 from chatsync.store.tables import users, webhook_events
-from chatsync.store.writes import insert_for
 
 
 def _moment(epoch_ms: object) -> datetime | None:

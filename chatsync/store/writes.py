@@ -10,8 +10,9 @@ from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import Connection, and_, bindparam, case, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
+from chatsync.store import rollups
+from chatsync.store.engine import insert_for
 from chatsync.store.tables import chatbots, conversations, quarantine, sync_days, sync_runs
 
 # Columns that come from Chatbase (and the rule) and are rewritten when a conversation changes.
@@ -45,12 +46,6 @@ AUTO_COLUMNS = {
     "whatsapp_source": "auto_source",
     "whatsapp_region": "auto_region",
 }
-
-
-def insert_for(connection: Connection, table: Any) -> Any:
-    """INSERT with ON CONFLICT support for the connection's dialect."""
-    module = postgresql if connection.dialect.name == "postgresql" else sqlite
-    return module.insert(table)
 
 
 @dataclass
@@ -96,19 +91,18 @@ def upsert_conversations(
     counts.inserted, counts.updated = len(fresh), len(changed)
     counts.unchanged = len(batch) - len(fresh) - len(changed)
     if fresh:
-        connection.execute(
-            conversations.insert(),
-            [
-                {
-                    "id": r["id"],
-                    **{c: r[c] for c in DATA_COLUMNS},
-                    **{c: r[a] for c, a in AUTO_COLUMNS.items()},
-                    "first_synced_at": now,
-                    "synced_at": now,
-                }
-                for r in fresh
-            ],
-        )
+        stored = [
+            {
+                "id": r["id"],
+                **{c: r[c] for c in DATA_COLUMNS},
+                **{c: r[a] for c, a in AUTO_COLUMNS.items()},
+                "first_synced_at": now,
+                "synced_at": now,
+            }
+            for r in fresh
+        ]
+        connection.execute(conversations.insert(), stored)
+        rollups.track(connection, before=[], after=stored)
     if changed:
         apply_rule_results(connection, changed, now, DATA_COLUMNS)
     return counts
@@ -129,7 +123,10 @@ def stored_fingerprints(connection: Connection, ids: list[str]) -> dict[str, tup
 def apply_rule_results(
     connection: Connection, rows: list[dict[str, Any]], now: datetime, columns: Iterable[str]
 ) -> None:
-    """Rewrite ``columns`` and the automatic number of existing conversations, keeping manual numbers."""
+    """Rewrite ``columns`` and the automatic number of existing conversations, keeping manual numbers.
+
+    The report's rollups move from the rows as they were to the rows as stored (a manual number stays).
+    """
     manual = conversations.c.whatsapp_source == "manual"
     values: dict[str, Any] = {c: bindparam(f"v_{c}") for c in columns}
     for column, auto in AUTO_COLUMNS.items():
@@ -144,7 +141,10 @@ def apply_rule_results(
         }
         for r in rows
     ]
+    ids = [r["id"] for r in rows]
+    before = rollups.stored(connection, ids)
     connection.execute(statement, params)
+    rollups.track(connection, before, rollups.stored(connection, ids))
 
 
 def mark_days_fetched(

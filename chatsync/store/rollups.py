@@ -1,0 +1,195 @@
+"""The report's rollups, kept in step with ``conversations`` by every write, in the write's transaction.
+
+An all-time report over a million conversations cannot afford to read them all, so each conversation's
+contribution to the figures (counters per UTC hour, value counts for distributions, its user key) is added
+when it is stored and taken away when it changes. One function, :func:`contributions`, says what a stored
+conversation contributes; the writers pass the stored rows before and after a change, and :func:`rebuild`
+recomputes everything from ``conversations`` with the same function.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, and_, bindparam, delete, select
+
+from chatsync.store.engine import insert_for
+from chatsync.store.tables import ROLLUP_COUNTERS, report_hours, report_users, report_values
+from chatsync.store.tables import conversations as c
+from chatsync.timeutil import as_utc
+
+# The stored columns a conversation's contribution depends on.
+REPORT_COLUMNS = (
+    "chatbot_id",
+    "source",
+    "created_at",
+    "customer",
+    "country",
+    "message_count",
+    "user_messages",
+    "assistant_messages",
+    "response_steps",
+    "response_seconds",
+    "first_response_seconds",
+    "unanswered",
+    "wa_outcome",
+    "whatsapp_number",
+    "whatsapp_source",
+    "whatsapp_region",
+)
+REPLIED = ("captured", "not_found", "ambiguous")
+
+
+def source_key(source: str | None) -> str:
+    return source or ""
+
+
+def user_key(number: str | None, customer: str | None) -> str | None:
+    """The spec's user key (number, else customer), hashed to a fixed width for the key column."""
+    key = number if number is not None else customer
+    return None if key is None else hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+
+
+def seconds_key(value: float) -> str:
+    """Response times are stored to the millisecond, so this text round-trips to the same float."""
+    return f"{float(value):.3f}"
+
+
+@dataclass
+class Contributions:
+    """Net change to the three rollups; ``add`` a stored row with sign +1 (stored) or -1 (replaced)."""
+
+    hours: dict[tuple[str, str, datetime], list[int]] = field(default_factory=dict)
+    values: Counter[tuple[str, str, str, str]] = field(default_factory=Counter)
+    users: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+
+    def add(self, row: Mapping[Any, Any], sign: int = 1) -> None:
+        chatbot, source = row["chatbot_id"], source_key(row["source"])
+        number, outcome = row["whatsapp_number"], row["wa_outcome"]
+        key = user_key(number, row["customer"])
+        times = row["response_seconds"] or []
+        first = row["first_response_seconds"]
+        figures = (
+            1,
+            row["message_count"],
+            row["user_messages"],
+            row["assistant_messages"],
+            key is not None,
+            row["user_messages"] >= 2,
+            row["response_steps"] > 0,
+            row["response_seconds"] is not None,
+            first is not None,
+            bool(row["unanswered"]),
+            outcome != "no_prompt",
+            outcome in REPLIED,
+            outcome == "captured",
+            row["whatsapp_source"] == "manual",
+            row["whatsapp_source"] == "form",
+            number is not None,
+            outcome == "no_reply",
+            outcome == "not_found",
+            outcome == "ambiguous",
+        )
+        hour = as_utc(row["created_at"]).replace(minute=0, second=0, microsecond=0)
+        counters = self.hours.setdefault((chatbot, source, hour), [0] * len(ROLLUP_COUNTERS))
+        for i, figure in enumerate(figures):
+            counters[i] += sign * int(figure)
+        values = self.values
+        values[(chatbot, source, "length", str(row["message_count"]))] += sign
+        country = row["country"]
+        values[(chatbot, source, "country", "Unknown" if country is None else country)] += sign
+        if number is not None:
+            region = row["whatsapp_region"]
+            values[(chatbot, source, "region", "Unknown" if region is None else region)] += sign
+        for seconds in times:
+            values[(chatbot, source, "response", seconds_key(seconds))] += sign
+        if first is not None:
+            values[(chatbot, source, "first_response", seconds_key(first))] += sign
+        if key is not None:
+            self.users[(chatbot, source, key)] += sign
+
+    def write(self, connection: Connection) -> None:
+        """Upsert the net change (in key order, so concurrent writers lock rows in the same order)."""
+        hours: list[dict[str, Any]] = [
+            {"chatbot_id": k[0], "source": k[1], "hour": k[2], **dict(zip(ROLLUP_COUNTERS, v, strict=True))}
+            for k, v in sorted(self.hours.items())
+            if any(v)
+        ]
+        _upsert(connection, insert_for(connection, report_hours), hours, ROLLUP_COUNTERS)
+        values: list[dict[str, Any]] = [
+            {"chatbot_id": k[0], "source": k[1], "metric": k[2], "value": k[3], "n": n}
+            for k, n in sorted(self.values.items())
+            if n
+        ]
+        _upsert(connection, insert_for(connection, report_values), values, ("n",))
+        users: list[dict[str, Any]] = [
+            {"chatbot_id": k[0], "source": k[1], "user_key": k[2], "n": n}
+            for k, n in sorted(self.users.items())
+            if n
+        ]
+        _upsert(connection, insert_for(connection, report_users), users, ("n",))
+        # Rows whose count fell to zero describe nothing any more.
+        _drop_empty(connection, report_hours, "conversations", [r for r in hours if r["conversations"] < 0])
+        _drop_empty(connection, report_values, "n", [r for r in values if r["n"] < 0])
+        _drop_empty(connection, report_users, "n", [r for r in users if r["n"] < 0])
+
+
+def _upsert(
+    connection: Connection, statement: Any, rows: list[dict[str, Any]], summed: Iterable[str]
+) -> None:
+    if not rows:
+        return
+    table = statement.table
+    keys = [column.name for column in table.primary_key]
+    statement = statement.on_conflict_do_update(
+        index_elements=keys, set_={name: table.c[name] + statement.excluded[name] for name in summed}
+    )
+    connection.execute(statement, rows)
+
+
+def _drop_empty(connection: Connection, table: Any, count: str, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    keys = [column.name for column in table.primary_key]
+    where = and_(*[table.c[k] == bindparam(f"k_{k}") for k in keys], table.c[count] <= 0)
+    connection.execute(delete(table).where(where), [{f"k_{k}": r[k] for k in keys} for r in rows])
+
+
+def stored(connection: Connection, ids: list[str]) -> list[Mapping[Any, Any]]:
+    """The report columns of stored conversations among ``ids``."""
+    if not ids:
+        return []
+    statement = select(*[c.c[name] for name in REPORT_COLUMNS]).where(c.c.id.in_(ids))
+    return list(connection.execute(statement).mappings().all())
+
+
+def track(
+    connection: Connection, before: Iterable[Mapping[Any, Any]], after: Iterable[Mapping[Any, Any]]
+) -> None:
+    """Move the rollups from ``before`` (stored rows now replaced) to ``after`` (their stored successors)."""
+    change = Contributions()
+    for row in before:
+        change.add(row, -1)
+    for row in after:
+        change.add(row, +1)
+    change.write(connection)
+
+
+def rebuild(connection: Connection, batch_size: int = 10_000) -> int:
+    """Recompute every rollup from ``conversations`` (after a migration, or if someone edited rows by hand)."""
+    for table in (report_hours, report_values, report_users):
+        connection.execute(delete(table))
+    total = Contributions()
+    seen = 0
+    statement = select(*[c.c[name] for name in REPORT_COLUMNS]).execution_options(yield_per=batch_size)
+    result = connection.execute(statement)
+    for row in result.mappings():
+        total.add(row)
+        seen += 1
+    total.write(connection)
+    return seen

@@ -1,0 +1,177 @@
+"""The report's rollups stay equal to the conversations through every kind of write.
+
+An all-time report reads the rollups; a report with a window aggregates the conversations. Asking both
+for the same set (all time vs. first day..last day) must give the same object, after syncs, changed
+conversations, manual numbers and re-extraction, in zones with whole- and half-hour offsets.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from alembic import command
+from sqlalchemy import select
+
+from chatsync.analytics import report
+from chatsync.config import WhatsAppRule
+from chatsync.normalize import normalize_conversation
+from chatsync.reextract import reextract
+from chatsync.store import rollups
+from chatsync.store.engine import _alembic_config, ensure_schema, open_engine
+from chatsync.store.queries import ConversationFilter
+from chatsync.store.tables import conversations, report_hours, report_users, report_values
+from chatsync.store.writes import AUTO_COLUMNS, DATA_COLUMNS, upsert_conversations
+from tests.conftest import chatbase_env
+
+FILTERS = [
+    ConversationFilter(),
+    ConversationFilter(sources=("WhatsApp",)),
+    ConversationFilter(sources=("Unspecified", "API")),
+    ConversationFilter(chatbot_ids=("demo-bot",)),
+    ConversationFilter(visible_chatbot_ids=()),
+]
+
+
+def _both_ways(engine: Any, filters: ConversationFilter, tz: str) -> dict[str, Any]:
+    """The all-time report (rollups) and the first..last day report (conversations) must agree."""
+    with engine.connect() as connection:
+        via_rollups = report(connection, filters, tz=tz)
+        days = via_rollups["by_day"]
+        if days:
+            since, until = date.fromisoformat(days[0]["date"]), date.fromisoformat(days[-1]["date"])
+        else:
+            since = until = date(2024, 1, 1)
+        via_rows = report(connection, filters, since, until, tz)
+    assert via_rollups.pop("window") == {"since": None, "until": None, "timezone": tz}
+    via_rows.pop("window")
+    if not days:
+        via_rows["by_day"] = []  # an empty window still lists its one day
+    assert via_rollups == via_rows
+    return via_rollups
+
+
+def _snapshot(engine: Any) -> dict[str, list[tuple[Any, ...]]]:
+    with engine.connect() as connection:
+        return {
+            table.name: sorted(tuple(row) for row in connection.execute(select(table)).all())
+            for table in (report_hours, report_values, report_users)
+        }
+
+
+def _agree_everywhere(engine: Any) -> dict[str, Any]:
+    for filters in FILTERS:
+        for tz in ("UTC", "Asia/Hong_Kong", "Asia/Kolkata"):
+            _both_ways(engine, filters, tz)
+    # What every write kept up to date is exactly what a rebuild from the conversations gives.
+    kept = _snapshot(engine)
+    with engine.begin() as connection:
+        rollups.rebuild(connection)
+    assert _snapshot(engine) == kept
+    return _both_ways(engine, ConversationFilter(), "UTC")
+
+
+def test_rollups_follow_syncs_changes_manual_numbers_and_reextraction(
+    cli: Any, emulator_factory: Any, database_url: str
+) -> None:
+    server = emulator_factory(conversations=900, seed=17, days=20)
+    env = chatbase_env(server, database_url)
+    assert cli("sync", "--json", env=env).exit_code == 0
+    engine = open_engine(database_url)
+    first = _agree_everywhere(engine)
+    assert first["conversations"] == 900 and first["users"] > 0
+
+    # Conversations grow: counts, response times, outcome and the number can all change.
+    emulator = server.emulator
+    dataset = emulator.datasets["demo-bot"]
+    later = (datetime.now(UTC) + timedelta(minutes=1)).isoformat().replace("+00:00", "Z")
+    for index in range(0, 900, 7):
+        emulator.append_messages(
+            dataset.conversation_id(index),
+            [
+                {"role": "user", "content": "9123 4567", "createdAt": later},
+                {"role": "assistant", "content": "Thanks, anything else?", "createdAt": later},
+            ],
+        )
+    assert cli("sync", "--json", "--full", env=env).exit_code == 0
+    grown = _agree_everywhere(engine)
+    assert grown["messages"] == first["messages"] + 2 * len(range(0, 900, 7))
+
+    # Support staff set, clear and hand back numbers.
+    ids = [dataset.conversation_id(i) for i in (1, 2, 3, 4)]
+    assert cli("set-whatsapp", ids[0], "6123 4567", env=env).exit_code == 0
+    assert cli("set-whatsapp", ids[1], "--clear", env=env).exit_code == 0
+    assert cli("set-whatsapp", ids[2], "+65 8123 4567", env=env).exit_code == 0
+    assert cli("set-whatsapp", ids[2], "--auto", env=env).exit_code == 0
+    assert cli("set-whatsapp", ids[3], "6123 4567", env=env).exit_code == 0  # same key as ids[0]
+    manual = _agree_everywhere(engine)
+    assert manual["whatsapp"]["manual"] == grown["whatsapp"]["manual"] + 3  # set, cleared, set
+
+    # The rule changes and is applied again to what is stored.
+    reextract(engine, WhatsAppRule(default_region="SG"))
+    _agree_everywhere(engine)
+    engine.dispose()
+
+
+def test_an_empty_database_reports_zeros_from_the_rollups(engine: Any) -> None:
+    data = _both_ways(engine, ConversationFilter(), "UTC")
+    assert data["conversations"] == 0 and data["by_day"] == [] and data["users"] == 0
+
+
+def test_upgrading_a_database_fills_the_rollups_from_its_conversations(
+    database_url: str, emulator_factory: Any
+) -> None:
+    """A database made before the rollups existed gets them, exact, from `chatsync db upgrade`."""
+    server = emulator_factory(conversations=400, seed=5, days=10)
+    rows = [
+        normalize_conversation(raw, "demo-bot", WhatsAppRule())
+        for raw in server.emulator.all_conversations("demo-bot")
+    ]
+    now = datetime.now(UTC)
+    engine = open_engine(database_url)
+    with engine.begin() as connection:
+        command.upgrade(_alembic_config(connection), "0002")
+        connection.execute(
+            conversations.insert(),
+            [
+                {
+                    "id": r["id"],
+                    **{k: r[k] for k in DATA_COLUMNS},
+                    **{k: r[a] for k, a in AUTO_COLUMNS.items()},
+                    "first_synced_at": now,
+                    "synced_at": now,
+                }
+                for r in rows
+            ],
+        )
+    ensure_schema(engine)
+    data = _both_ways(engine, ConversationFilter(), "Asia/Hong_Kong")
+    assert data["conversations"] == 400
+    engine.dispose()
+
+
+@pytest.mark.parametrize("tz", ["Asia/Kathmandu", "America/St_Johns"])
+def test_zones_with_part_hour_offsets_place_conversations_in_their_local_hour(engine: Any, tz: str) -> None:
+    """UTC hours straddle local hours in +05:45 or -03:30, so those zones read hours from conversations."""
+    raws = [
+        {
+            "id": f"c{i}",
+            "created_at": f"2024-05-01T{h:02d}:{m:02d}:00Z",
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+        for i, (h, m) in enumerate([(0, 5), (0, 20), (0, 50), (23, 59)])
+    ]
+    with engine.begin() as connection:
+        upsert_conversations(
+            connection, [normalize_conversation(r, "bot", WhatsAppRule()) for r in raws], datetime.now(UTC)
+        )
+    data = _both_ways(engine, ConversationFilter(), tz)
+    starts = [
+        datetime.fromisoformat(r["created_at"].replace("Z", "+00:00")).astimezone(ZoneInfo(tz)) for r in raws
+    ]
+    for weekday in range(7):
+        for hour in range(24):
+            want = sum(1 for s in starts if s.weekday() == weekday and s.hour == hour)
+            assert data["by_weekday_hour"][weekday][hour] == want
