@@ -96,7 +96,7 @@ def targets(figures: dict[str, Any]) -> list[tuple[str, str, str, str, bool | No
             (
                 "S5",
                 db,
-                f"report {f['report_all_s']} s ({f['all_over_count']}× count)",
+                f"report {f['report_all_s']} s ({f['all_over_count']}× count; {f['users']:,} users)",
                 f"≤ {limit:g} s",
                 f["report_all_s"] <= limit,
             )

@@ -13,6 +13,7 @@ written into the query as a CASE over offset segments: still one SQL query, exac
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
@@ -382,18 +383,38 @@ def _from_conversations(
         "with_number": count_if(c.c.whatsapp_number.is_not(None)),
         **{f"missed_{o}": count_if(outcome == o) for o in MISSED},
     }
-    row = connection.execute(select(*[v.label(k) for k, v in counted.items()]).where(scope)).one()._mapping
-    keys = select(key.label("k")).where(scope, key.is_not(None)).group_by(key).subquery()
-    lengths = connection.execute(
-        select(c.c.message_count, func.count())
-        .where(scope)
-        .group_by(c.c.message_count)
-        .order_by(c.c.message_count)
+    # One GROUP BY over the low-cardinality columns; totals and every breakdown are its marginals.
+    region = case((c.c.whatsapp_number.is_not(None), func.coalesce(c.c.whatsapp_region, "Unknown")))
+    dimensions = [
+        c.c.message_count,
+        func.coalesce(c.c.source, "Unspecified"),
+        func.coalesce(c.c.country, "Unknown"),
+        region,
+    ]
+    cells = connection.execute(
+        select(*dimensions, *[v.label(k) for k, v in counted.items()]).where(scope).group_by(*dimensions)
     ).all()
+    totals = dict.fromkeys(ROLLUP_COUNTERS, 0)
+    lengths: Counter[int] = Counter()
+    sources: Counter[str] = Counter()
+    countries: Counter[str] = Counter()
+    regions: Counter[str] = Counter()
+    for cell in cells:
+        length, source, country, phone_region = cell[:4]
+        figures = cell._mapping
+        for k in ROLLUP_COUNTERS:
+            totals[k] += int(figures[k])
+        conversations_in_cell = int(figures["conversations"])
+        lengths[int(length)] += conversations_in_cell
+        sources[source] += conversations_in_cell
+        countries[country] += conversations_in_cell
+        if phone_region is not None:
+            regions[phone_region] += conversations_in_cell
+    keys = select(key.label("k")).where(scope, key.is_not(None)).group_by(key).subquery()
     return Figures(
-        totals={k: int(row[k]) for k in ROLLUP_COUNTERS},
+        totals=totals,
         users=connection.execute(select(func.count()).select_from(keys)).scalar_one(),
-        lengths=[(int(v), int(n)) for v, n in lengths],
+        lengths=sorted(lengths.items()),
         pairs=_response_pairs(connection, where),
         first=_distribution(
             connection,
@@ -402,13 +423,9 @@ def _from_conversations(
             and_(scope, c.c.first_response_seconds.is_not(None)),
         ),
         hours=_conversation_hours(connection, tz, where),
-        by_source=_grouped(connection, func.coalesce(c.c.source, "Unspecified"), scope),
-        by_country=_grouped(connection, func.coalesce(c.c.country, "Unknown"), scope),
-        by_phone_region=_grouped(
-            connection,
-            func.coalesce(c.c.whatsapp_region, "Unknown"),
-            and_(scope, c.c.whatsapp_number.is_not(None)),
-        ),
+        by_source=_ranked(sources.items()),
+        by_country=_ranked(countries.items()),
+        by_phone_region=_ranked(regions.items()),
     )
 
 
@@ -427,10 +444,6 @@ def _conversation_hours(
         text_key = key.isoformat(sep=" ") if isinstance(key, datetime) else str(key)
         out.append((text_key[:13], int(count), int(messages)))
     return out
-
-
-def _grouped(connection: Connection, key: Any, scope: Any) -> dict[str, int]:
-    return _ranked(connection.execute(select(key, func.count()).where(scope).group_by(key)).all())
 
 
 def _days(found: dict[str, tuple[int, int]], since: date | None, until: date | None) -> list[dict[str, Any]]:

@@ -513,6 +513,22 @@ def db_info() -> None:
     )
 
 
+@db_app.command("rebuild-rollups")
+@handle_errors
+def db_rebuild_rollups() -> None:
+    """Recompute the report's rollups from the stored conversations.
+
+    Every chatsync write keeps them exact; run this after changing conversations with plain SQL.
+    """
+    from chatsync import render
+    from chatsync.store.rollups import rebuild
+
+    settings = _ctx().settings()
+    with _ctx().engine(settings).begin() as connection:
+        count = rebuild(connection)
+    render.info(f"rollups rebuilt from {count:,} conversations")
+
+
 # ------------------------------------------------------------------------------------------------ emulator
 @app.command()
 @handle_errors

@@ -314,7 +314,7 @@ def synced(engine: Any) -> tuple[Any, Emulator]:
     return engine, emulator
 
 
-@pytest.mark.parametrize("tz", ["UTC", "Asia/Hong_Kong", "America/New_York"])
+@pytest.mark.parametrize("tz", ["UTC", "Asia/Hong_Kong", "America/New_York", "Asia/Kolkata"])
 @pytest.mark.parametrize("span", ["all", "ten-days", "one-day"])
 def test_report_matches_an_independent_recomputation(
     synced: tuple[Any, Emulator], tz: str, span: str

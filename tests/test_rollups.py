@@ -7,6 +7,7 @@ conversations, manual numbers and re-extraction, in zones with whole- and half-h
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -21,7 +22,7 @@ from chatsync.normalize import normalize_conversation
 from chatsync.reextract import reextract
 from chatsync.store import rollups
 from chatsync.store.engine import _alembic_config, ensure_schema, open_engine
-from chatsync.store.queries import ConversationFilter
+from chatsync.store.queries import ConversationFilter, set_whatsapp
 from chatsync.store.tables import conversations, report_hours, report_users, report_values
 from chatsync.store.writes import AUTO_COLUMNS, DATA_COLUMNS, upsert_conversations
 from tests.conftest import chatbase_env
@@ -175,3 +176,57 @@ def test_zones_with_part_hour_offsets_place_conversations_in_their_local_hour(en
         for hour in range(24):
             want = sum(1 for s in starts if s.weekday() == weekday and s.hour == hour)
             assert data["by_weekday_hour"][weekday][hour] == want
+
+
+def test_rebuild_rollups_repairs_conversations_changed_by_hand(cli: Any, engine: Any) -> None:
+    """Someone edits a row with plain SQL: the rollups are stale until `chatsync db rebuild-rollups`."""
+    raws = [
+        {"id": f"c{i}", "created_at": f"2024-05-0{1 + i % 3}T10:00:00Z", "source": "API", "messages": []}
+        for i in range(6)
+    ]
+    with engine.begin() as connection:
+        upsert_conversations(
+            connection, [normalize_conversation(r, "bot", WhatsAppRule()) for r in raws], datetime.now(UTC)
+        )
+        connection.execute(conversations.update().where(conversations.c.id == "c0").values(country="SG"))
+    with engine.connect() as connection:
+        assert "SG" not in report(connection, ConversationFilter())["by_country"]
+    url = engine.url.render_as_string(hide_password=False)
+    result = cli("--database-url", url, "db", "rebuild-rollups")
+    assert result.exit_code == 0 and "6 conversations" in result.stderr
+    assert _both_ways(engine, ConversationFilter(), "UTC")["by_country"] == {"Unknown": 5, "SG": 1}
+
+
+def test_a_sync_page_and_a_manual_number_on_the_same_conversation_both_commit(engine: Any) -> None:
+    """Writers lock conversations before rollup rows, so these two wait for each other, never in a cycle.
+
+    Support staff hold conversation c0 (as set-whatsapp does) while a sync page changes c0 and adds c1,
+    which shares c0's rollup rows; then staff finish. On PostgreSQL the page waits for c0 first, holding
+    nothing; with rollups written before c0 it would hold them and the database would abort one side.
+    """
+    raw = {"id": "c0", "created_at": "2024-05-01T10:00:00Z", "source": "API", "messages": []}
+    rule = WhatsAppRule()
+    with engine.begin() as connection:
+        upsert_conversations(connection, [normalize_conversation(raw, "bot", rule)], datetime.now(UTC))
+    grown = {**raw, "messages": [{"role": "user", "content": "hello"}]}
+    added = {**raw, "id": "c1"}
+    page_error: list[BaseException] = []
+
+    def sync_page() -> None:
+        try:
+            with engine.begin() as connection:
+                rows = [normalize_conversation(r, "bot", rule) for r in (grown, added)]
+                upsert_conversations(connection, rows, datetime.now(UTC))
+        except BaseException as exc:  # reported to the test's thread below
+            page_error.append(exc)
+
+    with engine.begin() as staff:
+        staff.execute(select(conversations.c.id).where(conversations.c.id == "c0").with_for_update())
+        page = threading.Thread(target=sync_page)
+        page.start()
+        page.join(timeout=1.0)  # the page is now waiting (PostgreSQL) or queued behind the writer (SQLite)
+        set_whatsapp(staff, "c0", number="+85291234567", auto=False, by="staff", now=datetime.now(UTC))
+    page.join(timeout=60)
+    assert not page.is_alive() and page_error == []
+    data = _both_ways(engine, ConversationFilter(), "UTC")
+    assert data["conversations"] == 2 and data["messages"] == 1 and data["whatsapp"]["manual"] == 1

@@ -140,3 +140,15 @@ def insert_for(connection: Connection, table: Any) -> Any:
     """INSERT with ON CONFLICT support for the connection's dialect."""
     module = postgresql if connection.dialect.name == "postgresql" else sqlite
     return module.insert(table)
+
+
+def lock_for_writing(connection: Connection) -> None:
+    """Make what this transaction reads before it writes stay true until it commits.
+
+    PostgreSQL does this per row (the writers read with FOR UPDATE). SQLite has one writer at a time,
+    and its driver only begins a transaction at the first write, so take the write lock now.
+    """
+    if connection.dialect.name != "sqlite":
+        return
+    if not connection.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
+        connection.exec_driver_sql("BEGIN IMMEDIATE")

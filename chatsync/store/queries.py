@@ -19,6 +19,7 @@ from sqlalchemy.sql import ColumnElement
 from chatsync.errors import ConversationNotFound, UsageError
 from chatsync.normalize import transcript
 from chatsync.store import rollups
+from chatsync.store.engine import lock_for_writing
 from chatsync.store.tables import conversations as c
 from chatsync.store.tables import whatsapp_audit
 from chatsync.timeutil import as_utc, day_end, day_start, iso_z
@@ -186,6 +187,7 @@ def get_conversation(
     ``with_finding`` adds what the rule found (outcome, matched text, rejected candidates) for people
     asking why a number was or was not stored.
     """
+    lock_for_writing(connection)
     where = [c.c.id == conversation_id]
     if visible_chatbot_ids is not None:
         where.append(c.c.chatbot_id.in_(list(visible_chatbot_ids)) if visible_chatbot_ids else false())
@@ -261,6 +263,7 @@ def set_whatsapp(
     """
     from chatsync.whatsapp import region_of
 
+    lock_for_writing(connection)
     where = [c.c.id == conversation_id]
     if visible_chatbot_ids is not None:
         where.append(c.c.chatbot_id.in_(list(visible_chatbot_ids)) if visible_chatbot_ids else false())

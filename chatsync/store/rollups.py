@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, delete, select
+from sqlalchemy import Connection, and_, bindparam, delete, select, text
 
 from chatsync.store.engine import insert_for
 from chatsync.store.tables import ROLLUP_COUNTERS, report_hours, report_users, report_values
@@ -160,11 +160,13 @@ def _drop_empty(connection: Connection, table: Any, count: str, rows: list[dict[
     connection.execute(delete(table).where(where), [{f"k_{k}": r[k] for k in keys} for r in rows])
 
 
-def stored(connection: Connection, ids: list[str]) -> list[Mapping[Any, Any]]:
-    """The report columns of stored conversations among ``ids``."""
+def stored(connection: Connection, ids: list[str], lock: bool = False) -> list[Mapping[Any, Any]]:
+    """The report columns of stored conversations among ``ids``; ``lock`` them before changing them."""
     if not ids:
         return []
     statement = select(*[c.c[name] for name in REPORT_COLUMNS]).where(c.c.id.in_(ids))
+    if lock:
+        statement = statement.with_for_update()
     return list(connection.execute(statement).mappings().all())
 
 
@@ -181,7 +183,12 @@ def track(
 
 
 def rebuild(connection: Connection, batch_size: int = 10_000) -> int:
-    """Recompute every rollup from ``conversations`` (after a migration, or if someone edited rows by hand)."""
+    """Recompute every rollup from ``conversations`` (after a migration, or if someone edited rows by hand).
+
+    Writers wait until this commits, so no conversation is counted twice or missed.
+    """
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("LOCK TABLE conversations IN SHARE MODE"))
     for table in (report_hours, report_values, report_users):
         connection.execute(delete(table))
     total = Contributions()

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, bindparam, case, select, update
 
 from chatsync.store import rollups
-from chatsync.store.engine import insert_for
+from chatsync.store.engine import insert_for, lock_for_writing
 from chatsync.store.tables import chatbots, conversations, quarantine, sync_days, sync_runs
 
 # Columns that come from Chatbase (and the rule) and are rewritten when a conversation changes.
@@ -90,6 +90,10 @@ def upsert_conversations(
     changed = [r for i, r in batch.items() if i in known and known[i] != r["content_hash"]]
     counts.inserted, counts.updated = len(fresh), len(changed)
     counts.unchanged = len(batch) - len(fresh) - len(changed)
+    # Existing rows first: every writer locks the conversations it changes before any rollup row, so a
+    # sync and a person's set-whatsapp on the same conversation cannot wait on each other in a cycle.
+    if changed:
+        apply_rule_results(connection, changed, now, DATA_COLUMNS)
     if fresh:
         stored = [
             {
@@ -103,8 +107,6 @@ def upsert_conversations(
         ]
         connection.execute(conversations.insert(), stored)
         rollups.track(connection, before=[], after=stored)
-    if changed:
-        apply_rule_results(connection, changed, now, DATA_COLUMNS)
     return counts
 
 
@@ -142,7 +144,8 @@ def apply_rule_results(
         for r in rows
     ]
     ids = [r["id"] for r in rows]
-    before = rollups.stored(connection, ids)
+    lock_for_writing(connection)
+    before = rollups.stored(connection, ids, lock=True)
     connection.execute(statement, params)
     rollups.track(connection, before, rollups.stored(connection, ids))
 
