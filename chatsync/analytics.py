@@ -139,16 +139,22 @@ class _LocalTime:
 
 # ----------------------------------------------------------------------------------------------- report
 @dataclass
-class Figures:
-    """What the report is assembled from, read either from the rollups or from the conversations."""
+class Hourly:
+    """The figures that add up hour by hour: what the hour rollup holds."""
 
-    totals: dict[str, int]  # ROLLUP_COUNTERS, summed over the set
+    totals: dict[str, int]  # ROLLUP_COUNTERS summed over the set
+    hours: list[tuple[str, int, int]]  # (local "YYYY-MM-DD HH", conversations, messages)
+    by_source: dict[str, int]
+
+
+@dataclass
+class Spread:
+    """Distributions and distinct users: exact only from value counts or from the conversations."""
+
     users: int
     lengths: list[tuple[int, int]]  # (message count, conversations), ascending
     pairs: list[tuple[float, int]]  # (seconds, steps), ascending
     first: list[tuple[float, int]]
-    hours: list[tuple[str, int, int]]  # (local "YYYY-MM-DD HH", conversations, messages)
-    by_source: dict[str, int]
     by_country: dict[str, int]
     by_phone_region: dict[str, int]
 
@@ -162,8 +168,9 @@ def report(
 ) -> dict[str, Any]:
     """The analytics object of spec/analytics.md for conversations created in local days since..until.
 
-    An all-time report filtered at most by chatbot and source reads the rollups; any other set is
-    aggregated from its conversations. Both give the same figures (the tests hold them to it).
+    The rollups answer whatever they can for a filter by chatbot and source: the hourly figures for any
+    window in a zone whose offsets are whole hours, the distributions and users for all time. The rest
+    is aggregated from the conversations, and the tests hold both to the same figures.
     """
     from chatsync.errors import UsageError
     from chatsync.timeutil import check_day
@@ -173,11 +180,18 @@ def report(
             check_day(bound)
     if since and until and (until - since).days > MAX_WINDOW_DAYS:
         raise UsageError("the report window is longer than 20 years: narrow --since/--until")
-    if since is None and until is None and rollups_cover(filters):
-        figures = _from_rollups(connection, filters, tz)
+    start, end = local_window(since, until, tz)
+    window = replace(filters, since=None, until=None, created_from=start, created_before=end)
+    where = conditions(window, connection.dialect.name)
+    covered = rollups_cover(filters)
+    hourly = _hourly_from_rollups(connection, filters, tz, start, end) if covered else None
+    if hourly is None:
+        hourly = _hourly_from_conversations(connection, tz, where)
+    if covered and start is None and end is None:
+        spread = _spread_from_rollups(connection, filters)
     else:
-        figures = _from_conversations(connection, filters, since, until, tz)
-    return _assemble(figures, since, until, tz)
+        spread = _spread_from_conversations(connection, where)
+    return _assemble(hourly, spread, since, until, tz)
 
 
 def rollups_cover(filters: ConversationFilter) -> bool:
@@ -189,17 +203,17 @@ def rollups_cover(filters: ConversationFilter) -> bool:
     )
 
 
-def _assemble(f: Figures, since: date | None, until: date | None, tz: str) -> dict[str, Any]:
-    t = f.totals
+def _assemble(h: Hourly, s: Spread, since: date | None, until: date | None, tz: str) -> dict[str, Any]:
+    t = h.totals
     n = t["conversations"]
     daily: dict[str, tuple[int, int]] = {}
     grid = [[0] * 24 for _ in range(7)]
-    for key, count, messages in f.hours:
+    for key, count, messages in h.hours:
         local_day, hour = key[:10], int(key[11:13])
         seen, total = daily.get(local_day, (0, 0))
         daily[local_day] = (seen + count, total + messages)
         grid[date.fromisoformat(local_day).weekday()][hour] += count
-    pairs, first = _summary(f.pairs), _summary(f.first)
+    pairs, first = _summary(s.pairs), _summary(s.first)
     return {
         "window": {
             "since": since.isoformat() if since else None,
@@ -210,15 +224,15 @@ def _assemble(f: Figures, since: date | None, until: date | None, tz: str) -> di
         "messages": t["messages"],
         "user_messages": t["user_messages"],
         "assistant_messages": t["assistant_messages"],
-        "users": f.users,
+        "users": s.users,
         "users_coverage": _rate(t["keyed"], n),
         "engagement_rate": _rate(t["engaged"], n),
         "messages_per_conversation": {
             "mean": _round2(t["messages"] / n if n else None),
-            "median": _round2(percentile_from_distribution(f.lengths, 0.5)),
+            "median": _round2(percentile_from_distribution(s.lengths, 0.5)),
         },
         "length_histogram": {
-            label: sum(count for value, count in f.lengths if value >= lo and (hi is None or value <= hi))
+            label: sum(count for value, count in s.lengths if value >= lo and (hi is None or value <= hi))
             for label, lo, hi in LENGTH_BUCKETS
         },
         "response_time_seconds": {
@@ -235,9 +249,9 @@ def _assemble(f: Figures, since: date | None, until: date | None, tz: str) -> di
             "coverage": _rate(t["with_first"], t["with_steps"]),
         },
         "unanswered_rate": _rate(t["unanswered"], n),
-        "by_source": f.by_source,
-        "by_country": f.by_country,
-        "by_phone_region": f.by_phone_region,
+        "by_source": h.by_source,
+        "by_country": s.by_country,
+        "by_phone_region": s.by_phone_region,
         "by_day": _days(daily, since, until),
         "by_weekday_hour": grid,
         "whatsapp": {
@@ -259,57 +273,7 @@ def _ranked(counts: Iterable[tuple[str, int]]) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------------------- from rollups
-def _from_rollups(connection: Connection, filters: ConversationFilter, tz: str) -> Figures:
-    """All-time figures from the rollups: thousands of rows, whatever the number of conversations."""
-    hours_where = _rollup_scope(report_hours, filters)
-    totals_row = (
-        connection.execute(
-            select(*[func.coalesce(func.sum(report_hours.c[k]), 0).label(k) for k in ROLLUP_COUNTERS]).where(
-                hours_where
-            )
-        )
-        .one()
-        ._mapping
-    )
-    totals = {k: int(v) for k, v in totals_row.items()}
-    keys = (
-        select(report_users.c.user_key)
-        .where(_rollup_scope(report_users, filters), report_users.c.n > 0)
-        .group_by(report_users.c.user_key)
-        .subquery()
-    )
-    users = connection.execute(select(func.count()).select_from(keys)).scalar_one()
-
-    values: dict[str, list[tuple[str, int]]] = {}
-    for metric, value, n in connection.execute(
-        select(report_values.c.metric, report_values.c.value, func.sum(report_values.c.n))
-        .where(_rollup_scope(report_values, filters))
-        .group_by(report_values.c.metric, report_values.c.value)
-    ):
-        values.setdefault(metric, []).append((value, int(n)))
-
-    def numeric(metric: str, kind: type) -> list[Any]:
-        return sorted((kind(v), n) for v, n in values.get(metric, []) if n)
-
-    sources = connection.execute(
-        select(report_hours.c.source, func.sum(report_hours.c.conversations))
-        .where(hours_where)
-        .group_by(report_hours.c.source)
-    ).all()
-    return Figures(
-        totals=totals,
-        users=users,
-        lengths=numeric("length", int),
-        pairs=numeric("response", float),
-        first=numeric("first_response", float),
-        hours=_rollup_hours(connection, filters, tz),
-        by_source=_ranked((s or "Unspecified", n) for s, n in sources),
-        by_country=_ranked(values.get("country", [])),
-        by_phone_region=_ranked(values.get("region", [])),
-    )
-
-
-def _rollup_scope(table: Any, filters: ConversationFilter) -> ColumnElement[bool]:
+def _rollup_scope(table: Any, filters: ConversationFilter) -> list[ColumnElement[bool]]:
     where: list[ColumnElement[bool]] = []
     if filters.visible_chatbot_ids is not None:
         visible = filters.visible_chatbot_ids
@@ -320,56 +284,101 @@ def _rollup_scope(table: Any, filters: ConversationFilter) -> ColumnElement[bool
         where.append(
             table.c.source.in_([*filters.sources, *([""] if "Unspecified" in filters.sources else [])])
         )
-    return and_(true(), *where)
+    return where
 
 
-def _rollup_hours(connection: Connection, filters: ConversationFilter, tz: str) -> list[tuple[str, int, int]]:
-    """Local hours from UTC hours, where the zone's offsets are whole hours (nearly all zones)."""
+def _hourly_from_rollups(
+    connection: Connection,
+    filters: ConversationFilter,
+    tz: str,
+    start: datetime | None,
+    end: datetime | None,
+) -> Hourly | None:
+    """Counters, local hours and sources from the hour rollup; None where UTC hours straddle local hours.
+
+    Zones whose offsets are whole hours (nearly all) start every local day and hour on a UTC hour, so
+    whole rollup hours make up any window exactly. India, Nepal or Newfoundland do not.
+    """
+    h = report_hours
+    scope = _rollup_scope(h, filters)
+    if start is not None:
+        scope.append(h.c.hour >= start)
+    if end is not None:
+        scope.append(h.c.hour < end)
     rows = connection.execute(
-        select(
-            report_hours.c.hour,
-            func.sum(report_hours.c.conversations),
-            func.sum(report_hours.c.messages),
-        )
-        .where(_rollup_scope(report_hours, filters), report_hours.c.conversations > 0)
-        .group_by(report_hours.c.hour)
+        select(h.c.hour, func.sum(h.c.conversations), func.sum(h.c.messages))
+        .where(*scope, h.c.conversations > 0)
+        .group_by(h.c.hour)
     ).all()
-    if not rows:
-        return []
     moments = [as_utc(hour) for hour, _, _ in rows]
-    segments = offset_segments(tz, min(moments), max(moments) + timedelta(hours=1))
-    if any(minutes % 60 or moment.minute for moment, minutes in segments):
-        # A half- or quarter-hour zone splits UTC hours between local hours: ask the conversations.
-        where = conditions(filters, connection.dialect.name)
-        return _conversation_hours(connection, tz, where)
+    if moments or (start and end):
+        first, last = start or min(moments), end or max(moments) + timedelta(hours=1)
+        if any(minutes % 60 or moment.minute for moment, minutes in offset_segments(tz, first, last)):
+            return None
+    totals = (
+        connection.execute(
+            select(*[func.coalesce(func.sum(h.c[k]), 0).label(k) for k in ROLLUP_COUNTERS]).where(*scope)
+        )
+        .one()
+        ._mapping
+    )
+    sources = connection.execute(
+        select(h.c.source, func.sum(h.c.conversations)).where(*scope).group_by(h.c.source)
+    ).all()
     zone = ZoneInfo(tz)
-    return [
-        (moment.astimezone(zone).strftime("%Y-%m-%d %H"), int(count), int(messages))
-        for moment, (_, count, messages) in zip(moments, rows, strict=True)
-    ]
+    return Hourly(
+        totals={k: int(v) for k, v in totals.items()},
+        hours=[
+            (moment.astimezone(zone).strftime("%Y-%m-%d %H"), int(count), int(messages))
+            for moment, (_, count, messages) in zip(moments, rows, strict=True)
+        ],
+        by_source=_ranked((source or "Unspecified", n) for source, n in sources),
+    )
+
+
+def _spread_from_rollups(connection: Connection, filters: ConversationFilter) -> Spread:
+    """All-time distributions and users from their rollups: thousands of rows, not every conversation."""
+    keys = (
+        select(report_users.c.user_key)
+        .where(*_rollup_scope(report_users, filters), report_users.c.n > 0)
+        .group_by(report_users.c.user_key)
+        .subquery()
+    )
+    values: dict[str, list[tuple[str, int]]] = {}
+    for metric, value, n in connection.execute(
+        select(report_values.c.metric, report_values.c.value, func.sum(report_values.c.n))
+        .where(*_rollup_scope(report_values, filters))
+        .group_by(report_values.c.metric, report_values.c.value)
+    ):
+        values.setdefault(metric, []).append((value, int(n)))
+
+    def numeric(metric: str, kind: type) -> list[Any]:
+        return sorted((kind(v), n) for v, n in values.get(metric, []) if n)
+
+    return Spread(
+        users=connection.execute(select(func.count()).select_from(keys)).scalar_one(),
+        lengths=numeric("length", int),
+        pairs=numeric("response", float),
+        first=numeric("first_response", float),
+        by_country=_ranked(values.get("country", [])),
+        by_phone_region=_ranked(values.get("region", [])),
+    )
 
 
 # ------------------------------------------------------------------------------------ from conversations
-def _from_conversations(
-    connection: Connection, filters: ConversationFilter, since: date | None, until: date | None, tz: str
-) -> Figures:
-    """Figures for any set, as aggregate SQL over the conversations' stored columns."""
-    start, end = local_window(since, until, tz)
-    filters = replace(filters, since=None, until=None, created_from=start, created_before=end)
-    where = conditions(filters, connection.dialect.name)
-    scope = and_(true(), *where)
+def _hourly_from_conversations(connection: Connection, tz: str, where: list[ColumnElement[bool]]) -> Hourly:
+    """Counters per source in one GROUP BY, and local hours in another."""
 
     def count_if(condition: Any) -> Any:
         return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
 
     outcome = c.c.wa_outcome
-    key = func.coalesce(c.c.whatsapp_number, c.c.customer)
     counted = {
         "conversations": func.count(),
         "messages": func.coalesce(func.sum(c.c.message_count), 0),
         "user_messages": func.coalesce(func.sum(c.c.user_messages), 0),
         "assistant_messages": func.coalesce(func.sum(c.c.assistant_messages), 0),
-        "keyed": count_if(key.is_not(None)),
+        "keyed": count_if(func.coalesce(c.c.whatsapp_number, c.c.customer).is_not(None)),
         "engaged": count_if(c.c.user_messages >= 2),
         "with_steps": count_if(c.c.response_steps > 0),
         "with_pairs": count_if(c.c.response_seconds.is_not(None)),
@@ -383,36 +392,37 @@ def _from_conversations(
         "with_number": count_if(c.c.whatsapp_number.is_not(None)),
         **{f"missed_{o}": count_if(outcome == o) for o in MISSED},
     }
-    # One GROUP BY over the low-cardinality columns; totals and every breakdown are its marginals.
-    region = case((c.c.whatsapp_number.is_not(None), func.coalesce(c.c.whatsapp_region, "Unknown")))
-    dimensions = [
-        c.c.message_count,
-        func.coalesce(c.c.source, "Unspecified"),
-        func.coalesce(c.c.country, "Unknown"),
-        region,
-    ]
-    cells = connection.execute(
-        select(*dimensions, *[v.label(k) for k, v in counted.items()]).where(scope).group_by(*dimensions)
+    source = func.coalesce(c.c.source, "Unspecified")
+    per_source = connection.execute(
+        select(source, *[v.label(k) for k, v in counted.items()]).where(*where).group_by(source)
     ).all()
-    totals = dict.fromkeys(ROLLUP_COUNTERS, 0)
+    totals = {k: sum(int(row._mapping[k]) for row in per_source) for k in ROLLUP_COUNTERS}
+    return Hourly(
+        totals=totals,
+        hours=_conversation_hours(connection, tz, where),
+        by_source=_ranked((row[0], row._mapping["conversations"]) for row in per_source),
+    )
+
+
+def _spread_from_conversations(connection: Connection, where: list[ColumnElement[bool]]) -> Spread:
+    """Distributions and users of any set, as aggregate SQL over the conversations' stored columns."""
+    scope = and_(true(), *where)
+    # One GROUP BY over the low-cardinality columns; each breakdown is one of its marginals.
+    region = case((c.c.whatsapp_number.is_not(None), func.coalesce(c.c.whatsapp_region, "Unknown")))
+    dimensions = [c.c.message_count, func.coalesce(c.c.country, "Unknown"), region]
     lengths: Counter[int] = Counter()
-    sources: Counter[str] = Counter()
     countries: Counter[str] = Counter()
     regions: Counter[str] = Counter()
+    cells = connection.execute(select(*dimensions, func.count()).where(scope).group_by(*dimensions)).all()
     for cell in cells:
-        length, source, country, phone_region = cell[:4]
-        figures = cell._mapping
-        for k in ROLLUP_COUNTERS:
-            totals[k] += int(figures[k])
-        conversations_in_cell = int(figures["conversations"])
-        lengths[int(length)] += conversations_in_cell
-        sources[source] += conversations_in_cell
-        countries[country] += conversations_in_cell
+        length, country, phone_region, count = cell[0], cell[1], cell[2], cell[-1]
+        lengths[int(length)] += count
+        countries[country] += count
         if phone_region is not None:
-            regions[phone_region] += conversations_in_cell
+            regions[phone_region] += count
+    key = func.coalesce(c.c.whatsapp_number, c.c.customer)
     keys = select(key.label("k")).where(scope, key.is_not(None)).group_by(key).subquery()
-    return Figures(
-        totals=totals,
+    return Spread(
         users=connection.execute(select(func.count()).select_from(keys)).scalar_one(),
         lengths=sorted(lengths.items()),
         pairs=_response_pairs(connection, where),
@@ -422,8 +432,6 @@ def _from_conversations(
             c,
             and_(scope, c.c.first_response_seconds.is_not(None)),
         ),
-        hours=_conversation_hours(connection, tz, where),
-        by_source=_ranked(sources.items()),
         by_country=_ranked(countries.items()),
         by_phone_region=_ranked(regions.items()),
     )
