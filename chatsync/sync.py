@@ -303,6 +303,13 @@ class Syncer:
                         status.windows_done += 1
                         seen.pop(item.window, None)
                     self._report(status)
+            except BaseException:
+                # The writer itself failed: stop fetching, and take what the fetchers still hold so
+                # they can end (a fetcher waiting on a full queue would otherwise wait forever).
+                self.client.stop.set()
+                while pages.get() is not _DONE:
+                    pass
+                raise
             finally:
                 if first_error is not None:
                     self.client.stop.set()

@@ -206,3 +206,43 @@ def test_postgres_going_away_mid_run_ends_cleanly_and_the_next_run_completes(
     engine.dispose()
     assert summary.status == "ok"
     assert_exact(postgres_url, server.emulator)
+
+
+@pytest.mark.postgres
+def test_a_database_error_the_writer_cannot_handle_ends_the_sync(
+    emulator_factory: Any, postgres_url: str, tmp_path: Path
+) -> None:
+    """The database refuses one conversation and then its quarantine row: the sync stops with an error.
+
+    The fetchers are ahead of the writer, blocked on a full queue; the sync must release them and
+    exit rather than wait for them forever. What was saved stays, and the next run completes.
+    """
+    server = emulator_factory(conversations=3000, seed=9, days=30)
+    refused = server.emulator.datasets["demo-bot"].conversation_id(1500)
+    engine = open_engine(postgres_url)
+    ensure_schema(engine)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$ "
+            "LANGUAGE plpgsql"
+        )
+        connection.exec_driver_sql(
+            "CREATE TRIGGER refuse_one BEFORE INSERT ON conversations FOR EACH ROW "
+            f"WHEN (NEW.id = '{refused}') EXECUTE FUNCTION refuse()"
+        )
+        connection.exec_driver_sql(
+            "CREATE TRIGGER refuse_quarantine BEFORE INSERT ON quarantine FOR EACH ROW EXECUTE FUNCTION refuse()"
+        )
+    env = {**os.environ, **chatbase_env(server, postgres_url), "CHATSYNC_RATE_LIMIT": "1000000/1s"}
+    command = [sys.executable, "-m", "chatsync", "sync", "--json"]
+    failed = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert failed.returncode != 0
+    assert len(failed.stderr.strip().splitlines()) == 1 and "refused" in failed.stderr
+
+    with engine.begin() as connection:
+        connection.exec_driver_sql("DROP TRIGGER refuse_one ON conversations")
+        connection.exec_driver_sql("DROP TRIGGER refuse_quarantine ON quarantine")
+    again = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert_exact(postgres_url, server.emulator)
+    engine.dispose()

@@ -10,15 +10,15 @@ recomputes everything from ``conversations`` with the same function.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, and_, bindparam, delete, select, text
 
-from chatsync.store.engine import insert_for
 from chatsync.store.tables import ROLLUP_COUNTERS, report_hours, report_users, report_values
 from chatsync.store.tables import conversations as c
 from chatsync.timeutil import as_utc
@@ -114,50 +114,70 @@ class Contributions:
             self.users[(chatbot, source, key)] += sign
 
     def write(self, connection: Connection) -> None:
-        """Upsert the net change (in key order, so concurrent writers lock rows in the same order)."""
-        hours: list[dict[str, Any]] = [
-            {"chatbot_id": k[0], "source": k[1], "hour": k[2], **dict(zip(ROLLUP_COUNTERS, v, strict=True))}
-            for k, v in sorted(self.hours.items())
-            if any(v)
-        ]
-        _upsert(connection, insert_for(connection, report_hours), hours, ROLLUP_COUNTERS)
-        values: list[dict[str, Any]] = [
-            {"chatbot_id": k[0], "source": k[1], "metric": k[2], "value": k[3], "n": n}
-            for k, n in sorted(self.values.items())
-            if n
-        ]
-        _upsert(connection, insert_for(connection, report_values), values, ("n",))
-        users: list[dict[str, Any]] = [
-            {"chatbot_id": k[0], "source": k[1], "user_key": k[2], "n": n}
-            for k, n in sorted(self.users.items())
-            if n
-        ]
-        _upsert(connection, insert_for(connection, report_users), users, ("n",))
-        # Rows whose count fell to zero describe nothing any more.
-        _drop_empty(connection, report_hours, "conversations", [r for r in hours if r["conversations"] < 0])
-        _drop_empty(connection, report_values, "n", [r for r in values if r["n"] < 0])
-        _drop_empty(connection, report_users, "n", [r for r in users if r["n"] < 0])
+        """Add the net change to the rollups, in key order so concurrent writers lock rows alike."""
+        hours: list[list[Any]] = [[*k, *v] for k, v in sorted(self.hours.items()) if any(v)]
+        values: list[list[Any]] = [[*k, n] for k, n in sorted(self.values.items()) if n]
+        users: list[list[Any]] = [[*k, n] for k, n in sorted(self.users.items()) if n]
+        for table, rows in ((report_hours, hours), (report_values, values), (report_users, users)):
+            _add(connection, table, rows)
+            # Rows whose count fell to zero describe nothing any more.
+            width = len(table.primary_key)
+            _drop_empty(connection, table, [row[:width] for row in rows if row[width] < 0])
 
 
-def _upsert(
-    connection: Connection, statement: Any, rows: list[dict[str, Any]], summed: Iterable[str]
-) -> None:
+def _add(connection: Connection, table: Any, rows: list[list[Any]]) -> None:
+    """Add rows of (key…, counts…) to a rollup in one statement; a key already there gets the sums.
+
+    A page's ~400 rollup rows travel as one JSON parameter rather than an executemany: a third of the
+    time on SQLite and a quarter on PostgreSQL, which sums every page of a sync.
+    """
     if not rows:
         return
-    table = statement.table
     keys = [column.name for column in table.primary_key]
-    statement = statement.on_conflict_do_update(
-        index_elements=keys, set_={name: table.c[name] + statement.excluded[name] for name in summed}
+    names = [column.name for column in table.columns]
+    counts = [name for name in names if name not in keys]
+    encode: Callable[[Any], Any] | None
+    if connection.dialect.name == "postgresql":
+        types = {
+            c.name: "timestamptz" if c.name == "hour" else "int" if c.name in counts else "text"
+            for c in table.columns
+        }
+        picks = ", ".join(f"CAST(r->>{i} AS {types[name]})" for i, name in enumerate(names))
+        source = "jsonb_array_elements(CAST(:rows AS jsonb)) AS r"
+        encode = _iso
+    else:
+        picks = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(names)))
+        source = "json_each(:rows) WHERE true"  # SQLite needs a WHERE before ON CONFLICT here
+        # the text SQLAlchemy itself stores for a DateTime, so keys and range filters match
+        encode = _sqlite_datetime(connection) if "hour" in names else None
+    if encode is not None:
+        rows = [[encode(v) if isinstance(v, datetime) else v for v in row] for row in rows]
+    sums = ", ".join(f"{name} = {table.name}.{name} + excluded.{name}" for name in counts)
+    statement = text(
+        f"INSERT INTO {table.name} ({', '.join(names)}) SELECT {picks} FROM {source} "
+        f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {sums}"
     )
-    connection.execute(statement, rows)
+    connection.execute(statement, {"rows": json.dumps(rows)})
 
 
-def _drop_empty(connection: Connection, table: Any, count: str, rows: list[dict[str, Any]]) -> None:
-    if not rows:
+def _iso(moment: datetime) -> str:
+    return moment.isoformat()
+
+
+def _sqlite_datetime(connection: Connection) -> Callable[[Any], Any] | None:
+    hour_type = report_hours.c.hour.type
+    return hour_type.dialect_impl(connection.dialect).bind_processor(connection.dialect)
+
+
+def _drop_empty(connection: Connection, table: Any, keys: list[list[Any]]) -> None:
+    if not keys:
         return
-    keys = [column.name for column in table.primary_key]
-    where = and_(*[table.c[k] == bindparam(f"k_{k}") for k in keys], table.c[count] <= 0)
-    connection.execute(delete(table).where(where), [{f"k_{k}": r[k] for k in keys} for r in rows])
+    columns = [column.name for column in table.primary_key]
+    count = next(column.name for column in table.columns if column.name not in columns)
+    where = and_(*[table.c[k] == bindparam(f"k_{k}") for k in columns], table.c[count] <= 0)
+    connection.execute(
+        delete(table).where(where), [dict(zip([f"k_{k}" for k in columns], key, strict=True)) for key in keys]
+    )
 
 
 def stored(connection: Connection, ids: list[str], lock: bool = False) -> list[Mapping[Any, Any]]:
