@@ -192,8 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+_STARTED = time.perf_counter()
+
+
 def _step(what: str) -> None:
-    print(f"… {what}", file=sys.stderr, flush=True)
+    """Progress on stderr, with the time so far: where a slow run spends it shows in CI's log."""
+    print(f"… {what} (at {time.perf_counter() - _STARTED:.0f} s)", file=sys.stderr, flush=True)
 
 
 def _print_table(result: dict[str, Any], rows: list[tuple[str, str, str, str, bool | None]]) -> None:

@@ -119,13 +119,13 @@ def seed(url: str, count: int) -> dict[str, Any]:
         row["created_at"] = created
         row["last_message_at"] = row["last_message_at"] + shift if row["last_message_at"] else None
         batch.append(row)
-        if len(batch) == 2000:
+        if len(batch) == 10_000:
             with engine.begin() as connection:
-                upsert_conversations(connection, batch, now)
+                upsert_conversations(connection, batch, now, known_hashes={})  # every id is new
             batch = []
     if batch:
         with engine.begin() as connection:
-            upsert_conversations(connection, batch, now)
+            upsert_conversations(connection, batch, now, known_hashes={})
     with engine.begin() as connection:
         from sqlalchemy import text
 

@@ -2,9 +2,9 @@
 
 An all-time report over a million conversations cannot afford to read them all, so each conversation's
 contribution to the figures (counters per UTC hour, value counts for distributions, its user key) is added
-when it is stored and taken away when it changes. One function, :func:`contributions`, says what a stored
-conversation contributes; the writers pass the stored rows before and after a change, and :func:`rebuild`
-recomputes everything from ``conversations`` with the same function.
+when it is stored and taken away when it changes. One method, :meth:`Contributions.add`, says what a
+stored conversation contributes; the writers pass the stored rows before and after a change, and
+:func:`rebuild` recomputes everything from ``conversations`` with the same method.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ REPORT_COLUMNS = (
     "whatsapp_region",
 )
 REPLIED = ("captured", "not_found", "ambiguous")
+_ROWS_PER_STATEMENT = 10_000  # a rebuild adds up to a row per conversation; keep each statement modest
 
 
 def source_key(source: str | None) -> str:
@@ -139,8 +140,7 @@ def _add(connection: Connection, table: Any, rows: list[list[Any]]) -> None:
     encode: Callable[[Any], Any] | None
     if connection.dialect.name == "postgresql":
         types = {
-            c.name: "timestamptz" if c.name == "hour" else "int" if c.name in counts else "text"
-            for c in table.columns
+            name: "timestamptz" if name == "hour" else "int" if name in counts else "text" for name in names
         }
         picks = ", ".join(f"CAST(r->>{i} AS {types[name]})" for i, name in enumerate(names))
         source = "jsonb_array_elements(CAST(:rows AS jsonb)) AS r"
@@ -157,7 +157,8 @@ def _add(connection: Connection, table: Any, rows: list[list[Any]]) -> None:
         f"INSERT INTO {table.name} ({', '.join(names)}) SELECT {picks} FROM {source} "
         f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {sums}"
     )
-    connection.execute(statement, {"rows": json.dumps(rows)})
+    for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+        connection.execute(statement, {"rows": json.dumps(rows[start : start + _ROWS_PER_STATEMENT])})
 
 
 def _iso(moment: datetime) -> str:
