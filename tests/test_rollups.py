@@ -23,7 +23,7 @@ from chatsync.normalize import normalize_conversation
 from chatsync.reextract import reextract
 from chatsync.store import rollups
 from chatsync.store.engine import _alembic_config, ensure_schema, open_engine
-from chatsync.store.queries import ConversationFilter, set_whatsapp
+from chatsync.store.queries import ConversationFilter, get_conversation, set_whatsapp
 from chatsync.store.tables import conversations, report_hours, report_users, report_values
 from chatsync.store.writes import AUTO_COLUMNS, DATA_COLUMNS, upsert_conversations
 from tests.conftest import chatbase_env
@@ -249,3 +249,20 @@ def test_a_sync_page_and_a_manual_number_on_the_same_conversation_both_commit(en
     assert not page.is_alive() and page_error == []
     data = _both_ways(engine, ConversationFilter(), "UTC")
     assert data["conversations"] == 2 and data["messages"] == 1 and data["whatsapp"]["manual"] == 1
+
+
+def test_showing_a_conversation_does_not_wait_for_a_writer(engine: Any) -> None:
+    """Only writers lock before reading: `show` during a sync page answers at once, on SQLite too."""
+    raw = {"id": "c0", "created_at": "2024-05-01T10:00:00Z", "source": "API", "messages": []}
+    with engine.begin() as connection:
+        upsert_conversations(
+            connection, [normalize_conversation(raw, "bot", WhatsAppRule())], datetime.now(UTC)
+        )
+    with engine.begin() as writer:
+        writer.execute(conversations.update().where(conversations.c.id == "c0").values(country="SG"))
+        with engine.connect() as reader:
+            reader.exec_driver_sql(
+                "PRAGMA busy_timeout = 100" if engine.dialect.name == "sqlite" else "SET lock_timeout = 100"
+            )
+            shown = get_conversation(reader, "c0")
+    assert shown["id"] == "c0" and shown["country"] is None  # the writer has not committed yet

@@ -187,7 +187,6 @@ def get_conversation(
     ``with_finding`` adds what the rule found (outcome, matched text, rejected candidates) for people
     asking why a number was or was not stored.
     """
-    lock_for_writing(connection)
     where = [c.c.id == conversation_id]
     if visible_chatbot_ids is not None:
         where.append(c.c.chatbot_id.in_(list(visible_chatbot_ids)) if visible_chatbot_ids else false())
