@@ -1,10 +1,11 @@
 """The metrics of spec/analytics.md as aggregate SQL over stored columns; one implementation, two renderers.
 
 Per-conversation figures (message counts, response times, the WhatsApp outcome) are computed at sync
-time, so a report is a handful of aggregate queries: no conversation is loaded into Python. Medians of
-message counts come from a GROUP BY distribution (exact, and cheap because counts are small integers);
-response-time percentiles use percentile_cont on PostgreSQL and ranked rows on SQLite, both interpolating
-linearly between ranks.
+time, and every write keeps rollups of them (chatsync.store.rollups), so a report is a handful of
+aggregate queries and no conversation is loaded into Python. The rollups answer what they can: counters
+by UTC hour for any window in a whole-hour zone, distributions and users for all time; the rest is
+aggregated from the conversations in the window. Medians and p90 come from exact value counts
+(response times are stored to the millisecond), interpolating like percentile_cont.
 
 SQLite has no time zones, so local days and hours come from the zone's UTC offsets over the data's span,
 written into the query as a CASE over offset segments: still one SQL query, exact across DST changes.
