@@ -33,7 +33,7 @@ FULL = {
 def sizes(quick: bool) -> dict[str, Any]:
     if not quick:
         return FULL
-    return {"S1": 2_000, "S2": 10_000, "S3": (2_000, 20_000), "S5": 100_000, "S7_seconds": 5, "S8": 10_000}
+    return {"S1": 2_000, "S2": 10_000, "S3": (2_000, 20_000), "S5": 100_000, "S7_seconds": 2, "S8": 10_000}
 
 
 def targets(figures: dict[str, Any]) -> list[tuple[str, str, str, str, bool | None]]:
