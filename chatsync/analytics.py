@@ -25,6 +25,7 @@ from sqlalchemy import Connection, and_, case, false, func, literal_column, sele
 from sqlalchemy.sql import ColumnElement
 
 from chatsync.store.queries import ConversationFilter, conditions
+from chatsync.store.rollups import REPLIED
 from chatsync.store.tables import ROLLUP_COUNTERS, report_hours, report_users, report_values
 from chatsync.store.tables import conversations as c
 from chatsync.timeutil import as_utc
@@ -386,7 +387,7 @@ def _hourly_from_conversations(connection: Connection, tz: str, where: list[Colu
         "with_first": count_if(c.c.first_response_seconds.is_not(None)),
         "unanswered": count_if(c.c.unanswered.is_(True)),
         "prompted": count_if(outcome != "no_prompt"),
-        "replied": count_if(outcome.in_(("captured", "not_found", "ambiguous"))),
+        "replied": count_if(outcome.in_(REPLIED)),
         "captured": count_if(outcome == "captured"),
         "manual": count_if(c.c.whatsapp_source == "manual"),
         "from_form": count_if(c.c.whatsapp_source == "form"),

@@ -42,7 +42,7 @@ REPORT_COLUMNS = (
     "whatsapp_source",
     "whatsapp_region",
 )
-REPLIED = ("captured", "not_found", "ambiguous")
+REPLIED = ("captured", "not_found", "ambiguous")  # outcomes with a user reply after the prompt
 _ROWS_PER_STATEMENT = 10_000  # a rebuild adds up to a row per conversation; keep each statement modest
 
 
@@ -75,31 +75,31 @@ class Contributions:
         key = user_key(number, row["customer"])
         times = row["response_seconds"] or []
         first = row["first_response_seconds"]
-        figures = (
-            1,
-            row["message_count"],
-            row["user_messages"],
-            row["assistant_messages"],
-            key is not None,
-            row["user_messages"] >= 2,
-            row["response_steps"] > 0,
-            row["response_seconds"] is not None,
-            first is not None,
-            bool(row["unanswered"]),
-            outcome != "no_prompt",
-            outcome in REPLIED,
-            outcome == "captured",
-            row["whatsapp_source"] == "manual",
-            row["whatsapp_source"] == "form",
-            number is not None,
-            outcome == "no_reply",
-            outcome == "not_found",
-            outcome == "ambiguous",
-        )
+        figures = {
+            "conversations": 1,
+            "messages": row["message_count"],
+            "user_messages": row["user_messages"],
+            "assistant_messages": row["assistant_messages"],
+            "keyed": key is not None,
+            "engaged": row["user_messages"] >= 2,
+            "with_steps": row["response_steps"] > 0,
+            "with_pairs": row["response_seconds"] is not None,
+            "with_first": first is not None,
+            "unanswered": bool(row["unanswered"]),
+            "prompted": outcome != "no_prompt",
+            "replied": outcome in REPLIED,
+            "captured": outcome == "captured",
+            "manual": row["whatsapp_source"] == "manual",
+            "from_form": row["whatsapp_source"] == "form",
+            "with_number": number is not None,
+            "missed_no_reply": outcome == "no_reply",
+            "missed_not_found": outcome == "not_found",
+            "missed_ambiguous": outcome == "ambiguous",
+        }
         hour = as_utc(row["created_at"]).replace(minute=0, second=0, microsecond=0)
         counters = self.hours.setdefault((chatbot, source, hour), [0] * len(ROLLUP_COUNTERS))
-        for i, figure in enumerate(figures):
-            counters[i] += sign * int(figure)
+        for i, name in enumerate(ROLLUP_COUNTERS):
+            counters[i] += sign * int(figures[name])
         values = self.values
         values[(chatbot, source, "length", str(row["message_count"]))] += sign
         country = row["country"]
