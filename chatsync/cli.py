@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import os
 import sys
 import traceback
@@ -116,6 +117,11 @@ def main_options(
     """Sync Chatbase conversations into your database, find WhatsApp numbers, and report on them."""
     global _current
     _current = ctx.obj = Context(database_url=database_url, debug=debug)
+    root = logging.getLogger()
+    if not debug and not root.handlers:
+        # chatsync reports an error in one line; what a library logs on the way (psycopg closing a
+        # failed pipeline, say) is detail for --debug, not a second line on stderr.
+        root.addHandler(logging.NullHandler())
 
 
 _current = Context()
