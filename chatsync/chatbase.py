@@ -8,14 +8,16 @@ truncated bodies) are retried within a budget; 400/401/403/404 fail at once with
 
 from __future__ import annotations
 
+import email.utils
 import json
+import math
 import random
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import UTC, date, timedelta
 from typing import Any
 
 import httpx
@@ -127,6 +129,8 @@ def _reset_seconds(headers: httpx.Headers) -> float | None:
         reset = float(value)
     except ValueError:
         return None
+    if not math.isfinite(reset):
+        return None
     if reset > 10**12:
         reset /= 1000
     if reset > 10**9:
@@ -135,13 +139,29 @@ def _reset_seconds(headers: httpx.Headers) -> float | None:
 
 
 def _retry_after(headers: httpx.Headers) -> float | None:
-    value = headers.get("retry-after")
-    if value is None:
-        return _reset_seconds(headers)
+    """Seconds the server asks us to wait: ``Retry-After`` in either form of RFC 9110 (delay-seconds or an
+    HTTP-date), else ``X-RateLimit-Reset``; None when neither can be read."""
+    value = (headers.get("retry-after") or "").strip()
+    if value:
+        seconds: float | None
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = _seconds_until_http_date(value)
+        if seconds is not None and math.isfinite(seconds):
+            return max(0.0, seconds)
+    return _reset_seconds(headers)
+
+
+def _seconds_until_http_date(text: str) -> float | None:
+    """``Wed, 21 Oct 2015 07:28:00 GMT`` (or the obsolete forms) as seconds from now; None if unreadable."""
     try:
-        return float(value)
-    except ValueError:
+        moment = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp() - time.time()
 
 
 class ChatbaseClient:

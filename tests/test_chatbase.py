@@ -228,3 +228,72 @@ def test_the_emulator_stays_quiet_when_a_client_hangs_up(
             )
     time.sleep(0.8)  # let the server finish writing into the closed connections
     assert "Exception occurred" not in capfd.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- Retry-After
+def _http_date(seconds_from_now: float) -> str:
+    import email.utils
+
+    return email.utils.formatdate(time.time() + seconds_from_now, usegmt=True)
+
+
+@pytest.mark.parametrize(
+    ("headers", "low", "high"),
+    [
+        ({"retry-after": "7"}, 7, 7),
+        ({"retry-after": " 2.5 "}, 2.5, 2.5),
+        ({"retry-after": "0"}, 0, 0),
+        ({"retry-after": "__HTTP_DATE_5__"}, 3.5, 5.0),  # RFC 9110's other form
+        ({"retry-after": "__HTTP_DATE_-30__"}, 0, 0),  # a date in the past: no wait
+        ({"retry-after": "soon", "x-ratelimit-reset": "__RESET_4__"}, 2.5, 4.0),  # unreadable: fall back
+        ({"retry-after": "inf", "x-ratelimit-reset": "__RESET_4__"}, 2.5, 4.0),
+        ({"retry-after": "nan"}, None, None),
+        ({"x-ratelimit-reset": "inf"}, None, None),
+        ({"retry-after": "Wed, 99 Foo 2015 07:28:00 GMT"}, None, None),
+    ],
+    ids=[
+        "seconds",
+        "fraction",
+        "zero",
+        "http-date",
+        "past-date",
+        "fallback",
+        "infinite",
+        "nan",
+        "inf-reset",
+        "bad-date",
+    ],
+)
+def test_retry_after_is_read_in_both_rfc_forms_then_from_the_reset_header(
+    headers: dict[str, str], low: float | None, high: float | None
+) -> None:
+    from chatsync.chatbase import _retry_after
+
+    filled = {}
+    for name, value in headers.items():
+        if value.startswith("__HTTP_DATE_"):
+            value = _http_date(float(value.removeprefix("__HTTP_DATE_").rstrip("_")))
+        elif value.startswith("__RESET_"):
+            value = str(int((time.time() + float(value.removeprefix("__RESET_").rstrip("_"))) * 1000))
+        filled[name] = value
+    seconds = _retry_after(httpx.Headers(filled))
+    if low is None:
+        assert seconds is None
+    else:
+        assert seconds is not None and low <= seconds <= high
+
+
+def test_a_429_with_an_http_date_retry_after_waits_until_that_date() -> None:
+    """Chatbase (or a proxy in front of it) may send the date form; the retry must not come after 1 s."""
+    arrivals: list[float] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        arrivals.append(time.monotonic())
+        if len(arrivals) == 1:
+            return httpx.Response(429, headers={"retry-after": _http_date(3)}, json={"message": "slow down"})
+        return httpx.Response(200, json={"data": []})
+
+    with _client(httpx.MockTransport(handler)) as client:
+        assert client.get_conversations("bot", 1) == []
+    assert len(arrivals) == 2
+    assert arrivals[1] - arrivals[0] >= 1.9  # the date is 2–3 s away at one-second resolution
