@@ -25,6 +25,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_bef
 
 from chatsync.config import Secret
 from chatsync.errors import ChatbaseRejected, ChatbaseUnavailable, PagingError, UsageError
+from chatsync.jsonbody import decode_body
 
 PAGE_SIZE = 100  # Chatbase's maximum; omitting size silently gives 10 a page
 MAX_PAGES_PER_WINDOW = 20_000
@@ -227,8 +228,8 @@ class ChatbaseClient:
             if remaining == "0":
                 self.limiter.pause(_reset_seconds(response.headers) or 1.0)
             try:
-                return response.json()
-            except (json.JSONDecodeError, UnicodeDecodeError):
+                return decode_body(response.content)
+            except ValueError:
                 raise TransientError("truncated or invalid JSON body") from None
         message, code = _error_message(response)
         message = self._redact(message)

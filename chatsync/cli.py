@@ -560,6 +560,12 @@ def emulator(
     bad_records: Annotated[
         int, typer.Option("--bad-records", help="Conversations sent as broken records.")
     ] = 0,
+    damaged_records: Annotated[
+        int,
+        typer.Option(
+            "--damaged-records", help="Conversations sent with text no database holds (half an emoji, NUL)."
+        ),
+    ] = 0,
 ) -> None:
     """Serve the Chatbase-compatible emulator for tests, demos and benchmarks."""
     from chatsync import render
@@ -578,6 +584,7 @@ def emulator(
         rate_limit=limit,
         faults=Faults(fail_rate=fail_rate, slow_rate=slow_rate, malformed_rate=malformed_rate),
         bad_records=bad_records,
+        damaged_records=damaged_records,
     )
     server = make_server(emu, host, port)
     bound_host, bound_port = str(server.server_address[0]), int(server.server_address[1])

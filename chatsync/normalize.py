@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -16,6 +18,7 @@ from typing import Any
 from chatsync.chatbase import SOURCES
 from chatsync.config import WhatsAppRule
 from chatsync.errors import BadRecord, InvalidNumber
+from chatsync.jsonbody import UndecodableRecord
 from chatsync.timeutil import iso_z, parse_timestamp
 from chatsync.whatsapp import (
     ASSISTANT_ROLES,
@@ -28,6 +31,15 @@ from chatsync.whatsapp import (
 
 MAX_MESSAGE_CHARS = 200_000  # Chatbase caps typed messages far below this; larger is a broken record
 MAX_MESSAGES = 10_000
+# Widths of the columns Chatbase's values land in (store/tables.py): a longer value is a broken record,
+# refused here the same way on every database rather than by PostgreSQL alone.
+MAX_ID_CHARS = 128
+MAX_SOURCE_CHARS = 64
+MAX_COUNTRY_CHARS = 16
+REPLACEMENT_CHARACTER = "\ufffd"
+# Text no database can hold: NUL (PostgreSQL text and JSONB refuse it) and UTF-16 surrogates that are not
+# part of a pair (JavaScript produces them when it cuts an emoji in half; they are not UTF-8 encodable).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -87,16 +99,77 @@ def find_whatsapp(raw_messages: list[Any], form_phone: object, rule: WhatsAppRul
 
 
 def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    """The one JSON text of a record: sorted keys, UTF-8 characters as they are, no spaces.
+
+    Raises ValueError for a number JSON cannot write (NaN, infinities: ``1e400`` decodes to one),
+    TypeError for a value that is not JSON, RecursionError for nesting deeper than Python's limit.
+    """
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
 def content_hash(canonical: str) -> str:
-    """The fingerprint that tells an unchanged conversation from a changed one."""
+    """The fingerprint that tells an unchanged conversation from a changed one (of the stored form)."""
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
+@dataclass(frozen=True)
+class Storable:
+    """A record in the form chatsync stores, its canonical JSON and whether text had to be repaired."""
+
+    record: Any
+    canonical: str
+    repaired: bool
+
+
+def storable(raw: Any) -> Storable:
+    """The record with text no database can hold (NUL, lone surrogates) replaced by U+FFFD.
+
+    Everything else is kept exactly. Raises BadRecord when the record cannot be written as JSON at all
+    (a non-finite or over-long number, nesting deeper than Python can follow).
+    """
+    try:
+        text = canonical_json(raw)
+    except RecursionError:
+        raise BadRecord("nested too deeply to store") from None
+    except ValueError:
+        raise BadRecord("holds a number that is not finite (NaN, Infinity or beyond 1e308)") from None
+    except TypeError:
+        raise BadRecord("holds an integer too long to store exactly (over 4,300 digits)") from None
+    if "\\u0000" not in text and not _has_surrogate(text):
+        return Storable(raw, text, False)
+    repaired = _repair(raw)
+    return Storable(repaired, canonical_json(repaired), True)
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _repair(value: Any) -> Any:
+    if isinstance(value, str):
+        return _UNSTORABLE.sub(REPLACEMENT_CHARACTER, value)
+    if isinstance(value, list):
+        return [_repair(item) for item in value]
+    if isinstance(value, dict):
+        repaired = {_repair(key): _repair(item) for key, item in value.items()}
+        if len(repaired) != len(value):
+            raise BadRecord("two keys become the same once unstorable characters are replaced")
+        return repaired
+    return value
+
+
 def normalize_conversation(raw: object, chatbot_id: str, rule: WhatsAppRule) -> dict[str, Any]:
-    """Validate one raw conversation and compute its row; raises BadRecord with the reason otherwise."""
+    """Validate one raw conversation and compute its row; raises BadRecord with the reason otherwise.
+
+    Text no database can hold is repaired first (see :func:`storable`), so the row stores the record
+    exactly but for those characters.
+    """
+    if isinstance(raw, UndecodableRecord):
+        raise BadRecord(raw.reason)
     if not isinstance(raw, dict):
         raise BadRecord("record is not a JSON object")
     conversation_id = raw.get("id")
@@ -104,21 +177,23 @@ def normalize_conversation(raw: object, chatbot_id: str, rule: WhatsAppRule) -> 
         conversation_id = str(conversation_id)
     if not isinstance(conversation_id, str) or not conversation_id.strip():
         raise BadRecord("record has no id")
-    messages = raw.get("messages")
+    form = storable(raw)
+    record: dict[str, Any] = form.record
+    conversation_id = str(record["id"])
+    if len(conversation_id) > MAX_ID_CHARS:
+        raise BadRecord(f"id is {len(conversation_id):,} characters (limit {MAX_ID_CHARS})")
+    messages = record.get("messages")
     if messages is None:
         messages = []
     if not isinstance(messages, list):
         raise BadRecord(f"messages is a {type(messages).__name__}, not a list")
     if len(messages) > MAX_MESSAGES:
         raise BadRecord(f"more than {MAX_MESSAGES} messages")
-    text = canonical_json(raw)
-    if "\\u0000" in text:
-        raise BadRecord("contains a NUL character, which the database cannot store")
     try:
-        created_at = parse_timestamp(raw.get("created_at"))
+        created_at = parse_timestamp(record.get("created_at"))
     except (ValueError, OverflowError, OSError):
-        raise BadRecord(f"unparsable created_at: {str(raw.get('created_at'))[:40]!r}") from None
-    last_value = raw.get("last_message_at") or raw.get("updated_at")
+        raise BadRecord(f"unparsable created_at: {str(record.get('created_at'))[:40]!r}") from None
+    last_value = record.get("last_message_at") or record.get("updated_at")
     last_message_at = None
     if last_value not in (None, ""):
         try:
@@ -142,27 +217,24 @@ def normalize_conversation(raw: object, chatbot_id: str, rule: WhatsAppRule) -> 
         contents.append(content if isinstance(content, str) else "")
 
     figures = conversation_figures(roles, times, contents)
-    form = raw.get("form_submission")
-    finding = find_whatsapp(messages, form.get("phone") if isinstance(form, dict) else None, rule)
-    bot = raw.get("chatbot_id")
-    rest = {k: v for k, v in raw.items() if k != "messages"}
-    source = raw.get("source")
-    country = raw.get("country")
-    min_score = raw.get("min_score")
+    form_submission = record.get("form_submission")
+    finding = find_whatsapp(
+        messages, form_submission.get("phone") if isinstance(form_submission, dict) else None, rule
+    )
+    rest = {k: v for k, v in record.items() if k != "messages"}
     return {
         "id": conversation_id,
-        "chatbot_id": str(bot) if bot not in (None, "") else chatbot_id,
+        "chatbot_id": _chatbot_of(record.get("chatbot_id"), chatbot_id),
         "created_at": created_at,
         "last_message_at": last_message_at or max((t for t in times if t), default=None),
-        "source": source_name(source),
-        "customer": customer_label(raw.get("customer")),
-        "country": str(country).upper() if isinstance(country, str) and country.strip() else None,
-        "min_score": float(min_score)
-        if isinstance(min_score, int | float) and not isinstance(min_score, bool)
-        else None,
+        "source": _short_text(source_name(record.get("source")), MAX_SOURCE_CHARS, "source"),
+        "customer": customer_label(record.get("customer")),
+        "country": _country(record.get("country")),
+        "min_score": _score(record.get("min_score")),
         "messages": messages,
         "raw": rest,
-        "content_hash": content_hash(text),
+        "content_hash": content_hash(form.canonical),
+        "text_repaired": form.repaired,
         **figures,
         "wa_outcome": finding.outcome,
         "wa_extracted": finding.extracted,
@@ -175,11 +247,62 @@ def normalize_conversation(raw: object, chatbot_id: str, rule: WhatsAppRule) -> 
     }
 
 
-def source_name(value: object) -> str | None:
-    """Chatbase's canonical spelling of a source (the OpenAPI lists lowercase variants); others as sent."""
-    if value in (None, ""):
+def stored_id(raw: object) -> str | None:
+    """The id a record is stored under (an integer id as text, unstorable characters replaced), or None
+    when it has none that could be stored."""
+    if not isinstance(raw, dict):
         return None
-    text = str(value).strip()
+    value = raw.get("id")
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        return None
+    value = _UNSTORABLE.sub(REPLACEMENT_CHARACTER, value)
+    return value if len(value) <= MAX_ID_CHARS else None
+
+
+def _chatbot_of(value: object, requested: str) -> str:
+    """The record's own chatbot id when it sends a usable one, else the chatbot that was asked for."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if isinstance(value, str) and value.strip():
+        if len(value) > MAX_ID_CHARS:
+            raise BadRecord(f"chatbot_id is {len(value):,} characters (limit {MAX_ID_CHARS})")
+        return value
+    return requested
+
+
+def _short_text(value: str | None, limit: int, name: str) -> str | None:
+    if value is not None and len(value) > limit:
+        raise BadRecord(f"{name} is {len(value):,} characters (limit {limit})")
+    return value
+
+
+def _country(value: object) -> str | None:
+    """Chatbase's country code in capitals; anything but a short text is no country."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    return _short_text(value.strip().upper(), MAX_COUNTRY_CHARS, "country")
+
+
+def _score(value: object) -> float | None:
+    """``min_score`` as a float when it is a finite number, else None (the raw record keeps it)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        score = float(value)
+    except OverflowError:
+        return None
+    return score if math.isfinite(score) else None
+
+
+def source_name(value: object) -> str | None:
+    """Chatbase's canonical spelling of a source (the OpenAPI lists lowercase variants); others as sent.
+
+    Anything but non-empty text is no source (the raw record keeps what was sent)."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    text = value.strip()
     return next((known for known in SOURCES if known.lower() == text.lower()), text)
 
 

@@ -14,6 +14,7 @@ How a run never loses or duplicates a conversation:
 
 from __future__ import annotations
 
+import logging
 import math
 import queue
 import threading
@@ -31,12 +32,13 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from chatsync.chatbase import ChatbaseClient
 from chatsync.config import WhatsAppRule
 from chatsync.errors import BadRecord, ChatsyncError, DatabaseUnavailable, ExitCode
-from chatsync.normalize import canonical_json, content_hash, normalize_conversation
+from chatsync.normalize import content_hash, normalize_conversation, storable, stored_id
 from chatsync.store import writes
 from chatsync.store.locks import chatbot_lock
 from chatsync.timeutil import day_end, iso_z, parse_timestamp, utcnow
 
 MAX_WINDOW_DAYS = 31
+log = logging.getLogger("chatsync.sync")
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class SyncSummary:
     updated: int = 0
     unchanged: int = 0
     quarantined: int = 0
+    repaired: int = 0
     whatsapp_captured: int = 0
     started_at: str | None = None
     finished_at: str | None = None
@@ -318,7 +321,11 @@ class Syncer:
             raise first_error
 
     def _save_page(self, chatbot_id: str, scope: str, page: _Page, today: date, seen: set[str]) -> None:
-        """Save one page; the window's last page also records its days as fetched, in the same transaction."""
+        """Save one page; the window's last page also records its days as fetched, in the same transaction.
+
+        Whatever goes wrong with one record (reading, repairing, hashing, the rule, the database refusing
+        it) is that record's problem: it is quarantined with the reason and the rest of the page is saved.
+        """
         summary = self.summary
         now = self.now()
         rows: list[dict[str, Any]] = []
@@ -326,15 +333,19 @@ class Syncer:
         unchanged = captured = 0
         known = self._fingerprints(page.records)
         for record in page.records:
-            skip = self._unchanged(record, known, page.window, seen)
-            if skip is not None:
-                unchanged += skip[0]
-                captured += skip[1]
-                continue
             try:
+                skip = self._unchanged(record, known, page.window, seen)
+                if skip is not None:
+                    unchanged += skip[0]
+                    captured += skip[1]
+                    continue
                 row = normalize_conversation(record, chatbot_id, self.rule)
             except BadRecord as exc:
                 bad.append((record, exc.reason))
+                continue
+            except Exception as exc:  # a fault of chatsync's on one record must not stop the sync
+                log.warning("could not read conversation %s", stored_id(record), exc_info=True)
+                bad.append((record, f"chatsync could not read it ({_describe(exc)})"))
                 continue
             if _claim(row["id"], row["created_at"].date(), page.window, seen):
                 rows.append(row)
@@ -344,21 +355,32 @@ class Syncer:
             with self._db() as connection:
                 counts = writes.upsert_conversations(connection, rows, now, stored)
                 self._record_page(connection, chatbot_id, scope, bad, days, page.fetched_at, now)
-        except DBAPIError:
-            # The database refused the page as a whole (not a lost connection, which _db turns into
-            # DatabaseUnavailable): store what it accepts row by row, quarantine the rest.
+        except DatabaseUnavailable:
+            raise
+        except Exception:
+            # The page as a whole was refused (not a lost connection, which _db turns into
+            # DatabaseUnavailable): store what is accepted row by row, quarantine the rest.
             counts = self._save_one_by_one(rows, bad, now)
             with self._db() as connection:
                 self._record_page(connection, chatbot_id, scope, bad, days, page.fetched_at, now)
+        for reason in {reason for _, reason in bad}:
+            log.warning("quarantined %d record(s) of chatbot %s: %s", _count(bad, reason), chatbot_id, reason)
+        repaired = counts.repaired
+        if repaired:
+            log.warning(
+                "replaced text no database can hold (NUL, lone surrogates) with U+FFFD in %s",
+                ", ".join(repaired),
+            )
         summary.inserted += counts.inserted
         summary.updated += counts.updated
         summary.unchanged += counts.unchanged + unchanged
         summary.whatsapp_captured += counts.captured + captured
         summary.quarantined += len(bad)
+        summary.repaired += len(repaired)
         summary.fetched += counts.inserted + counts.updated + counts.unchanged + unchanged + len(bad)
 
     def _fingerprints(self, records: list[Any]) -> dict[str, tuple[str, bool]]:
-        ids = [r["id"] for r in records if isinstance(r, dict) and isinstance(r.get("id"), str)]
+        ids = [key for key in map(stored_id, records) if key is not None]
         with self._db() as connection:
             return writes.stored_fingerprints(connection, ids)
 
@@ -367,11 +389,11 @@ class Syncer:
     ) -> tuple[int, int] | None:
         """(1, captured) for a stored conversation Chatbase sends unchanged, (0, 0) for one to pass over,
         None for one to normalise. Unchanged ones skip the rule and the write: the cron path is mostly them."""
-        if not isinstance(record, dict) or not isinstance(record.get("id"), str) or record["id"] not in known:
+        conversation_id = stored_id(record)
+        if conversation_id is None or conversation_id not in known:
             return None  # new, or not even shaped like a conversation: normalising says which
-        conversation_id = record["id"]
         stored_hash, has_number = known[conversation_id]
-        if content_hash(canonical_json(record)) != stored_hash:
+        if content_hash(storable(record).canonical) != stored_hash:
             return None
         try:
             created = parse_timestamp(record.get("created_at")).date()
@@ -401,10 +423,12 @@ class Syncer:
             try:
                 with self._db() as connection:
                     counts.add(writes.upsert_conversations(connection, [row], now))
-            except DBAPIError as exc:
-                reason = str(exc.orig or exc).strip().splitlines()[0]
+            except DatabaseUnavailable:
+                raise
+            except Exception as exc:
+                log.warning("the database refused conversation %s", row["id"], exc_info=True)
                 record = {"id": row["id"], **row["raw"], "messages": row["messages"]}
-                bad.append((record, f"database refused it: {reason}"))
+                bad.append((record, f"database refused it: {_describe(exc)}"))
         return counts
 
     # ----------------------------------------------------------------------------------------------- helpers
@@ -414,6 +438,17 @@ class Syncer:
     def _report(self, status: Progress) -> None:
         if self.progress:
             self.progress(status)
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception as one short line for a quarantine reason: its type and the first line of its text."""
+    original = getattr(exc, "orig", None) or exc
+    lines = str(original).strip().splitlines()
+    return f"{type(original).__name__}: {lines[0][:200]}" if lines else type(original).__name__
+
+
+def _count(bad: list[tuple[object, str]], reason: str) -> int:
+    return sum(1 for _, r in bad if r == reason)
 
 
 def _claim(conversation_id: str, created: date, window: Window, seen: set[str]) -> bool:

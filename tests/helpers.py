@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sqlalchemy import create_engine, select
@@ -22,6 +23,21 @@ def stored_conversations(database_url: str) -> dict[str, dict[str, Any]]:
         engine.dispose()
 
 
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def as_stored(value: Any) -> Any:
+    """What chatsync promises to store for a value Chatbase sent: the same, with NUL and lone UTF-16
+    surrogates replaced by U+FFFD (written here independently of chatsync's own repair)."""
+    if isinstance(value, str):
+        return _UNSTORABLE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [as_stored(v) for v in value]
+    if isinstance(value, dict):
+        return {as_stored(k): as_stored(v) for k, v in value.items()}
+    return value
+
+
 def assert_exact(
     database_url: str, emulator: Emulator, chatbot_id: str | None = None
 ) -> dict[str, dict[str, Any]]:
@@ -38,7 +54,7 @@ def assert_exact(
     for conversation_id, raw in expected.items():
         row = stored[conversation_id]
         assert as_utc(row["created_at"]) == parse_timestamp(raw["created_at"])
-        assert row["messages"] == raw["messages"]
+        assert row["messages"] == as_stored(raw["messages"])
         last = raw.get("last_message_at") or raw.get("updated_at")
         assert as_utc(row["last_message_at"]) == parse_timestamp(last)
     return stored

@@ -241,7 +241,16 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-BAD_RECORD_KINDS = ("no id", "messages not a list", "NUL character", "huge message", "unparsable date")
+BAD_RECORD_KINDS = (
+    "no id",
+    "messages not a list",
+    "message not an object",
+    "huge message",
+    "unparsable date",
+)
+# Text no database can hold, as JavaScript and broken clients produce it: chatsync stores these
+# conversations with U+FFFD in place of the offending characters.
+DAMAGED_TEXT_KINDS = ("half an emoji", "NUL character")
 
 
 def spoil(raw: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -251,10 +260,17 @@ def spoil(raw: dict[str, Any], kind: str) -> dict[str, Any]:
         bad.pop("id")
     elif kind == "messages not a list":
         bad["messages"] = {"role": "user", "content": "hi"}
-    elif kind == "NUL character":
-        bad["messages"] = [*raw["messages"], {"role": "user", "content": "bad\x00byte"}]
+    elif kind == "message not an object":
+        bad["messages"] = [*raw["messages"], "hi"]
     elif kind == "huge message":
         bad["messages"] = [*raw["messages"], {"role": "user", "content": "x" * 1_048_576}]
     elif kind == "unparsable date":
         bad["created_at"] = "yesterday-ish"
     return bad
+
+
+def damage(raw: dict[str, Any], kind: str) -> dict[str, Any]:
+    """Append a user message whose text no database can hold: a lone UTF-16 surrogate (JavaScript cuts
+    an emoji in half: ``"thanks \\ud83d"``) or a NUL character."""
+    text = "thanks \ud83d" if kind == "half an emoji" else "bad\x00byte"
+    return {**raw, "messages": [*raw["messages"], {"role": "user", "content": text}]}

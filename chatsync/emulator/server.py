@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
-from chatsync.emulator.data import BAD_RECORD_KINDS, Dataset, Planted, spoil
+from chatsync.emulator.data import BAD_RECORD_KINDS, DAMAGED_TEXT_KINDS, Dataset, Planted, damage, spoil
 
 
 @dataclass
@@ -38,12 +38,16 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+def _encode(payload: Any) -> bytes:
+    """UTF-8 JSON; text with lone surrogates is written with ``\\u`` escapes, as JavaScript writes it."""
+    try:
+        return json.dumps(payload, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(payload, ensure_ascii=True).encode()
+
+
 def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> Reply:
-    return Reply(
-        status,
-        json.dumps(payload, ensure_ascii=False).encode(),
-        {"content-type": "application/json", **(headers or {})},
-    )
+    return Reply(status, _encode(payload), {"content-type": "application/json", **(headers or {})})
 
 
 class Emulator:
@@ -61,6 +65,7 @@ class Emulator:
         rate_limit: tuple[int, float] | None = (100, 10.0),
         faults: Faults | None = None,
         bad_records: int = 0,
+        damaged_records: int = 0,
     ) -> None:
         end = end or datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
         self.datasets = {bot: Dataset(bot, conversations, seed, end, days) for bot in chatbot_ids}
@@ -69,6 +74,7 @@ class Emulator:
         self.rate_limit = rate_limit
         self.faults = faults or Faults()
         self.bad_records = bad_records
+        self.damaged_records = damaged_records
         self._appended: dict[str, list[dict[str, Any]]] = {}
         self._lock = threading.Lock()
         self._recent: deque[float] = deque()
@@ -87,19 +93,22 @@ class Emulator:
             last = extra[-1].get("createdAt") or extra[-1].get("created_at")
             if last:
                 raw["last_message_at" if "last_message_at" in raw else "updated_at"] = last
-        if index in self.bad_indexes(chatbot_id):
-            raw = spoil(
-                raw, BAD_RECORD_KINDS[self.bad_indexes(chatbot_id).index(index) % len(BAD_RECORD_KINDS)]
-            )
+        bad = self.bad_indexes(chatbot_id)
+        if index in bad:
+            raw = spoil(raw, BAD_RECORD_KINDS[bad.index(index) % len(BAD_RECORD_KINDS)])
+        damaged = self.damaged_indexes(chatbot_id)
+        if index in damaged:
+            raw = damage(raw, DAMAGED_TEXT_KINDS[damaged.index(index) % len(DAMAGED_TEXT_KINDS)])
         return raw
 
     def bad_indexes(self, chatbot_id: str) -> list[int]:
         """Which conversations are sent broken: spread evenly, the same for the same seed."""
-        count = self.datasets[chatbot_id].count
-        if not self.bad_records or not count:
-            return []
-        step = max(count // self.bad_records, 1)
-        return list(range(step // 2, count, step))[: self.bad_records]
+        return _spread(self.datasets[chatbot_id].count, self.bad_records, 0)
+
+    def damaged_indexes(self, chatbot_id: str) -> list[int]:
+        """Which good conversations carry text no database can hold (never one of the broken ones)."""
+        bad = set(self.bad_indexes(chatbot_id))
+        return [i for i in _spread(self.datasets[chatbot_id].count, self.damaged_records, 1) if i not in bad]
 
     def planted(self, chatbot_id: str) -> dict[str, Planted]:
         """Ground truth per good conversation id: the number chatsync should store and its source."""
@@ -249,7 +258,7 @@ class Emulator:
                 data.append(raw)
                 if len(data) == size:
                     break
-        body = json.dumps({"data": data}, ensure_ascii=False).encode()
+        body = _encode({"data": data})
         with self._lock:
             truncate = self._rng.random() < self.faults.malformed_rate
         if truncate:
@@ -257,6 +266,14 @@ class Emulator:
                 self.faulted += 1
             body = body[: max(1, len(body) // 2)]
         return Reply(200, body, {"content-type": "application/json"})
+
+
+def _spread(count: int, wanted: int, offset: int) -> list[int]:
+    """``wanted`` indexes spread evenly over ``count``, the same every time."""
+    if not wanted or not count:
+        return []
+    step = max(count // wanted, 1)
+    return list(range(step // 2 + offset, count, step))[:wanted]
 
 
 def _day(text: str | None) -> date | None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import Connection, and_, bindparam, case, select, update
 
+from chatsync.jsonbody import UndecodableRecord
 from chatsync.store import rollups
 from chatsync.store.engine import insert_for, lock_for_writing
 from chatsync.store.tables import chatbots, conversations, quarantine, sync_days, sync_runs
@@ -54,12 +55,14 @@ class UpsertCounts:
     updated: int = 0
     unchanged: int = 0
     captured: int = 0
+    repaired: list[str] = field(default_factory=list)  # ids written with unstorable text replaced
 
     def add(self, other: UpsertCounts) -> None:
         self.inserted += other.inserted
         self.updated += other.updated
         self.unchanged += other.unchanged
         self.captured += other.captured
+        self.repaired += other.repaired
 
 
 def upsert_conversations(
@@ -89,6 +92,7 @@ def upsert_conversations(
     fresh = [r for i, r in batch.items() if i not in known]
     changed = [r for i, r in batch.items() if i in known and known[i] != r["content_hash"]]
     counts.inserted, counts.updated = len(fresh), len(changed)
+    counts.repaired = [r["id"] for r in (*fresh, *changed) if r.get("text_repaired")]
     counts.unchanged = len(batch) - len(fresh) - len(changed)
     # Existing rows first: every writer locks the conversations it changes before any rollup row, so a
     # sync and a person's set-whatsapp on the same conversation cannot wait on each other in a cycle.
@@ -191,16 +195,16 @@ def quarantine_record(
     connection: Connection, chatbot_id: str, record: object, reason: str, run_id: str, now: datetime
 ) -> None:
     """Keep a record Chatbase sent that cannot be stored, with the reason, once per record."""
-    text = json.dumps(record, ensure_ascii=True, default=str, sort_keys=True)
-    conversation_id = record.get("id") if isinstance(record, dict) else None
-    if isinstance(conversation_id, str | int) and str(conversation_id).strip():
-        key = str(conversation_id)[:160]
+    text = quarantine_text(record)
+    conversation_id = _id_text(record)
+    if conversation_id is not None and len(conversation_id) <= 128:
+        key = conversation_id
     else:
-        key = "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:40]
+        key = "sha256:" + hashlib.sha256((conversation_id or text).encode()).hexdigest()[:40]
     statement = insert_for(connection, quarantine).values(
         chatbot_id=chatbot_id,
         record_key=key,
-        conversation_id=str(conversation_id)[:128] if conversation_id not in (None, "") else None,
+        conversation_id=conversation_id[:128] if conversation_id else None,
         reason=reason,
         raw=text,
         first_seen_at=now,
@@ -212,6 +216,26 @@ def quarantine_record(
         set_={"reason": reason, "raw": text, "last_seen_at": now, "run_id": run_id},
     )
     connection.execute(statement)
+
+
+def quarantine_text(record: object) -> str:
+    """The record as ASCII JSON (every character escaped, so any database holds it exactly)."""
+    if isinstance(record, UndecodableRecord):
+        return record.text
+    try:
+        return json.dumps(record, ensure_ascii=True, default=str, sort_keys=True)
+    except (RecursionError, ValueError, TypeError):
+        return json.dumps({"id": _id_text(record), "chatsync": "record too deeply nested to keep"})
+
+
+def _id_text(record: object) -> str | None:
+    """A record's id as text with unstorable characters replaced, for the quarantine's key."""
+    value = record.get("id") if isinstance(record, dict) else None
+    if isinstance(record, UndecodableRecord):
+        value = record.id
+    if isinstance(value, bool) or not isinstance(value, str | int) or not str(value).strip():
+        return None
+    return "".join("\ufffd" if c == "\x00" or "\ud800" <= c <= "\udfff" else c for c in str(value))
 
 
 def remember_chatbot(

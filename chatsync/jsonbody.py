@@ -1,0 +1,154 @@
+"""Decoding what Chatbase sends, so that one unreadable record never makes a whole page unreadable.
+
+No I/O here. The values below stand in for parts of a page Python cannot decode as they are; the sync
+engine quarantines the records holding them and stores the rest of the page.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+
+class UnreadableNumber:
+    """A JSON number Python does not turn into an int by default (over 4,300 digits); kept as its text.
+
+    Its record cannot be stored exactly, so normalising quarantines it; the rest of the page is unaffected.
+    """
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class UndecodableRecord:
+    """An item of a page's ``data`` that could not be decoded on its own (nested deeper than Python's
+    JSON decoder follows); ``text`` is the start of its JSON text, kept for the quarantine."""
+
+    text: str
+    reason: str
+    id: str | None = None  # the record's top-level "id", when it could be found in the text
+
+
+_MAX_KEPT_CHARS = 20_000
+# JSON strings (with their escapes) and the punctuation that gives structure; everything else is skipped.
+_STRUCTURE = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{},:]')
+
+
+def decode_body(body: bytes) -> Any:
+    """A response body as JSON, so that one unreadable record never makes the whole page unreadable.
+
+    Bytes that are not UTF-8 become U+FFFD. Raises ValueError (``json.JSONDecodeError``) when the body is
+    not JSON at all (a truncated answer: worth retrying). When Python's decoder refuses part of a valid
+    body (nesting deeper than its recursion limit, an integer over 4,300 digits), the items of the
+    top-level ``data`` array are decoded one by one: over-long integers become :class:`UnreadableNumber`
+    and an item that still cannot be decoded becomes an :class:`UndecodableRecord`.
+    """
+    text = body.decode("utf-8-sig", errors="replace")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except (RecursionError, ValueError):
+        pass
+    decoded = _decode_items_one_by_one(text)
+    if decoded is None:
+        raise json.JSONDecodeError("a body chatsync cannot decode", text[:80], 0)
+    return decoded
+
+
+def _decode_item(text: str) -> Any:
+    try:
+        return json.loads(text, parse_int=_int_or_unreadable)
+    except RecursionError:
+        return UndecodableRecord(
+            text.strip()[:_MAX_KEPT_CHARS], "nested too deeply to read", _top_level_id(text)
+        )
+
+
+_SCALAR = re.compile(r'\s*(?:("(?:[^"\\]|\\.)*")|(-?\d+)(?![.eE\d]))')
+
+
+def _top_level_id(text: str) -> str | None:
+    """The ``"id"`` of an object's text, read without decoding the object (a string or an integer)."""
+    depth = 0
+    key: str | None = None
+    for match in _STRUCTURE.finditer(text):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+        elif token in "]}":
+            depth -= 1
+        elif depth == 1 and token.startswith('"'):
+            key = token
+        elif depth == 1 and token == ":" and key == '"id"':
+            value = _SCALAR.match(text, match.end())
+            if value is None:
+                return None
+            return str(json.loads(value.group(1))) if value.group(1) else value.group(2)
+        if depth == 0:
+            return None
+    return None
+
+
+def _int_or_unreadable(digits: str) -> int | UnreadableNumber:
+    try:
+        return int(digits)
+    except ValueError:
+        return UnreadableNumber(digits)
+
+
+def _decode_items_one_by_one(text: str) -> Any:
+    """Decode ``{"data": [item, …], …}`` with each item decoded alone; None when the body is not that.
+
+    The items are found by scanning strings and brackets, which needs no recursion however deep they are.
+    """
+    depth = 0
+    key: str | None = None
+    after_colon = False
+    array_start = array_end = -1
+    item_start = -1
+    items: list[tuple[int, int]] = []
+    for match in _STRUCTURE.finditer(text):
+        token = match.group()
+        if array_start < 0:
+            if depth == 1 and token.startswith('"'):
+                key = token
+            elif depth == 1 and token == ":":
+                after_colon = True
+                continue
+            elif token == "[" and depth == 1 and after_colon and key == '"data"':
+                array_start, item_start = match.start(), match.end()
+                depth += 1
+                continue
+            after_colon = False
+        if token in "[{":
+            depth += 1
+        elif token in "]}":
+            depth -= 1
+            if array_start >= 0 and array_end < 0 and depth == 1:
+                if text[item_start : match.start()].strip():
+                    items.append((item_start, match.start()))
+                array_end = match.end()
+        elif token == "," and array_start >= 0 and array_end < 0 and depth == 2:
+            items.append((item_start, match.start()))
+            item_start = match.end()
+    if array_start < 0 or array_end < 0:
+        return None
+    try:
+        outer = json.loads(text[: array_start + 1] + text[array_end - 1 :], parse_int=_int_or_unreadable)
+    except (RecursionError, ValueError):
+        return None
+    if not isinstance(outer, dict) or outer.get("data") != []:
+        return None
+    outer["data"] = [_decode_item(text[start:end]) for start, end in items]
+    return outer
