@@ -10,10 +10,11 @@ import csv
 import json
 import math
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from datetime import date, timedelta
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from rich import box
 from rich.console import Console
@@ -26,7 +27,25 @@ from chatsync.sync import SyncSummary
 
 
 def stdout_console() -> Console:
+    """Where tables go: stdout in its own encoding, a character it cannot show printed as ``?``."""
+    _reconfigure(sys.stdout, errors="replace")
     return Console(soft_wrap=False)
+
+
+def machine_stdout() -> IO[str]:
+    """Where machine formats (JSON, ndjson, CSV) go: stdout as UTF-8, whatever the locale or
+    ``PYTHONIOENCODING`` say (a Windows ``> file`` would otherwise get cp1252 and fail on Chinese)."""
+    _reconfigure(sys.stdout, encoding="utf-8", errors="strict")
+    return sys.stdout
+
+
+def _reconfigure(stream: IO[str], **options: str) -> None:
+    current = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+    if current in ("utf8", "utf8sig"):
+        return
+    reconfigure = getattr(stream, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(**options)
 
 
 def stderr_console() -> Console:
@@ -52,14 +71,14 @@ def info(message: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ machine
 def write_json(value: Any, stream: IO[str] | None = None) -> None:
-    stream = stream or sys.stdout
+    stream = stream or machine_stdout()
     stream.write(json.dumps(value, ensure_ascii=False, indent=2) + "\n")
     stream.flush()
 
 
 def write_json_array(rows: Iterable[dict[str, Any]], stream: IO[str] | None = None) -> None:
     """A JSON array written row by row, so ``--all`` streams instead of building a list."""
-    stream = stream or sys.stdout
+    stream = stream or machine_stdout()
     stream.write("[")
     first = True
     for row in rows:
@@ -71,14 +90,14 @@ def write_json_array(rows: Iterable[dict[str, Any]], stream: IO[str] | None = No
 
 
 def write_ndjson(rows: Iterable[dict[str, Any]], stream: IO[str] | None = None) -> None:
-    stream = stream or sys.stdout
+    stream = stream or machine_stdout()
     for row in rows:
         stream.write(json.dumps(row, ensure_ascii=False) + "\n")
     stream.flush()
 
 
 def write_csv(rows: Iterable[dict[str, Any]], keys: list[str], stream: IO[str] | None = None) -> None:
-    stream = stream or sys.stdout
+    stream = stream or machine_stdout()
     writer = csv.DictWriter(stream, fieldnames=keys, lineterminator="\n")
     writer.writeheader()
     for row in rows:
@@ -178,43 +197,82 @@ def _clip(value: str | None, width: int) -> str:
     return value if len(value) <= width else value[: width - 1] + "…"
 
 
+@dataclass(frozen=True)
+class _Column:
+    header: str
+    width: int  # what its widest cell needs
+    least: int  # what it may shrink to (== width: never cut)
+    cell: Callable[[dict[str, Any]], Any]
+    justify: Literal["left", "right"] = "left"
+    style: str = ""
+
+
+def _list_columns(rows: list[dict[str, Any]], room: int, console: Console) -> list[_Column]:
+    """The columns of ``list`` that fit in ``room`` characters, in their display order.
+
+    The id and the number are never cut (people copy them); the other columns come in order of use while
+    they fit, at their full width or else shrunk (source, customer), before a column is left out.
+    """
+
+    def widest(values: Iterable[str], header: str) -> int:
+        return max([len(header), *(len(v) for v in values)])
+
+    ids = widest((r["id"] for r in rows), "id")
+    numbers = widest((r["whatsapp_number"] or "—" for r in rows), "whatsapp")
+    sources = min(16, widest((r["source"] or "" for r in rows), "source"))
+    customers = min(24, widest((r["customer"] or "" for r in rows), "customer"))
+    counts = widest((str(r["message_count"]) for r in rows), "msgs")
+    columns = {
+        "created": _Column("created (UTC)", 16, 16, lambda r: (r["created_at"] or "")[:16].replace("T", " ")),
+        "id": _Column("id", ids, ids, lambda r: r["id"]),
+        "source": _Column("source", sources, min(sources, 8), lambda r: r["source"] or ""),
+        "customer": _Column("customer", customers, min(customers, 10), lambda r: r["customer"] or ""),
+        "country": _Column("country", 7, 7, lambda r: r["country"] or ""),
+        "msgs": _Column("msgs", counts, counts, lambda r: str(r["message_count"]), "right"),
+        "whatsapp": _Column("whatsapp", numbers, numbers, lambda r: _wa_link(r["whatsapp_number"], console)),
+        "via": _Column("via", 9, 9, lambda r: r["whatsapp_source"] or "", style="dim"),
+    }
+    widths = {"id": ids, "whatsapp": numbers}
+    for name in ("created", "msgs", "source", "via", "customer", "country"):
+        for width in dict.fromkeys((columns[name].width, columns[name].least)):
+            if sum(widths.values()) + width + 3 * (len(widths) + 1) - 1 <= room:
+                widths[name] = width
+                break
+    return [replace(column, width=widths[name]) for name, column in columns.items() if name in widths]
+
+
+def _width(columns: list[_Column]) -> int:
+    """A SIMPLE_HEAD table's width without outer padding: the cells plus three characters between them."""
+    return sum(c.width for c in columns) + 3 * len(columns) - 1
+
+
 def conversations_table(rows: Iterable[dict[str, Any]]) -> int:
     """Print conversations as a table that fits the terminal; returns how many were shown.
 
-    The id is never cut (people copy it into ``show``); on a narrow terminal the less useful columns go.
+    The id and the number are never cut (people copy them into ``show`` and WhatsApp): on a narrow terminal
+    the other columns shrink or go, and when even those two do not fit the lines run past the edge.
     """
-    console = stdout_console()
-    wide = console.width >= 130
-    medium = console.width >= 100
-    table = Table(header_style="bold", pad_edge=False, box=box.SIMPLE_HEAD)
-    table.add_column("created (UTC)", no_wrap=True, min_width=16)
-    table.add_column("id", no_wrap=True, min_width=8)
-    if medium:
-        table.add_column("source", no_wrap=True, max_width=16, overflow="ellipsis")
-    if wide:
-        table.add_column("customer", no_wrap=True, max_width=24, overflow="ellipsis")
-        table.add_column("country", no_wrap=True)
-    table.add_column("msgs", justify="right", no_wrap=True)
-    table.add_column("whatsapp", no_wrap=True)
-    if wide:
-        table.add_column("via", no_wrap=True, style="dim")
-    count = 0
-    for row in rows:
-        count += 1
-        cells: list[Any] = [(row["created_at"] or "")[:16].replace("T", " "), row["id"]]
-        if medium:
-            cells.append(row["source"] or "")
-        if wide:
-            cells += [_clip(row["customer"], 24), row["country"] or ""]
-        cells += [str(row["message_count"]), _wa_link(row["whatsapp_number"], console)]
-        if wide:
-            cells.append(row["whatsapp_source"] or "")
-        table.add_row(*cells)
-    if count:
-        console.print(table)
-    else:
+    shown = list(rows)
+    if not shown:
         info("no conversations match")
-    return count
+        return 0
+    console = stdout_console()
+    columns = _list_columns(shown, console.width, console)
+    table = Table(header_style="bold", pad_edge=False, box=box.SIMPLE_HEAD)
+    for column in columns:
+        table.add_column(
+            column.header,
+            no_wrap=True,
+            min_width=column.width,
+            max_width=column.width,
+            overflow="ellipsis",
+            justify=column.justify,
+            style=column.style or None,
+        )
+    for row in shown:
+        table.add_row(*(column.cell(row) for column in columns))
+    console.print(table, width=max(console.width, _width(columns)), crop=False)
+    return len(shown)
 
 
 def conversation(detail: dict[str, Any]) -> None:
