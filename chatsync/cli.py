@@ -661,7 +661,7 @@ def serve(
         from chatsync.web.app import configure_sentry, create_app
         from chatsync.web.auth import ClerkSettings
     except ImportError:
-        raise UsageError("the HTTP API needs the api extra: pip install 'chatsync[api]'") from None
+        raise UsageError("the HTTP API needs the api extra: pip install 'chatbase-sync[api]'") from None
     clerk = ClerkSettings.from_env()
     settings = _ctx().settings()
     _ctx().engine(settings)  # refuse to start on an unreachable or too-new database

@@ -52,7 +52,7 @@ def open_engine(url: str) -> Engine:
         try:
             return create_engine(parsed, **kwargs)
         except ModuleNotFoundError:
-            raise ConfigError("PostgreSQL needs psycopg 3: pip install 'chatsync[postgres]'") from None
+            raise ConfigError("PostgreSQL needs psycopg 3: pip install 'chatbase-sync[postgres]'") from None
     raise ConfigError(f"unsupported database {parsed.get_backend_name()!r}: use SQLite or PostgreSQL")
 
 
