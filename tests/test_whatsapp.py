@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from hypothesis import assume, given, settings
@@ -21,46 +22,42 @@ from chatsync.whatsapp import (
     is_prompt,
     normalize_number,
 )
-from tests.shared import shared_file
+
+DATA = Path(__file__).parent / "data"
 
 
 def _corpus(name: str) -> list[dict]:
-    with shared_file(f"corpus/{name}").open(encoding="utf-8") as handle:
+    """The acceptance cases kept with the tests: one JSON object a line."""
+    with (DATA / name).open(encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def _reply_cases() -> list:
-    try:
-        cases = _corpus("whatsapp_replies.jsonl")
-    except pytest.skip.Exception:
-        return []
-    return [
-        pytest.param(case["reply"], mode, case[mode], id=f"{case['id']}-{mode}")
-        for case in cases
+REPLIES = _corpus("whatsapp_replies.jsonl")
+PROMPTS = _corpus("whatsapp_prompts.jsonl")
+
+
+def test_corpora_are_kept_with_the_tests() -> None:
+    assert len(REPLIES) >= 80 and len(PROMPTS) >= 15
+    assert len({c["id"] for c in REPLIES}) == len(REPLIES)
+    assert len({c["id"] for c in PROMPTS}) == len(PROMPTS)
+
+
+@pytest.mark.parametrize(
+    ("reply", "mode", "expected"),
+    [
+        pytest.param(c["reply"], mode, c[mode], id=f"{c['id']}-{mode}")
+        for c in REPLIES
         for mode in ("strict", "off")
-    ]
-
-
-def _prompt_cases() -> list:
-    try:
-        cases = _corpus("whatsapp_prompts.jsonl")
-    except pytest.skip.Exception:
-        return []
-    return [pytest.param(c["message"], c["is_prompt"], id=str(c["id"])) for c in cases]
-
-
-def test_corpus_is_present() -> None:
-    assert len(_corpus("whatsapp_replies.jsonl")) >= 40
-    assert len(_corpus("whatsapp_prompts.jsonl")) >= 10
-
-
-@pytest.mark.parametrize(("reply", "mode", "expected"), _reply_cases())
-def test_reply_corpus(reply: str, mode: str, expected: str | None) -> None:
+    ],
+)
+def test_each_corpus_reply_stores_its_expected_number(reply: str, mode: str, expected: str | None) -> None:
     assert extract_reply(reply, WhatsAppRule(validation=mode)).number == expected
 
 
-@pytest.mark.parametrize(("message", "expected"), _prompt_cases())
-def test_prompt_corpus(message: str, expected: bool) -> None:
+@pytest.mark.parametrize(
+    ("message", "expected"), [pytest.param(c["message"], c["is_prompt"], id=str(c["id"])) for c in PROMPTS]
+)
+def test_each_corpus_prompt_is_recognised_as_expected(message: str, expected: bool) -> None:
     assert is_prompt(message) is expected
 
 
