@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import unicodedata
 from functools import lru_cache
@@ -430,3 +431,21 @@ def test_region_of_a_stored_number(e164: str, region: str) -> None:
     from chatsync.whatsapp import region_of
 
     assert region_of(e164) == region
+
+
+# ---------------------------------------------------------------------------------------------- the docs
+def _docs_examples() -> list:
+    """The rows of the first table of docs/whatsapp.md: (what the user wrote, what is stored)."""
+    docs = (Path(__file__).parents[1] / "docs" / "whatsapp.md").read_text(encoding="utf-8")
+    table = docs.split("\n\n| the user wrote | stored | why |\n|---|---|---|\n", 1)[1].split("\n\n", 1)[0]
+    rows = []
+    for line in table.splitlines():
+        written, stored = (cell.strip().strip("`") for cell in line.strip("|").split(" | ")[:2])
+        written = re.sub(r"\\u([0-9a-f]{4})", lambda m: chr(int(m.group(1), 16)), written)
+        rows.append(pytest.param(written, None if stored == "nothing" else stored, id=ascii(written)))
+    return rows
+
+
+@pytest.mark.parametrize(("written", "stored"), _docs_examples())
+def test_the_examples_of_the_number_rule_docs_hold(written: str, stored: str | None) -> None:
+    assert extract_reply(written).number == stored
