@@ -319,8 +319,8 @@ def s8_extraction(count: int) -> dict[str, Any]:
     """The corpus replies repeated to ``count``, through the rule, on one core."""
     from chatsync.whatsapp import extract_reply
 
-    corpus = Path(os.environ.get("CHATSYNC_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-    lines = (corpus / "corpus" / "whatsapp_replies.jsonl").read_text(encoding="utf-8").splitlines()
+    corpus = Path(__file__).resolve().parents[1] / "tests" / "data" / "whatsapp_replies.jsonl"
+    lines = corpus.read_text(encoding="utf-8").splitlines()
     replies = [json.loads(line)["reply"] for line in lines if line.strip()]
     work = [replies[i % len(replies)] for i in range(count)]
     random.Random(1).shuffle(work)

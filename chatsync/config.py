@@ -68,7 +68,7 @@ def mask_url(url: str) -> str:
 
 @dataclass(frozen=True)
 class WhatsAppRule:
-    """Settings of the extraction rule (spec/whatsapp.md)."""
+    """Settings of the extraction rule (docs/whatsapp.md)."""
 
     default_region: str = "HK"
     accepted_regions: tuple[str, ...] = ("HK", "MO", "SG")

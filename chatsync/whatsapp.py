@@ -1,12 +1,13 @@
-"""The WhatsApp-number rule of spec/whatsapp.md, as pure functions.
+"""The WhatsApp-number rule (docs/whatsapp.md), as pure functions.
 
 The bot asks for the user's WhatsApp number; the user's next reply may hold an 8-digit number. Support
 staff must be able to trust what is stored, so every step is explicit and every rejected candidate keeps
 the reason it was rejected (``chatsync extract-test`` shows them).
 
 Steps: recognise the prompt (:func:`is_prompt`), take the first user reply after it, normalise it
-(:func:`normalize_text`), cut candidates that are never trimmed (:func:`cut_candidates`), reject by
-context, check shape and country code, validate, then deduplicate (:func:`extract_reply`).
+(:func:`normalize_text`: invisible characters out first), cut candidates that are never trimmed
+(``_cut``), reject by context, check shape and country code (digits right after a bare ``+65`` are that
+code's, never the default region's), validate, then deduplicate (:func:`extract_reply`).
 """
 
 from __future__ import annotations
@@ -52,13 +53,45 @@ class Normalized:
         return self.original[first : last + 1]
 
 
+# Characters drawn as nothing, removed before anything else: every format character (category Cf: zero-width
+# space and joiners, direction marks, embeddings and isolates, word joiner, BOM, soft hyphen, tags) and the
+# rest of what Unicode calls default-ignorable (DerivedCoreProperties.txt): the variation selectors
+# (U+FE00-FE0F, U+E0100-E01EF, Mongolian U+180B-180F), the combining grapheme joiner, the Hangul fillers
+# and the Khmer inherent vowels. Numbers pasted from contacts, PDFs and chat apps carry them, and left in
+# place they split a number or part a country code from its digits.
+_IGNORABLE = (
+    (0x034F, 0x034F),
+    (0x115F, 0x1160),
+    (0x17B4, 0x17B5),
+    (0x180B, 0x180F),
+    (0x2065, 0x2065),
+    (0x3164, 0x3164),
+    (0xFE00, 0xFE0F),
+    (0xFFA0, 0xFFA0),
+    (0xFFF0, 0xFFF8),
+    (0xE0000, 0xE0FFF),
+)
+
+
+def _is_invisible(ch: str) -> bool:
+    """Is this one character a format character (Cf) or otherwise default-ignorable (variation selectors…)?"""
+    if unicodedata.category(ch) == "Cf":
+        return True
+    code = ord(ch)
+    return any(low <= code <= high for low, high in _IGNORABLE)
+
+
 @lru_cache(maxsize=8192)
 def _normalize_char(ch: str) -> str:
     """One character's normal form; cached because chat text repeats the same few thousand characters."""
     if ch.isascii():
         return ch
+    if _is_invisible(ch):
+        return ""
     out = []
     for c in unicodedata.normalize("NFKC", ch):
+        if _is_invisible(c):
+            continue
         if c.isascii():
             out.append(c)
         elif c in _DASHES:
@@ -75,7 +108,12 @@ def _normalize_char(ch: str) -> str:
 
 
 def normalize_text(text: str) -> Normalized:
-    """NFKC, every decimal digit to 0-9, dash variants to ``-``, Unicode spaces to a space; keeps a map back."""
+    """The text the rule reads, with a map back to ``text`` for each of its characters.
+
+    Invisible characters (format characters, variation selectors: see ``_IGNORABLE``) are removed; then NFKC, every decimal digit to 0-9, dash
+    variants to ``-``, Unicode spaces to a space. ``original_span`` gives back the original text of a span,
+    invisible characters inside it included.
+    """
     if text.isascii():
         return Normalized(text, tuple(range(len(text))), text)
     chars: list[str] = []
@@ -128,6 +166,7 @@ class _Span:
     digits_start: int
     groups: tuple[str, ...]
     lead: str
+    explicit: bool  # the country code is marked, by "+" or a leading "00"
 
     @property
     def digit_count(self) -> int:
@@ -153,16 +192,18 @@ def _cut(text: str) -> list[_Span]:
         digits_start, end = runs[first][0], runs[i][1]
         start = digits_start
         lead = ""
-        for option in ("(+", "+(", "+", "("):
-            if text[max(0, digits_start - len(option)) : digits_start] == option:
-                lead, start = option, digits_start - len(option)
-                break
+        if digits_start and text[digits_start - 1] in "+(":  # most candidates have no lead: skip the search
+            for option in ("(+", "+(", "+", "("):
+                if text[max(0, digits_start - len(option)) : digits_start] == option:
+                    lead, start = option, digits_start - len(option)
+                    break
         # A closing bracket belongs to the candidate when it closes one it opened.
         body = text[start:end]
         if end < len(text) and text[end] == ")" and body.count("(") > body.count(")"):
             end += 1
         groups = tuple(text[a:b] for a, b in runs[first : i + 1])
-        spans.append(_Span(start, end, digits_start, groups, lead))
+        explicit = "+" in lead or groups[0].startswith("00")
+        spans.append(_Span(start, end, digits_start, groups, lead, explicit))
         i += 1
     return spans
 
@@ -221,6 +262,12 @@ def _context_reason(text: str, span: _Span, previous_end: int) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------ shape and region
+_BARE_CODE_DIGITS = 4  # a "+" or "00" with at most this many digits and nothing else is a bare country code
+# Between a bare country code and the next candidate, a letter or a digit of any script breaks the link;
+# spaces, line breaks, punctuation, symbols and emoji do not.
+_LETTER_OR_DIGIT = re.compile(r"[^\W_]")
+
+
 @lru_cache(maxsize=32)
 def _country_code(region: str) -> str:
     import phonenumbers
@@ -244,17 +291,30 @@ def check_rule(rule: WhatsAppRule) -> WhatsAppRule:
     return rule
 
 
-def _shape(span: _Span, rule: WhatsAppRule) -> tuple[str, str] | str:
-    """Return (country code, 8 national digits), or the reason the candidate's shape is rejected."""
+def _explicit_groups(span: _Span) -> list[str]:
+    """The digit groups of an explicit candidate after its ``00`` (empty when there is nothing after it)."""
     groups = list(span.groups)
-    explicit = "+" in span.lead
     if groups[0].startswith("00"):
-        explicit = True
         groups[0] = groups[0][2:]
         if not groups[0]:
             groups.pop(0)
-            if not groups:
-                return "no digits after 00"
+    return groups
+
+
+def _bare_country_code(span: _Span) -> str | None:
+    """The code of a candidate that is nothing but an explicit country code (``+65``, ``0044``), else None."""
+    if not span.explicit or span.digit_count > _BARE_CODE_DIGITS + 2:
+        return None
+    digits = "".join(_explicit_groups(span))
+    return digits if 1 <= len(digits) <= _BARE_CODE_DIGITS else None
+
+
+def _shape(span: _Span, rule: WhatsAppRule) -> tuple[str, str] | str:
+    """Return (country code, 8 national digits), or the reason the candidate's shape is rejected."""
+    explicit = span.explicit
+    groups = _explicit_groups(span) if explicit else list(span.groups)
+    if not groups:
+        return "no digits after 00"
     digits = "".join(groups)
     sizes = [len(g) for g in groups]
     for region in rule.accepted_regions:
@@ -353,6 +413,7 @@ def extract_reply(reply: str, rule: WhatsAppRule | None = None) -> ReplyResult:
     out: list[Candidate] = []
     previous_end = 0
     previous: _Span | None = None
+    code_before: str | None = None  # the previous candidate when it is nothing but an explicit country code
     for span in _cut(text):
         original = norm.original_span(span.start, span.end)
         start = norm.origin[span.start]
@@ -363,6 +424,15 @@ def extract_reply(reply: str, rule: WhatsAppRule | None = None) -> ReplyResult:
             text[previous.end : span.digits_start + 1].lower()
         ):
             reason = "extension"
+        elif (
+            code_before is not None
+            and previous is not None
+            and not span.explicit
+            and not _LETTER_OR_DIGIT.search(text, previous.end, span.start)
+        ):
+            # "+65 / 9123 4567": these digits go with that country code, whatever it is; read in the
+            # default region they would become another country's number.
+            reason = f"belongs to the country code +{code_before} before it"
         else:
             reason = _context_reason(text, span, previous_end)
             if reason is None:
@@ -377,6 +447,7 @@ def extract_reply(reply: str, rule: WhatsAppRule | None = None) -> ReplyResult:
         out.append(Candidate(original, start, end, e164, reason))
         previous_end = span.end
         previous = span
+        code_before = _bare_country_code(span)
     return ReplyResult(tuple(out))
 
 

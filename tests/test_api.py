@@ -284,6 +284,21 @@ def test_api_and_cli_corrections_store_the_same_value_and_audit(
     assert api.post("/api/conversations/a1/update-whatsapp", headers=USER_A, json={}).status_code == 422
 
 
+def test_update_whatsapp_ignores_invisible_characters_as_the_cli_does(api: TestClient) -> None:
+    stored = api.post(
+        "/api/conversations/a1/update-whatsapp",
+        headers=USER_A,
+        json={"whatsapp_number": "+65\ufe0d 9123 4567"},
+    )
+    assert stored.status_code == 200
+    assert (stored.json()["whatsapp_number"], stored.json()["whatsapp_source"]) == ("+6591234567", "manual")
+    refused = api.post(
+        "/api/conversations/a2/update-whatsapp", headers=USER_A, json={"whatsapp_number": "+65 / 9123 4567"}
+    )
+    assert refused.status_code == 422
+    assert api.get("/api/conversations/a2", headers=USER_A).json()["whatsapp_number"] == "+85291234567"
+
+
 def test_unexpected_errors_are_500_with_a_request_id_and_no_trace(api: TestClient) -> None:
     app = api.app
 

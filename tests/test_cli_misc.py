@@ -74,6 +74,21 @@ def test_extract_test_explains_each_candidate(cli: Any) -> None:
     ]
 
 
+def test_extract_test_shows_the_original_text_of_each_candidate(cli: Any) -> None:
+    reply = "\u2066+65\ufe0d 9123\u200b4567\u2069 or +44 / 6123 4567"
+    verdict = json.loads(cli("extract-test", reply, "--json").stdout)
+    assert verdict["number"] == "+6591234567"
+    spans = [(c["text"], c["start"], c["end"], c["rejected"]) for c in verdict["candidates"]]
+    assert spans == [
+        ("+65\ufe0d 9123\u200b4567", 1, 15, None),
+        ("+44", 20, 23, "foreign country code"),
+        ("6123 4567", 26, 35, "belongs to the country code +44 before it"),
+    ]
+    assert all(reply[start:end] == text for text, start, end, _ in spans)
+    table = cli("extract-test", reply).stdout
+    assert "+65\ufe0d 9123\u200b4567" in table and "belongs to the country code +44 before it" in table
+
+
 def test_reextract_applies_a_new_region_and_keeps_manual_numbers(
     cli: Any, emulator_factory: Any, database_url: str
 ) -> None:

@@ -173,7 +173,15 @@ def test_set_whatsapp_normalises_every_accepted_form(cli: Any, seeded: str, writ
     assert (shown["whatsapp_number"], shown["whatsapp_source"]) == ("+85291234567", "manual")
 
 
-@pytest.mark.parametrize("written", ["1234", "2024-01-05", "abc"])
+@pytest.mark.parametrize("written", ["+65\ufe0d 9123 4567", "\u200e+65\u200b 9123\u20604567\u200f"])
+def test_set_whatsapp_ignores_invisible_characters(cli: Any, seeded: str, written: str) -> None:
+    result = cli("--database-url", seeded, "set-whatsapp", "c2", written, "--by", "alice")
+    assert result.exit_code == 0, result.stderr
+    shown = json.loads(cli("--database-url", seeded, "show", "c2", "--format", "json").stdout)
+    assert (shown["whatsapp_number"], shown["whatsapp_source"]) == ("+6591234567", "manual")
+
+
+@pytest.mark.parametrize("written", ["1234", "2024-01-05", "abc", "+65 / 9123 4567"])
 def test_set_whatsapp_refuses_what_is_not_a_number_and_changes_nothing(
     cli: Any, engine: Any, seeded: str, written: str
 ) -> None:

@@ -105,3 +105,14 @@ def test_a_record_whose_id_is_not_text_is_quarantined_not_crashed_on(engine: obj
     with engine.connect() as connection:  # type: ignore[attr-defined]
         reasons = list(connection.execute(select(quarantine.c.reason)).scalars())
     assert reasons == ["record has no id"]
+
+
+def test_invisible_characters_in_the_reply_and_the_form_phone_are_ignored() -> None:
+    prompt = {"role": "assistant", "content": "May I have your WhatsApp number?"}
+    chat = _raw(messages=[prompt, {"role": "user", "content": "+65\ufe0d 9123 4567"}])
+    row = normalize_conversation(chat, "bot", WhatsAppRule())
+    assert (row["wa_outcome"], row["wa_extracted"], row["auto_region"]) == ("captured", "+6591234567", "SG")
+    assert row["wa_matched"] == "+65\ufe0d 9123 4567"
+    form = _raw(form_submission={"phone": "\u202a+65\u200b8123\u00ad4567\u202c"})
+    row = normalize_conversation(form, "bot", WhatsAppRule())
+    assert (row["auto_number"], row["auto_source"], row["auto_region"]) == ("+6581234567", "form", "SG")
