@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import logging
 import math
 import random
 import threading
@@ -27,6 +28,7 @@ from chatsync.config import Secret
 from chatsync.errors import ChatbaseRejected, ChatbaseUnavailable, PagingError, UsageError
 from chatsync.jsonbody import decode_body
 
+log = logging.getLogger("chatsync.chatbase")
 PAGE_SIZE = 100  # Chatbase's maximum; omitting size silently gives 10 a page
 MAX_PAGES_PER_WINDOW = 20_000
 HISTORY_FLOOR = date(2020, 1, 1)  # before Chatbase existed: the search for a chatbot's first day starts here
@@ -226,7 +228,9 @@ class ChatbaseClient:
         if status == 200:
             remaining = response.headers.get("x-ratelimit-remaining")
             if remaining == "0":
-                self.limiter.pause(_reset_seconds(response.headers) or 1.0)
+                wait = _reset_seconds(response.headers) or 1.0
+                log.info("Chatbase rate limit used up: waiting %.1f s for it to reset", wait)
+                self.limiter.pause(wait)
             try:
                 return decode_body(response.content)
             except ValueError:
@@ -237,6 +241,10 @@ class ChatbaseClient:
             retry_after = _retry_after(response.headers)
             if status == 429:
                 self._count("throttled")
+                log.info(
+                    "Chatbase rate limit reached: holding every request for %.1f s",
+                    max(1.0, retry_after or 1.0),
+                )
                 self.limiter.pause(max(1.0, retry_after or 1.0))
             raise TransientError(f"HTTP {status}: {message}", retry_after)
         raise ChatbaseRejected(status, message, _hint(status, code, params))
@@ -256,7 +264,7 @@ class ChatbaseClient:
             wait=self._wait,
             stop=stop_before_delay(self.retry_budget),
             sleep=self._sleep,
-            before_sleep=lambda _state: self._count("retries"),
+            before_sleep=self._before_retry,
             reraise=True,
         )
         try:
@@ -266,6 +274,12 @@ class ChatbaseClient:
                 f"Chatbase kept failing for {self.retry_budget:.0f}s (last: {exc}); "
                 "what was saved is kept and the next run continues"
             ) from None
+
+    def _before_retry(self, state: RetryCallState) -> None:
+        self._count("retries")
+        exc = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action else 0.0
+        log.info("Chatbase: %s; retry %d in %.1f s", exc, state.attempt_number, wait)
 
     def _sleep(self, seconds: float) -> None:
         if self.stop.wait(seconds):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import logging
 import os
 import sys
 import traceback
@@ -19,22 +18,27 @@ from chatsync.errors import ChatsyncError, ExitCode, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+HELP = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
     name="chatsync",
     help="Sync Chatbase conversations into your database, find the WhatsApp numbers users type, and report.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings=HELP,
 )
-db_app = typer.Typer(help="Database schema and status.", no_args_is_help=True)
-app.add_typer(db_app, name="db")
-access_app = typer.Typer(
-    help="Which Clerk users and organizations may see which chatbot (HTTP API).", no_args_is_help=True
-)
-app.add_typer(access_app, name="access")
-users_app = typer.Typer(help="Clerk users known to chatsync (HTTP API).", no_args_is_help=True)
-app.add_typer(users_app, name="users")
+
+
+def _group(name: str, help: str) -> typer.Typer:
+    group = typer.Typer(help=help, no_args_is_help=True, context_settings=HELP)
+    app.add_typer(group, name=name)
+    return group
+
+
+db_app = _group("db", "Database schema and status.")
+access_app = _group("access", "Which Clerk users and organizations may see which chatbot (HTTP API).")
+users_app = _group("users", "Clerk users known to chatsync (HTTP API).")
 
 
 @dataclass
@@ -106,22 +110,72 @@ def _default_db_help() -> str:
         )
 
 
+def _print_version(value: bool | None) -> None:
+    if value:
+        from chatsync import render
+
+        render.version_line(installed_version())
+        raise typer.Exit()
+
+
+def installed_version() -> str:
+    """The installed distribution's version, else the package's own."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("chatbase-sync")
+    except PackageNotFoundError:
+        from chatsync import __version__
+
+        return __version__
+
+
 @app.callback()
 def main_options(
     ctx: typer.Context,
     database_url: Annotated[
-        str | None, typer.Option("--database-url", help=_default_db_help(), show_default=False)
+        str | None, typer.Option("--database-url", metavar="URL", help=_default_db_help(), show_default=False)
     ] = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    verbose: Annotated[
+        int,
+        typer.Option(
+            "-v",
+            "--verbose",
+            count=True,
+            show_default=False,
+            help="More log lines on stderr: -v info, -vv debug.",
+        ),
+    ] = 0,
+    quiet: Annotated[
+        int,
+        typer.Option(
+            "-q", "--quiet", count=True, show_default=False, help="Fewer log lines: -q errors only."
+        ),
+    ] = 0,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks, and what libraries log, for errors.")
+    ] = False,
+    version: Annotated[
+        bool | None,
+        typer.Option(
+            "--version", "-V", callback=_print_version, is_eager=True, help="Show the version and exit."
+        ),
+    ] = None,
 ) -> None:
     """Sync Chatbase conversations into your database, find WhatsApp numbers, and report on them."""
+    from chatsync import logs
+
     global _current
     _current = ctx.obj = Context(database_url=database_url, debug=debug)
-    root = logging.getLogger()
-    if not debug and not root.handlers:
-        # chatsync reports an error in one line; what a library logs on the way (psycopg closing a
-        # failed pipeline, say) is detail for --debug, not a second line on stderr.
-        root.addHandler(logging.NullHandler())
+    # An error is always one line on stderr (handle_errors); log lines are what -v/-q/--debug ask for.
+    logs.configure(logs.level_for(verbose, quiet), _log_format(), debug)
+
+
+def _log_format() -> str:
+    """``CHATSYNC_LOG_FORMAT`` (environment, else ``.env``): text or json."""
+    from chatsync.config import log_format
+
+    return log_format()
 
 
 _current = Context()
@@ -152,18 +206,27 @@ def _window(since: date | None, until: date | None) -> None:
 # Options shared by several commands (one definition, stacked where used).
 ChatbotOpt = Annotated[
     list[str] | None,
-    typer.Option("--chatbot-id", help="Chatbot to use; repeatable [env CHATBASE_CHATBOT_ID]."),
+    typer.Option("--chatbot-id", metavar="ID", help="Chatbot to use; repeatable [env CHATBASE_CHATBOT_ID]."),
 ]
 SourceOpt = Annotated[
     list[str] | None,
-    typer.Option("--source", help="Chatbase source (WhatsApp, 'Widget or Iframe', …); repeatable, any case."),
+    typer.Option(
+        "--source",
+        metavar="NAME",
+        help="Chatbase source (WhatsApp, 'Widget or Iframe', …); repeatable, any case.",
+    ),
 ]
-SinceOpt = Annotated[str | None, typer.Option("--since", help="First day, YYYY-MM-DD (inclusive).")]
-UntilOpt = Annotated[str | None, typer.Option("--until", help="Last day, YYYY-MM-DD (inclusive).")]
+SinceOpt = Annotated[
+    str | None, typer.Option("--since", metavar="DATE", help="First day, YYYY-MM-DD (inclusive).")
+]
+UntilOpt = Annotated[
+    str | None, typer.Option("--until", metavar="DATE", help="Last day, YYYY-MM-DD (inclusive).")
+]
 RegionOpt = Annotated[
     str | None,
     typer.Option(
         "--region",
+        metavar="REGION",
         help="Region of 8-digit numbers without country code [env CHATSYNC_DEFAULT_REGION; default HK].",
     ),
 ]
@@ -179,43 +242,144 @@ def sync(
     source: SourceOpt = None,
     lookback: Annotated[
         str | None,
-        typer.Option(help="Refetch what was created this long before the checkpoint [default 3d]."),
+        typer.Option(
+            "--lookback",
+            metavar="DURATION",
+            help="Refetch what was created this long before the checkpoint [default 3d].",
+        ),
     ] = None,
     full: Annotated[
         bool, typer.Option("--full", help="Ignore checkpoints and fetch the whole range again.")
     ] = False,
     api_key: Annotated[
         str | None,
-        typer.Option("--api-key", help="Chatbase secret key [env CHATBASE_API_KEY].", show_default=False),
+        typer.Option(
+            "--api-key", metavar="KEY", help="Chatbase secret key [env CHATBASE_API_KEY].", show_default=False
+        ),
     ] = None,
     base_url: Annotated[
-        str | None, typer.Option("--base-url", help="Chatbase API root [env CHATBASE_BASE_URL].")
+        str | None,
+        typer.Option("--base-url", metavar="URL", help="Chatbase API root [env CHATBASE_BASE_URL]."),
     ] = None,
     region: RegionOpt = None,
     retry_budget: Annotated[
-        str | None, typer.Option("--retry-budget", help="Give up on an outage after this long [default 5m].")
+        str | None,
+        typer.Option(
+            "--retry-budget", metavar="DURATION", help="Give up on an outage after this long [default 5m]."
+        ),
     ] = None,
     concurrency: Annotated[
-        int | None, typer.Option("--concurrency", help="Requests in flight at once [default 8].")
+        int | None, typer.Option("--concurrency", metavar="N", help="Requests in flight at once [default 8].")
     ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Print the plan (days, windows, estimated requests); fetch and store nothing."
+        ),
+    ] = False,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print only the run summary as one JSON object.")
+        bool, typer.Option("--json", help="Print the run summary as one JSON line, also when the run fails.")
     ] = False,
 ) -> None:
     """Fetch conversations from Chatbase and upsert them (incremental after the first run)."""
+    from chatsync.sync import SyncSummary
+
+    run = _SyncRun(SyncSummary(chatbots=list(chatbot_id or [])), as_json)
+    try:
+        settings = _ctx().settings(
+            chatbot_ids=chatbot_id,
+            api_key=api_key,
+            base_url=base_url,
+            region=region,
+            lookback=lookback,
+            retry_budget=retry_budget,
+            concurrency=concurrency,
+        )
+        run.settings = settings
+        _sync(run, settings, since, until, source, full, dry_run)
+    except BaseException as exc:
+        run.error = exc
+        raise
+    finally:
+        if not dry_run:
+            run.report()
+
+
+@dataclass
+class _SyncRun:
+    """One `chatsync sync`: its summary, how it ended, and where that is reported."""
+
+    summary: Any
+    as_json: bool
+    settings: Any = None
+    error: BaseException | None = None
+
+    def report(self) -> None:
+        """The summary on stdout (one JSON line with --json, whatever happened), then the heartbeat."""
+        from chatsync import render
+        from chatsync.timeutil import iso_z, utcnow
+
+        summary = self.summary
+        now = iso_z(utcnow())
+        summary.started_at = summary.started_at or now
+        summary.finished_at = summary.finished_at or now
+        line = summary.as_dict()
+        code = _exit_code(self.error)
+        if self.error is not None:
+            line["status"] = "partial" if code == ExitCode.PARTIAL else "failed"
+            line["error"] = _one_line(self.error)
+            line["exit_code"] = code
+        if self.as_json:
+            render.write_json_line(line)
+        elif code in (ExitCode.OK, ExitCode.PARTIAL):
+            render.sync_summary(summary)
+        settings = self.settings
+        if settings is not None and settings.heartbeat_url is not None and code != ExitCode.LOCKED:
+            from chatsync.heartbeat import ping
+
+            ping(settings.heartbeat_url, ok=code == ExitCode.OK, body=render.json_line(line))
+        if settings is not None and code not in (ExitCode.OK, ExitCode.LOCKED) and self.error is not None:
+            from chatsync.logs import capture
+
+            capture(self.error)
+
+
+def _exit_code(error: BaseException | None) -> int:
+    if error is None or (isinstance(error, typer.Exit) and error.exit_code == 0):
+        return ExitCode.OK
+    if isinstance(error, ChatsyncError):
+        return int(error.exit_code)
+    if isinstance(error, KeyboardInterrupt):
+        return 130
+    if isinstance(error, typer.Exit):
+        return int(error.exit_code)
+    return ExitCode.ERROR
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, ChatsyncError):
+        return str(error)
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted; what was committed is kept"
+    first = str(error).strip().splitlines()
+    return f"unexpected {type(error).__name__}: {first[0] if first else ''}".strip()
+
+
+def _sync(
+    run: _SyncRun,
+    settings: Any,
+    since: str | None,
+    until: str | None,
+    source: list[str] | None,
+    full: bool,
+    dry_run: bool,
+) -> None:
     from chatsync import render
     from chatsync.chatbase import ChatbaseClient
+    from chatsync.logs import configure_sentry
     from chatsync.sync import Syncer, SyncRequest
 
-    settings = _ctx().settings(
-        chatbot_ids=chatbot_id,
-        api_key=api_key,
-        base_url=base_url,
-        region=region,
-        lookback=lookback,
-        retry_budget=retry_budget,
-        concurrency=concurrency,
-    )
+    configure_sentry(settings.sentry_dsn.reveal() if settings.sentry_dsn else None)
     start, end = _day(since), _day(until)
     _window(start, end)
     request = SyncRequest(
@@ -226,6 +390,7 @@ def sync(
         lookback=settings.lookback,
         full=full,
     )
+    run.summary.chatbots = list(request.chatbot_ids)
     key = settings.require_api_key()
     engine = _ctx().engine(settings)
     with (
@@ -236,28 +401,25 @@ def sync(
             retry_budget=settings.retry_budget,
             max_connections=settings.concurrency * 2,
         ) as client,
-        render.sync_progress(not as_json) as hook,
+        render.sync_progress(not run.as_json and not dry_run) as hook,
     ):
         syncer = Syncer(engine, client, settings.whatsapp, settings.concurrency, hook)
-        try:
-            summary = syncer.run(request)
-        except ChatsyncError as exc:
-            if exc.exit_code == ExitCode.PARTIAL:
-                if as_json:
-                    render.write_json(syncer.summary.as_dict())
-                else:
-                    render.sync_summary(syncer.summary)
-            raise
-    if as_json:
-        render.write_json(summary.as_dict())
-    else:
-        render.sync_summary(summary)
+        run.summary = syncer.summary
+        if dry_run:
+            plans = syncer.plan(request)
+            render.sync_plan([p.as_dict() for p in plans], client.stats.requests, run.as_json)
+            return
+        syncer.run(request)
 
 
 # ---------------------------------------------------------------------------------------- list, show, set
 FormatOpt = Annotated[
     str | None,
-    typer.Option("--format", help="table, json, csv or ndjson [default: table on a terminal, else json]."),
+    typer.Option(
+        "--format",
+        metavar="FORMAT",
+        help="table, json, csv or ndjson [default: table on a terminal, else json].",
+    ),
 ]
 
 
@@ -277,12 +439,15 @@ def list_(
         ),
     ] = None,
     number: Annotated[
-        str | None, typer.Option("--number", help="Conversations with this WhatsApp number, any format.")
+        str | None,
+        typer.Option(
+            "--number", metavar="NUMBER", help="Conversations with this WhatsApp number, any format."
+        ),
     ] = None,
     search: Annotated[
-        str | None, typer.Option("--search", help="Case-insensitive text in any message.")
+        str | None, typer.Option("--search", metavar="TEXT", help="Case-insensitive text in any message.")
     ] = None,
-    limit: Annotated[int, typer.Option("--limit", min=1, help="How many, newest first.")] = 20,
+    limit: Annotated[int, typer.Option("--limit", metavar="N", min=1, help="How many, newest first.")] = 20,
     all_: Annotated[bool, typer.Option("--all", help="Stream every match.")] = False,
     output: FormatOpt = None,
     region: RegionOpt = None,
@@ -321,7 +486,8 @@ def list_(
 def show(
     conversation_id: Annotated[str, typer.Argument(metavar="ID", help="Conversation id.")],
     output: Annotated[
-        str | None, typer.Option("--format", help="table or json [default: table on a terminal].")
+        str | None,
+        typer.Option("--format", metavar="FORMAT", help="table or json [default: table on a terminal]."),
     ] = None,
 ) -> None:
     """One conversation with its transcript and WhatsApp audit trail."""
@@ -352,7 +518,7 @@ def set_whatsapp(
         bool, typer.Option("--auto", help="Forget the manual value; use what extraction finds.")
     ] = False,
     by: Annotated[
-        str | None, typer.Option("--by", help="Who made the change [default: the OS user].")
+        str | None, typer.Option("--by", metavar="NAME", help="Who made the change [default: the OS user].")
     ] = None,
     region: RegionOpt = None,
 ) -> None:
@@ -457,19 +623,24 @@ def report(
     chatbot_id: ChatbotOpt = None,
     source: SourceOpt = None,
     since: Annotated[
-        str | None, typer.Option("--since", help="First day in the report's time zone, YYYY-MM-DD.")
+        str | None,
+        typer.Option("--since", metavar="DATE", help="First day in the report's time zone, YYYY-MM-DD."),
     ] = None,
     until: Annotated[
-        str | None, typer.Option("--until", help="Last day in the report's time zone, YYYY-MM-DD.")
+        str | None,
+        typer.Option("--until", metavar="DATE", help="Last day in the report's time zone, YYYY-MM-DD."),
     ] = None,
     tz: Annotated[
         str | None,
         typer.Option(
-            "--tz", help="Time zone for days and the weekday/hour grid [env CHATSYNC_TIMEZONE; default UTC]."
+            "--tz",
+            metavar="ZONE",
+            help="Time zone for days and the weekday/hour grid [env CHATSYNC_TIMEZONE; default UTC].",
         ),
     ] = None,
     output: Annotated[
-        str | None, typer.Option("--format", help="table or json [default: table on a terminal].")
+        str | None,
+        typer.Option("--format", metavar="FORMAT", help="table or json [default: table on a terminal]."),
     ] = None,
 ) -> None:
     """Analytics over stored conversations, computed in the database."""
@@ -539,31 +710,44 @@ def db_rebuild_rollups() -> None:
 @app.command()
 @handle_errors
 def emulator(
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8765,
-    conversations: Annotated[int, typer.Option(help="Conversations per chatbot.")] = 5000,
-    seed: Annotated[int, typer.Option(help="Same seed, same data.")] = 1,
-    days: Annotated[float, typer.Option(help="Spread conversations over this many days before now.")] = 60,
+    host: Annotated[str, typer.Option(metavar="HOST", help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(metavar="PORT", help="Port to listen on.")] = 8765,
+    conversations: Annotated[int, typer.Option(metavar="N", help="Conversations per chatbot.")] = 5000,
+    seed: Annotated[int, typer.Option(metavar="N", help="Same seed, same data.")] = 1,
+    days: Annotated[
+        float, typer.Option(metavar="DAYS", help="Spread conversations over this many days before now.")
+    ] = 60,
     chatbot_id: Annotated[
-        list[str] | None, typer.Option("--chatbot-id", help="Chatbots served; repeatable.")
+        list[str] | None, typer.Option("--chatbot-id", metavar="ID", help="Chatbots served; repeatable.")
     ] = None,
-    api_key: Annotated[str, typer.Option("--api-key", help="The only key accepted.")] = "demo-key",
-    latency_ms: Annotated[float, typer.Option("--latency-ms", help="Added to every request.")] = 0,
-    rate_limit: Annotated[str, typer.Option("--rate-limit", help="requests/span, or 'off'.")] = "100/10s",
+    api_key: Annotated[
+        str, typer.Option("--api-key", metavar="KEY", help="The only key accepted.")
+    ] = "demo-key",
+    latency_ms: Annotated[
+        float, typer.Option("--latency-ms", metavar="MS", help="Added to every request.")
+    ] = 0,
+    rate_limit: Annotated[
+        str, typer.Option("--rate-limit", metavar="N/SPAN", help="requests/span, or 'off'.")
+    ] = "100/10s",
     fail_rate: Annotated[
-        float, typer.Option("--fail-rate", help="Share of requests answered 429/5xx.")
+        float, typer.Option("--fail-rate", metavar="SHARE", help="Share of requests answered 429/5xx.")
     ] = 0.0,
-    slow_rate: Annotated[float, typer.Option("--slow-rate", help="Share of requests answered slowly.")] = 0.0,
+    slow_rate: Annotated[
+        float, typer.Option("--slow-rate", metavar="SHARE", help="Share of requests answered slowly.")
+    ] = 0.0,
     malformed_rate: Annotated[
-        float, typer.Option("--malformed-rate", help="Share of pages sent with a truncated body.")
+        float,
+        typer.Option("--malformed-rate", metavar="SHARE", help="Share of pages sent with a truncated body."),
     ] = 0.0,
     bad_records: Annotated[
-        int, typer.Option("--bad-records", help="Conversations sent as broken records.")
+        int, typer.Option("--bad-records", metavar="N", help="Conversations sent as broken records.")
     ] = 0,
     damaged_records: Annotated[
         int,
         typer.Option(
-            "--damaged-records", help="Conversations sent with text no database holds (half an emoji, NUL)."
+            "--damaged-records",
+            metavar="N",
+            help="Conversations sent with text no database holds (half an emoji, NUL).",
         ),
     ] = 0,
 ) -> None:
@@ -603,11 +787,15 @@ def emulator(
 @app.command()
 @handle_errors
 def demo(
-    conversations: Annotated[int, typer.Option(help="How many conversations the emulator serves.")] = 3000,
-    seed: Annotated[int, typer.Option(help="Same seed, same data.")] = 1,
+    conversations: Annotated[
+        int, typer.Option(metavar="N", help="How many conversations the emulator serves.")
+    ] = 3000,
+    seed: Annotated[int, typer.Option(metavar="N", help="Same seed, same data.")] = 1,
     path: Annotated[
         str | None,
-        typer.Option("--path", help="SQLite file to create [default: demo.db in the data directory]."),
+        typer.Option(
+            "--path", metavar="FILE", help="SQLite file to create [default: demo.db in the data directory]."
+        ),
     ] = None,
 ) -> None:
     """The whole job with no account and no network: emulator → fresh SQLite file → report."""
@@ -650,9 +838,11 @@ def demo(
 @app.command()
 @handle_errors
 def serve(
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-    workers: Annotated[int, typer.Option(min=1, help="Worker processes (one per core is a good start).")] = 1,
+    host: Annotated[str, typer.Option(metavar="HOST", help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(metavar="PORT", help="Port to listen on.")] = 8000,
+    workers: Annotated[
+        int, typer.Option(min=1, metavar="N", help="Worker processes (one per core is a good start).")
+    ] = 1,
 ) -> None:
     """Serve the HTTP API for the frontend (needs the api extra and CLERK_* settings)."""
     try:
@@ -693,8 +883,8 @@ def _principal(user: str | None, org: str | None) -> tuple[str, str]:
 @handle_errors
 def access_grant(
     chatbot_id: Annotated[str, typer.Argument(metavar="CHATBOT_ID")],
-    user: Annotated[str | None, typer.Option("--user", help="Clerk user id.")] = None,
-    org: Annotated[str | None, typer.Option("--org", help="Clerk organization id.")] = None,
+    user: Annotated[str | None, typer.Option("--user", metavar="USER_ID", help="Clerk user id.")] = None,
+    org: Annotated[str | None, typer.Option("--org", metavar="ORG_ID", help="Clerk organization id.")] = None,
 ) -> None:
     """Let a Clerk user, or everyone in a Clerk organization, see a chatbot's conversations."""
     from chatsync import render
@@ -711,8 +901,8 @@ def access_grant(
 @handle_errors
 def access_revoke(
     chatbot_id: Annotated[str, typer.Argument(metavar="CHATBOT_ID")],
-    user: Annotated[str | None, typer.Option("--user", help="Clerk user id.")] = None,
-    org: Annotated[str | None, typer.Option("--org", help="Clerk organization id.")] = None,
+    user: Annotated[str | None, typer.Option("--user", metavar="USER_ID", help="Clerk user id.")] = None,
+    org: Annotated[str | None, typer.Option("--org", metavar="ORG_ID", help="Clerk organization id.")] = None,
 ) -> None:
     """Take a chatbot away from a Clerk user or organization."""
     from chatsync import render
@@ -729,7 +919,7 @@ def access_revoke(
 @access_app.command("list")
 @handle_errors
 def access_list(
-    output: Annotated[str | None, typer.Option("--format", help="table or json.")] = None,
+    output: Annotated[str | None, typer.Option("--format", metavar="FORMAT", help="table or json.")] = None,
 ) -> None:
     """Every grant: chatbot, user or organization, since when."""
     from chatsync import render

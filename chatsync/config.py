@@ -90,6 +90,8 @@ class Settings:
     rate_limit_requests: int = 100
     rate_limit_seconds: float = 10.0
     concurrency: int = 8
+    heartbeat_url: Secret | None = None
+    sentry_dsn: Secret | None = None
 
     def require_api_key(self) -> Secret:
         if not self.api_key:
@@ -146,6 +148,23 @@ def _parse_rate(text: str) -> tuple[int, float]:
         return int(count), parse_duration(span or "10s").total_seconds()
     except (ValueError, UsageError):
         raise UsageError(f"invalid rate limit {text!r}: expected requests/span, e.g. 100/10s") from None
+
+
+LOG_FORMATS = ("text", "json")
+
+
+def log_format(env: Mapping[str, str] | None = None, dotenv_path: Path | None = None) -> str:
+    """``CHATSYNC_LOG_FORMAT`` from the environment, else ``./.env``; ``text`` when unset or unknown
+    (the log must never stop a command)."""
+    value = (os.environ if env is None else env).get("CHATSYNC_LOG_FORMAT")
+    if not value:
+        path = dotenv_path if dotenv_path is not None else Path.cwd() / ".env"
+        if path.is_file():
+            from dotenv import dotenv_values
+
+            value = dotenv_values(path).get("CHATSYNC_LOG_FORMAT")
+    value = (value or "text").strip().lower()
+    return value if value in LOG_FORMATS else "text"
 
 
 def load_settings(
@@ -212,4 +231,10 @@ def load_settings(
             values["concurrency"] = max(1, int(str(concurrency)))
         except ValueError:
             raise UsageError(f"invalid concurrency {concurrency!r}: expected a whole number") from None
+    heartbeat = src.get("heartbeat_url", "CHATSYNC_HEARTBEAT_URL")
+    if heartbeat:
+        values["heartbeat_url"] = Secret(str(heartbeat))
+    dsn = src.get("sentry_dsn", "SENTRY_DSN")
+    if dsn:
+        values["sentry_dsn"] = Secret(str(dsn))
     return Settings(**values)  # type: ignore[arg-type]

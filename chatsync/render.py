@@ -61,6 +61,10 @@ def error(message: str) -> None:
         print(f"error: {message}", file=sys.stderr)
 
 
+def version_line(version: str) -> None:
+    print(f"chatsync {version}")
+
+
 def info(message: str) -> None:
     console = stderr_console()
     if console.is_terminal:
@@ -73,6 +77,17 @@ def info(message: str) -> None:
 def write_json(value: Any, stream: IO[str] | None = None) -> None:
     stream = stream or machine_stdout()
     stream.write(json.dumps(value, ensure_ascii=False, indent=2) + "\n")
+    stream.flush()
+
+
+def json_line(value: Any) -> str:
+    """One compact JSON line (a cron log holds one of these per run)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def write_json_line(value: Any, stream: IO[str] | None = None) -> None:
+    stream = stream or machine_stdout()
+    stream.write(json_line(value) + "\n")
     stream.flush()
 
 
@@ -153,6 +168,7 @@ def sync_summary(summary: SyncSummary) -> None:
         "updated",
         "unchanged",
         "quarantined",
+        "repaired",
         "whatsapp_captured",
         "started_at",
         "finished_at",
@@ -167,6 +183,36 @@ def sync_summary(summary: SyncSummary) -> None:
             else str(value),
         )
     console.print(table)
+
+
+def sync_plan(plans: list[dict[str, Any]], requests_made: int, as_json: bool) -> None:
+    """What ``sync --dry-run`` would do, per chatbot."""
+    if as_json:
+        write_json_line({"dry_run": True, "planning_requests": requests_made, "chatbots": plans})
+        return
+    console = stdout_console()
+    table = Table(title="sync plan (nothing fetched or stored)", title_justify="left", header_style="bold")
+    for header in ("chatbot", "first day", "last day", "days", "windows", "stored", "≈ requests"):
+        table.add_column(
+            header,
+            no_wrap=True,
+            justify="left" if header in ("chatbot", "first day", "last day") else "right",
+        )
+    for plan in plans:
+        table.add_row(
+            plan["chatbot_id"],
+            plan["first_day"] or "no conversations",
+            plan["last_day"] or "",
+            f"{plan['days']:,}",
+            f"{len(plan['windows']):,}",
+            f"{plan['stored_conversations']:,}",
+            f"{plan['estimated_requests']:,}",
+        )
+    console.print(table)
+    info(
+        f"planning took {requests_made} request(s); '≈ requests' counts one per page of what is stored "
+        "and one last page per window: conversations not stored yet add pages"
+    )
 
 
 # ------------------------------------------------------------------------------------------------- db info

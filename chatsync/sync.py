@@ -83,6 +83,37 @@ class Window:
         return [self.start + timedelta(days=i) for i in range((self.end - self.start).days + 1)]
 
 
+@dataclass(frozen=True)
+class ChatbotPlan:
+    """What a sync of one chatbot will fetch (``sync --dry-run`` prints it)."""
+
+    chatbot_id: str
+    first_day: date | None  # None: Chatbase has no conversation of this chatbot yet
+    last_day: date | None
+    days: list[date]  # the days not yet settled, which this run fetches
+    windows: list[Window]
+    first_day_found: bool  # asked Chatbase for it just now (the first run, or --full)
+    stored_per_window: dict[Window, int] = field(default_factory=dict)  # known only to plan()
+
+    @property
+    def estimated_requests(self) -> int:
+        """One request per page: a window's stored conversations ÷ 100, plus its last short page.
+
+        Conversations not stored yet are not known, so a first run needs more than this."""
+        return sum(self.stored_per_window.get(w, 0) // 100 + 1 for w in self.windows)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "chatbot_id": self.chatbot_id,
+            "first_day": self.first_day.isoformat() if self.first_day else None,
+            "last_day": self.last_day.isoformat() if self.last_day else None,
+            "days": len(self.days),
+            "windows": [[w.start.isoformat(), w.end.isoformat()] for w in self.windows],
+            "stored_conversations": sum(self.stored_per_window.values()),
+            "estimated_requests": self.estimated_requests,
+        }
+
+
 @dataclass
 class Progress:
     """What the CLI's progress bar shows; updated by the writer only."""
@@ -207,6 +238,21 @@ class Syncer:
         # partial: retries ran out or the database went away, the next run continues; failed: anything else
         partial = isinstance(error, ChatsyncError) and error.exit_code == ExitCode.PARTIAL
         status = "ok" if error is None else "partial" if partial else "failed"
+        log.info(
+            "sync %s: %s; %d requests, %d retries; fetched %d: %d inserted, %d updated, %d unchanged, "
+            "%d quarantined, %d repaired; %d numbers captured",
+            self.run_id,
+            status,
+            summary.requests,
+            summary.retries,
+            summary.fetched,
+            summary.inserted,
+            summary.updated,
+            summary.unchanged,
+            summary.quarantined,
+            summary.repaired,
+            summary.whatsapp_captured,
+        )
         try:
             with self.engine.begin() as connection:
                 writes.finish_run(
@@ -221,32 +267,64 @@ class Syncer:
             pass  # the database is gone; the next run marks this one interrupted
 
     # ----------------------------------------------------------------------------------------- one chatbot
-    def _sync_chatbot(self, chatbot_id: str, request: SyncRequest) -> None:
-        today = self.now().date()
+    def plan(self, request: SyncRequest) -> list[ChatbotPlan]:
+        """What a run of ``request`` would fetch, without taking locks or writing anything.
+
+        A chatbot whose first day chatsync does not know yet costs the requests that find it (about 12);
+        nothing else is fetched.
+        """
+        plans = [
+            self._plan_chatbot(chatbot_id, request, self.now().date()) for chatbot_id in request.chatbot_ids
+        ]
+        self.summary.requests = self.client.stats.requests
+        return plans
+
+    def _plan_chatbot(self, chatbot_id: str, request: SyncRequest, today: date) -> ChatbotPlan:
         scope = scope_of(request.sources)
         with self._db() as connection:
-            writes.remember_chatbot(connection, chatbot_id)
             known_first = writes.chatbot_first_day(connection, chatbot_id)
         first = request.since
+        found = False
         if first is None:
             first = known_first
             if first is None or request.full:
                 first = self.client.find_first_day(chatbot_id, today, request.sources)
+                found = first is not None
                 if first is None:
-                    return  # the chatbot has no conversations yet
-                if not request.sources:
-                    with self._db() as connection:
-                        writes.remember_chatbot(connection, chatbot_id, first_day=first)
+                    return ChatbotPlan(chatbot_id, None, None, [], [], False)
         last = min(request.until or today, today)
         if first > last:
-            return
+            return ChatbotPlan(chatbot_id, first, last, [], [], found)
         with self._db() as connection:
             fetched = writes.fetched_days(connection, chatbot_id, {"*", scope}, first, last)
         days = days_to_fetch(first, last, fetched, request.lookback, request.full)
-        windows = plan_windows(days, self.concurrency)
-        status = Progress(chatbot_id, windows_total=len(windows))
+        return ChatbotPlan(chatbot_id, first, last, days, plan_windows(days, self.concurrency), found)
+
+    def _sync_chatbot(self, chatbot_id: str, request: SyncRequest) -> None:
+        today = self.now().date()
+        with self._db() as connection:
+            writes.remember_chatbot(connection, chatbot_id)
+        plan = self._plan_chatbot(chatbot_id, request, today)
+        if plan.first_day is None:
+            log.info("chatbot %s has no conversations yet", chatbot_id)
+            return
+        if plan.first_day_found and not request.sources:
+            log.info("chatbot %s: first conversation on %s", chatbot_id, plan.first_day)
+            with self._db() as connection:
+                writes.remember_chatbot(connection, chatbot_id, first_day=plan.first_day)
+        log.info(
+            "chatbot %s: %d day(s) to fetch between %s and %s, in %d window(s)",
+            chatbot_id,
+            len(plan.days),
+            plan.first_day,
+            plan.last_day,
+            len(plan.windows),
+        )
+        status = Progress(chatbot_id, windows_total=len(plan.windows))
         self._report(status)
-        self._fetch_and_save(chatbot_id, request.sources, scope, windows, today, status)
+        self._fetch_and_save(
+            chatbot_id, request.sources, scope_of(request.sources), plan.windows, today, status
+        )
         with self._db() as connection:
             writes.remember_chatbot(connection, chatbot_id, synced_at=self.now())
 
@@ -305,6 +383,14 @@ class Syncer:
                     if item.last:
                         status.windows_done += 1
                         seen.pop(item.window, None)
+                        log.info(
+                            "chatbot %s: %s..%s done (window %d of %d)",
+                            chatbot_id,
+                            item.window.start,
+                            item.window.end,
+                            status.windows_done,
+                            status.windows_total,
+                        )
                     self._report(status)
             except BaseException:
                 # The writer itself failed: stop fetching, and take what the fetchers still hold so
@@ -344,7 +430,8 @@ class Syncer:
                 bad.append((record, exc.reason))
                 continue
             except Exception as exc:  # a fault of chatsync's on one record must not stop the sync
-                log.warning("could not read conversation %s", stored_id(record), exc_info=True)
+                log.warning("chatsync could not read conversation %s: %s", stored_id(record), _describe(exc))
+                log.debug("the fault, for a bug report", exc_info=True)
                 bad.append((record, f"chatsync could not read it ({_describe(exc)})"))
                 continue
             if _claim(row["id"], row["created_at"].date(), page.window, seen):
@@ -364,10 +451,10 @@ class Syncer:
             with self._db() as connection:
                 self._record_page(connection, chatbot_id, scope, bad, days, page.fetched_at, now)
         for reason in {reason for _, reason in bad}:
-            log.warning("quarantined %d record(s) of chatbot %s: %s", _count(bad, reason), chatbot_id, reason)
+            log.info("quarantined %d record(s) of chatbot %s: %s", _count(bad, reason), chatbot_id, reason)
         repaired = counts.repaired
         if repaired:
-            log.warning(
+            log.info(
                 "replaced text no database can hold (NUL, lone surrogates) with U+FFFD in %s",
                 ", ".join(repaired),
             )
@@ -426,7 +513,7 @@ class Syncer:
             except DatabaseUnavailable:
                 raise
             except Exception as exc:
-                log.warning("the database refused conversation %s", row["id"], exc_info=True)
+                log.debug("the database refused conversation %s", row["id"], exc_info=True)
                 record = {"id": row["id"], **row["raw"], "messages": row["messages"]}
                 bad.append((record, f"database refused it: {_describe(exc)}"))
         return counts

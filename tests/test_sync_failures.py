@@ -98,7 +98,9 @@ def test_a_second_sync_of_the_same_chatbot_exits_75_and_does_nothing(
         busy = cli("sync", "--json", "--chatbot-id", "bot-a", env=env)
         other = cli("sync", "--json", "--chatbot-id", "bot-b", env=env)
     assert busy.exit_code == ExitCode.LOCKED
-    assert busy.stdout == ""
+    line = json.loads(busy.stdout)  # one line a run in the cron log, whatever happened
+    assert (line["status"], line["exit_code"], line["fetched"]) == ("failed", 75, 0)
+    assert busy.stdout.count("\n") == 1
     assert busy.stderr.strip() == "error: another sync of chatbot 'bot-a' is running; nothing was done"
     assert other.exit_code == 0, other.stderr  # different chatbots sync at the same time
     assert json.loads(other.stdout)["inserted"] == 200

@@ -29,7 +29,10 @@ given = context.config.attributes.get("connection")
 if given is not None:
     run(given)
 else:
-    if context.config.config_file_name is not None and context.config.get_main_option("logging", "on") == "on":
+    if (
+        context.config.config_file_name is not None
+        and context.config.get_main_option("logging", "on") == "on"
+    ):
         from logging.config import fileConfig
 
         fileConfig(context.config.config_file_name, disable_existing_loggers=False)

@@ -191,6 +191,23 @@ def fetched_days(
     return out
 
 
+def count_conversations(connection: Connection, chatbot_id: str, start: date, end: date) -> int:
+    """How many conversations of a chatbot are stored with creation in the UTC days ``start..end``."""
+    from sqlalchemy import func
+
+    from chatsync.timeutil import day_end, day_start
+
+    return int(
+        connection.execute(
+            select(func.count()).where(
+                conversations.c.chatbot_id == chatbot_id,
+                conversations.c.created_at >= day_start(start),
+                conversations.c.created_at < day_end(end),
+            )
+        ).scalar_one()
+    )
+
+
 def quarantine_record(
     connection: Connection, chatbot_id: str, record: object, reason: str, run_id: str, now: datetime
 ) -> None:

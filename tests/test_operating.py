@@ -1,0 +1,208 @@
+"""Running chatsync from cron and watching it: versions, help, logs, one JSON line a run, heartbeats, plans."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from threading import Thread
+from typing import Any
+
+import pytest
+
+from chatsync.errors import ExitCode
+from tests.conftest import chatbase_env
+from tests.test_cli_misc import _commands
+
+
+@contextmanager
+def monitor(status: int = 200) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    """A healthchecks-style monitor on loopback recording every (path, body) it receives."""
+    received: list[tuple[str, bytes]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length") or 0))
+            received.append((self.path, body))
+            self.send_response(status)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/ping/0f1e2d3c-token", received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# ------------------------------------------------------------------------------------------- conventions
+def test_version_and_short_help(cli: Any) -> None:
+    from chatsync import __version__
+
+    for flag in ("--version", "-V"):
+        result = cli(flag)
+        assert result.exit_code == 0 and result.stdout.strip() == f"chatsync {__version__}"
+    short = cli("sync", "-h")
+    assert short.exit_code == 0 and "--dry-run" in short.stdout
+
+
+def test_help_shows_readable_placeholders_never_python_types(cli: Any) -> None:
+    for path, _ in _commands(__import__("chatsync.cli", fromlist=["app"]).app):
+        text = cli(*path, "--help").stdout
+        options = [line for line in text.splitlines() if line.strip().startswith("-")]
+        for line in options:
+            assert not re.search(r"<[a-z\[\]]+>", line), f"chatsync {' '.join(path)}: {line.strip()}"
+    sync_help = cli("sync", "--help").stdout
+    for placeholder in ("--since DATE", "--lookback DURATION", "--chatbot-id ID", "--concurrency N"):
+        assert placeholder in sync_help
+
+
+def test_shell_completion_script_is_available(cli: Any) -> None:
+    result = cli("--show-completion", "bash")
+    assert result.exit_code == 0
+    assert "_chatsync_completion" in result.stdout and "complete" in result.stdout
+
+
+# ------------------------------------------------------------------------------------ one line a run
+def test_sync_json_is_one_compact_line_on_success(cli: Any, emulator_factory: Any, sqlite_url: str) -> None:
+    server = emulator_factory(conversations=150, seed=41)
+    result = cli("sync", "--json", env=chatbase_env(server, sqlite_url))
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.count("\n") == 1
+    line = json.loads(result.stdout)
+    assert line["status"] == "ok" and line["inserted"] == 150
+    assert "error" not in line and "exit_code" not in line
+
+
+@pytest.mark.parametrize(
+    ("args", "env_extra", "code", "status"),
+    [
+        (("--since", "2024-02-30"), {}, ExitCode.USAGE, "failed"),
+        ((), {"CHATBASE_API_KEY": "wrong-key"}, ExitCode.CONFIG, "failed"),
+        ((), {"CHATBASE_API_KEY": ""}, ExitCode.CONFIG, "failed"),
+        (("--retry-budget", "1s"), {"__outage__": "1"}, ExitCode.PARTIAL, "partial"),
+    ],
+    ids=["bad-date", "rejected-key", "no-key", "outage"],
+)
+def test_sync_json_prints_one_line_with_the_error_and_exit_code_when_it_fails(
+    cli: Any,
+    emulator_factory: Any,
+    sqlite_url: str,
+    args: tuple[str, ...],
+    env_extra: dict[str, str],
+    code: int,
+    status: str,
+) -> None:
+    from chatsync.emulator import Faults
+
+    outage = env_extra.pop("__outage__", None)
+    server = emulator_factory(conversations=50, seed=42, faults=Faults(fail_rate=1.0) if outage else None)
+    env = {**chatbase_env(server, sqlite_url), **env_extra}
+    result = cli("sync", "--json", *args, env=env)
+    assert result.exit_code == code
+    assert result.stdout.count("\n") == 1, result.stdout
+    line = json.loads(result.stdout)
+    assert (line["status"], line["exit_code"]) == (status, code)
+    assert line["error"] and line["error"] in result.stderr  # the same one line the operator sees
+    assert "wrong-key" not in result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------------------------- logs
+def test_verbose_sync_logs_its_plan_windows_and_summary(
+    cli: Any, emulator_factory: Any, sqlite_url: str
+) -> None:
+    server = emulator_factory(conversations=300, seed=43, bad_records=1)
+    result = cli("-v", "sync", "--json", env=chatbase_env(server, sqlite_url))
+    assert result.exit_code == 0, result.stderr
+    log = result.stderr
+    assert re.search(r"INFO chatsync.sync: chatbot demo-bot: \d+ day\(s\) to fetch between", log)
+    assert re.search(r"chatbot demo-bot: \d{4}-\d\d-\d\d\.\.\d{4}-\d\d-\d\d done \(window 1 of \d+\)", log)
+    assert "quarantined 1 record(s) of chatbot demo-bot" in log
+    assert re.search(r"sync [0-9a-f-]{36}: ok; \d+ requests", log)
+    assert json.loads(result.stdout)["status"] == "ok"  # stdout still holds only the summary line
+
+    quiet = cli("sync", "--json", env=chatbase_env(server, sqlite_url))
+    assert quiet.stderr == ""  # nothing on stderr by default when all is well
+
+
+def test_json_log_format_writes_one_object_a_line(cli: Any, emulator_factory: Any, sqlite_url: str) -> None:
+    server = emulator_factory(conversations=100, seed=44)
+    env = {**chatbase_env(server, sqlite_url), "CHATSYNC_LOG_FORMAT": "json"}
+    result = cli("-v", "sync", "--json", env=env)
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in result.stderr.splitlines()]
+    assert records and all({"time", "level", "name", "message"} <= set(r) for r in records)
+    assert records[-1]["level"] == "INFO" and records[-1]["time"].endswith("Z")
+
+
+def test_retries_and_rate_limit_waits_are_logged(cli: Any, emulator_factory: Any, sqlite_url: str) -> None:
+    from chatsync.emulator import Faults
+
+    server = emulator_factory(conversations=200, seed=45, faults=Faults(fail_rate=0.3, retry_after=1))
+    result = cli("-v", "sync", "--json", env=chatbase_env(server, sqlite_url))
+    assert result.exit_code == 0, result.stderr
+    assert re.search(r"Chatbase: HTTP (429|5\d\d)[^;]*; retry \d+ in \d+\.\d s", result.stderr)
+
+
+# ---------------------------------------------------------------------------------------------- heartbeat
+def test_heartbeat_is_pinged_with_the_summary_on_success_and_fail_on_failure(
+    cli: Any, emulator_factory: Any, sqlite_url: str
+) -> None:
+    from chatsync.emulator import Faults
+
+    server = emulator_factory(conversations=80, seed=46)
+    with monitor() as (url, received):
+        env = {**chatbase_env(server, sqlite_url), "CHATSYNC_HEARTBEAT_URL": url}
+        assert cli("sync", "--json", env=env).exit_code == 0
+        server.emulator.faults = Faults(fail_rate=1.0)
+        assert cli("sync", "--json", "--full", "--retry-budget", "1s", env=env).exit_code == ExitCode.PARTIAL
+    assert [path for path, _ in received] == ["/ping/0f1e2d3c-token", "/ping/0f1e2d3c-token/fail"]
+    assert json.loads(received[0][1])["status"] == "ok"
+    assert json.loads(received[1][1])["status"] == "partial"
+
+
+def test_a_monitor_that_is_down_never_changes_how_the_run_ends(
+    cli: Any, emulator_factory: Any, sqlite_url: str
+) -> None:
+    server = emulator_factory(conversations=40, seed=47)
+    with monitor(status=503) as (url, received):
+        env = {**chatbase_env(server, sqlite_url), "CHATSYNC_HEARTBEAT_URL": url}
+        result = cli("sync", "--json", env=env)
+    assert result.exit_code == 0 and len(received) == 1
+    assert "heartbeat not delivered" in result.stderr and "0f1e2d3c-token" not in result.stderr
+    gone = cli("sync", "--json", env={**env, "CHATSYNC_HEARTBEAT_URL": "http://127.0.0.1:9/nobody"})
+    assert gone.exit_code == 0
+
+
+# ------------------------------------------------------------------------------------------------ dry run
+def test_dry_run_plans_with_no_request_beyond_the_plan_and_stores_nothing(
+    cli: Any, emulator_factory: Any, sqlite_url: str
+) -> None:
+    from tests.helpers import stored_conversations
+
+    server = emulator_factory(conversations=400, seed=48, days=20)
+    env = chatbase_env(server, sqlite_url)
+    first = cli("sync", "--dry-run", "--json", env=env)
+    assert first.exit_code == 0, first.stderr
+    plan = json.loads(first.stdout)
+    asked = server.emulator.requests
+    assert plan["planning_requests"] == asked and asked <= 14  # only the first-day search
+    (bot,) = plan["chatbots"]
+    assert bot["days"] >= 20 and bot["windows"] and bot["stored_conversations"] == 0
+    assert stored_conversations(sqlite_url) == {}
+
+    assert cli("sync", "--json", env=env).exit_code == 0
+    before = server.emulator.requests
+    again = json.loads(cli("sync", "--dry-run", "--json", env=env).stdout)
+    assert server.emulator.requests == before  # the first day is known now: nothing asked at all
+    (bot,) = again["chatbots"]
+    assert bot["days"] <= 4 and bot["estimated_requests"] >= len(bot["windows"])
+    table = cli("sync", "--dry-run", env=env)
+    assert table.exit_code == 0 and "sync plan" in table.stdout
