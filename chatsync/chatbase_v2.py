@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
+from urllib.parse import quote, unquote
 
 from chatsync.chatbase import (
     HISTORY_FLOOR,
@@ -63,9 +64,9 @@ _AGENT_IN_PATH = re.compile(r"agents/([^/]+)")
 
 
 @dataclass(frozen=True)
-class ExportPage:
-    """One export page: raw ``ExportConversation`` records, the next cursor (None at the end),
-    ``hasMore`` and ``total`` (conversations matching the query, all pages together)."""
+class CursorPage:
+    """One page of a cursor-paged v2 list (the export, the agents): its raw records, the next cursor
+    (None at the end), ``hasMore`` and ``total`` (items matching the query, all pages together)."""
 
     records: list[Any]
     cursor: str | None
@@ -88,7 +89,7 @@ class ChatbaseV2Client(ChatbaseHTTP):
         limit: int = EXPORT_PAGE_SIZE,
         conversation_id: str | None = None,
         summary: bool = False,
-    ) -> ExportPage:
+    ) -> CursorPage:
         """One page of the export, created on UTC days ``start``..``end`` (both inclusive), from
         ``sources`` (all when empty); ``summary`` leaves the messages out. Raises ChatbaseUnavailable
         when the answer is not an export page."""
@@ -105,8 +106,8 @@ class ChatbaseV2Client(ChatbaseHTTP):
             params["conversationId"] = conversation_id
         if summary:
             params["include"] = "summary"
-        body = self.request(f"agents/{agent_id}/conversations/export", params)
-        return _export_page(body)
+        body = self.request(f"agents/{quote(agent_id, safe='')}/conversations/export", params)
+        return _cursor_page(body)
 
     def iter_pages(
         self,
@@ -170,7 +171,7 @@ class ChatbaseV2Client(ChatbaseHTTP):
             params: dict[str, Any] = {"limit": page_size}
             if cursor:
                 params["cursor"] = cursor
-            page = _export_page(self.request("agents", params))
+            page = _cursor_page(self.request("agents", params))
             agents.extend(chatbots_from(page.records))
             if not page.has_more or not page.cursor:
                 return agents
@@ -194,7 +195,7 @@ class ChatbaseV2Client(ChatbaseHTTP):
                 "upgrade the plan or set CHATBASE_API_VERSION=1"
             )
         elif status == 404 and agent:
-            hint = f"check CHATBASE_CHATBOT_ID: agent {agent.group(1)!r} was not found for this key"
+            hint = f"check CHATBASE_CHATBOT_ID: agent {unquote(agent.group(1))!r} was not found for this key"
         else:
             hint = rejection_hint(status, code, params)
         return ChatbaseRejected(status, message, hint)
@@ -266,7 +267,7 @@ def _extrapolated_last_empty_day(counts: dict[date, int], lo: date, hi: date) ->
 
 
 # ---------------------------------------------------------------------------------------------- pages
-def _export_page(body: object) -> ExportPage:
+def _cursor_page(body: object) -> CursorPage:
     """Read ``{data: [...], pagination: {cursor, hasMore, total}}``; anything else is a broken answer."""
     data = body.get("data") if isinstance(body, dict) else None
     pagination = body.get("pagination") if isinstance(body, dict) else None
@@ -276,7 +277,7 @@ def _export_page(body: object) -> ExportPage:
         )
     cursor = pagination.get("cursor")
     total = pagination.get("total")
-    return ExportPage(
+    return CursorPage(
         records=data,
         cursor=cursor if isinstance(cursor, str) and cursor else None,
         has_more=pagination.get("hasMore") is True,

@@ -399,3 +399,9 @@ def test_a_repeated_leads_page_is_caught() -> None:
     transport = httpx.MockTransport(lambda request: httpx.Response(200, json={"collectedCustomers": rows}))
     with _v1(transport) as client, pytest.raises(PagingError, match="repeated leads page"):
         list(client.iter_leads("bot", size=3))
+
+
+def test_an_agent_id_travels_as_one_path_segment() -> None:
+    emulator = _emulator(conversations=5, chatbot_ids=("team a/bot",))
+    with _v2(emulator) as client:
+        assert len(client.export_page("team a/bot").records) == 5

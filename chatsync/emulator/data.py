@@ -407,11 +407,6 @@ class Dataset:
         )
         return record, truth
 
-    def channel_number(self, index: int) -> str | None:
-        """E.164 of the WhatsApp sender's number carried by conversation ``index`` (v2 ``userId``)."""
-        generated = self._generate(index)
-        return self._sender(index, generated.raw["source"], generated.planted)[1]
-
     # -------------------------------------------------------------------------------------------- leads
     def lead(self, index: int) -> Lead | None:
         """The lead form submitted in conversation ``index``, if its user filled one in."""
