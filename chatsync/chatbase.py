@@ -4,6 +4,10 @@ Chatbase's ``get-conversations`` has no total, no cursor and no ``hasMore``: the
 one shorter than ``size``. Pages may shift while conversations arrive, so callers dedupe by id; a server
 that repeats a page or never stops is caught here. Transient failures (408, 429, 5xx, transport errors,
 truncated bodies) are retried within a budget; 400/401/403/404 fail at once with what to fix.
+
+:class:`ChatbaseHTTP` is the part every Chatbase API shares (one GET with the rate limiter, retries,
+stats and the stop flag); :class:`ChatbaseClient` is API v1 on top of it, and
+:mod:`chatsync.chatbase_v2` the v2 export.
 """
 
 from __future__ import annotations
@@ -19,17 +23,18 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, timedelta
-from typing import Any
+from typing import Any, NamedTuple, Self
 
 import httpx
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_before_delay
 
 from chatsync.config import Secret
-from chatsync.errors import ChatbaseRejected, ChatbaseUnavailable, PagingError, UsageError
+from chatsync.errors import ChatbaseRejected, ChatbaseUnavailable, ChatsyncError, PagingError, UsageError
 from chatsync.jsonbody import decode_body
 
 log = logging.getLogger("chatsync.chatbase")
 PAGE_SIZE = 100  # Chatbase's maximum; omitting size silently gives 10 a page
+LEADS_PAGE_SIZE = 100  # get-leads documents no maximum; the last page is the first shorter one
 MAX_PAGES_PER_WINDOW = 20_000
 HISTORY_FLOOR = date(2020, 1, 1)  # before Chatbase existed: the search for a chatbot's first day starts here
 MAX_WAIT_SECONDS = 60.0
@@ -103,24 +108,50 @@ class RateLimiter:
 class ClientStats:
     requests: int = 0
     retries: int = 0
-    throttled: int = 0
+    throttled: int = 0  # answers that were 429
+    waited: float = 0.0  # seconds slept before retries, as the server's hints or the backoff asked
 
 
-def _error_message(response: httpx.Response) -> tuple[str, str | None]:
-    """Message and code from a v1 ``{"message"}`` or v2 ``{"error": {"code", "message"}}`` body."""
+@dataclass(frozen=True)
+class Chatbot:
+    """A chatbot (v2: agent) of the account, as ``get-chatbots`` or ``GET /agents`` lists it."""
+
+    id: str
+    name: str | None
+
+
+class ErrorBody(NamedTuple):
+    """What a failed answer says: the message, v2's machine-readable code and per-field details."""
+
+    message: str
+    code: str | None = None
+    details: str | None = None  # "field: problem; ..." from v2's ``error.details``
+
+
+def _error_message(response: httpx.Response) -> ErrorBody:
+    """Message and code from a v1 ``{"message"}`` or v2 ``{"error": {"code", "message", "details"}}`` body."""
     try:
         body = response.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return (response.reason_phrase or "error", None)
+        return ErrorBody(response.reason_phrase or "error")
     if isinstance(body, dict):
         err = body.get("error")
         if isinstance(err, dict):
-            return (str(err.get("message") or err.get("code") or "error"), err.get("code"))
+            code = err.get("code")
+            details = err.get("details")
+            detail_text = (
+                "; ".join(f"{field}: {problem}" for field, problem in details.items())
+                if isinstance(details, dict) and details
+                else None
+            )
+            return ErrorBody(
+                str(err.get("message") or code or "error"), str(code) if code else None, detail_text
+            )
         if isinstance(err, str):
-            return (err, None)
+            return ErrorBody(err)
         if body.get("message"):
-            return (str(body["message"]), None)
-    return (response.reason_phrase or "error", None)
+            return ErrorBody(str(body["message"]))
+    return ErrorBody(response.reason_phrase or "error")
 
 
 def _reset_seconds(headers: httpx.Headers) -> float | None:
@@ -167,8 +198,12 @@ def _seconds_until_http_date(text: str) -> float | None:
     return moment.timestamp() - time.time()
 
 
-class ChatbaseClient:
-    """Talks to Chatbase v1 with one shared rate limiter; safe to use from several threads."""
+class ChatbaseHTTP:
+    """One Chatbase API root: GETs under a shared rate limiter, retried within a budget; thread-safe.
+
+    ``limiter`` lets two clients (v1 and v2 of one key) share a rate-limit window, as Chatbase counts
+    requests per key and IP. Subclasses say how a refused request reads (:meth:`_rejected`).
+    """
 
     def __init__(
         self,
@@ -181,6 +216,7 @@ class ChatbaseClient:
         timeout: float = 30.0,
         backoff: tuple[float, float] = (0.5, 30.0),
         max_connections: int = 16,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self._key = api_key
         self._http = httpx.Client(
@@ -190,7 +226,7 @@ class ChatbaseClient:
             transport=transport,
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         )
-        self.limiter = RateLimiter(*rate_limit)
+        self.limiter = limiter or RateLimiter(*rate_limit)
         self.retry_budget = retry_budget.total_seconds()
         self.backoff = backoff
         self.stats = ClientStats()
@@ -200,7 +236,7 @@ class ChatbaseClient:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> ChatbaseClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -235,8 +271,13 @@ class ChatbaseClient:
                 return decode_body(response.content)
             except ValueError:
                 raise TransientError("truncated or invalid JSON body") from None
-        message, code = _error_message(response)
-        message = self._redact(message)
+        error = _error_message(response)
+        message = self._redact(error.message)
+        if error.details:
+            message += f" ({self._redact(error.details)})"
+        request_id = response.headers.get("x-request-id")
+        if request_id:
+            message += f" [request id {request_id}]"  # what Chatbase support asks for
         if status == 408 or status == 429 or status >= 500:
             retry_after = _retry_after(response.headers)
             if status == 429:
@@ -247,7 +288,13 @@ class ChatbaseClient:
                 )
                 self.limiter.pause(max(1.0, retry_after or 1.0))
             raise TransientError(f"HTTP {status}: {message}", retry_after)
-        raise ChatbaseRejected(status, message, _hint(status, code, params))
+        raise self._rejected(status, error.code, message, path, params)
+
+    def _rejected(
+        self, status: int, code: str | None, message: str, path: str, params: dict[str, Any]
+    ) -> ChatsyncError:
+        """The error to raise for a 4xx retrying cannot fix (``message`` is safe to print)."""
+        return ChatbaseRejected(status, message, rejection_hint(status, code, params))
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -276,14 +323,19 @@ class ChatbaseClient:
             ) from None
 
     def _before_retry(self, state: RetryCallState) -> None:
-        self._count("retries")
+        with self._stats_lock:
+            self.stats.retries += 1
+            self.stats.waited += state.upcoming_sleep
         exc = state.outcome.exception() if state.outcome else None
-        wait = state.next_action.sleep if state.next_action else 0.0
-        log.info("Chatbase: %s; retry %d in %.1f s", exc, state.attempt_number, wait)
+        log.info("Chatbase: %s; retry %d in %.1f s", exc, state.attempt_number, state.upcoming_sleep)
 
     def _sleep(self, seconds: float) -> None:
         if self.stop.wait(seconds):
             raise ChatbaseUnavailable("sync stopped")
+
+
+class ChatbaseClient(ChatbaseHTTP):
+    """Talks to Chatbase v1 with one shared rate limiter; safe to use from several threads."""
 
     # ------------------------------------------------------------------------------------------ paging
     def get_conversations(
@@ -354,8 +406,80 @@ class ChatbaseClient:
                 lo = mid + timedelta(days=1)
         return lo
 
+    # ------------------------------------------------------------------------------- chatbots and leads
+    def list_chatbots(self) -> list[Chatbot]:
+        """Every chatbot of the account (``get-chatbots``), in Chatbase's order.
 
-def _hint(status: int, code: str | None, params: dict[str, Any]) -> str:
+        Both shapes seen live are read, ``{"chatbots": [...]}`` and ``{"chatbots": {"data": [...]}}``; of
+        each entry only ``id`` and ``name`` (else ``chatbotName``) are used and anything else is ignored.
+        Raises ChatbaseUnavailable when the answer holds no list of chatbots.
+        """
+        body = self.request("get-chatbots", {})
+        chatbots = body.get("chatbots") if isinstance(body, dict) else None
+        if isinstance(chatbots, dict):
+            chatbots = chatbots.get("data")
+        if not isinstance(chatbots, list):
+            raise ChatbaseUnavailable("Chatbase answered get-chatbots without a list of chatbots")
+        return chatbots_from(chatbots)
+
+    def get_leads(
+        self,
+        chatbot_id: str,
+        page: int,
+        *,
+        start: date | None = None,
+        end: date | None = None,
+        size: int = LEADS_PAGE_SIZE,
+    ) -> list[dict[str, Any]]:
+        """One page of ``get-leads``: raw ``collectedCustomers`` rows (``id``, ``name``, ``email``,
+        ``phone``, ``created_at`` ISO 8601, ``chatbot_id``; no conversation id)."""
+        params: dict[str, Any] = {"chatbotId": chatbot_id, "page": page, "size": size}
+        if start:
+            params["startDate"] = start.isoformat()
+        if end:
+            params["endDate"] = end.isoformat()
+        body = self.request("get-leads", params)
+        rows = body.get("collectedCustomers") if isinstance(body, dict) else None
+        if not isinstance(rows, list):
+            raise ChatbaseUnavailable("Chatbase answered get-leads without a 'collectedCustomers' list")
+        return rows
+
+    def iter_leads(
+        self,
+        chatbot_id: str,
+        start: date | None = None,
+        end: date | None = None,
+        size: int = LEADS_PAGE_SIZE,
+    ) -> Iterator[tuple[list[dict[str, Any]], bool]]:
+        """Every page of a chatbot's leads (whole UTC days ``start``..``end``), each with whether it is the
+        last: get-leads has no paging metadata, so the last page is the first shorter than ``size``.
+        Raises PagingError when the server repeats a page or never stops."""
+        previous_ids: list[object] | None = None
+        for page in range(1, MAX_PAGES_PER_WINDOW + 1):
+            rows = self.get_leads(chatbot_id, page, start=start, end=end, size=size)
+            ids = [row.get("id") if isinstance(row, dict) else None for row in rows]
+            if rows and ids == previous_ids:
+                raise PagingError(f"Chatbase repeated leads page {page - 1} as page {page}")
+            previous_ids = ids
+            last = len(rows) < size
+            yield rows, last
+            if last:
+                return
+        raise PagingError(f"more than {MAX_PAGES_PER_WINDOW} pages of leads: stopped paging")
+
+
+def chatbots_from(entries: list[Any]) -> list[Chatbot]:
+    """``Chatbot``s from listed entries that have an id; extra or unknown fields are ignored."""
+    found = []
+    for entry in entries:
+        if not isinstance(entry, dict) or entry.get("id") in (None, ""):
+            continue
+        name = entry.get("name") or entry.get("chatbotName")
+        found.append(Chatbot(str(entry["id"]), str(name) if name not in (None, "") else None))
+    return found
+
+
+def rejection_hint(status: int, code: str | None, params: dict[str, Any]) -> str:
     if status == 401:
         return "check CHATBASE_API_KEY (a secret key from your Chatbase workspace settings)"
     if status == 403:

@@ -1,23 +1,49 @@
-"""The emulator's request handling, and the two ways to reach it: an httpx transport and an HTTP server."""
+"""The emulator's request handling, and the two ways to reach it: an httpx transport and an HTTP server.
+
+v1 (``get-conversations``, ``get-leads``, ``get-chatbots``) is answered here; v2 (``agents``,
+``agents/{id}/conversations/export``) in :mod:`chatsync.emulator.v2`. Both share one rate-limit window
+(Chatbase counts requests per key and IP), the fault injection and the data.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import random
+import re
 import threading
 import time
+import uuid
 from collections import deque
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from typing import Any, Literal
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import httpx
 
-from chatsync.emulator.data import BAD_RECORD_KINDS, DAMAGED_TEXT_KINDS, Dataset, Planted, damage, spoil
+from chatsync.emulator import v2
+from chatsync.emulator.data import (
+    BAD_RECORD_KINDS,
+    DAMAGED_TEXT_KINDS,
+    Dataset,
+    ExportTruth,
+    Lead,
+    Planted,
+    damage,
+    damage_export,
+    export_message,
+    spoil,
+    spoil_export,
+)
+from chatsync.emulator.replies import Reply, json_reply, v2_error
+
+_json = json_reply
+_V2 = re.compile(r"/v2(/|$)")
+_EXPORT = re.compile(r"/v2/agents/(?P<agent>[^/]+)/conversations/export$")
+_AGENTS = re.compile(r"/v2/agents$")
 
 
 @dataclass
@@ -31,27 +57,15 @@ class Faults:
     retry_after: int = 1
 
 
-@dataclass
-class Reply:
-    status: int
-    body: bytes
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-def _encode(payload: Any) -> bytes:
-    """UTF-8 JSON; text with lone surrogates is written with ``\\u`` escapes, as JavaScript writes it."""
-    try:
-        return json.dumps(payload, ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        return json.dumps(payload, ensure_ascii=True).encode()
-
-
-def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> Reply:
-    return Reply(status, _encode(payload), {"content-type": "application/json", **(headers or {})})
-
-
 class Emulator:
-    """Answers Chatbase v1 requests from deterministic datasets, under a sliding-window rate limit."""
+    """Answers Chatbase v1 and v2 requests from deterministic datasets, under a sliding-window rate limit.
+
+    Options beyond the data: ``chatbot_names`` (id → name; default the id), ``chatbots_shape`` (how
+    ``get-chatbots`` wraps its list: ``"list"`` → ``{"chatbots": [...]}``, ``"data"`` →
+    ``{"chatbots": {"data": [...]}}``, both seen live), ``v2_plan`` (False: the plan has no API access and
+    v2 answers 403), ``reset_unit`` (``X-RateLimit-Reset`` as epoch ``"ms"`` or ``"s"``: Chatbase documents
+    both) and ``channel_customer`` (v1 ``customer`` carries the WhatsApp sender's number; off by default).
+    """
 
     def __init__(
         self,
@@ -66,16 +80,31 @@ class Emulator:
         faults: Faults | None = None,
         bad_records: int = 0,
         damaged_records: int = 0,
+        *,
+        chatbot_names: Mapping[str, str] | None = None,
+        chatbots_shape: Literal["list", "data"] = "list",
+        v2_plan: bool = True,
+        reset_unit: Literal["ms", "s"] = "ms",
+        channel_customer: bool = False,
     ) -> None:
         end = end or datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
-        self.datasets = {bot: Dataset(bot, conversations, seed, end, days) for bot in chatbot_ids}
+        self.datasets = {
+            bot: Dataset(bot, conversations, seed, end, days, channel_customer=channel_customer)
+            for bot in chatbot_ids
+        }
         self.api_key = api_key
         self.latency = latency_ms / 1000
         self.rate_limit = rate_limit
         self.faults = faults or Faults()
         self.bad_records = bad_records
         self.damaged_records = damaged_records
+        self.chatbot_names = dict(chatbot_names or {})
+        self.chatbots_shape = chatbots_shape
+        self.v2_plan = v2_plan
+        self.reset_unit = reset_unit
+        self.channel_customer = channel_customer
         self._appended: dict[str, list[dict[str, Any]]] = {}
+        self._scripted: deque[tuple[int, bool]] = deque()
         self._lock = threading.Lock()
         self._recent: deque[float] = deque()
         self._rng = random.Random(seed)
@@ -125,9 +154,67 @@ class Emulator:
         return [self.conversation(chatbot_id, i) for i in range(self.datasets[chatbot_id].count)]
 
     def append_messages(self, conversation_id: str, messages: list[dict[str, Any]]) -> None:
-        """Let a conversation grow, as a real one does after it starts."""
+        """Let a conversation grow, as a real one does after it starts (v1-shaped messages: ``role``,
+        ``content``, ISO ``createdAt``; the v2 export shows them as text parts with epoch ``createdAt``)."""
         with self._lock:
             self._appended.setdefault(conversation_id, []).extend(messages)
+
+    def chatbot_name(self, chatbot_id: str) -> str:
+        return self.chatbot_names.get(chatbot_id, chatbot_id)
+
+    # ---------------------------------------------------------------------------------- the v2 data
+    def export_record(self, chatbot_id: str, index: int) -> dict[str, Any]:
+        """Conversation ``index`` as the v2 export sends it now (grown and broken like the v1 one)."""
+        record, _ = self.datasets[chatbot_id].export_record(index)
+        extra = self._appended.get(record["id"])
+        if extra:
+            first = len(record["messages"])
+            grown = [export_message(m, f"msg_{index:x}_{first + i}") for i, m in enumerate(extra)]
+            record["messages"] = [*record["messages"], *grown]
+            if "createdAt" in grown[-1]:
+                record["updatedAt"] = grown[-1]["createdAt"]
+        bad = self.bad_indexes(chatbot_id)
+        if index in bad:
+            record = spoil_export(record, BAD_RECORD_KINDS[bad.index(index) % len(BAD_RECORD_KINDS)])
+        damaged = self.damaged_indexes(chatbot_id)
+        if index in damaged:
+            record = damage_export(record, DAMAGED_TEXT_KINDS[damaged.index(index) % len(DAMAGED_TEXT_KINDS)])
+        return record
+
+    def all_export_records(self, chatbot_id: str) -> list[dict[str, Any]]:
+        """Every conversation as the v2 export would send it now, oldest first (for tests that compare)."""
+        return [self.export_record(chatbot_id, i) for i in range(self.datasets[chatbot_id].count)]
+
+    def export_truth(self, chatbot_id: str) -> dict[str, ExportTruth]:
+        """Ground truth per good conversation id: status, feedback, message times, the sender's number."""
+        dataset = self.datasets[chatbot_id]
+        bad = set(self.bad_indexes(chatbot_id))
+        return {
+            dataset.conversation_id(i): dataset.export_record(i)[1]
+            for i in range(dataset.count)
+            if i not in bad
+        }
+
+    def channel_numbers(self, chatbot_id: str, api: Literal["v1", "v2"] = "v2") -> dict[str, str]:
+        """Good conversation id → the WhatsApp sender's number (E.164) the record carries: v2 ``userId``;
+        v1 ``customer`` only with ``channel_customer``."""
+        if api == "v1" and not self.channel_customer:
+            return {}
+        return {
+            conversation_id: truth.channel_number
+            for conversation_id, truth in self.export_truth(chatbot_id).items()
+            if truth.channel_number
+        }
+
+    def leads(self, chatbot_id: str) -> list[Lead]:
+        """Every lead form of a chatbot, oldest first, with the conversation it was filled in."""
+        return self.datasets[chatbot_id].leads()
+
+    def fail_next(self, status: int, count: int = 1, *, retry_after: bool = True) -> None:
+        """Answer the next ``count`` authorised API requests with ``status`` (v1 or v2 body as the path
+        asks); a 429 carries ``X-RateLimit-*`` and, unless ``retry_after`` is False, ``Retry-After``."""
+        with self._lock:
+            self._scripted.extend([(status, retry_after)] * count)
 
     # ---------------------------------------------------------------------------------- HTTP handling
     def handle(self, method: str, target: str, headers: dict[str, str], body: bytes = b"") -> Reply:
@@ -146,27 +233,62 @@ class Emulator:
 
         with self._lock:
             self.requests += 1
-        throttled = self._throttle()
+        throttled, limits = self._throttle()
         if self.latency:
             time.sleep(self.latency)
+        if _V2.search(path):
+            reply = self._handle_v2(method, path, params, headers, throttled)
+            # every v2 answer carries the window's state and a request id to quote to support
+            reply.headers = {**limits, **reply.headers, "x-request-id": f"req_{uuid.uuid4().hex[:20]}"}
+            return reply
         if throttled:
             return throttled
         auth = headers.get("authorization", "")
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "bearer" or not token or (self.api_key is not None and token != self.api_key):
             return _json(401, {"message": "Unauthorized"})
-        fault = self._fault()
+        fault = self._scripted_failure(v2=False) or self._fault()
         if fault:
             return fault
         if path.endswith("/get-conversations") and method == "GET":
             return self._get_conversations(params)
+        if path.endswith("/get-leads") and method == "GET":
+            return self._get_leads(params)
         if path.endswith("/get-chatbots") and method == "GET":
-            return _json(200, {"chatbots": [{"id": bot, "name": bot} for bot in self.datasets]})
+            return self._get_chatbots()
         return _json(404, {"message": "Not found"})
 
-    def _throttle(self) -> Reply | None:
+    def _handle_v2(
+        self, method: str, path: str, params: dict[str, str], headers: dict[str, str], throttled: Reply | None
+    ) -> Reply:
+        if throttled:
+            return throttled
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return v2_error(401)
+        if self.api_key is not None and token != self.api_key:
+            return v2_error(401, "AUTH_INVALID_API_KEY", "Invalid API key")
+        if not self.v2_plan:
+            return v2_error(403)
+        fault = self._scripted_failure(v2=True) or self._fault(v2=True)
+        if fault:
+            return fault
+        export = _EXPORT.search(path)
+        if export and method == "GET":
+            reply = v2.export_conversations(self, unquote(export.group("agent")), params)
+            return self._maybe_truncate(reply)
+        if _AGENTS.search(path) and method == "GET":
+            return v2.list_agents(self, params)
+        return v2_error(404, "RESOURCE_NOT_FOUND", "The requested item could not be found")
+
+    def _reset_header(self, seconds_from_now: float) -> str:
+        reset = time.time() + seconds_from_now
+        return str(int(reset * 1000) if self.reset_unit == "ms" else math.ceil(reset))
+
+    def _throttle(self) -> tuple[Reply | None, dict[str, str]]:
+        """The 429 when the window is full (None otherwise), and the ``X-RateLimit-*`` headers of now."""
         if not self.rate_limit:
-            return None
+            return None, {}
         limit, window = self.rate_limit
         now = time.monotonic()
         with self._lock:
@@ -175,21 +297,48 @@ class Emulator:
             if len(self._recent) >= limit:
                 self.throttled += 1
                 wait = max(1, math.ceil(self._recent[0] + window - now))
-                reset_ms = int((time.time() + wait) * 1000)
-                return _json(
+                limits = {
+                    "x-ratelimit-limit": str(limit),
+                    "x-ratelimit-remaining": "0",
+                    "x-ratelimit-reset": self._reset_header(wait),
+                }
+                reply = _json(
                     429,
                     {"error": {"code": "RATE_LIMIT_TOO_MANY_REQUESTS", "message": "Too many requests"}},
-                    {
-                        "retry-after": str(wait),
-                        "x-ratelimit-limit": str(limit),
-                        "x-ratelimit-remaining": "0",
-                        "x-ratelimit-reset": str(reset_ms),
-                    },
+                    {"retry-after": str(wait), **limits},
                 )
+                return reply, limits
             self._recent.append(now)
-        return None
+            limits = {
+                "x-ratelimit-limit": str(limit),
+                "x-ratelimit-remaining": str(limit - len(self._recent)),
+                "x-ratelimit-reset": self._reset_header(self._recent[0] + window - now),
+            }
+        return None, limits
 
-    def _fault(self) -> Reply | None:
+    def _scripted_failure(self, *, v2: bool) -> Reply | None:
+        with self._lock:
+            if not self._scripted:
+                return None
+            status, retry_after = self._scripted.popleft()
+            self.faulted += 1
+        wait = self.faults.retry_after
+        if status == 429:
+            headers = {
+                "x-ratelimit-limit": str(self.rate_limit[0] if self.rate_limit else 100),
+                "x-ratelimit-remaining": "0",
+                "x-ratelimit-reset": self._reset_header(wait),
+            }
+            if retry_after:
+                headers["retry-after"] = str(wait)
+            return v2_error(429, headers=headers)
+        if status == 502:
+            return Reply(502, b"<html>Bad gateway</html>", {"content-type": "text/html"})
+        if v2 or status == 503:
+            return v2_error(status)
+        return _json(status, {"message": "Scripted failure"})
+
+    def _fault(self, *, v2: bool = False) -> Reply | None:
         f = self.faults
         with self._lock:
             roll = self._rng.random()
@@ -198,14 +347,19 @@ class Emulator:
             with self._lock:
                 self.faulted += 1
             if kind < 0.4:
+                headers = {"retry-after": str(f.retry_after)}
+                if v2:
+                    return v2_error(429, headers=headers)
                 return _json(
                     429,
                     {"error": {"code": "RATE_LIMIT_TOO_MANY_REQUESTS", "message": "Too many requests"}},
-                    {"retry-after": str(f.retry_after)},
+                    headers,
                 )
             if kind < 0.7:
-                return _json(500, {"message": "Internal server error"})
+                return v2_error(500) if v2 else _json(500, {"message": "Internal server error"})
             if kind < 0.85:
+                if v2:
+                    return v2_error(503)
                 return _json(
                     503, {"error": {"code": "SERVICE_UNDER_MAINTENANCE", "message": "Under maintenance"}}
                 )
@@ -258,14 +412,76 @@ class Emulator:
                 data.append(raw)
                 if len(data) == size:
                     break
-        body = _encode({"data": data})
+        return self._maybe_truncate(_json(200, {"data": data}))
+
+    def _maybe_truncate(self, reply: Reply) -> Reply:
+        """Fault injection: now and then a page arrives cut in half (a proxy dropping the connection)."""
+        if reply.status != 200:
+            return reply
         with self._lock:
             truncate = self._rng.random() < self.faults.malformed_rate
         if truncate:
             with self._lock:
                 self.faulted += 1
-            body = body[: max(1, len(body) // 2)]
-        return Reply(200, body, {"content-type": "application/json"})
+            reply.body = reply.body[: max(1, len(reply.body) // 2)]
+        return reply
+
+    def _get_chatbots(self) -> Reply:
+        """``get-chatbots``: the documented fields plus an undocumented one, wrapped as ``chatbots_shape``."""
+        chatbots = []
+        for bot, dataset in self.datasets.items():
+            start = (dataset.end - timedelta(days=dataset.days)).isoformat().replace("+00:00", "Z")
+            chatbots.append(
+                {
+                    "id": bot,
+                    "name": self.chatbot_name(bot),
+                    "status": "ready",
+                    "model": "gpt-4o-mini",
+                    "instructions": "You are the assistant of Harbour Dental.",
+                    "visibility": "private",
+                    "created_at": start,
+                    "updated_at": start,
+                    "initial_messages": ["Hi! What can I help you with?"],
+                }
+            )
+        return _json(200, {"chatbots": {"data": chatbots} if self.chatbots_shape == "data" else chatbots})
+
+    def _get_leads(self, params: dict[str, str]) -> Reply:
+        """``get-leads``: newest first, ``page``/``size`` (default 1 and 10, size at most 100), whole UTC days
+        inclusive; ``{"collectedCustomers": [...]}`` with no paging metadata."""
+        bot = params.get("chatbotId")
+        if not bot:
+            return _json(400, {"message": "chatbotId is required"})
+        if bot not in self.datasets:
+            return _json(404, {"message": "Chatbot not found"})
+        try:
+            page = int(params.get("page") or "1")
+            size = int(params.get("size") or "10")
+            start = _day(params.get("startDate"))
+            end = _day(params.get("endDate"))
+        except ValueError:
+            return _json(400, {"message": "Invalid parameters: dates are YYYY-MM-DD, page and size integers"})
+        if page < 1 or not 1 <= size <= 100:
+            return _json(400, {"message": "page must be >= 1 and size between 1 and 100"})
+        leads = [
+            lead
+            for lead in reversed(self.leads(bot))
+            if (start is None or lead.created_at[:10] >= start.isoformat())
+            and (end is None or lead.created_at[:10] <= end.isoformat())
+        ]
+        rows = [
+            {
+                "id": lead.id,
+                "name": lead.name,
+                "email": lead.email,
+                "phone": lead.phone,
+                "created_at": lead.created_at,
+                "chatbot_id": lead.chatbot_id,
+                "account_id": "acct_emulator",
+            }
+            for lead in leads[(page - 1) * size : page * size]
+        ]
+        return _json(200, {"collectedCustomers": rows})
 
 
 def _spread(count: int, wanted: int, offset: int) -> list[int]:
@@ -348,8 +564,14 @@ class RunningEmulator:
 
     @property
     def base_url(self) -> str:
+        """The v1 API root, as ``CHATBASE_BASE_URL`` takes it."""
         host, port = str(self.server.server_address[0]), int(self.server.server_address[1])
         return f"http://{host}:{port}/api/v1"
+
+    @property
+    def v2_base_url(self) -> str:
+        """The v2 API root, ``/api/v2`` included (as the official CLI's ``CHATBASE_API_URL``)."""
+        return self.base_url.removesuffix("/api/v1") + "/api/v2"
 
     def stop(self) -> None:
         self.server.shutdown()

@@ -1,0 +1,309 @@
+"""The Chatbase API v2 client: the conversations export and the agents list. No SQL here.
+
+``GET /agents/{agentId}/conversations/export`` returns conversations of every source with per-message
+``createdAt``, ``feedback`` and the conversation ``status``, newest first, 1–20 a page, paged by an
+opaque cursor with ``pagination: {cursor, hasMore, total}``. The last page is the one with ``hasMore``
+false or no cursor. Records are yielded raw; :func:`chatsync.chatbase_records.record_from_export` turns
+one into the record shape the rest of chatsync reads.
+
+Requests, the rate limiter and retries are :class:`chatsync.chatbase.ChatbaseHTTP`'s, shared with v1:
+429, 5xx and transport errors are retried within the budget honouring ``Retry-After``, else
+``X-RateLimit-Reset`` (epoch seconds or milliseconds); 400 ``VALIDATION_INVALID_DATE_RANGE`` is a usage
+error; other 4xx fail at once naming the setting to fix, with Chatbase's ``x-request-id``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+from urllib.parse import quote, unquote
+
+from chatsync.chatbase import (
+    HISTORY_FLOOR,
+    MAX_PAGES_PER_WINDOW,
+    ChatbaseHTTP,
+    Chatbot,
+    chatbots_from,
+    rejection_hint,
+)
+from chatsync.errors import ChatbaseRejected, ChatbaseUnavailable, ChatsyncError, PagingError, UsageError
+
+DEFAULT_V2_BASE_URL = "https://www.chatbase.co/api/v2"  # operation paths are appended: keep /api/v2
+EXPORT_PAGE_SIZE = 20  # the export's maximum and default
+AGENTS_PAGE_SIZE = 100
+# The export's ``source`` values (its OpenAPI enum, in order); the filter takes them comma-separated.
+V2_SOURCES = (
+    "API",
+    "WhatsApp",
+    "Messenger",
+    "Instagram",
+    "Slack",
+    "Salesforce",
+    "Zendesk",
+    "Zendesk Messaging",
+    "Chatbase site",
+    "Playground",
+    "Action preview",
+    "Qna preview",
+    "Widget or Iframe",
+    "Center stage",
+    "Search",
+    "Iframe",
+    "Email",
+    "Agent page",
+    "Phone",
+    "Android SDK",
+    "iOS SDK",
+    "Unspecified",
+)
+_AGENT_IN_PATH = re.compile(r"agents/([^/]+)")
+
+
+@dataclass(frozen=True)
+class CursorPage:
+    """One page of a cursor-paged v2 list (the export, the agents): its raw records, the next cursor
+    (None at the end), ``hasMore`` and ``total`` (items matching the query, all pages together)."""
+
+    records: list[Any]
+    cursor: str | None
+    has_more: bool
+    total: int | None
+
+
+class ChatbaseV2Client(ChatbaseHTTP):
+    """Talks to Chatbase API v2 (``base_url`` ends in ``/api/v2``); the sync engine's interface is the
+    v1 client's: ``iter_pages``, ``find_first_day``, ``stats``, ``stop``, ``limiter``."""
+
+    def export_page(
+        self,
+        agent_id: str,
+        *,
+        start: date | None = None,
+        end: date | None = None,
+        sources: tuple[str, ...] = (),
+        cursor: str | None = None,
+        limit: int = EXPORT_PAGE_SIZE,
+        conversation_id: str | None = None,
+        summary: bool = False,
+    ) -> CursorPage:
+        """One page of the export, created on UTC days ``start``..``end`` (both inclusive), from
+        ``sources`` (all when empty); ``summary`` leaves the messages out. Raises ChatbaseUnavailable
+        when the answer is not an export page."""
+        params: dict[str, Any] = {"limit": limit}
+        if cursor:
+            params["cursor"] = cursor
+        if start:
+            params["startDate"] = start.isoformat()
+        if end:
+            params["endDate"] = end.isoformat()
+        if sources:
+            params["source"] = ",".join(sources)
+        if conversation_id:
+            params["conversationId"] = conversation_id
+        if summary:
+            params["include"] = "summary"
+        body = self.request(f"agents/{quote(agent_id, safe='')}/conversations/export", params)
+        return _cursor_page(body)
+
+    def iter_pages(
+        self,
+        agent_id: str,
+        start: date | None,
+        end: date | None,
+        sources: tuple[str, ...] = (),
+        size: int = EXPORT_PAGE_SIZE,
+    ) -> Iterator[tuple[list[Any], bool]]:
+        """Every page of a window, newest first, each with whether it is the last (``hasMore`` false or
+        no cursor). The same filters go with every page, as Chatbase's own CLI sends them.
+
+        Raises PagingError when the server hands out a cursor it gave before (it would loop), pages past
+        any sane bound, or sends conversations created outside the window (a deployment that ignores
+        ``startDate``/``endDate`` would page through the whole history for every window).
+        """
+        cursor: str | None = None
+        seen: set[str] = set()
+        for number in range(1, MAX_PAGES_PER_WINDOW + 1):
+            page = self.export_page(
+                agent_id, start=start, end=end, sources=sources, cursor=cursor, limit=size
+            )
+            _check_window(page.records, start, end)
+            if not page.has_more or page.cursor is None:
+                yield page.records, True
+                return
+            if page.cursor in seen:
+                raise PagingError(
+                    f"Chatbase handed out a cursor again on page {number} for {start}..{end}: stopped paging"
+                )
+            seen.add(page.cursor)
+            yield page.records, False
+            cursor = page.cursor
+        raise PagingError(f"more than {MAX_PAGES_PER_WINDOW} pages for {start}..{end}: stopped paging")
+
+    def find_first_day(
+        self, agent_id: str, today: date, sources: tuple[str, ...] = (), floor: date = HISTORY_FLOOR
+    ) -> date | None:
+        """The first UTC day with a conversation (None when there is none), from one-page summary
+        probes of ``floor``..day: see :func:`search_first_day`."""
+
+        def probe(day: date) -> Probe:
+            page = self.export_page(agent_id, end=day, start=floor, sources=sources, summary=True)
+            days = [d for d in (_created_day(r) for r in page.records) if d is not None]
+            return Probe(
+                found=bool(page.records),
+                total=page.total if page.total is not None else len(page.records),
+                oldest=min(days) if days else None,
+                complete=not page.has_more,
+            )
+
+        return search_first_day(probe, floor, today)
+
+    def list_agents(self, page_size: int = AGENTS_PAGE_SIZE) -> list[Chatbot]:
+        """Every agent (chatbot) of the account with its name, paging ``GET /agents`` (1–100 a page)
+        by cursor to the end."""
+        agents: list[Chatbot] = []
+        cursor: str | None = None
+        seen: set[str] = set()
+        for _ in range(MAX_PAGES_PER_WINDOW):
+            params: dict[str, Any] = {"limit": page_size}
+            if cursor:
+                params["cursor"] = cursor
+            page = _cursor_page(self.request("agents", params))
+            agents.extend(chatbots_from(page.records))
+            if not page.has_more or not page.cursor:
+                return agents
+            if page.cursor in seen:
+                raise PagingError("Chatbase handed out an agents cursor again: stopped paging")
+            seen.add(page.cursor)
+            cursor = page.cursor
+        raise PagingError(f"more than {MAX_PAGES_PER_WINDOW} pages of agents: stopped paging")
+
+    def _rejected(
+        self, status: int, code: str | None, message: str, path: str, params: dict[str, Any]
+    ) -> ChatsyncError:
+        if code == "VALIDATION_INVALID_DATE_RANGE":
+            return UsageError(
+                f"Chatbase refused the date window ({message}): the start must not be after the end"
+            )
+        agent = _AGENT_IN_PATH.search(path)
+        if status == 403:
+            hint = (
+                "API v2 needs a Chatbase plan with API access (Standard or higher): "
+                "upgrade the plan or set CHATBASE_API_VERSION=1"
+            )
+        elif status == 404 and agent:
+            hint = f"check CHATBASE_CHATBOT_ID: agent {unquote(agent.group(1))!r} was not found for this key"
+        else:
+            hint = rejection_hint(status, code, params)
+        return ChatbaseRejected(status, message, hint)
+
+
+# ------------------------------------------------------------------------------------------ first day
+@dataclass(frozen=True)
+class Probe:
+    """What one page of conversations created from the floor to some day says."""
+
+    found: bool  # any conversation at all
+    total: int  # how many match (the page's ``total``)
+    oldest: date | None  # the oldest creation day among the page's records
+    complete: bool  # the page holds every match (``hasMore`` false)
+
+
+def search_first_day(probe: Callable[[date], Probe], floor: date, today: date) -> date | None:
+    """The first day ``d`` in ``floor``..``today`` for which ``probe(d)`` (conversations created from
+    ``floor`` to ``d``) finds any, or None.
+
+    A bisection that uses what each page also says: a complete page names the first day outright; the
+    oldest record of a page bounds the answer from above; and the totals of two probes extrapolate, at
+    a steady pace of conversations, to the day the count falls to zero, which is probed next when it
+    lies inside the bracket. Two such guesses in a row that fail to halve the bracket fall back to
+    bisection, so an uneven history costs about what bisection costs; a steady one about half.
+    """
+    first = probe(today)
+    if not first.found:
+        return None
+    if first.complete and first.oldest:
+        return first.oldest
+    lo = floor - timedelta(days=1)  # the latest day known to have nothing up to it
+    hi = min(first.oldest or today, today)  # the earliest day known to have something up to it
+    counts = {today: first.total}  # day → conversations up to that day, where there are some
+    slow = 0
+    while (hi - lo).days > 1:
+        width = (hi - lo).days
+        guess = _extrapolated_last_empty_day(counts, lo, hi) if slow < 2 else None
+        extrapolated = guess is not None
+        if guess is None:
+            guess, slow = lo + timedelta(days=width // 2), 0
+        result = probe(guess)
+        if not result.found:
+            lo = guess
+        else:
+            if result.complete and result.oldest:
+                return result.oldest
+            hi = min(guess, result.oldest or guess)
+            counts[guess] = result.total
+        if extrapolated and len(counts) > 2:
+            slow = slow + 1 if (hi - lo).days * 2 > width else 0
+    return hi
+
+
+def _extrapolated_last_empty_day(counts: dict[date, int], lo: date, hi: date) -> date | None:
+    """The day before the first conversation, extrapolated from the two known counts nearest the start
+    (with only one, the day before ``hi``); None when that says nothing new about ``lo``..``hi``."""
+    known = sorted(counts.items())
+    if len(known) < 2:
+        return hi - timedelta(days=1)
+    (day1, count1), (day2, count2) = known[0], known[1]
+    if count2 <= count1:
+        return None
+    per_day = (count2 - count1) / (day2 - day1).days
+    guess = day1 - timedelta(days=max(1, math.ceil(count1 / per_day)))
+    if guess <= lo:
+        return None
+    return min(guess, hi - timedelta(days=1))
+
+
+# ---------------------------------------------------------------------------------------------- pages
+def _cursor_page(body: object) -> CursorPage:
+    """Read ``{data: [...], pagination: {cursor, hasMore, total}}``; anything else is a broken answer."""
+    data = body.get("data") if isinstance(body, dict) else None
+    pagination = body.get("pagination") if isinstance(body, dict) else None
+    if not isinstance(data, list) or not isinstance(pagination, dict):
+        raise ChatbaseUnavailable(
+            "Chatbase answered without a 'data' list and 'pagination'; nothing of this page was saved"
+        )
+    cursor = pagination.get("cursor")
+    total = pagination.get("total")
+    return CursorPage(
+        records=data,
+        cursor=cursor if isinstance(cursor, str) and cursor else None,
+        has_more=pagination.get("hasMore") is True,
+        total=int(total) if isinstance(total, int | float) and not isinstance(total, bool) else None,
+    )
+
+
+def _created_day(record: object) -> date | None:
+    """The UTC day of a record's ``createdAt`` (epoch seconds); None when it has no usable one."""
+    value = record.get("createdAt") if isinstance(record, dict) else None
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        return None
+    try:
+        return datetime.fromtimestamp(value, UTC).date()
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def _check_window(records: list[Any], start: date | None, end: date | None) -> None:
+    outside = [
+        day
+        for day in (_created_day(r) for r in records)
+        if day is not None and ((start is not None and day < start) or (end is not None and day > end))
+    ]
+    if outside:
+        raise PagingError(
+            f"Chatbase sent conversations created on {outside[0]}, outside the window {start}..{end}: "
+            "this deployment seems to ignore startDate/endDate"
+        )
