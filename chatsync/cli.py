@@ -37,6 +37,7 @@ def _group(name: str, help: str) -> typer.Typer:
 
 
 db_app = _group("db", "Database schema and status.")
+quarantine_app = _group("quarantine", "Records Chatbase sent that could not be stored: list, show, retry.")
 access_app = _group("access", "Which Clerk users and organizations may see which chatbot (HTTP API).")
 users_app = _group("users", "Clerk users known to chatsync (HTTP API).")
 
@@ -659,6 +660,138 @@ def report(
         render.write_json(data)
     else:
         render.report(data)
+
+
+# ------------------------------------------------------------------------------------------------ operating
+@app.command()
+@handle_errors
+def status(
+    chatbot_id: ChatbotOpt = None,
+    max_age: Annotated[
+        str | None,
+        typer.Option(
+            "--max-age",
+            metavar="DURATION",
+            help="Exit 1 when a chatbot's last good sync is older than this (or missing), e.g. 2h.",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Per chatbot: the last run and how it ended, when data was last fetched, what is quarantined."""
+    from chatsync import render
+    from chatsync.operations import chatbot_statuses
+    from chatsync.timeutil import parse_duration, utcnow
+
+    settings = _ctx().settings(chatbot_ids=chatbot_id)
+    age = parse_duration(max_age) if max_age is not None else None
+    now = utcnow()
+    with _ctx().engine(settings).connect() as connection:
+        statuses = chatbot_statuses(connection, settings.chatbot_ids, now, age)
+    data = {"checked_at": now, "max_age_seconds": age.total_seconds() if age else None}
+    render.status([s.as_dict(now) for s in statuses], data, as_json)
+    stale = [s.chatbot_id for s in statuses if s.stale]
+    if stale:
+        render.error(f"last good sync older than {max_age} (or none) for: {', '.join(stale)}")
+        raise typer.Exit(int(ExitCode.ERROR))
+
+
+@app.command()
+@handle_errors
+def doctor(
+    chatbot_id: ChatbotOpt = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key", metavar="KEY", help="Chatbase secret key [env CHATBASE_API_KEY].", show_default=False
+        ),
+    ] = None,
+    base_url: Annotated[
+        str | None,
+        typer.Option("--base-url", metavar="URL", help="Chatbase API root [env CHATBASE_BASE_URL]."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the checks as one JSON object.")] = False,
+) -> None:
+    """Check the setup, one line each: database, key, chatbot ids (one size=1 request each), sync locks."""
+    from chatsync import render
+    from chatsync.operations import run_checks
+
+    settings = _ctx().settings(chatbot_ids=chatbot_id, api_key=api_key, base_url=base_url)
+    checks = run_checks(settings)
+    render.checks(checks, as_json)
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        raise typer.Exit(int(ExitCode.CONFIG if any(c.configuration for c in failed) else ExitCode.ERROR))
+
+
+@quarantine_app.command("list")
+@handle_errors
+def quarantine_list(chatbot_id: ChatbotOpt = None, output: FormatOpt = None) -> None:
+    """Quarantined records, most recently seen first, with their reasons."""
+    from chatsync import render
+    from chatsync.operations import QUARANTINE_KEYS, list_quarantined
+
+    fmt = _format(output, ("table", "json", "csv", "ndjson"))
+    with _ctx().engine(_ctx().settings()).connect() as connection:
+        rows = list(list_quarantined(connection, tuple(chatbot_id or ())))
+    if fmt == "table":
+        render.quarantined(rows)
+    elif fmt == "json":
+        render.write_json_array(rows)
+    elif fmt == "ndjson":
+        render.write_ndjson(rows)
+    else:
+        render.write_csv(rows, QUARANTINE_KEYS)
+
+
+@quarantine_app.command("show")
+@handle_errors
+def quarantine_show(
+    quarantine_id: Annotated[int, typer.Argument(metavar="ID", help="The id `quarantine list` shows.")],
+    output: Annotated[
+        str | None,
+        typer.Option("--format", metavar="FORMAT", help="table or json [default: table on a terminal]."),
+    ] = None,
+) -> None:
+    """One quarantined record: why, when, and the JSON exactly as Chatbase sent it."""
+    from chatsync import render
+    from chatsync.operations import get_quarantined
+
+    fmt = _format(output, ("table", "json"))
+    with _ctx().engine(_ctx().settings()).connect() as connection:
+        record = get_quarantined(connection, quarantine_id)
+    if fmt == "json":
+        render.write_json(record)
+    else:
+        render.quarantined_record(record)
+
+
+@quarantine_app.command("retry")
+@handle_errors
+def quarantine_retry(
+    quarantine_id: Annotated[
+        list[int] | None, typer.Argument(metavar="[ID]...", help="Only these records [default: all].")
+    ] = None,
+    chatbot_id: ChatbotOpt = None,
+    region: RegionOpt = None,
+) -> None:
+    """Normalise quarantined records again (after an upgrade fixed the cause) and store those that pass."""
+    from chatsync import render
+    from chatsync.operations import retry_quarantined
+
+    settings = _ctx().settings(region=region)
+    counts = retry_quarantined(
+        _ctx().engine(settings), settings.whatsapp, tuple(chatbot_id or ()), tuple(quarantine_id or ())
+    )
+    render.info(
+        f"retried {counts.examined:,} quarantined record(s): {counts.stored:,} stored, "
+        f"{counts.still_refused:,} still refused (reasons updated)"
+    )
+    if counts.skipped_chatbots:
+        render.error(
+            f"a sync is running for {', '.join(counts.skipped_chatbots)}; their records were not retried: "
+            "run this again when it ends"
+        )
+        raise typer.Exit(int(ExitCode.LOCKED))
 
 
 # ------------------------------------------------------------------------------------------------------ db

@@ -215,6 +215,131 @@ def sync_plan(plans: list[dict[str, Any]], requests_made: int, as_json: bool) ->
     )
 
 
+# -------------------------------------------------------------------------------------------- operating
+def status(statuses: list[dict[str, Any]], checked: dict[str, Any], as_json: bool) -> None:
+    """``chatsync status``: one row per chatbot, or one JSON object."""
+    from chatsync.timeutil import iso_z
+
+    if as_json:
+        write_json(
+            {
+                "checked_at": iso_z(checked["checked_at"]),
+                "max_age_seconds": checked["max_age_seconds"],
+                "chatbots": statuses,
+            }
+        )
+        return
+    if not statuses:
+        info("no chatbot synced yet: run chatsync sync")
+        return
+    table = Table(header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+    for header in (
+        "chatbot",
+        "last run",
+        "ended",
+        "last good sync",
+        "newest conversation",
+        "stored",
+        "quarantined",
+    ):
+        table.add_column(
+            header,
+            no_wrap=header == "chatbot",
+            justify="right" if header in ("stored", "quarantined") else "left",
+        )
+    for s in statuses:
+        run = s["last_run"] or {}
+        good = s["last_good_sync_at"]
+        age = s["last_good_sync_age_seconds"]
+        table.add_row(
+            s["chatbot_id"],
+            Text(
+                run.get("status", "never"),
+                style={"ok": "green", "partial": "yellow"}.get(run.get("status", ""), "red"),
+            ),
+            run.get("finished_at") or run.get("started_at") or "",
+            Text(f"{good} ({_age(age)} ago)" if good else "never", style="red" if s["stale"] else ""),
+            s["newest_conversation_at"] or "",
+            f"{s['conversations']:,}",
+            Text(f"{s['quarantined']:,}", style="yellow" if s["quarantined"] else ""),
+        )
+    stdout_console().print(table)
+    for s in statuses:
+        run = s["last_run"] or {}
+        if run.get("error"):
+            info(f"{s['chatbot_id']}: last run {run['status']}: {run['error']}")
+
+
+def checks(results: list[Any], as_json: bool) -> None:
+    """``chatsync doctor``: one line per check (``ok``, ``warn`` or ``FAIL``), or one JSON object."""
+    if as_json:
+        write_json_line(
+            {
+                "ok": all(c.ok for c in results),
+                "checks": [
+                    {"name": c.name, "ok": c.ok, "warning": c.warning, "detail": c.detail} for c in results
+                ],
+            }
+        )
+        return
+    console = stdout_console()
+    for check in results:
+        mark = (
+            Text("FAIL", style="bold red")
+            if not check.ok
+            else Text("warn", style="yellow")
+            if check.warning
+            else Text("ok  ", style="green")
+        )
+        console.print(mark + Text(f"  {check.name:<16} {check.detail}"), highlight=False, soft_wrap=True)
+
+
+def _age(seconds: int | None) -> str:
+    if seconds is None:
+        return "?"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds}s"
+
+
+def quarantined(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        info("nothing is quarantined")
+        return
+    table = Table(header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("id", justify="right", no_wrap=True)
+    table.add_column("chatbot", no_wrap=True)
+    table.add_column("conversation", no_wrap=True)
+    table.add_column("last seen", no_wrap=True)
+    table.add_column("reason")
+    for row in rows:
+        table.add_row(
+            str(row["id"]),
+            row["chatbot_id"],
+            row["conversation_id"] or "—",
+            row["last_seen_at"],
+            row["reason"],
+        )
+    stdout_console().print(table)
+
+
+def quarantined_record(record: dict[str, Any]) -> None:
+    console = stdout_console()
+    head = Table(show_header=False, box=None, pad_edge=False)
+    head.add_column(style="bold")
+    head.add_column()
+    for key in ("id", "chatbot_id", "conversation_id", "reason", "first_seen_at", "last_seen_at", "run_id"):
+        head.add_row(key.replace("_", " "), "" if record[key] is None else str(record[key]))
+    console.print(head)
+    console.print()
+    try:
+        pretty = json.dumps(json.loads(record["raw"]), indent=2, ensure_ascii=False)
+    except (ValueError, RecursionError):
+        pretty = record["raw"]
+    console.print(Text(pretty), highlight=False, soft_wrap=True)
+
+
 # ------------------------------------------------------------------------------------------------- db info
 def db_info(url: str, revision: str | None, head: str, counts: dict[str, int]) -> None:
     console = stdout_console()

@@ -206,3 +206,182 @@ def test_dry_run_plans_with_no_request_beyond_the_plan_and_stores_nothing(
     assert bot["days"] <= 4 and bot["estimated_requests"] >= len(bot["windows"])
     table = cli("sync", "--dry-run", env=env)
     assert table.exit_code == 0 and "sync plan" in table.stdout
+
+
+# ------------------------------------------------------------------------------------------------- status
+def test_status_shows_each_chatbot_and_exits_1_when_the_last_good_sync_is_too_old(
+    cli: Any, emulator_factory: Any, sqlite_url: str
+) -> None:
+    from chatsync.emulator import Faults
+
+    server = emulator_factory(conversations=120, seed=51, chatbot_ids=("bot-a", "bot-b"), bad_records=2)
+    env = chatbase_env(server, sqlite_url)
+    assert cli("sync", "--json", "--chatbot-id", "bot-a", env=env).exit_code == 0
+
+    fresh = cli("status", "--json", "--max-age", "2h", "--chatbot-id", "bot-a", env=env)
+    assert fresh.exit_code == 0, fresh.stderr
+    (a,) = json.loads(fresh.stdout)["chatbots"]
+    assert a["last_run"]["status"] == "ok" and a["last_run"]["summary"]["inserted"] == 118
+    assert a["conversations"] == 118 and a["quarantined"] == 2 and a["stale"] is False
+    assert 0 <= a["last_good_sync_age_seconds"] < 600 and a["newest_conversation_at"].endswith("Z")
+
+    # bot-b was never synced: stale under any --max-age
+    never = cli(
+        "status", "--json", "--max-age", "2h", "--chatbot-id", "bot-a", "--chatbot-id", "bot-b", env=env
+    )
+    assert never.exit_code == ExitCode.ERROR
+    assert [c["stale"] for c in json.loads(never.stdout)["chatbots"]] == [False, True]
+    assert "bot-b" in never.stderr and "bot-a" not in never.stderr
+
+    # a failed last run shows with its error; the last good sync is still the earlier one, and ages
+    server.emulator.faults = Faults(fail_rate=1.0)
+    assert (
+        cli("sync", "--json", "--chatbot-id", "bot-a", "--full", "--retry-budget", "1s", env=env).exit_code
+        == 3
+    )
+    failed = json.loads(cli("status", "--json", "--chatbot-id", "bot-a", env=env).stdout)["chatbots"][0]
+    assert failed["last_run"]["status"] == "partial" and "kept failing" in failed["last_run"]["error"]
+    assert failed["last_good_sync_at"] == a["last_good_sync_at"]
+    stale = cli("status", "--json", "--max-age", "0s", "--chatbot-id", "bot-a", env=env)
+    assert stale.exit_code == ExitCode.ERROR and json.loads(stale.stdout)["chatbots"][0]["stale"] is True
+
+    table = cli("status", env=env)  # every chatbot chatsync knows, as a table
+    assert table.exit_code == 0 and "bot-a" in table.stdout and "partial" in table.stdout
+
+
+def test_status_refuses_a_bad_max_age_with_one_line(cli: Any, sqlite_url: str) -> None:
+    result = cli("status", "--max-age", "soon", env={"CHATSYNC_DATABASE_URL": sqlite_url})
+    assert result.exit_code == ExitCode.USAGE and "invalid duration" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------- quarantine
+def test_quarantine_list_show_and_retry_after_the_cause_is_fixed(
+    cli: Any, emulator_factory: Any, database_url: str
+) -> None:
+    from sqlalchemy import update
+
+    from chatsync.store.engine import open_engine
+    from chatsync.store.tables import quarantine
+
+    server = emulator_factory(conversations=200, seed=52, bad_records=5)
+    env = chatbase_env(server, database_url)
+    assert json.loads(cli("sync", "--json", env=env).stdout)["quarantined"] == 5
+
+    listed = json.loads(cli("quarantine", "list", "--format", "json", env=env).stdout)
+    assert len(listed) == 5 and all(r["reason"] and r["chatbot_id"] == "demo-bot" for r in listed)
+    assert "no id" in " ".join(r["reason"] for r in listed)
+    shown = json.loads(cli("quarantine", "show", str(listed[0]["id"]), "--format", "json", env=env).stdout)
+    assert json.loads(shown["raw"])  # the record as received
+    assert cli("quarantine", "show", "999999", env=env).exit_code == ExitCode.ERROR
+
+    # "after an upgrade fixed the cause": stand in for it by repairing one kept record in place
+    fixable = next(r for r in listed if "unparsable created_at" in r["reason"])
+    raw = json.loads(cli("quarantine", "show", str(fixable["id"]), "--format", "json", env=env).stdout)["raw"]
+    record = json.loads(raw)
+    record["created_at"] = "2024-05-01T08:00:00Z"
+    engine = open_engine(database_url)
+    with engine.begin() as connection:
+        connection.execute(
+            update(quarantine).where(quarantine.c.id == fixable["id"]).values(raw=json.dumps(record))
+        )
+    engine.dispose()
+
+    retried = cli("quarantine", "retry", env=env)
+    assert retried.exit_code == 0, retried.stderr
+    assert "5 quarantined record(s): 1 stored, 4 still refused" in retried.stderr
+    assert len(json.loads(cli("quarantine", "list", "--format", "json", env=env).stdout)) == 4
+    shown = json.loads(cli("show", record["id"], "--format", "json", env=env).stdout)
+    assert shown["created_at"] == "2024-05-01T08:00:00Z"
+    csv_out = cli("quarantine", "list", "--format", "csv", env=env).stdout.splitlines()
+    assert csv_out[0].startswith("id,chatbot_id,conversation_id,reason") and len(csv_out) == 5
+
+
+def test_quarantine_retry_waits_for_a_running_sync(cli: Any, emulator_factory: Any, sqlite_url: str) -> None:
+    from chatsync.store.engine import open_engine
+    from chatsync.store.locks import chatbot_lock
+
+    server = emulator_factory(conversations=100, seed=53, bad_records=1)
+    env = chatbase_env(server, sqlite_url)
+    assert cli("sync", "--json", env=env).exit_code == 0
+    engine = open_engine(sqlite_url)
+    with chatbot_lock(engine, "demo-bot"):
+        busy = cli("quarantine", "retry", env=env)
+    engine.dispose()
+    assert busy.exit_code == ExitCode.LOCKED and "demo-bot" in busy.stderr
+    assert cli("quarantine", "retry", env=env).exit_code == 0
+
+
+# ------------------------------------------------------------------------------------------------- doctor
+def _doctor(cli: Any, env: dict[str, str], *args: str) -> tuple[int, dict[str, Any]]:
+    result = cli("doctor", "--json", *args, env=env)
+    report = json.loads(result.stdout)
+    return result.exit_code, {c["name"]: c for c in report["checks"]}
+
+
+def test_doctor_passes_a_good_setup_and_names_each_failure(
+    cli: Any, emulator_factory: Any, database_url: str
+) -> None:
+    from chatsync.emulator import Faults
+    from chatsync.store.engine import open_engine
+    from chatsync.store.locks import chatbot_lock
+
+    server = emulator_factory(conversations=30, seed=54, chatbot_ids=("bot-a", "bot-b"))
+    env = {**chatbase_env(server, database_url), "CHATBASE_CHATBOT_ID": "bot-a,bot-b"}
+    assert cli("db", "upgrade", env=env).exit_code == 0
+    code, checks = _doctor(cli, env)
+    assert code == 0, checks
+    assert set(checks) == {"database", "key", "chatbot bot-a", "chatbot bot-b", "lock bot-a", "lock bot-b"}
+    assert all(c["ok"] and not c["warning"] for c in checks.values())
+    assert server.emulator.requests == 2  # one size=1 request per chatbot
+
+    code, checks = _doctor(cli, {**env, "CHATBASE_API_KEY": "sk-wrong-key-12345"})
+    assert (
+        code == ExitCode.CONFIG and not checks["key"]["ok"] and "CHATBASE_API_KEY" in checks["key"]["detail"]
+    )
+    assert "sk-wrong-key-12345" not in json.dumps(checks)
+
+    code, checks = _doctor(cli, {**env, "CHATBASE_CHATBOT_ID": "bot-a,ghost"})
+    assert code == ExitCode.CONFIG and checks["chatbot bot-a"]["ok"] and not checks["chatbot ghost"]["ok"]
+    assert "ghost" in checks["chatbot ghost"]["detail"]
+
+    code, checks = _doctor(cli, {**env, "CHATBASE_API_KEY": ""})
+    assert code == ExitCode.CONFIG and "CHATBASE_API_KEY is not set" in checks["key"]["detail"]
+
+    server.emulator.faults = Faults(fail_rate=1.0)
+    code, checks = _doctor(cli, {**env, "CHATSYNC_RETRY_BUDGET": "1s"})
+    assert code == ExitCode.ERROR and "did not answer" in checks["chatbot bot-a"]["detail"]
+    server.emulator.faults = Faults()
+
+    engine = open_engine(database_url)
+    with chatbot_lock(engine, "bot-b"):
+        code, checks = _doctor(cli, env)
+    engine.dispose()
+    assert code == 0 and checks["lock bot-b"]["warning"] and "running" in checks["lock bot-b"]["detail"]
+
+
+def test_doctor_names_a_database_it_cannot_reach_and_one_it_must_not_touch(
+    cli: Any, emulator_factory: Any, sqlite_url: str
+) -> None:
+    from sqlalchemy import text
+
+    from chatsync.store.engine import open_engine
+
+    server = emulator_factory(conversations=10, seed=55)
+    env = chatbase_env(server, "postgresql://nobody:secret-pw@127.0.0.1:9/none")
+    code, checks = _doctor(cli, env)
+    assert (
+        code == ExitCode.CONFIG
+        and not checks["database"]["ok"]
+        and "secret-pw" not in checks["database"]["detail"]
+    )
+
+    env = chatbase_env(server, sqlite_url)
+    assert cli("db", "upgrade", env=env).exit_code == 0
+    engine = open_engine(sqlite_url)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    engine.dispose()
+    code, checks = _doctor(cli, env)
+    assert code != 0 and "newer than this chatsync" in checks["database"]["detail"]
+    table = cli("doctor", env=env)
+    assert "FAIL  database" in table.stdout
