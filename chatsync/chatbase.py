@@ -29,7 +29,7 @@ import httpx
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_before_delay
 
 from chatsync.config import Secret
-from chatsync.errors import ChatbaseRejected, ChatbaseUnavailable, ChatsyncError, PagingError, UsageError
+from chatsync.errors import ChatbaseRejected, ChatbaseUnavailable, ChatsyncError, PagingError
 from chatsync.jsonbody import decode_body
 
 log = logging.getLogger("chatsync.chatbase")
@@ -38,26 +38,6 @@ LEADS_PAGE_SIZE = 100  # get-leads documents no maximum; the last page is the fi
 MAX_PAGES_PER_WINDOW = 20_000
 HISTORY_FLOOR = date(2020, 1, 1)  # before Chatbase existed: the search for a chatbot's first day starts here
 MAX_WAIT_SECONDS = 60.0
-SOURCES = (
-    "API",
-    "Chatbase site",
-    "Instagram",
-    "Messenger",
-    "Slack",
-    "Unspecified",
-    "WhatsApp",
-    "Widget or Iframe",
-    "Playground",
-    "Action preview",
-)
-
-
-def canonical_source(name: str) -> str:
-    """Chatbase's exact spelling of a source named in any case (a misspelt filter silently matches nothing)."""
-    for known in SOURCES:
-        if known.lower() == name.strip().lower():
-            return known
-    raise UsageError(f"unknown source {name!r}: expected one of {', '.join(SOURCES)}")
 
 
 class TransientError(Exception):

@@ -194,7 +194,7 @@ def _day(value: str | None) -> date | None:
 
 
 def _sources(values: list[str] | None) -> tuple[str, ...]:
-    from chatsync.chatbase import canonical_source
+    from chatsync.sources import canonical_source
 
     return tuple(dict.fromkeys(canonical_source(v) for v in values or []))
 

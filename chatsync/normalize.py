@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from chatsync.chatbase import SOURCES
 from chatsync.config import WhatsAppRule
 from chatsync.errors import BadRecord, InvalidNumber
 from chatsync.jsonbody import UndecodableRecord
+from chatsync.sources import SOURCES
 from chatsync.timeutil import iso_z, parse_timestamp
 from chatsync.whatsapp import (
     ASSISTANT_ROLES,

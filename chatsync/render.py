@@ -14,16 +14,16 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import date, timedelta
-from typing import IO, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from chatsync.sync import Progress as SyncProgress
-from chatsync.sync import SyncSummary
+if TYPE_CHECKING:  # the sync engine (and SQLAlchemy) stay out of commands that only draw
+    from chatsync.sync import Progress as SyncProgress
+    from chatsync.sync import SyncSummary
 
 
 def stdout_console() -> Console:
@@ -124,6 +124,8 @@ def write_csv(rows: Iterable[dict[str, Any]], keys: list[str], stream: IO[str] |
 @contextmanager
 def sync_progress(enabled: bool) -> Iterator[Any]:
     """A progress bar over windows on a terminal (stderr); a no-op hook otherwise."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     console = stderr_console()
     if not enabled or not console.is_terminal:
         yield None

@@ -12,11 +12,12 @@ import httpx
 import pytest
 import vcr
 
-from chatsync.chatbase import ChatbaseClient, RateLimiter, _reset_seconds, canonical_source
+from chatsync.chatbase import ChatbaseClient, RateLimiter, _reset_seconds
 from chatsync.config import Secret, WhatsAppRule
 from chatsync.emulator import Emulator, EmulatorTransport
 from chatsync.errors import ChatbaseRejected, ChatbaseUnavailable, PagingError, UsageError
 from chatsync.normalize import normalize_conversation
+from chatsync.sources import canonical_source
 
 CASSETTES = Path(__file__).parent / "cassettes"
 replay = vcr.VCR(cassette_library_dir=str(CASSETTES), record_mode="none", match_on=["method", "uri"])

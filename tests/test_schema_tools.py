@@ -39,3 +39,10 @@ def test_alembic_upgrade_head_from_a_checkout_builds_what_the_tables_declare(dat
     checked = _alembic(database_url, "check")
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "No new upgrade operations detected" in checked.stdout + checked.stderr
+
+
+def test_the_head_revision_chatsync_checks_without_alembic_is_alembics_head() -> None:
+    """Commands compare the database with HEAD_REVISION to skip loading Alembic; a new migration must move it."""
+    from chatsync.store.engine import HEAD_REVISION
+
+    assert head_revision() == HEAD_REVISION

@@ -83,11 +83,20 @@ def head_revision() -> str:
     return head
 
 
+# The newest migration under migrations/versions (a test keeps the two equal). Knowing it without loading
+# Alembic lets a command on an up-to-date database skip Alembic's ~0.3 s of imports.
+HEAD_REVISION = "0003"
+
+
 def current_revision(engine: Engine) -> str | None:
-    from alembic.runtime.migration import MigrationContext
+    """The revision the database was migrated to (``alembic_version``), None before the first upgrade."""
+    from sqlalchemy import inspect
 
     with engine.connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
+        if not inspect(connection).has_table("alembic_version"):
+            return None
+        versions = connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    return versions[0] if len(versions) == 1 else None
 
 
 def known_revisions() -> set[str]:
@@ -119,7 +128,7 @@ def ensure_schema(engine: Engine) -> None:
         found = current_revision(engine)
     except Exception as exc:
         raise DatabaseUnreachable(exc) from None
-    if found == head_revision():
+    if found == HEAD_REVISION:
         return
     if found is not None and found not in known_revisions():
         raise SchemaTooNew(found, head_revision())

@@ -443,7 +443,7 @@ def _filters(
     number: str | None,
     search: str | None,
 ) -> ConversationFilter:
-    from chatsync.chatbase import canonical_source
+    from chatsync.sources import canonical_source
     from chatsync.whatsapp import normalize_number
 
     return ConversationFilter(
