@@ -198,7 +198,8 @@ class Syncer:
                     if lost:
                         raise lost[0]
             except BaseException as exc:
-                error = lost[0] if lost else exc  # "sync stopped" from the client is the lost lock
+                # e.g. "sync stopped" from the client: the lost lock is the cause (an interrupt stays one)
+                error = lost[0] if lost and isinstance(exc, Exception) else exc
                 if error is not exc:
                     raise error from exc
                 raise

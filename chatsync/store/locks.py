@@ -37,7 +37,7 @@ from typing import Any
 
 from sqlalchemy import Engine, delete, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from chatsync.errors import LockHeld, LockLost
 from chatsync.store.tables import sync_leases
@@ -60,7 +60,7 @@ def chatbot_lock(
     """Hold the sync lock of one chatbot, or raise LockHeld at once.
 
     ``on_lost`` is called (once, from a background thread) if a PostgreSQL lease is lost while held;
-    the holder must then stop writing. ``lease`` is the lease length (PostgreSQL only).
+    the holder must then stop writing. ``lease`` (positive) is the lease length, PostgreSQL only.
     """
     if engine.dialect.name == "postgresql":
         held = _Lease(engine, chatbot_id, lease, on_lost)
@@ -217,7 +217,7 @@ class _Lease:
             try:
                 with self.engine.begin() as connection:
                     still_ours = connection.execute(statement).first() is not None
-            except DBAPIError as exc:
+            except SQLAlchemyError as exc:
                 # The watchdog gives up if this goes on; until then the lease still stands.
                 log.warning("could not renew the sync lock of %s (%s)", self.chatbot_id, type(exc).__name__)
                 continue
