@@ -427,3 +427,23 @@ def test_a_holder_that_cannot_renew_gives_up_before_its_lease_expires(
     assert expiry_still_ahead  # it gave up while the lease was still its own: nobody could have taken it yet
     assert "could not be renewed for 5 s" in str(told[0])
     assert _lease_row(postgres_url) is None
+
+
+def test_a_lease_this_process_could_not_release_is_taken_again_at_once(
+    pooled_engine: Any, postgres_url: str, pgbouncer: Any
+) -> None:
+    """The database was away when the sync ended (its release failed): the next sync in the same
+    long-running process, e.g. `serve`, need not wait for the lease to lapse."""
+    from sqlalchemy.engine import make_url
+
+    database = make_url(postgres_url).database
+    with psycopg.connect(pgbouncer.admin, autocommit=True, prepare_threshold=None) as console:
+        try:
+            with chatbot_lock(pooled_engine, "botA"):
+                console.execute(f"DISABLE {database}")  # new connections are refused: the release fails
+        finally:
+            console.execute(f"ENABLE {database}")
+    assert _lease_row(postgres_url)[5]  # type: ignore[index]  # left behind, and fresh
+    with chatbot_lock(pooled_engine, "botA"):
+        assert _lease_row(postgres_url)[2] == os.getpid()  # type: ignore[index]
+    assert _lease_row(postgres_url) is None

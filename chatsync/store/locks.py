@@ -10,9 +10,10 @@
     row; when the row is someone else's, or renewals failed until ``LEASE / 6`` before the expiry, the
     holder is told (``on_lost``) and must stop;
   - *release*: delete the row if it is still ours;
-  - *take over*: a holder on this host (same boot, same PID namespace) whose process no longer lives is
-    replaced at once, provided the row still names that holder. One on another host, which this host
-    cannot see, blocks for at most ``LEASE``.
+  - *take over*: a holder on this host (same boot, same PID namespace) whose process no longer lives,
+    or one of this process that it no longer holds (its release could not be written), is replaced at
+    once, provided the row still names that holder. One on another host, which this host cannot see,
+    blocks for at most ``LEASE``.
 
 * **SQLite file**: ``flock`` on a file beside the database; the operating system releases it when the
   process dies, even on SIGKILL.
@@ -51,6 +52,9 @@ LostHook = Callable[[LockLost], None]
 
 _LOCAL: dict[str, threading.Lock] = {}
 _LOCAL_GUARD = threading.Lock()
+# Leases this process holds right now: one of its own rows whose release could not be written (the
+# database was away) is known to be over, without waiting for it to lapse.
+_HOLDING: set[str] = set()
 
 
 @contextmanager
@@ -110,11 +114,16 @@ def _stat(pid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[19])  # fields 3 (state) and 22 (starttime) of proc(5)
 
 
-def _holder_is_gone(pid_namespace: str | None, pid: int, start: int | None, me: _Process) -> bool:
-    """Whether a lease's holder surely no longer runs. Only a holder in this host's PID namespace can be
-    judged; anything uncertain (another host, a /proc that hides other users) counts as alive."""
+def _holder_is_gone(
+    holder: str, pid_namespace: str | None, pid: int, start: int | None, me: _Process
+) -> bool:
+    """Whether a lease's holder surely no longer holds it. Only a holder in this host's PID namespace can
+    be judged; anything uncertain (another host, a /proc that hides other users) counts as alive."""
     if me.pid_namespace is None or pid_namespace != me.pid_namespace or start is None or pid <= 0:
         return False
+    if (pid, start) == (me.pid, me.start):
+        with _LOCAL_GUARD:
+            return holder not in _HOLDING
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -156,6 +165,8 @@ class _Lease:
             started = time.monotonic()
             with self.engine.begin() as connection:
                 if connection.execute(self._take(me, dead)).first() is not None:
+                    with _LOCAL_GUARD:
+                        _HOLDING.add(self.holder)
                     self._deadline = started + self._give_up_after
                     self._start_keeping()
                     return
@@ -167,7 +178,9 @@ class _Lease:
                         sync_leases.c.process_start,
                     ).where(sync_leases.c.chatbot_id == self.chatbot_id)
                 ).first()
-            if row is not None and not _holder_is_gone(row.pid_namespace, row.pid, row.process_start, me):
+            if row is not None and not _holder_is_gone(
+                row.holder, row.pid_namespace, row.pid, row.process_start, me
+            ):
                 break
             dead = row.holder if row is not None else None
         raise LockHeld(self.chatbot_id)
@@ -242,6 +255,8 @@ class _Lease:
     def release(self) -> None:
         """Stop renewing and delete the row if it is still ours (a taken-over lease is left alone)."""
         self._released.set()
+        with _LOCAL_GUARD:
+            _HOLDING.discard(self.holder)
         for thread in self._threads:
             thread.join()
         # When the database is gone the row stays: it expires, or a rerun here sees this process is gone.
