@@ -15,6 +15,7 @@ Catch at the level you care about::
     ├── SchemaTooNew                   database migrated by a newer chatsync (exit 1)
     ├── DatabaseUnreachable            the database cannot be opened (exit 1)
     ├── LockHeld                       another sync of the chatbot is running (exit 75)
+    ├── LockLost                       the lock was taken over mid-sync; committed work stays (exit 3)
     ├── DatabaseUnavailable            the database went away mid-sync; committed work stays (exit 3)
     └── ChatbaseUnavailable            retries ran out: outage, rate limit, broken pages (exit 3)
         └── PagingError                the server repeated a page or never stopped paging
@@ -120,6 +121,20 @@ class LockHeld(ChatsyncError):
     def __init__(self, chatbot_id: str) -> None:
         self.chatbot_id = chatbot_id
         super().__init__(f"another sync of chatbot {chatbot_id!r} is running; nothing was done")
+
+
+class LockLost(ChatsyncError):
+    """The sync lock could not be renewed in time or was taken over: the sync stops so that two never run
+    side by side; what was committed stays and the next run continues."""
+
+    exit_code = ExitCode.PARTIAL
+
+    def __init__(self, chatbot_id: str, reason: str) -> None:
+        self.chatbot_id = chatbot_id
+        super().__init__(
+            f"lost the sync lock of chatbot {chatbot_id!r} ({reason}); stopped, what was committed is kept "
+            "and the next run continues"
+        )
 
 
 class ChatbaseUnavailable(ChatsyncError):

@@ -31,7 +31,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from chatsync.chatbase import ChatbaseClient
 from chatsync.config import WhatsAppRule
-from chatsync.errors import BadRecord, ChatsyncError, DatabaseUnavailable, ExitCode
+from chatsync.errors import BadRecord, ChatsyncError, DatabaseUnavailable, ExitCode, LockLost
 from chatsync.normalize import content_hash, normalize_conversation, storable, stored_id
 from chatsync.store import writes
 from chatsync.store.locks import chatbot_lock
@@ -207,12 +207,20 @@ class Syncer:
         self.summary = SyncSummary()
 
     def run(self, request: SyncRequest) -> SyncSummary:
-        """Sync every chatbot of the request; raises LockHeld before doing anything if one is busy."""
+        """Sync every chatbot of the request; raises LockHeld before doing anything if one is busy, and
+        LockLost (after stopping) if a lock is lost mid-run."""
         summary = self.summary
         summary.chatbots = list(request.chatbot_ids)
+        lost: list[LockLost] = []
+
+        def stop(exc: LockLost) -> None:
+            # A lock that is lost may already be another sync's: stop fetching at once and end with it.
+            lost.append(exc)
+            self.client.stop.set()
+
         with ExitStack() as locks:
             for chatbot_id in request.chatbot_ids:
-                locks.enter_context(chatbot_lock(self.engine, chatbot_id))
+                locks.enter_context(chatbot_lock(self.engine, chatbot_id, on_lost=stop))
             started = self.now()
             summary.started_at = iso_z(started)
             with self.engine.begin() as connection:
@@ -221,8 +229,13 @@ class Syncer:
             try:
                 for chatbot_id in request.chatbot_ids:
                     self._sync_chatbot(chatbot_id, request)
+                    if lost:
+                        raise lost[0]
             except BaseException as exc:
-                error = exc
+                # e.g. "sync stopped" from the client: the lost lock is the cause (an interrupt stays one)
+                error = lost[0] if lost and isinstance(exc, Exception) else exc
+                if error is not exc:
+                    raise error from exc
                 raise
             finally:
                 self._finish(error)

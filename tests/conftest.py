@@ -149,3 +149,127 @@ def chatbase_env(server: RunningEmulator, database_url: str, **extra: str) -> di
     }
     env.update(extra)
     return env
+
+
+# ------------------------------------------------------------------------------------------------ PgBouncer
+@dataclass
+class Pooler:
+    """A PgBouncer in transaction mode in front of the test server."""
+
+    port: int
+    admin: str  # its console, for PAUSE/RESUME/SHOW
+
+    def url(self, database_url: str) -> str:
+        """The same database through the pooler, flagged so chatsync uses no prepared statements or pool."""
+        from sqlalchemy.engine import make_url
+
+        direct = make_url(database_url)
+        return direct.set(host="127.0.0.1", port=self.port, query={"pgbouncer": "true"}).render_as_string(
+            hide_password=False
+        )
+
+
+_PGBOUNCER_INI = """\
+[databases]
+* = host={host} port={port}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {listen}
+unix_socket_dir =
+auth_type = trust
+auth_file = {auth_file}
+admin_users = {user}
+pool_mode = transaction
+; two server connections, always open and handed out in turn: one client's transactions land on
+; either, and on the ones other clients used, as on a busy pooler
+default_pool_size = 2
+min_pool_size = 2
+server_round_robin = 1
+max_client_conn = 200
+ignore_startup_parameters = extra_float_digits
+"""
+
+
+@pytest.fixture(scope="session")
+def pgbouncer() -> Iterator[Pooler]:
+    """Start PgBouncer (transaction pooling) on a free port for the session; stop it afterwards.
+
+    A missing ``pgbouncer`` skips with the reason, except under CI, where it is a failure.
+    """
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    _require_postgres()
+    binary = shutil.which("pgbouncer") or next(
+        (p for p in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.path.exists(p)), None
+    )
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail(
+                "pgbouncer is not installed; CI must run the pooler tests (apt-get install pgbouncer)"
+            )
+        pytest.skip("pgbouncer is not installed (apt-get install pgbouncer) to run the pooler tests")
+    server = make_url(POSTGRES_ADMIN_URL)
+    user = server.username or "postgres"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        listen = probe.getsockname()[1]
+    # PgBouncer refuses to run as root: then it drops to the postgres user, which must read these files
+    # (pytest's own temporary directories are private to the user running the tests).
+    folder = Path(tempfile.mkdtemp(prefix="chatsync-pgbouncer-"))
+    folder.chmod(0o755)
+    auth_file = folder / "userlist.txt"
+    auth_file.write_text(f'"{user}" ""\n')
+    ini = folder / "pgbouncer.ini"
+    ini.write_text(
+        _PGBOUNCER_INI.format(
+            host=server.host or "127.0.0.1",
+            port=server.port or 5432,
+            listen=listen,
+            auth_file=auth_file,
+            user=user,
+        )
+    )
+    for path in (auth_file, ini):
+        path.chmod(0o644)
+    command = [binary, *(["-u", "postgres"] if os.geteuid() == 0 else []), str(ini)]
+    # Its log goes to a file: an unread pipe fills up and then stops PgBouncer mid-test.
+    log = folder / "pgbouncer.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+    admin = f"postgresql://{user}@127.0.0.1:{listen}/pgbouncer"
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"pgbouncer did not start: {log.read_text()}")
+            try:
+                with psycopg.connect(admin, autocommit=True, connect_timeout=2, prepare_threshold=None):
+                    break
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield Pooler(listen, admin)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def pooled_url(postgres_url: str, pgbouncer: Pooler) -> str:
+    """A fresh PostgreSQL database, reached through PgBouncer in transaction mode."""
+    return pgbouncer.url(postgres_url)

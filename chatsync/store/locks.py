@@ -1,37 +1,78 @@
-"""One sync per chatbot at a time: PostgreSQL advisory locks, a file lock beside an SQLite database.
+"""One sync per chatbot at a time, across processes and hosts.
 
-Both are released by the operating system or the server when the process dies, so a killed sync never
-leaves a stale lock behind.
+* **PostgreSQL**: a lease row per chatbot in ``sync_leases``. It needs no server session, so it holds
+  behind a transaction pooler (PgBouncer, Supabase's port 6543) where session advisory locks do not.
+  Every step is one atomic statement on the database clock, so racing takers and hosts' clocks do not
+  matter:
+
+  - *take*: insert the row, or overwrite it when its lease has expired;
+  - *renew*: a background thread pushes the expiry on every ``LEASE / 12`` while the holder still owns the
+    row; when the row is someone else's, or renewals failed until ``LEASE / 6`` before the expiry, the
+    holder is told (``on_lost``) and must stop;
+  - *release*: delete the row if it is still ours;
+  - *take over*: a holder on this host (same boot, same PID namespace) whose process no longer lives,
+    or one of this process that it no longer holds (its release could not be written), is replaced at
+    once, provided the row still names that holder. One on another host, which this host cannot see,
+    blocks for at most ``LEASE``.
+
+* **SQLite file**: ``flock`` on a file beside the database; the operating system releases it when the
+  process dies, even on SIGKILL.
+* **In-memory SQLite**: a lock in this process (nothing else can reach the database).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import socket
 import threading
-from collections.abc import Iterator
+import time
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, delete, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from chatsync.errors import LockHeld
+from chatsync.errors import LockHeld, LockLost
+from chatsync.store.tables import sync_leases
+
+log = logging.getLogger(__name__)
+
+LEASE = timedelta(seconds=60)
+"""How long a PostgreSQL sync lock lasts without renewal: the longest a sync killed on another host blocks."""
+
+LostHook = Callable[[LockLost], None]
 
 _LOCAL: dict[str, threading.Lock] = {}
 _LOCAL_GUARD = threading.Lock()
-
-
-def _key(chatbot_id: str) -> int:
-    digest = hashlib.sha256(f"chatsync-sync:{chatbot_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
+# Leases this process holds right now: one of its own rows whose release could not be written (the
+# database was away) is known to be over, without waiting for it to lapse.
+_HOLDING: set[str] = set()
 
 
 @contextmanager
-def chatbot_lock(engine: Engine, chatbot_id: str) -> Iterator[None]:
-    """Hold the sync lock of one chatbot, or raise LockHeld at once."""
+def chatbot_lock(
+    engine: Engine, chatbot_id: str, *, on_lost: LostHook | None = None, lease: timedelta = LEASE
+) -> Iterator[None]:
+    """Hold the sync lock of one chatbot, or raise LockHeld at once.
+
+    ``on_lost`` is called (once, from a background thread) if a PostgreSQL lease is lost while held;
+    the holder must then stop writing. ``lease`` (positive) is the lease length, PostgreSQL only.
+    """
     if engine.dialect.name == "postgresql":
-        with _advisory_lock(engine, chatbot_id):
+        held = _Lease(engine, chatbot_id, lease, on_lost)
+        held.take()
+        try:
             yield
+        finally:
+            held.release()
         return
     database = engine.url.database
     if not database or database == ":memory:" or database.startswith("file:"):
@@ -42,23 +83,188 @@ def chatbot_lock(engine: Engine, chatbot_id: str) -> Iterator[None]:
         yield
 
 
-@contextmanager
-def _advisory_lock(engine: Engine, chatbot_id: str) -> Iterator[None]:
-    connection = engine.connect()
+# ----------------------------------------------------------------------------------------- the holder
+@dataclass(frozen=True)
+class _Process:
+    """This process as a lease row names it; ``pid_namespace`` and ``start`` are None off Linux."""
+
+    pid: int
+    pid_namespace: str | None
+    start: int | None
+
+
+def _this_process() -> _Process:
+    pid = os.getpid()
     try:
-        got = connection.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": _key(chatbot_id)}).scalar()
-        connection.commit()
-        if not got:
-            raise LockHeld(chatbot_id)
-        yield
-    finally:
-        with suppress(Exception):  # when the server went away, the lock went with it
-            connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _key(chatbot_id)})
-            connection.commit()
-        with suppress(Exception):
-            connection.close()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+        stat = _stat(pid)
+    except OSError:
+        return _Process(pid, None, None)
+    return _Process(pid, f"{boot} {namespace}", stat[1] if stat else None)
 
 
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, start in clock ticks after boot) of a process from /proc; None when there is none."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # the name in parentheses may contain spaces
+    return fields[0], int(fields[19])  # fields 3 (state) and 22 (starttime) of proc(5)
+
+
+def _holder_is_gone(
+    holder: str, pid_namespace: str | None, pid: int, start: int | None, me: _Process
+) -> bool:
+    """Whether a lease's holder surely no longer holds it. Only a holder in this host's PID namespace can
+    be judged; anything uncertain (another host, a /proc that hides other users) counts as alive."""
+    if me.pid_namespace is None or pid_namespace != me.pid_namespace or start is None or pid <= 0:
+        return False
+    if (pid, start) == (me.pid, me.start):
+        with _LOCAL_GUARD:
+            return holder not in _HOLDING
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # it lives, as another user
+    try:
+        stat = _stat(pid)
+    except OSError:
+        return False
+    # gone: ended (or a zombie its parent has not reaped), or its pid now belongs to another process
+    return stat is None or stat[0] in ("Z", "X") or stat[1] != start
+
+
+# ------------------------------------------------------------------------------------------- the lease
+class _Lease:
+    """One hold of a chatbot's lease row: take, keep renewed, release."""
+
+    def __init__(self, engine: Engine, chatbot_id: str, lease: timedelta, on_lost: LostHook | None) -> None:
+        self.engine = engine
+        self.chatbot_id = chatbot_id
+        self.lease = lease
+        self.on_lost = on_lost
+        self.holder = str(uuid.uuid4())
+        self._renew_every = lease.total_seconds() / 12
+        # Stop before the database could hand the lease to another: the deadline counts from the local
+        # start of the last statement that set the expiry, which is never later than the database's.
+        self._give_up_after = lease.total_seconds() * 5 / 6
+        self._deadline = 0.0  # time.monotonic() by which a renewal must have succeeded
+        self._released = threading.Event()
+        self._lost = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    def take(self) -> None:
+        """Take the lease, or raise LockHeld: free, expired, or left by a process of this host that died."""
+        me = _this_process()
+        dead: str | None = None
+        for _ in range(3):  # a row released or replaced between our statements: look again
+            started = time.monotonic()
+            with self.engine.begin() as connection:
+                if connection.execute(self._take(me, dead)).first() is not None:
+                    with _LOCAL_GUARD:
+                        _HOLDING.add(self.holder)
+                    self._deadline = started + self._give_up_after
+                    self._start_keeping()
+                    return
+                row = connection.execute(
+                    select(
+                        sync_leases.c.holder,
+                        sync_leases.c.pid_namespace,
+                        sync_leases.c.pid,
+                        sync_leases.c.process_start,
+                    ).where(sync_leases.c.chatbot_id == self.chatbot_id)
+                ).first()
+            if row is not None and not _holder_is_gone(
+                row.holder, row.pid_namespace, row.pid, row.process_start, me
+            ):
+                break
+            dead = row.holder if row is not None else None
+        raise LockHeld(self.chatbot_id)
+
+    def _take(self, me: _Process, dead: str | None) -> Any:
+        """INSERT … ON CONFLICT DO UPDATE … WHERE expired (or WHERE the holder is the dead one we saw)."""
+        now = func.now()
+        values = {
+            "holder": self.holder,
+            "host": socket.gethostname()[:255],
+            "pid": me.pid,
+            "pid_namespace": me.pid_namespace,
+            "process_start": me.start,
+            "acquired_at": now,
+            "expires_at": now + self.lease,
+        }
+        statement = insert(sync_leases).values(chatbot_id=self.chatbot_id, **values)
+        takeable = sync_leases.c.expires_at <= now
+        if dead is not None:
+            takeable = or_(takeable, sync_leases.c.holder == dead)
+        return statement.on_conflict_do_update(
+            index_elements=[sync_leases.c.chatbot_id],
+            set_={name: statement.excluded[name] for name in values},
+            where=takeable,
+        ).returning(sync_leases.c.holder)
+
+    def _ours(self) -> Any:
+        return (sync_leases.c.chatbot_id == self.chatbot_id) & (sync_leases.c.holder == self.holder)
+
+    def _start_keeping(self) -> None:
+        for target, name in ((self._renew, "renew"), (self._watch, "watch")):
+            thread = threading.Thread(
+                target=target, name=f"chatsync-lease-{name}-{self.chatbot_id[:16]}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def _renew(self) -> None:
+        statement = (
+            update(sync_leases)
+            .where(self._ours())
+            .values(expires_at=func.now() + self.lease)
+            .returning(sync_leases.c.holder)
+        )
+        while not self._released.wait(self._renew_every):
+            started = time.monotonic()
+            try:
+                with self.engine.begin() as connection:
+                    still_ours = connection.execute(statement).first() is not None
+            except SQLAlchemyError as exc:
+                # The watchdog gives up if this goes on; until then the lease still stands.
+                log.warning("could not renew the sync lock of %s (%s)", self.chatbot_id, type(exc).__name__)
+                continue
+            if not still_ours:
+                self._lose("another sync took it over")
+                return
+            self._deadline = started + self._give_up_after
+
+    def _watch(self) -> None:
+        while not self._released.wait(max(0.0, self._deadline - time.monotonic())):
+            if time.monotonic() >= self._deadline:
+                self._lose(f"it could not be renewed for {self._give_up_after:.0f} s")
+                return
+
+    def _lose(self, reason: str) -> None:
+        if self._released.is_set() or not self._lost.acquire(blocking=False):
+            return  # released meanwhile, or already told
+        log.warning("lost the sync lock of %s: %s", self.chatbot_id, reason)
+        if self.on_lost is not None:
+            self.on_lost(LockLost(self.chatbot_id, reason))
+
+    def release(self) -> None:
+        """Stop renewing and delete the row if it is still ours (a taken-over lease is left alone)."""
+        self._released.set()
+        with _LOCAL_GUARD:
+            _HOLDING.discard(self.holder)
+        for thread in self._threads:
+            thread.join()
+        # When the database is gone the row stays: it expires, or a rerun here sees this process is gone.
+        with suppress(DBAPIError), self.engine.begin() as connection:
+            connection.execute(delete(sync_leases).where(self._ours()))
+
+
+# ---------------------------------------------------------------------------------------- SQLite locks
 @contextmanager
 def _file_lock(database: Path, chatbot_id: str) -> Iterator[None]:
     import fcntl

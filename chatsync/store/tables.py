@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     Date,
@@ -186,6 +187,31 @@ sync_runs = Table(
     Column("finished_at", Moment),
     Column("summary", Json),
     Column("error", Text),
+)
+
+# The PostgreSQL sync lock (chatsync.store.locks): one lease row per chatbot being synced. It needs no server
+# session, so it holds behind a transaction pooler; SQLite uses a file lock instead and leaves this empty.
+sync_leases = Table(
+    "sync_leases",
+    metadata,
+    Column("chatbot_id", String(128), primary_key=True),
+    Column(
+        "holder", String(36), nullable=False, comment="random id of this hold; only it renews or releases"
+    ),
+    Column(
+        "host", String(255), nullable=False, comment="hostname of the holder, for people reading the table"
+    ),
+    Column("pid", Integer, nullable=False),
+    Column(
+        "pid_namespace",
+        String(100),
+        comment="boot id and PID namespace of the holder: where its pid means the same process; NULL if unknown",
+    ),
+    Column(
+        "process_start", BigInteger, comment="holder's start in clock ticks after boot: tells a reused pid"
+    ),
+    Column("acquired_at", Moment, nullable=False, comment="database clock"),
+    Column("expires_at", Moment, nullable=False, comment="database clock; renewed while the sync runs"),
 )
 
 quarantine = Table(
