@@ -8,7 +8,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from typing import Annotated, Any, TypeVar
 
@@ -272,6 +272,13 @@ def sync(
     concurrency: Annotated[
         int | None, typer.Option("--concurrency", metavar="N", help="Requests in flight at once [default 8].")
     ] = None,
+    all_chatbots: Annotated[
+        bool,
+        typer.Option(
+            "--all-chatbots",
+            help="Every chatbot the key can see (get-chatbots); hosts running this at once share them.",
+        ),
+    ] = False,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -297,7 +304,9 @@ def sync(
             concurrency=concurrency,
         )
         run.settings = settings
-        _sync(run, settings, since, until, source, full, dry_run)
+        if all_chatbots and chatbot_id:
+            raise UsageError("give --all-chatbots or --chatbot-id, not both")
+        _sync(run, settings, since, until, source, full, dry_run, all_chatbots)
     except BaseException as exc:
         run.error = exc
         raise
@@ -374,6 +383,7 @@ def _sync(
     source: list[str] | None,
     full: bool,
     dry_run: bool,
+    all_chatbots: bool = False,
 ) -> None:
     from chatsync import render
     from chatsync.chatbase import ChatbaseClient
@@ -384,12 +394,13 @@ def _sync(
     start, end = _day(since), _day(until)
     _window(start, end)
     request = SyncRequest(
-        chatbot_ids=settings.require_chatbot_ids(),
+        chatbot_ids=() if all_chatbots else settings.require_chatbot_ids(),
         since=start,
         until=end,
         sources=_sources(source),
         lookback=settings.lookback,
         full=full,
+        share=all_chatbots,
     )
     run.summary.chatbots = list(request.chatbot_ids)
     key = settings.require_api_key()
@@ -404,6 +415,9 @@ def _sync(
         ) as client,
         render.sync_progress(not run.as_json and not dry_run) as hook,
     ):
+        if all_chatbots:
+            found = tuple(bot.id for bot in client.list_chatbots())
+            request = replace(request, chatbot_ids=found)
         syncer = Syncer(engine, client, settings.whatsapp, settings.concurrency, hook)
         run.summary = syncer.summary
         if dry_run:

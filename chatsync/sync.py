@@ -31,7 +31,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from chatsync.chatbase import ChatbaseClient
 from chatsync.config import WhatsAppRule
-from chatsync.errors import BadRecord, ChatsyncError, DatabaseUnavailable, ExitCode, LockLost
+from chatsync.errors import BadRecord, ChatsyncError, DatabaseUnavailable, ExitCode, LockHeld, LockLost
 from chatsync.normalize import content_hash, normalize_conversation, storable, stored_id
 from chatsync.store import writes
 from chatsync.store.locks import chatbot_lock
@@ -49,6 +49,9 @@ class SyncRequest:
     sources: tuple[str, ...] = ()
     lookback: timedelta = timedelta(days=3)
     full: bool = False
+    # Share the chatbots with other hosts running the same command: take each chatbot's lock in turn and
+    # skip those another process holds, or has synced since this run began, instead of exiting 75.
+    share: bool = False
 
 
 @dataclass
@@ -68,9 +71,13 @@ class SyncSummary:
     whatsapp_captured: int = 0
     started_at: str | None = None
     finished_at: str | None = None
+    skipped: list[str] = field(default_factory=list)  # shared runs: chatbots another host had or did
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if not self.skipped:
+            del out["skipped"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -209,6 +216,8 @@ class Syncer:
     def run(self, request: SyncRequest) -> SyncSummary:
         """Sync every chatbot of the request; raises LockHeld before doing anything if one is busy, and
         LockLost (after stopping) if a lock is lost mid-run."""
+        if request.share:
+            return self._run_shared(request)
         summary = self.summary
         summary.chatbots = list(request.chatbot_ids)
         lost: list[LockLost] = []
@@ -239,6 +248,54 @@ class Syncer:
                 raise
             finally:
                 self._finish(error)
+        return summary
+
+    def _run_shared(self, request: SyncRequest) -> SyncSummary:
+        """Sync each chatbot whose lock is free and that no other process synced since this run began.
+
+        Several hosts running ``sync --all-chatbots`` at once against one database so divide the chatbots
+        between them: each is synced once per round, never by two at the same time.
+        """
+        summary = self.summary
+        lost: list[LockLost] = []
+
+        def stop(exc: LockLost) -> None:
+            lost.append(exc)
+            self.client.stop.set()
+
+        started = self.now()
+        summary.started_at = iso_z(started)
+        with self.engine.begin() as connection:
+            writes.start_run(connection, self.run_id, [], started)
+        error: BaseException | None = None
+        try:
+            for chatbot_id in request.chatbot_ids:
+                try:
+                    with chatbot_lock(self.engine, chatbot_id, on_lost=stop):
+                        with self._db() as connection:
+                            done = writes.synced_since(connection, chatbot_id, started)
+                        if done:
+                            log.info(
+                                "chatbot %s: synced by another process during this run; skipped", chatbot_id
+                            )
+                            summary.skipped.append(chatbot_id)
+                            continue
+                        summary.chatbots.append(chatbot_id)
+                        with self._db() as connection:
+                            writes.set_run_chatbots(connection, self.run_id, summary.chatbots)
+                        self._sync_chatbot(chatbot_id, SyncRequest((chatbot_id,), **_options(request)))
+                        if lost:
+                            raise lost[0]
+                except LockHeld:
+                    log.info("chatbot %s: another process is syncing it; skipped", chatbot_id)
+                    summary.skipped.append(chatbot_id)
+        except BaseException as exc:
+            error = lost[0] if lost and isinstance(exc, Exception) else exc
+            if error is not exc:
+                raise error from exc
+            raise
+        finally:
+            self._finish(error)
         return summary
 
     def _finish(self, error: BaseException | None) -> None:
@@ -538,6 +595,17 @@ class Syncer:
     def _report(self, status: Progress) -> None:
         if self.progress:
             self.progress(status)
+
+
+def _options(request: SyncRequest) -> dict[str, Any]:
+    """A request's options, for the same request about other chatbots."""
+    return {
+        "since": request.since,
+        "until": request.until,
+        "sources": request.sources,
+        "lookback": request.lookback,
+        "full": request.full,
+    }
 
 
 def _describe(exc: BaseException) -> str:

@@ -42,8 +42,10 @@ def assert_exact(
     database_url: str, emulator: Emulator, chatbot_id: str | None = None
 ) -> dict[str, dict[str, Any]]:
     """Every good conversation the emulator serves is stored once, with its timestamps and messages."""
-    chatbot_id = chatbot_id or next(iter(emulator.datasets))
     stored = stored_conversations(database_url)
+    if chatbot_id is not None:  # one chatbot of several: the others' conversations are not this one's
+        stored = {k: v for k, v in stored.items() if v["chatbot_id"] == chatbot_id}
+    chatbot_id = chatbot_id or next(iter(emulator.datasets))
     bad = set(emulator.bad_indexes(chatbot_id))
     expected = {
         raw["id"]: raw for i, raw in enumerate(emulator.all_conversations(chatbot_id)) if i not in bad

@@ -276,6 +276,19 @@ def chatbot_first_day(connection: Connection, chatbot_id: str) -> date | None:
     return connection.execute(select(chatbots.c.first_day).where(chatbots.c.id == chatbot_id)).scalar()
 
 
+def synced_since(connection: Connection, chatbot_id: str, moment: datetime) -> bool:
+    """Whether a sync of the chatbot completed at or after ``moment`` (``chatbots.last_synced_at``)."""
+    from chatsync.timeutil import as_utc
+
+    last = connection.execute(select(chatbots.c.last_synced_at).where(chatbots.c.id == chatbot_id)).scalar()
+    return last is not None and as_utc(last) >= moment
+
+
+def set_run_chatbots(connection: Connection, run_id: str, chatbot_ids: list[str]) -> None:
+    """The chatbots a run has taken on so far (a shared run adds them as it gets their locks)."""
+    connection.execute(update(sync_runs).where(sync_runs.c.id == run_id).values(chatbot_ids=chatbot_ids))
+
+
 def start_run(connection: Connection, run_id: str, chatbot_ids: list[str], now: datetime) -> None:
     # A run that was killed never finished its row: say so rather than leave it "running" forever.
     for row in connection.execute(
