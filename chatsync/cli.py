@@ -621,10 +621,14 @@ def reextract(
 ) -> None:
     """Apply the WhatsApp rule again to stored conversations (after changing its settings); no fetching."""
     from chatsync import render
+    from chatsync.reextract import count_conversations
     from chatsync.reextract import reextract as run
 
     settings = _ctx().settings(region=region)
-    counts = run(_ctx().engine(settings), settings.whatsapp, tuple(chatbot_id or ()))
+    engine = _ctx().engine(settings)
+    bots = tuple(chatbot_id or ())
+    with render.progress("re-extracting", count_conversations(engine, bots)) as done:
+        counts = run(engine, settings.whatsapp, bots, progress=lambda c: done(c.examined))
     render.info(
         f"examined {counts.examined:,} conversations: {counts.changed:,} findings changed, "
         f"{counts.numbers_changed:,} stored numbers changed (manual numbers kept)"
@@ -844,12 +848,18 @@ def db_rebuild_rollups() -> None:
 
     Every chatsync write keeps them exact; run this after changing conversations with plain SQL.
     """
+    from sqlalchemy import func, select
+
     from chatsync import render
     from chatsync.store.rollups import rebuild
+    from chatsync.store.tables import conversations
 
     settings = _ctx().settings()
-    with _ctx().engine(settings).begin() as connection:
-        count = rebuild(connection)
+    engine = _ctx().engine(settings)
+    with engine.connect() as connection:
+        total = connection.execute(select(func.count()).select_from(conversations)).scalar_one()
+    with render.progress("rebuilding rollups", total) as done, engine.begin() as connection:
+        count = rebuild(connection, progress=done)
     render.info(f"rollups rebuilt from {count:,} conversations")
 
 

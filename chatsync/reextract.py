@@ -28,6 +28,17 @@ class ReextractCounts:
     numbers_changed: int = 0
 
 
+def count_conversations(engine: Engine, chatbot_ids: tuple[str, ...] = ()) -> int:
+    """How many stored conversations a re-extraction of ``chatbot_ids`` (all when empty) examines."""
+    from sqlalchemy import func
+
+    statement = select(func.count()).select_from(c)
+    if chatbot_ids:
+        statement = statement.where(c.c.chatbot_id.in_(chatbot_ids))
+    with engine.connect() as connection:
+        return int(connection.execute(statement).scalar_one())
+
+
 def reextract(
     engine: Engine,
     rule: WhatsAppRule,

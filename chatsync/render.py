@@ -156,6 +156,28 @@ def sync_progress(enabled: bool) -> Iterator[Any]:
         yield hook
 
 
+@contextmanager
+def progress(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    """A progress bar on a terminal (stderr) for a long command; yields ``done(n)`` to report how many
+    of ``total`` are done. Nothing is drawn when stderr is not a terminal."""
+    console = stderr_console()
+    if not console.is_terminal:
+        yield lambda done: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda done: bar.update(task, completed=done)
+
+
 def sync_summary(summary: SyncSummary) -> None:
     console = stdout_console()
     table = Table(title=f"sync {summary.status}", show_header=False, title_justify="left")

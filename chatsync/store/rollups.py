@@ -203,7 +203,9 @@ def track(
     change.write(connection)
 
 
-def rebuild(connection: Connection, batch_size: int = 10_000) -> int:
+def rebuild(
+    connection: Connection, batch_size: int = 10_000, progress: Callable[[int], None] | None = None
+) -> int:
     """Recompute every rollup from ``conversations`` (after a migration, or if someone edited rows by hand).
 
     Writers wait until this commits, so no conversation is counted twice or missed.
@@ -219,5 +221,9 @@ def rebuild(connection: Connection, batch_size: int = 10_000) -> int:
     for row in result.mappings():
         total.add(row)
         seen += 1
+        if progress is not None and seen % batch_size == 0:
+            progress(seen)
     total.write(connection)
+    if progress is not None:
+        progress(seen)
     return seen
