@@ -1,1 +1,1 @@
-"""chatsync's benchmark (spec/benchmarks.md): `python -m bench [--quick]`."""
+"""chatsync's benchmark (docs/benchmarks.md): `python -m bench [--quick]`."""

@@ -1,6 +1,6 @@
 """Run S1–S8 against SQLite and PostgreSQL, print figure / target / met, write the figures to JSON.
 
-    python -m bench            the sizes of spec/benchmarks.md (about half an hour on 2 cores)
+    python -m bench            the sizes of docs/benchmarks.md (about half an hour on 2 cores)
     python -m bench --quick    every workload at a tenth of the size, for CI
 
 Every comparison is a ratio measured in the same run; absolute times are printed for the record.
@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import fresh_database, machine
-from bench.workloads import s1_rate_limit, s2_s4_speed, s3_memory, s5_s6_queries, s7_http, s8_extraction, seed
+from bench.workloads import (
+    s1_rate_limit,
+    s2_s4_speed,
+    s3_memory,
+    s5_s6_queries,
+    s7_http,
+    s8_extraction,
+    s9_startup,
+    seed,
+)
 
 FULL = {
     "S1": 20_000,
@@ -131,6 +140,19 @@ def targets(figures: dict[str, Any]) -> list[tuple[str, str, str, str, bool | No
         rows.append(
             ("S8", "-", f"{f['replies_per_s']:,} replies/s", "≥ 20,000/s", f["replies_per_s"] >= 20_000)
         )
+    if "S9" in figures:
+        f = figures["S9"]
+        for name, limit in (("list", 0.5), ("show", 0.5), ("set_whatsapp", 0.5), ("extract_test", 0.3)):
+            value = f[f"{name}_cpu_s"]
+            rows.append(
+                (
+                    "S9",
+                    "sqlite",
+                    f"{name.replace('_', '-')} {value} s CPU (python -c pass {f['python_pass_cpu_s']} s)",
+                    f"≤ {limit} s",
+                    value <= limit,
+                )
+            )
     return rows
 
 
@@ -138,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tenth of the size, for CI")
     parser.add_argument("--databases", default="sqlite,postgres", help="comma-separated: sqlite, postgres")
-    parser.add_argument("--only", default="S1,S2,S3,S4,S5,S6,S7,S8", help="workloads to run")
+    parser.add_argument("--only", default="S1,S2,S3,S4,S5,S6,S7,S8,S9", help="workloads to run")
     parser.add_argument("--out", default=None, help="JSON file (default bench/results[-quick].json)")
     args = parser.parse_args(argv)
     size = sizes(args.quick)
@@ -176,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         if "S8" in only:
             _step("S8")
             figures["S8"] = s8_extraction(size["S8"])
+        if "S9" in only:
+            _step("S9")
+            figures["S9"] = s9_startup(workdir, repeat=3 if args.quick else 5)
     rows = targets(figures)
     result = {
         "machine": machine(),

@@ -1,4 +1,4 @@
-"""The workloads S1–S8 of spec/benchmarks.md. Each returns its figures as plain data."""
+"""The workloads S1–S9 of docs/benchmarks.md. Each returns its figures as plain data."""
 
 from __future__ import annotations
 
@@ -329,3 +329,55 @@ def s8_extraction(count: int) -> dict[str, Any]:
         extract_reply(reply)
     seconds = time.perf_counter() - started
     return {"replies": count, "seconds": round(seconds, 3), "replies_per_s": round(count / seconds)}
+
+
+def s9_startup(workdir: Path, repeat: int = 5) -> dict[str, Any]:
+    """CPU seconds (user + system) of the commands support staff type, on an up-to-date SQLite database.
+
+    Each is the best of ``repeat`` runs of a fresh process, so it is the interpreter's and chatsync's
+    start-up plus one small query; ``python -c pass`` is measured the same way as the floor.
+    """
+    from chatsync.config import Secret, WhatsAppRule
+    from chatsync.emulator import Emulator, EmulatorTransport
+    from chatsync.store.engine import ensure_schema, open_engine
+    from chatsync.sync import Syncer, SyncRequest
+
+    url = f"sqlite:///{workdir / 's9.db'}"
+    engine = open_engine(url)
+    ensure_schema(engine)
+    emulator = Emulator(conversations=500, seed=SEED_S9, rate_limit=None)
+    from chatsync.chatbase import ChatbaseClient
+
+    with ChatbaseClient(
+        Secret("demo-key"), "http://emulator/api/v1", transport=EmulatorTransport(emulator)
+    ) as client:
+        Syncer(engine, client, WhatsAppRule()).run(SyncRequest(("demo-bot",)))
+    engine.dispose()
+    conversation_id = emulator.datasets["demo-bot"].conversation_id(7)
+    env = {**os.environ, "CHATSYNC_DATABASE_URL": url}
+    chatsync = [sys.executable, "-m", "chatsync"]
+    commands = {
+        "python_pass": [sys.executable, "-c", "pass"],
+        "list": [*chatsync, "list", "--limit", "1", "--format", "json"],
+        "show": [*chatsync, "show", conversation_id, "--format", "json"],
+        "set_whatsapp": [*chatsync, "set-whatsapp", conversation_id, "--auto", "--by", "bench"],
+        "extract_test": [*chatsync, "extract-test", "my number is 9123 4567", "--json"],
+    }
+    figures: dict[str, Any] = {}
+    for name, command in commands.items():
+        figures[f"{name}_cpu_s"] = round(min(_cpu_seconds(command, env, workdir) for _ in range(repeat)), 3)
+    return figures
+
+
+SEED_S9 = 9
+
+
+def _cpu_seconds(command: list[str], env: dict[str, str], cwd: Path) -> float:
+    process = subprocess.Popen(
+        command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[2:])} exited {process.returncode}")
+    return float(usage.ru_utime + usage.ru_stime)

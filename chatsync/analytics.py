@@ -1,4 +1,4 @@
-"""The metrics of spec/analytics.md as aggregate SQL over stored columns; one implementation, two renderers.
+"""The metrics of docs/metrics.md as aggregate SQL over stored columns; one implementation, two renderers.
 
 Per-conversation figures (message counts, response times, the WhatsApp outcome) are computed at sync
 time, and every write keeps rollups of them (chatsync.store.rollups), so a report is a handful of
@@ -168,7 +168,7 @@ def report(
     until: date | None = None,
     tz: str = "UTC",
 ) -> dict[str, Any]:
-    """The analytics object of spec/analytics.md for conversations created in local days since..until.
+    """The analytics object of docs/metrics.md for conversations created in local days since..until.
 
     The rollups answer whatever they can for a filter by chatbot and source: the hourly figures for any
     window in a zone whose offsets are whole hours, the distributions and users for all time. The rest

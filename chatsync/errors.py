@@ -30,7 +30,7 @@ from enum import IntEnum
 
 
 class ExitCode(IntEnum):
-    """Exit statuses of the CLI contract (spec/cli.md)."""
+    """Exit statuses of the CLI contract (docs/cli.md)."""
 
     OK = 0
     ERROR = 1

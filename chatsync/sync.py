@@ -56,7 +56,7 @@ class SyncRequest:
 
 @dataclass
 class SyncSummary:
-    """The run summary of ``sync --json`` (spec/cli.md)."""
+    """The run summary of ``sync --json`` (docs/cli.md)."""
 
     status: str = "ok"
     chatbots: list[str] = field(default_factory=list)
