@@ -138,9 +138,9 @@ def test_overlapping_syncs_of_one_chatbot_behind_a_transaction_pooler_one_exits_
             if process.poll() is None:
                 process.kill()
                 process.wait()
-    assert [(p.returncode, o, e.strip()) for p, (o, e) in zip(started[1:], later, strict=True)] == [
-        (ExitCode.LOCKED, "", BUSY)
-    ] * 3
+    assert [
+        (p.returncode, _exit_code_of(o), e.strip()) for p, (o, e) in zip(started[1:], later, strict=True)
+    ] == [(ExitCode.LOCKED, ExitCode.LOCKED, BUSY)] * 3
     assert overlapped, "the first sync ended before the later ones tried"
     assert started[0].returncode == 0, err
     assert json.loads(out)["status"] == "ok"
@@ -210,7 +210,7 @@ def test_a_lease_held_on_another_host_blocks_with_75_until_it_expires_then_is_ta
     )
     blocked = cli("sync", "--json", "--chatbot-id", "botA", env=env)
     assert blocked.exit_code == ExitCode.LOCKED
-    assert blocked.stdout == "" and blocked.stderr.strip() == BUSY
+    assert _exit_code_of(blocked.stdout) == ExitCode.LOCKED and blocked.stderr.strip() == BUSY
     assert _stored(postgres_url) == 0
 
     _wait_until(lambda: not _lease_row(postgres_url)[5], "the other host's lease has expired")  # type: ignore[index]
@@ -447,3 +447,10 @@ def test_a_lease_this_process_could_not_release_is_taken_again_at_once(
     with chatbot_lock(pooled_engine, "botA"):
         assert _lease_row(postgres_url)[2] == os.getpid()  # type: ignore[index]
     assert _lease_row(postgres_url) is None
+
+
+def _exit_code_of(summary_line: str) -> int:
+    """The exit code a failed `sync --json` wrote in its one summary line (it fetched nothing)."""
+    summary = json.loads(summary_line)
+    assert summary["status"] == "failed" and summary["fetched"] == 0
+    return int(summary["exit_code"])

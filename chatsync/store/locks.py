@@ -248,7 +248,7 @@ class _Lease:
     def _lose(self, reason: str) -> None:
         if self._released.is_set() or not self._lost.acquire(blocking=False):
             return  # released meanwhile, or already told
-        log.warning("lost the sync lock of %s: %s", self.chatbot_id, reason)
+        log.info("lost the sync lock of %s: %s", self.chatbot_id, reason)  # the run's error line says it too
         if self.on_lost is not None:
             self.on_lost(LockLost(self.chatbot_id, reason))
 
