@@ -172,12 +172,15 @@ class Syncer:
         self.run_id = str(uuid.uuid4())
         self.summary = SyncSummary()
 
-    def run(self, request: SyncRequest) -> SyncSummary:
-        """Sync every chatbot of the request; raises LockHeld before doing anything if one is busy."""
+    def run(self, request: SyncRequest, *, locked: bool = False) -> SyncSummary:
+        """Sync every chatbot of the request; raises LockHeld before doing anything if one is busy.
+
+        ``locked``: the caller already holds every chatbot's lock (the API takes it in the request).
+        """
         summary = self.summary
         summary.chatbots = list(request.chatbot_ids)
         with ExitStack() as locks:
-            for chatbot_id in request.chatbot_ids:
+            for chatbot_id in request.chatbot_ids if not locked else ():
                 locks.enter_context(chatbot_lock(self.engine, chatbot_id))
             started = self.now()
             summary.started_at = iso_z(started)

@@ -19,13 +19,14 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from svix.webhooks import Webhook
 
-from chatsync.config import Settings, WhatsAppRule
+from chatsync.config import Secret, Settings, WhatsAppRule
 from chatsync.normalize import normalize_conversation
 from chatsync.store import writes
 from chatsync.store.access import grant
 from chatsync.store.tables import users, whatsapp_audit
-from chatsync.web.app import create_app, scrub_event
+from chatsync.web.app import create_app
 from chatsync.web.auth import ClerkSettings
+from chatsync.web.logs import scrub_event
 
 ISSUER = "https://clerk.chatsync.test"
 ORIGIN = "https://app.example.com"
@@ -44,13 +45,20 @@ def _keypair() -> tuple[Any, str]:
 
 SIGNING_KEY, PUBLIC_PEM = _keypair()
 FOREIGN_KEY, _ = _keypair()
-CLERK = ClerkSettings(
-    issuer=ISSUER,
-    authorized_parties=(ORIGIN,),
-    public_key=PUBLIC_PEM,
-    webhook_secret=WEBHOOK_SECRET,
-    admin_user_ids=("user_admin",),
-)
+CLERK = ClerkSettings(issuer=ISSUER, authorized_parties=(ORIGIN,), public_key=PUBLIC_PEM)
+
+
+def api_settings(engine: Any, **values: Any) -> Settings:
+    """Settings of a test server: the keys made here, one admin, the webhook secret."""
+    return Settings(
+        database_url=engine.url.render_as_string(hide_password=False),
+        clerk_jwt_key=PUBLIC_PEM,
+        clerk_issuer=ISSUER,
+        clerk_authorized_parties=(ORIGIN,),
+        clerk_webhook_secret=Secret(WEBHOOK_SECRET),
+        admin_user_ids=("user_admin",),
+        **values,
+    )
 
 
 def token(key: Any = None, drop: tuple[str, ...] = (), **claims: Any) -> str:
@@ -77,6 +85,16 @@ def forged(alg: str) -> str:
         return signing_input + "."
     signature = hmac.new(PUBLIC_PEM.encode(), signing_input.encode(), hashlib.sha256).digest()
     return signing_input + "." + _b64(signature)
+
+
+def parse_sse(text: str) -> list[dict[str, Any]]:
+    """Events of a text/event-stream body: ``{"event", "id", "data"}`` with the data parsed as JSON."""
+    events = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if line and not line.startswith(":"))
+        if fields:
+            events.append({**fields, "data": json.loads(fields.get("data", "null"))})
+    return events
 
 
 def bearer(value: str) -> dict[str, str]:
@@ -107,8 +125,7 @@ def api(engine: Any) -> TestClient:
         writes.upsert_conversations(connection, rows, now)
         grant(connection, "bot-a", "user", "user_a", now)
         grant(connection, "bot-b", "org", "org_x", now)
-    url = engine.url.render_as_string(hide_password=False)
-    return TestClient(create_app(engine, Settings(database_url=url), CLERK, poll_seconds=0.2))
+    return TestClient(create_app(engine, api_settings(engine, events_poll=timedelta(seconds=0.2))))
 
 
 # ------------------------------------------------------------------------------------------ authentication
@@ -221,11 +238,8 @@ def test_admin_sync_runs_in_the_background_and_a_second_one_is_409(
     engine: Any, emulator_factory: Any
 ) -> None:
     server = emulator_factory(conversations=300, seed=51, latency_ms=30)
-    from chatsync.config import Secret
-
-    url = engine.url.render_as_string(hide_password=False)
-    settings = Settings(database_url=url, api_key=Secret("demo-key"), base_url=server.base_url)
-    client = TestClient(create_app(engine, settings, CLERK))
+    settings = api_settings(engine, api_key=Secret("demo-key"), base_url=server.base_url)
+    client = TestClient(create_app(engine, settings))
     started = client.post("/api/sync", headers=ADMIN, json={"chatbot_id": "demo-bot"})
     assert started.status_code == 202
     run_id = started.json()["run_id"]
@@ -404,7 +418,6 @@ def test_users_backfill_pages_through_clerk(engine: Any) -> None:
     import httpx
 
     from chatsync.clerk import fetch_clerk_users
-    from chatsync.config import Secret
     from chatsync.store.users import upsert_user
 
     everyone = [dict(_user_event("user.created", 1000 + i)["data"], id=f"user_{i}") for i in range(730)]
@@ -444,9 +457,12 @@ def test_events_stream_what_the_caller_may_see_until_the_token_expires(api: Test
         text = "".join(response.iter_text())
     writer.join()
     assert time.monotonic() - started < 15
-    assert "event: conversation.upserted" in text and '"id": "a3"' in text
-    assert '"id": "b2"' not in text  # another chatbot's conversation
-    assert text.rstrip().endswith("data: {}") and "event: expired" in text
+    events = parse_sse(text)
+    assert [(e["event"], e["data"].get("id")) for e in events] == [
+        ("conversation.upserted", "a3"),  # b2 is another chatbot's conversation
+        ("expired", None),
+    ]
+    assert int(events[0]["id"]) < int(events[1]["id"])
 
 
 # ----------------------------------------------------------------------------------------------- serving
@@ -477,17 +493,11 @@ def test_openapi_declares_every_status_and_no_request_is_a_500(engine: Any, emul
     from schemathesis.checks import not_a_server_error
     from schemathesis.specs.openapi.checks import status_code_conformance
 
-    url = engine.url.render_as_string(hide_password=False)
-    from chatsync.config import Secret
-
     server = emulator_factory(conversations=50, seed=52)
-    configured = Settings(
-        database_url=url,
-        api_key=Secret("demo-key"),
-        base_url=server.base_url,
-        retry_budget=timedelta(seconds=2),
+    configured = api_settings(
+        engine, api_key=Secret("demo-key"), base_url=server.base_url, retry_budget=timedelta(seconds=2)
     )
-    app = create_app(engine, configured, CLERK)
+    app = create_app(engine, configured)
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     headers = bearer(token(sub="user_admin", exp=int(time.time()) + 3600))
     operations = [op for op in schema.get_all_operations() if op.ok().path != "/api/events"]
@@ -551,8 +561,7 @@ def test_jwks_url_keys_verify_tokens_and_are_cached() -> None:
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/.well-known/jwks.json"
         verifier = ClerkVerifier(ClerkSettings(issuer=ISSUER, authorized_parties=(ORIGIN,), jwks_url=url))
-        caller, _ = verifier.verify(f"Bearer {token()}")
-        assert caller.user_id == "user_a"
+        assert verifier.verify(f"Bearer {token()}").caller.user_id == "user_a"
         verifier.verify(f"Bearer {token(sub='user_b')}")
         assert len(hits) == 1  # the key set is fetched once and cached
         with pytest.raises(Unauthorized):

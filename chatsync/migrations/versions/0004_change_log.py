@@ -32,7 +32,10 @@ def upgrade() -> None:
             "subject", sa.String(length=128), nullable=False, comment="the conversation id or the sync run id"
         ),
         sa.Column(
-            "chatbot_id", sa.String(length=128), nullable=True, comment="the conversation's chatbot; NULL for a sync run"
+            "chatbot_id",
+            sa.String(length=128),
+            nullable=True,
+            comment="the conversation's chatbot; NULL for a sync run",
         ),
         sa.Column("at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("seq", name=op.f("pk_changes")),

@@ -1,0 +1,67 @@
+"""Dependencies the routes share: the settings, the database engine, the caller and what they may see.
+
+Everything lives on ``app.state`` (set once by :func:`chatsync.web.app.create_app`), so tests build an
+app over their own database and keys without touching globals. No ``from __future__ import annotations``:
+FastAPI reads these signatures at runtime.
+"""
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import Engine
+
+from chatsync.config import Settings
+from chatsync.store.access import Access, access_for
+from chatsync.web.auth import ClerkVerifier, Forbidden, Session, Unauthorized
+from chatsync.web.errors import ApiError, declared
+
+bearer = HTTPBearer(
+    scheme_name="ClerkSession",
+    bearerFormat="JWT",
+    description="A Clerk session token, from `getToken()` in the frontend.",
+    auto_error=False,
+)
+AUTHED = declared(401, 403)
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def get_session(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> Session:
+    """The verified session of ``Authorization: Bearer …``: 401 without a valid token, 403 while pending."""
+    verifier: ClerkVerifier = request.app.state.verifier
+    try:
+        if credentials is None:
+            raise Unauthorized()
+        session = verifier.verify_token(credentials.credentials)
+    except Unauthorized:
+        raise ApiError(
+            401, "unauthorized", "a valid session token is required", {"WWW-Authenticate": "Bearer"}
+        ) from None
+    except Forbidden:
+        raise ApiError(403, "forbidden", "this session is not active yet") from None
+    request.state.user_id = session.caller.user_id  # for the access log line
+    return session
+
+
+def get_access(request: Request, session: Annotated[Session, Depends(get_session)]) -> Access:
+    """What the caller may see and sync: admins everything, others their grants (one query)."""
+    settings = get_settings(request)
+    if session.caller.user_id in settings.admin_user_ids:
+        return Access(visible=None, administers=None)  # no database round trip for admins
+    with get_engine(request).connect() as connection:
+        return access_for(connection, session.caller, settings.admin_user_ids)
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+SessionDep = Annotated[Session, Depends(get_session)]
+AccessDep = Annotated[Access, Depends(get_access)]
