@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import json
 import threading
 import time
@@ -13,13 +10,11 @@ from typing import Any
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from svix.webhooks import Webhook
 
-from chatsync.config import Secret, Settings, WhatsAppRule
+from chatsync.config import Secret, WhatsAppRule
 from chatsync.normalize import normalize_conversation
 from chatsync.store import writes
 from chatsync.store.access import grant
@@ -27,97 +22,25 @@ from chatsync.store.tables import users, whatsapp_audit
 from chatsync.web.app import create_app
 from chatsync.web.auth import ClerkSettings
 from chatsync.web.logs import scrub_event
-
-ISSUER = "https://clerk.chatsync.test"
-ORIGIN = "https://app.example.com"
-WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"chatsync-test-webhook-secret-32b").decode()
-
-
-def _keypair() -> tuple[Any, str]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    public = (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
-    return key, public
-
-
-SIGNING_KEY, PUBLIC_PEM = _keypair()
-FOREIGN_KEY, _ = _keypair()
-CLERK = ClerkSettings(issuer=ISSUER, authorized_parties=(ORIGIN,), public_key=PUBLIC_PEM)
-
-
-def api_settings(engine: Any, **values: Any) -> Settings:
-    """Settings of a test server: the keys made here, one admin, the webhook secret."""
-    return Settings(
-        database_url=engine.url.render_as_string(hide_password=False),
-        clerk_jwt_key=PUBLIC_PEM,
-        clerk_issuer=ISSUER,
-        clerk_authorized_parties=(ORIGIN,),
-        clerk_webhook_secret=Secret(WEBHOOK_SECRET),
-        admin_user_ids=("user_admin",),
-        **values,
-    )
-
-
-def token(key: Any = None, drop: tuple[str, ...] = (), **claims: Any) -> str:
-    now = int(time.time())
-    body = {"sub": "user_a", "iss": ISSUER, "azp": ORIGIN, "iat": now - 10, "nbf": now - 10, "exp": now + 300}
-    body.update(claims)
-    for name in drop:
-        body.pop(name, None)
-    return jwt.encode(body, key or SIGNING_KEY, algorithm="RS256", headers={"kid": "ins_test"})
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def forged(alg: str) -> str:
-    """A token PyJWT would refuse to make: alg none, or HS256 keyed with the public key."""
-    now = int(time.time())
-    payload = {"sub": "user_a", "iss": ISSUER, "azp": ORIGIN, "iat": now, "nbf": now, "exp": now + 300}
-    signing_input = (
-        _b64(json.dumps({"alg": alg, "typ": "JWT"}).encode()) + "." + _b64(json.dumps(payload).encode())
-    )
-    if alg == "none":
-        return signing_input + "."
-    signature = hmac.new(PUBLIC_PEM.encode(), signing_input.encode(), hashlib.sha256).digest()
-    return signing_input + "." + _b64(signature)
-
-
-def parse_sse(text: str) -> list[dict[str, Any]]:
-    """Events of a text/event-stream body: ``{"event", "id", "data"}`` with the data parsed as JSON."""
-    events = []
-    for block in text.replace("\r\n", "\n").split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.splitlines() if line and not line.startswith(":"))
-        if fields:
-            events.append({**fields, "data": json.loads(fields.get("data", "null"))})
-    return events
-
-
-def bearer(value: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {value}"}
-
-
-PROMPT = "May I have your WhatsApp number?"
-
-
-def _conversation(cid: str, bot: str, reply: str = "9123 4567") -> dict[str, Any]:
-    return {
-        "id": cid,
-        "chatbot_id": bot,
-        "created_at": "2024-05-01T08:00:00Z",
-        "source": "WhatsApp",
-        "messages": [{"role": "assistant", "content": PROMPT}, {"role": "user", "content": reply}],
-    }
+from tests.api_helpers import (
+    FOREIGN_KEY,
+    ISSUER,
+    ORIGIN,
+    SIGNING_KEY,
+    WEBHOOK_SECRET,
+    api_settings,
+    bearer,
+    conversation,
+    forged,
+    parse_sse,
+    token,
+)
 
 
 @pytest.fixture
 def api(engine: Any) -> TestClient:
     rows = [
-        normalize_conversation(_conversation(cid, bot), bot, WhatsAppRule())
+        normalize_conversation(conversation(cid, bot), bot, WhatsAppRule())
         for cid, bot in [("a1", "bot-a"), ("a2", "bot-a"), ("b1", "bot-b")]
     ]
     now = datetime.now(UTC)
@@ -442,7 +365,7 @@ def test_events_stream_what_the_caller_may_see_until_the_token_expires(api: Test
     def upsert_later() -> None:
         time.sleep(0.8)
         rows = [
-            normalize_conversation(_conversation(cid, bot, "6123 4567"), bot, WhatsAppRule())
+            normalize_conversation(conversation(cid, bot, "6123 4567"), bot, WhatsAppRule())
             for cid, bot in [("a3", "bot-a"), ("b2", "bot-b")]
         ]
         with engine.begin() as connection:

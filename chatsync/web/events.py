@@ -224,6 +224,7 @@ async def follow(
             if cursor > high or (low and cursor < low - 1):
                 cursor = high if cursor > high else low - 1
                 yield {"event": "reset", "id": str(cursor), "data": {}}
+        yield {"comment": "connected"}  # from here on nothing is missed
         while True:
             remaining = expires - time.time()
             if remaining <= 0:
