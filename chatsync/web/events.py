@@ -44,7 +44,8 @@ class ChangeFeed:
         self.streams_per_user = streams_per_user
         self.head = 0  # the last seq read
         self.floor = 0  # every change with floor < seq <= head is in _recent
-        self.polls = 0  # reads of the log, for the tests' and operators' curiosity
+        self.polls = 0  # reads of the log
+        self.notifications = 0  # wake-ups by NOTIFY (PostgreSQL)
         self.open_streams: Counter[str] = Counter()
         self._recent: list[Change] = []
         self._listeners = 0
@@ -170,6 +171,7 @@ class ChangeFeed:
                 async with await psycopg.AsyncConnection.connect(url, autocommit=True) as connection:
                     await connection.execute(f"LISTEN {log_.NOTIFY_CHANNEL}")
                     async for _ in connection.notifies():
+                        self.notifications += 1
                         self._wake.set()
             except asyncio.CancelledError:
                 raise
@@ -228,7 +230,7 @@ async def follow(
         while True:
             remaining = expires - time.time()
             if remaining <= 0:
-                yield {"event": "expired", "id": str(cursor), "data": {}}
+                yield {"event": "expired", "data": {}}  # no id: the client resumes after the last change
                 return
             if cursor < feed.floor:
                 batch = await feed.read(cursor)
