@@ -24,7 +24,7 @@ ORIGIN = "https://app.example.com"
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"chatsync-test-webhook-secret-32b").decode()
 
 
-def _keypair() -> tuple[Any, str]:
+def keypair() -> tuple[Any, str]:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     public = (
         key.public_key()
@@ -34,8 +34,8 @@ def _keypair() -> tuple[Any, str]:
     return key, public
 
 
-SIGNING_KEY, PUBLIC_PEM = _keypair()
-FOREIGN_KEY, _ = _keypair()
+SIGNING_KEY, PUBLIC_PEM = keypair()
+FOREIGN_KEY, _ = keypair()
 
 
 def api_settings(engine: Any, **values: Any) -> Settings:
