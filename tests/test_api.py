@@ -491,3 +491,129 @@ def test_jwks_url_keys_verify_tokens_and_are_cached() -> None:
             verifier.verify(f"Bearer {token(key=FOREIGN_KEY)}")
     finally:
         server.shutdown()
+
+
+# -------------------------------------------------------------------------------------------------- CORS
+def test_cors_answers_the_frontends_preflight_and_exposes_the_request_id(api: TestClient) -> None:
+    preflight = api.options(
+        "/api/conversations",
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization, last-event-id",
+        },
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == ORIGIN
+    allowed = {h.strip().lower() for h in preflight.headers["access-control-allow-headers"].split(",")}
+    assert {"authorization", "content-type", "last-event-id"} <= allowed
+    response = api.get("/api/conversations", headers={**USER_A, "Origin": ORIGIN})
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == ORIGIN
+    assert "x-request-id" in response.headers["access-control-expose-headers"].lower()
+    refused = api.get("/api/conversations", headers={**USER_A, "Origin": "https://evil.example"})
+    # nothing that lets a browser read it (Starlette still names the exposed header, which alone grants nothing)
+    assert not [h for h in refused.headers if h.startswith("access-control-allow-")]
+    refused_preflight = api.options(
+        "/api/conversations",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"},
+    )
+    assert "access-control-allow-origin" not in refused_preflight.headers
+
+
+def test_cors_origins_setting_replaces_the_authorized_parties(engine: Any) -> None:
+    settings = api_settings(engine, cors_origins=("http://127.0.0.1:3000",))
+    client = TestClient(create_app(engine, settings))
+    local = client.get("/healthz", headers={"Origin": "http://127.0.0.1:3000"})
+    assert local.headers["access-control-allow-origin"] == "http://127.0.0.1:3000"
+    assert "access-control-allow-origin" not in client.get("/healthz", headers={"Origin": ORIGIN}).headers
+
+
+# ---------------------------------------------------------------------------------------------- contract
+def test_openapi_declares_bearer_auth_readable_ids_our_errors_and_the_event_stream(api: TestClient) -> None:
+    document = api.get("/openapi.json").json()
+    schemes = document["components"]["securitySchemes"]
+    assert [s["scheme"] for s in schemes.values()] == ["bearer"]
+    operations = {
+        (path, method): op for path, item in document["paths"].items() for method, op in item.items()
+    }
+    assert {op["operationId"] for op in operations.values()} == {
+        "list_conversations",
+        "get_conversation_detail",
+        "update_whatsapp",
+        "start_sync",
+        "get_sync",
+        "get_analytics",
+        "stream_events",
+        "receive_clerk_webhook",
+        "health",
+    }
+    for (path, _), op in operations.items():
+        if path.startswith("/api/") and "webhooks" not in path:
+            assert op["security"], path
+        for status, response in op["responses"].items():
+            if status.startswith(("4", "5")):
+                schema = response["content"]["application/json"]["schema"]
+                assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (path, status)
+    events = operations[("/api/events", "get")]["responses"]
+    assert list(events["200"]["content"]) == ["text/event-stream"]
+    assert {"429", "401"} <= set(events)
+    analytics = operations[("/api/analytics", "get")]["responses"]["200"]["content"]["application/json"]
+    assert analytics["schema"] == {"$ref": "#/components/schemas/Report"}
+    assert {"ConversationUpserted", "SyncFinished"} <= set(document["components"]["schemas"])
+    assert "HTTPValidationError" not in document["components"]["schemas"]
+
+
+# --------------------------------------------------------------------------------------- API-started sync
+def test_a_sync_started_through_the_api_holds_the_lock_from_the_check_to_the_end(
+    engine: Any, emulator_factory: Any
+) -> None:
+    from chatsync.errors import LockHeld
+    from chatsync.store.locks import chatbot_lock
+
+    server = emulator_factory(conversations=300, seed=53, latency_ms=20)
+    client = TestClient(
+        create_app(engine, api_settings(engine, api_key=Secret("demo-key"), base_url=server.base_url))
+    )
+    with chatbot_lock(engine, "demo-bot"):  # cron is syncing this chatbot
+        refused = client.post("/api/sync", headers=ADMIN, json={"chatbot_id": "demo-bot"})
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "sync_running"
+
+    # A contender that takes the lock whenever it is free, as a tight cron loop would.
+    stop = threading.Event()
+    contender_held = []
+
+    def contend() -> None:
+        while not stop.is_set():
+            try:
+                with chatbot_lock(engine, "demo-bot"):
+                    contender_held.append(1)
+                    time.sleep(0.003)
+            except LockHeld:
+                time.sleep(0)
+
+    contender = threading.Thread(target=contend)
+    contender.start()
+    try:
+        deadline = time.monotonic() + 60
+        started = None
+        while started is None and time.monotonic() < deadline:
+            response = client.post("/api/sync", headers=ADMIN, json={"chatbot_id": "demo-bot"})
+            assert response.status_code in (202, 409), response.text
+            if response.status_code == 202:
+                started = response.json()["run_id"]
+        assert started is not None and contender_held
+        with (
+            pytest.raises(LockHeld),
+            chatbot_lock(engine, "demo-bot"),
+        ):  # held by the API's run from its check on
+            pass
+    finally:
+        stop.set()
+        contender.join()
+    status = client.get(f"/api/sync/{started}", headers=ADMIN).json()
+    while status["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.1)
+        status = client.get(f"/api/sync/{started}", headers=ADMIN).json()
+    assert status["status"] == "ok", status  # never left "running" by a lock taken in between
+    assert status["summary"]["inserted"] == 300

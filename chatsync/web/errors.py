@@ -47,8 +47,12 @@ def error_response(
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
-def declared(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` declaring our error body for each status."""
+def declared(*statuses: int, streaming: bool = False) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` declaring our error body for each status. ``streaming``: the route's own
+    media type is not JSON (FastAPI would file the error body under it), so say ``application/json``."""
+    if streaming:
+        json_body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+        return {s: {"description": DESCRIPTIONS.get(s, "Error"), "content": json_body} for s in statuses}
     return {s: {"model": ErrorBody, "description": DESCRIPTIONS.get(s, "Error")} for s in statuses}
 
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from chatsync.web.deps import AUTHED, AccessDep, SessionDep
+from chatsync.web.deps import AccessDep, SessionDep
 from chatsync.web.errors import ApiError, declared
 from chatsync.web.events import ChangeFeed, follow
 from chatsync.web.schemas import ConversationUpserted, StreamNotice, SyncFinished
@@ -42,7 +42,7 @@ async def stream_slot(request: Request, session: SessionDep) -> AsyncIterator[No
 @router.get(
     "/api/events",
     response_class=EventSourceResponse,
-    responses={200: {"description": DESCRIPTION}, **AUTHED, **declared(422, 429)},
+    responses={200: {"description": DESCRIPTION}, **declared(401, 403, 422, 429, 500, streaming=True)},
 )
 async def stream_events(
     request: Request,
