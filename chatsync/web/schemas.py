@@ -6,7 +6,18 @@ No ``from __future__ import annotations``: Pydantic and FastAPI read these annot
 from datetime import date
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def _request_schema(schema: dict[str, Any]) -> None:
+    """A request field with a default is optional, and its schema says so without a ``default``: generated
+    clients (openapi-typescript) read a default as "always present" and would make callers send it."""
+    for field in schema.get("properties", {}).values():
+        field.pop("default", None)
+
+
+class RequestBody(BaseModel):
+    model_config = ConfigDict(json_schema_extra=_request_schema)
 
 
 class ErrorDetail(BaseModel):
@@ -66,15 +77,15 @@ class ConversationDetail(ConversationOut):
     whatsapp_audit: list[AuditOut]
 
 
-class WhatsAppUpdate(BaseModel):
+class WhatsAppUpdate(RequestBody):
     """``{"whatsapp_number": "9123 4567"}``, ``{"whatsapp_number": null}`` to clear, or ``{"auto": true}``."""
 
-    whatsapp_number: str | None = Field(default=None, max_length=64)
-    auto: bool = False
+    whatsapp_number: str | None = Field(default=None, max_length=64, description="a number, or null to clear")
+    auto: bool = Field(default=False, description="true: hand the number back to extraction")
 
 
 # --------------------------------------------------------------------------------------------------- sync
-class SyncStart(BaseModel):
+class SyncStart(RequestBody):
     chatbot_id: str = Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]+$")
     since: date | None = None
     until: date | None = None
