@@ -64,6 +64,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.engine = engine
+    app.state.reader = engine.execution_options(isolation_level="AUTOCOMMIT")
     app.state.verifier = ClerkVerifier(clerk)
     app.state.runner = SyncRunner(engine, settings)
     app.state.feed = ChangeFeed(engine, settings.events_poll.total_seconds(), settings.events_per_user)

@@ -115,15 +115,20 @@ class ClerkVerifier:
             raise Unauthorized()
         return self.verify_token(token)
 
+    def remembered(self, token: str) -> Session | None:
+        """The session of a token verified a moment ago, without any work (None: verify it)."""
+        known = self._verified.get(token)
+        return known[0] if known is not None and known[1] > time.time() else None
+
     def verify_token(self, token: str) -> Session:
-        """The session of a bare token; Unauthorized (401) or Forbidden (403)."""
+        """The session of a bare token; Unauthorized (401) or Forbidden (403). May fetch the JWKS."""
         token = token.strip()
         if not token or " " in token:
             raise Unauthorized()
         now = time.time()
-        known = self._verified.get(token)
-        if known is not None and known[1] > now:
-            return known[0]
+        known = self.remembered(token)
+        if known is not None:
+            return known
         session = self._verify(token)
         until = min(session.expires + CLOCK_SKEW_SECONDS, now + self._trust_seconds)
         with self._lock:

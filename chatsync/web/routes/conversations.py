@@ -13,7 +13,7 @@ from chatsync.config import Settings
 from chatsync.store.access import Access
 from chatsync.store.queries import ConversationFilter, get_conversation, list_page, set_whatsapp
 from chatsync.timeutil import utcnow
-from chatsync.web.deps import AUTHED, AccessDep, EngineDep, SessionDep, SettingsDep
+from chatsync.web.deps import AUTHED, AccessDep, EngineDep, ReaderDep, SessionDep, SettingsDep
 from chatsync.web.errors import ApiError, check_window, core, declared
 from chatsync.web.schemas import ConversationDetail, ConversationPage, WhatsAppUpdate
 
@@ -50,7 +50,7 @@ def conversation_filter(
 @router.get("/api/conversations", response_model=ConversationPage, responses={**AUTHED, **declared(422)})
 def list_conversations(
     who: AccessDep,
-    engine: EngineDep,
+    engine: ReaderDep,
     settings: SettingsDep,
     chatbot_id: Annotated[list[str] | None, Query(max_length=128)] = None,
     source: Annotated[list[str] | None, Query(max_length=64)] = None,

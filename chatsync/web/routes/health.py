@@ -3,7 +3,7 @@
 from fastapi import APIRouter
 from sqlalchemy import text
 
-from chatsync.web.deps import EngineDep
+from chatsync.web.deps import ReaderDep
 from chatsync.web.errors import ApiError, declared
 from chatsync.web.schemas import Health
 
@@ -11,7 +11,7 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_model=Health, responses=declared(503))
-def health(engine: EngineDep) -> Health:
+def health(engine: ReaderDep) -> Health:
     """Liveness and database reachability."""
     try:
         with engine.connect() as connection:
