@@ -617,3 +617,21 @@ def test_a_sync_started_through_the_api_holds_the_lock_from_the_check_to_the_end
         status = client.get(f"/api/sync/{started}", headers=ADMIN).json()
     assert status["status"] == "ok", status  # never left "running" by a lock taken in between
     assert status["summary"]["inserted"] == 300
+
+
+def test_an_api_sync_that_cannot_run_ends_failed_with_the_reason(engine: Any, emulator_factory: Any) -> None:
+    server = emulator_factory(conversations=10, seed=54)  # it accepts only its own key
+    settings = api_settings(engine, api_key=Secret("not-the-key"), base_url=server.base_url)
+    client = TestClient(create_app(engine, settings))
+    started = client.post("/api/sync", headers=ADMIN, json={"chatbot_id": "demo-bot"})
+    assert started.status_code == 202
+    run_id = started.json()["run_id"]
+    deadline = time.monotonic() + 60
+    status = client.get(f"/api/sync/{run_id}", headers=ADMIN).json()
+    while status["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.1)
+        status = client.get(f"/api/sync/{run_id}", headers=ADMIN).json()
+    assert status["status"] == "failed"
+    assert "Chatbase rejected" in status["error"] and "not-the-key" not in json.dumps(status)
+    again = client.post("/api/sync", headers=ADMIN, json={"chatbot_id": "demo-bot"})
+    assert again.status_code == 202  # the lock was given back

@@ -49,6 +49,7 @@ class ChangeFeed:
         self.open_streams: Counter[str] = Counter()
         self._recent: list[Change] = []
         self._listeners = 0
+        self._generation = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -68,11 +69,13 @@ class ChangeFeed:
         if self.open_streams[user_id] <= 0:
             del self.open_streams[user_id]
 
-    async def attach(self) -> None:
-        """Start following the log for one more stream (from the newest change if nobody was)."""
+    async def attach(self) -> int:
+        """Start following the log for one more stream (from the newest change if nobody was); returns
+        the token to :meth:`detach` with."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop or self._task is None or self._task.done():
             self._start(loop)
+        generation = self._generation
         self._listeners += 1
         if self._listeners == 1:
             async with self._jump:
@@ -80,9 +83,11 @@ class ChangeFeed:
                 self.head = self.floor = high
                 self._recent = []
             self._wake.set()
+        return generation
 
-    def detach(self) -> None:
-        self._listeners -= 1
+    def detach(self, generation: int) -> None:
+        if generation == self._generation:  # a stream of an event loop that is gone no longer counts
+            self._listeners -= 1
 
     def after(self, cursor: int) -> list[Change]:
         """Changes kept in memory with ``seq > cursor`` (call only when ``cursor >= floor``)."""
@@ -108,6 +113,7 @@ class ChangeFeed:
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         # A new event loop (a test client without a lifespan runs one per request) needs new primitives.
         self._loop = loop
+        self._generation += 1
         self._listeners = 0
         self._wake, self._advanced, self._jump = asyncio.Event(), asyncio.Event(), asyncio.Lock()
         self._task = loop.create_task(self._run(), name="chatsync-change-feed")
@@ -216,7 +222,7 @@ async def follow(
     """The events one caller may see, from just after ``last_event_id`` (or from now), until ``expires``
     (epoch seconds); then an ``expired`` event. A ``reset`` event says some missed events are gone."""
     visible = None if who.visible is None else frozenset(who.visible)
-    await feed.attach()
+    generation = await feed.attach()
     try:
         if last_event_id is None:
             cursor = feed.head
@@ -247,4 +253,4 @@ async def follow(
                 if _visible(change, visible):
                     yield _event(change)
     finally:
-        feed.detach()
+        feed.detach(generation)
