@@ -655,14 +655,16 @@ def serve(
     try:
         import uvicorn
 
-        from chatsync.web.app import create_app
+        from chatsync.store.engine import ensure_schema, open_engine
+        from chatsync.web.app import WORKER_THREADS, create_app
         from chatsync.web.auth import ClerkSettings
         from chatsync.web.logs import configure_logging, configure_sentry
     except ImportError:
         raise UsageError("the HTTP API needs the api extra: pip install 'chatsync[api]'") from None
     settings = _ctx().settings(log_format=log_format)
     ClerkSettings.from_settings(settings)  # refuse to start without the Clerk settings
-    engine = _ctx().engine(settings)  # refuse to start on an unreachable or too-new database
+    engine = open_engine(settings.database_url, pool_size=WORKER_THREADS)
+    ensure_schema(engine)  # refuse to start on an unreachable or too-new database
     debug = _ctx().debug
     configure_logging(settings.log_format, debug)
     options: dict[str, Any] = {

@@ -34,9 +34,17 @@ def operation_id(route: APIRoute) -> str:
     return route.name
 
 
+# Threads that run routes and database work at once in one server process; ``serve`` opens the engine
+# with as many PostgreSQL connections, so no thread waits for one and none is opened per request.
+WORKER_THREADS = 20
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Stop the change feed when the server stops."""
+    """Size the worker threads to the connection pool; stop the change feed when the server stops."""
+    from anyio import to_thread
+
+    to_thread.current_default_thread_limiter().total_tokens = WORKER_THREADS
     yield
     await app.state.feed.close()
 
@@ -90,6 +98,6 @@ def app_from_env() -> FastAPI:
     settings = load_settings()
     configure_logging(settings.log_format, debug=os.environ.get("CHATSYNC_SERVE_DEBUG") == "1")
     configure_sentry(settings.sentry_dsn.reveal() if settings.sentry_dsn else None)
-    engine = open_engine(settings.database_url)
+    engine = open_engine(settings.database_url, pool_size=WORKER_THREADS)
     ensure_schema(engine)
     return create_app(engine, settings)
