@@ -311,6 +311,14 @@ def _wrk(url: str, token: str, clients: int, seconds: float) -> dict[str, Any]:
         "p50_ms": ms("50%"),
         "p99_ms": ms("99%"),
         "errors": errors,
+        "error_detail": {
+            "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
+            **(
+                dict(zip(("connect", "read", "write", "timeout"), map(int, socket.groups()), strict=True))
+                if socket
+                else {}
+            ),
+        },
         "load_generator": "wrk",
     }
 

@@ -1000,34 +1000,51 @@ def serve(
     workers: Annotated[
         int, typer.Option(min=1, metavar="N", help="Worker processes (one per core is a good start).")
     ] = 1,
+    log_format: Annotated[
+        str | None,
+        typer.Option(
+            "--log-format", metavar="FORMAT", help="text or json [env CHATSYNC_LOG_FORMAT; default text]."
+        ),
+    ] = None,
 ) -> None:
     """Serve the HTTP API for the frontend (needs the api extra and CLERK_* settings)."""
     try:
         import uvicorn
 
-        from chatsync.web.app import configure_sentry, create_app
+        from chatsync.logs import configure_sentry
+        from chatsync.store.engine import ensure_schema, open_engine
+        from chatsync.web.app import WORKER_THREADS, create_app
         from chatsync.web.auth import ClerkSettings
+        from chatsync.web.logs import configure_logging
     except ImportError:
         raise UsageError("the HTTP API needs the api extra: pip install 'chatbase-sync[api]'") from None
-    clerk = ClerkSettings.from_env()
-    settings = _ctx().settings()
-    _ctx().engine(settings)  # refuse to start on an unreachable or too-new database
-    if _ctx().database_url:
-        os.environ["CHATSYNC_DATABASE_URL"] = _ctx().database_url or ""
-    if workers > 1:  # each worker process builds its own app from the environment
-        uvicorn.run(
-            "chatsync.web.app:app_from_env",
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            log_level="info",
-            proxy_headers=True,
-        )
+    settings = _ctx().settings(log_format=log_format)
+    ClerkSettings.from_settings(settings)  # refuse to start without the Clerk settings
+    engine = open_engine(settings.database_url, pool_size=WORKER_THREADS)
+    ensure_schema(engine)  # refuse to start on an unreachable or too-new database
+    debug = _ctx().debug
+    configure_logging(settings.log_format, debug)
+    options: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "log_config": None,  # our handler: every line with its request id
+        "log_level": "debug" if debug else "info",
+        "access_log": False,  # our access line leaves out query values (numbers, search text)
+        "proxy_headers": True,
+        "timeout_graceful_shutdown": 5,  # event streams never end by themselves
+    }
+    if workers > 1:  # each worker process builds its own app from the same settings
+        for variable, flag in (
+            ("CHATSYNC_DATABASE_URL", _ctx().database_url),
+            ("CHATSYNC_LOG_FORMAT", log_format),
+        ):
+            if flag:
+                os.environ[variable] = flag
+        os.environ["CHATSYNC_SERVE_DEBUG"] = "1" if debug else "0"
+        uvicorn.run("chatsync.web.app:app_from_env", factory=True, workers=workers, **options)
         return
-    configure_sentry(os.environ.get("SENTRY_DSN"))
-    app_ = create_app(_ctx().engine(settings), settings, clerk)
-    uvicorn.run(app_, host=host, port=port, log_level="info", proxy_headers=True)
+    configure_sentry(settings.sentry_dsn.reveal() if settings.sentry_dsn else None)
+    uvicorn.run(create_app(engine, settings), **options)
 
 
 def _principal(user: str | None, org: str | None) -> tuple[str, str]:
@@ -1103,15 +1120,14 @@ def users_sync() -> None:
     """Backfill users from Clerk's Backend API (CLERK_SECRET_KEY) with the webhook's upsert."""
     from chatsync import render
     from chatsync.clerk import fetch_clerk_users
-    from chatsync.config import Secret
-    from chatsync.errors import MissingSetting
+    from chatsync.errors import ConfigError
     from chatsync.store.users import upsert_user
 
-    secret = os.environ.get("CLERK_SECRET_KEY")
-    if not secret:
-        raise MissingSetting("CLERK_SECRET_KEY", "the environment")
-    engine = _ctx().engine(_ctx().settings())
-    users = fetch_clerk_users(Secret(secret), os.environ.get("CLERK_API_URL", "https://api.clerk.com/v1"))
+    settings = _ctx().settings()
+    if not settings.clerk_secret_key:
+        raise ConfigError("CLERK_SECRET_KEY is not set: export it or put it in .env")
+    engine = _ctx().engine(settings)
+    users = fetch_clerk_users(settings.clerk_secret_key, settings.clerk_api_url)
     seen = written = 0
     while batch := list(itertools.islice(users, 500)):  # one transaction per page of Clerk users
         with engine.begin() as connection:

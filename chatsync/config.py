@@ -1,20 +1,29 @@
-"""Settings and their precedence: command-line flag > environment variable > ``.env`` file > default."""
+"""Settings and their precedence: command-line flag > environment variable > ``.env`` file > default.
+
+Every setting is declared once, in :data:`SETTINGS` (its name, variables, flag, whether it is secret, its
+parser); its default is the field default of :class:`Settings`. :func:`load_settings` reads them all the
+same way and records in ``Settings.origins`` where each value came from, so every command (and ``serve``)
+sees the same settings whether they are flags, exported variables or lines of ``.env``.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from chatsync.errors import MissingSetting, UsageError
 from chatsync.timeutil import parse_duration
 
 DEFAULT_BASE_URL = "https://www.chatbase.co/api/v1"
+DEFAULT_CLERK_API_URL = "https://api.clerk.com/v1"
 DEFAULT_LOOKBACK = "3d"
 DEFAULT_RETRY_BUDGET = "5m"
+LOG_FORMATS = ("text", "json")
 
 
 class Secret:
@@ -77,8 +86,23 @@ class WhatsAppRule:
     extra_prompt_patterns: tuple[str, ...] = ()
 
 
+class Origin(NamedTuple):
+    """Where a setting's value came from: ``flag``, ``env``, ``.env`` or ``default``, and which variable."""
+
+    kind: str
+    variable: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.variable}" if self.variable else self.kind
+
+
+DEFAULT = Origin("default")
+
+
 @dataclass(frozen=True)
 class Settings:
+    """Every setting of chatsync; built by :func:`load_settings`, or directly in tests."""
+
     database_url: str = field(default_factory=default_database_url)
     api_key: Secret | None = None
     chatbot_ids: tuple[str, ...] = ()
@@ -91,7 +115,23 @@ class Settings:
     rate_limit_seconds: float = 10.0
     concurrency: int = 8
     heartbeat_url: Secret | None = None
+    # the HTTP API (`chatsync serve`) and `chatsync users sync`
+    clerk_jwt_key: str | None = None
+    clerk_jwks_url: str | None = None
+    jwks_cache: timedelta = timedelta(minutes=5)
+    clerk_issuer: str | None = None
+    clerk_authorized_parties: tuple[str, ...] = ()
+    clerk_webhook_secret: Secret | None = None
+    clerk_secret_key: Secret | None = None
+    clerk_api_url: str = DEFAULT_CLERK_API_URL
+    admin_user_ids: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
     sentry_dsn: Secret | None = None
+    log_format: str = "text"
+    events_per_user: int = 5
+    events_poll: timedelta = timedelta(seconds=1)
+    # where each value came from, by setting name (absent: the default)
+    origins: Mapping[str, Origin] = field(default_factory=dict, compare=False, repr=False)
 
     def require_api_key(self) -> Secret:
         if not self.api_key:
@@ -103,27 +143,17 @@ class Settings:
             raise MissingSetting("CHATBASE_CHATBOT_ID", "--chatbot-id")
         return self.chatbot_ids
 
+    @property
+    def allowed_origins(self) -> tuple[str, ...]:
+        """The browser origins CORS lets in: CHATSYNC_CORS_ORIGINS, else those of the authorized parties."""
+        return self.cors_origins or tuple(dict.fromkeys(_origin(p) for p in self.clerk_authorized_parties))
 
-class _Sources:
-    """Looks a setting up in flag overrides, then the environment, then ``.env``."""
-
-    def __init__(self, overrides: Mapping[str, object], env: Mapping[str, str], dotenv: Mapping[str, str]):
-        self.overrides = overrides
-        self.env = env
-        self.dotenv = dotenv
-
-    def get(self, flag: str, *variables: str) -> object | None:
-        value = self.overrides.get(flag)
-        if value not in (None, (), []):
-            return value
-        for source in (self.env, self.dotenv):
-            for variable in variables:
-                text = source.get(variable)
-                if text not in (None, ""):
-                    return text
-        return None
+    def origin_of(self, name: str) -> Origin:
+        """Where the setting ``name`` (a :data:`SETTINGS` name) came from."""
+        return self.origins.get(name, DEFAULT)
 
 
+# ---------------------------------------------------------------------------------------------- parsers
 def _split_list(value: object) -> tuple[str, ...]:
     items = value if isinstance(value, list | tuple) else str(value).split(",")
     out: list[str] = []
@@ -150,7 +180,312 @@ def _parse_rate(text: str) -> tuple[int, float]:
         raise UsageError(f"invalid rate limit {text!r}: expected requests/span, e.g. 100/10s") from None
 
 
-LOG_FORMATS = ("text", "json")
+def _origin(text: str) -> str:
+    """``scheme://host[:port]`` of a URL, as browsers send it in ``Origin``."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+        raise UsageError(f"invalid origin {text!r}: expected an exact origin such as https://app.example.com")
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def _origins(value: object) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(_origin(o) for o in _split_list(value)))
+
+
+def _whole(name: str, minimum: int = 1) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        try:
+            number = int(str(value))
+        except ValueError:
+            raise UsageError(f"invalid {name} {value!r}: expected a whole number") from None
+        return max(minimum, number)
+
+    return parse
+
+
+def _one_of(name: str, choices: tuple[str, ...]) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        text = str(value).strip().lower()
+        if text not in choices:
+            raise UsageError(f"invalid {name} {value!r}: expected {' or '.join(choices)}")
+        return text
+
+    return parse
+
+
+def _duration(value: object) -> timedelta:
+    return value if isinstance(value, timedelta) else parse_duration(str(value))
+
+
+def _pem(value: object) -> str:
+    return str(value).replace("\\n", "\n").strip()
+
+
+def _text(value: object) -> str:
+    return str(value).strip()
+
+
+def _secret(value: object) -> Secret:
+    return value if isinstance(value, Secret) else Secret(str(value))
+
+
+# ---------------------------------------------------------------------------------------- declarations
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its name (the key of flag overrides and of ``Settings.origins``), the variables read
+    for it (the first one set wins), its flag, whether it is secret, and how its text is parsed.
+
+    ``field`` is the :class:`Settings` attribute it sets (default: the name); ``whatsapp.X`` sets the
+    rule's ``X``; a parser may return several fields at once as a dict.
+    """
+
+    name: str
+    env: tuple[str, ...]
+    help: str
+    flag: str | None = None
+    parse: Callable[[object], Any] = _text
+    secret: bool = False
+    field: str | None = None
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "database_url",
+        ("CHATSYNC_DATABASE_URL", "DATABASE_URL"),
+        "SQLAlchemy URL of the database",
+        "--database-url",
+        lambda v: normalize_database_url(str(v).strip()),
+    ),
+    Setting("api_key", ("CHATBASE_API_KEY",), "Chatbase secret key", "--api-key", _secret, secret=True),
+    Setting("chatbot_ids", ("CHATBASE_CHATBOT_ID",), "chatbots to sync", "--chatbot-id", _split_list),
+    Setting(
+        "base_url", ("CHATBASE_BASE_URL",), "Chatbase API root", "--base-url", lambda v: str(v).rstrip("/")
+    ),
+    Setting(
+        "region",
+        ("CHATSYNC_DEFAULT_REGION",),
+        "region of 8-digit numbers written without country code",
+        "--region",
+        lambda v: str(v).strip().upper(),
+        field="whatsapp.default_region",
+    ),
+    Setting(
+        "timezone",
+        ("CHATSYNC_TIMEZONE",),
+        "time zone of report days",
+        "--tz",
+        lambda v: validate_timezone(str(v)),
+    ),
+    Setting(
+        "lookback",
+        ("CHATSYNC_LOOKBACK",),
+        "how far before the checkpoint to fetch again",
+        "--lookback",
+        _duration,
+    ),
+    Setting(
+        "retry_budget",
+        ("CHATSYNC_RETRY_BUDGET",),
+        "how long sync rides out an outage",
+        "--retry-budget",
+        _duration,
+    ),
+    Setting(
+        "concurrency",
+        ("CHATSYNC_CONCURRENCY",),
+        "requests in flight at once",
+        "--concurrency",
+        _whole("concurrency"),
+    ),
+    Setting(
+        "rate_limit",
+        ("CHATSYNC_RATE_LIMIT",),
+        "client-side request limit",
+        parse=lambda v: dict(
+            zip(("rate_limit_requests", "rate_limit_seconds"), _parse_rate(str(v)), strict=True)
+        ),
+    ),
+    Setting(
+        "accepted_regions",
+        ("CHATSYNC_ACCEPTED_REGIONS",),
+        "country codes a number may carry",
+        parse=lambda v: tuple(r.upper() for r in _split_list(v)),
+        field="whatsapp.accepted_regions",
+    ),
+    Setting(
+        "validation",
+        ("CHATSYNC_WHATSAPP_VALIDATION",),
+        "strict (phonenumbers metadata) or off",
+        parse=_one_of("validation mode", ("strict", "off")),
+        field="whatsapp.validation",
+    ),
+    Setting(
+        "prompt_patterns",
+        ("CHATSYNC_PROMPT_PATTERNS",),
+        "extra regular expressions that mark the bot's WhatsApp prompt",
+        parse=lambda v: tuple(str(p) for p in str(v).split("\n") if p.strip()),
+        field="whatsapp.extra_prompt_patterns",
+    ),
+    # the HTTP API
+    Setting("clerk_jwt_key", ("CLERK_JWT_KEY",), "PEM public key of the Clerk instance", parse=_pem),
+    Setting("clerk_jwks_url", ("CLERK_JWKS_URL",), "JWKS URL of the Clerk instance (instead of the PEM)"),
+    Setting(
+        "jwks_cache",
+        ("CHATSYNC_JWKS_CACHE",),
+        "how long the JWKS key set is trusted before it is fetched again",
+        parse=_duration,
+    ),
+    Setting("clerk_issuer", ("CLERK_ISSUER",), "Frontend API URL of the Clerk instance"),
+    Setting(
+        "clerk_authorized_parties",
+        ("CLERK_AUTHORIZED_PARTIES",),
+        "exact origins of the frontend",
+        parse=_split_list,
+    ),
+    Setting(
+        "clerk_webhook_secret",
+        ("CLERK_WEBHOOK_SIGNING_SECRET",),
+        "signing secret of the Clerk webhook",
+        parse=_secret,
+        secret=True,
+    ),
+    Setting(
+        "clerk_secret_key", ("CLERK_SECRET_KEY",), "Clerk secret key (users sync)", parse=_secret, secret=True
+    ),
+    Setting(
+        "clerk_api_url", ("CLERK_API_URL",), "Clerk Backend API root", parse=lambda v: str(v).rstrip("/")
+    ),
+    Setting(
+        "admin_user_ids", ("CHATSYNC_ADMIN_USER_IDS",), "Clerk users who see everything", parse=_split_list
+    ),
+    Setting(
+        "cors_origins",
+        ("CHATSYNC_CORS_ORIGINS",),
+        "browser origins allowed to call the API (default: those of CLERK_AUTHORIZED_PARTIES)",
+        parse=_origins,
+    ),
+    Setting(
+        "sentry_dsn",
+        ("SENTRY_DSN",),
+        "Sentry DSN for the errors of sync and serve",
+        parse=_secret,
+        secret=True,
+    ),
+    Setting(
+        "heartbeat_url",
+        ("CHATSYNC_HEARTBEAT_URL",),
+        "pinged after every sync with its summary line (…/fail on failure)",
+        parse=_secret,
+        secret=True,
+    ),
+    Setting(
+        "log_format",
+        ("CHATSYNC_LOG_FORMAT",),
+        "text or json",
+        "--log-format",
+        _one_of("log format", LOG_FORMATS),
+    ),
+    Setting(
+        "events_per_user",
+        ("CHATSYNC_EVENTS_PER_USER",),
+        "open event streams allowed per user and server process",
+        parse=_whole("streams per user"),
+    ),
+    Setting(
+        "events_poll",
+        ("CHATSYNC_EVENTS_POLL",),
+        "how often the change feed looks for changes made elsewhere",
+        parse=_duration,
+    ),
+)
+SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+# -------------------------------------------------------------------------------------------------- load
+def _present(value: object) -> bool:
+    return value not in (None, "", (), [])
+
+
+def load_settings(
+    overrides: Mapping[str, object] | None = None,
+    env: Mapping[str, str] | None = None,
+    dotenv_path: Path | None = None,
+) -> Settings:
+    """Build settings from flag values (by setting name; ``None`` when not given), the environment and
+    ``./.env``; ``origins`` records where each value came from. Raises UsageError naming a bad value."""
+    from dotenv import dotenv_values
+
+    path = dotenv_path if dotenv_path is not None else Path.cwd() / ".env"
+    dotenv = {k: v for k, v in dotenv_values(path).items() if v is not None} if path.is_file() else {}
+    flags = overrides or {}
+    environment = os.environ if env is None else env
+
+    values: dict[str, Any] = {}
+    rule: dict[str, Any] = {}
+    origins: dict[str, Origin] = {}
+    for setting in SETTINGS:
+        found: tuple[object, Origin] | None = None
+        if _present(flags.get(setting.name)):
+            found = (flags[setting.name], Origin("flag", setting.flag))
+        else:
+            for kind, source in (("env", environment), (".env", dotenv)):
+                variable = next((v for v in setting.env if _present(source.get(v))), None)
+                if variable is not None:
+                    found = (source[variable], Origin(kind, variable))
+                    break
+        if found is None:
+            continue
+        parsed = setting.parse(found[0])
+        origins[setting.name] = found[1]
+        target = setting.field or setting.name
+        if isinstance(parsed, dict):
+            values.update(parsed)
+        elif target.startswith("whatsapp."):
+            rule[target.removeprefix("whatsapp.")] = parsed
+        else:
+            values[target] = parsed
+    if rule:
+        from chatsync.whatsapp import check_rule
+
+        values["whatsapp"] = check_rule(WhatsAppRule(**rule))
+    return Settings(**values, origins=origins)
+
+
+class SettingRow(NamedTuple):
+    """One line of ``chatsync config show``: a setting as it may be printed, and where it came from."""
+
+    name: str
+    variables: tuple[str, ...]
+    flag: str | None
+    value: str
+    origin: Origin
+
+
+def describe_settings(settings: Settings) -> list[SettingRow]:
+    """Every declared setting with its value safe to print (secrets masked, URL passwords hidden)."""
+    rows = []
+    for setting in SETTINGS:
+        target = setting.field or setting.name
+        if setting.name == "rate_limit":
+            value: object = f"{settings.rate_limit_requests}/{settings.rate_limit_seconds:g}s"
+        elif target.startswith("whatsapp."):
+            value = getattr(settings.whatsapp, target.removeprefix("whatsapp."))
+        else:
+            value = getattr(settings, target)
+        if setting.secret:
+            shown = "***" if value else ""
+        elif setting.name == "database_url":
+            shown = mask_url(str(value))
+        elif isinstance(value, tuple):
+            shown = ",".join(map(str, value))
+        else:
+            shown = "" if value is None else str(value)
+        rows.append(
+            SettingRow(setting.name, setting.env, setting.flag, shown, settings.origin_of(setting.name))
+        )
+    return rows
 
 
 def log_format(env: Mapping[str, str] | None = None, dotenv_path: Path | None = None) -> str:
@@ -165,76 +500,3 @@ def log_format(env: Mapping[str, str] | None = None, dotenv_path: Path | None = 
             value = dotenv_values(path).get("CHATSYNC_LOG_FORMAT")
     value = (value or "text").strip().lower()
     return value if value in LOG_FORMATS else "text"
-
-
-def load_settings(
-    overrides: Mapping[str, object] | None = None,
-    env: Mapping[str, str] | None = None,
-    dotenv_path: Path | None = None,
-) -> Settings:
-    """Build settings from flag values (``None`` when not given), the environment and ``./.env``."""
-    from dotenv import dotenv_values
-
-    path = dotenv_path if dotenv_path is not None else Path.cwd() / ".env"
-    dotenv = {k: v for k, v in dotenv_values(path).items() if v is not None} if path.is_file() else {}
-    src = _Sources(overrides or {}, os.environ if env is None else env, dotenv)
-
-    values: dict[str, object] = {}
-    url = src.get("database_url", "CHATSYNC_DATABASE_URL", "DATABASE_URL")
-    if url:
-        values["database_url"] = normalize_database_url(str(url))
-    key = src.get("api_key", "CHATBASE_API_KEY")
-    if key:
-        values["api_key"] = Secret(str(key))
-    bots = src.get("chatbot_ids", "CHATBASE_CHATBOT_ID")
-    if bots:
-        values["chatbot_ids"] = _split_list(bots)
-    base = src.get("base_url", "CHATBASE_BASE_URL")
-    if base:
-        values["base_url"] = str(base).rstrip("/")
-    tz = src.get("timezone", "CHATSYNC_TIMEZONE")
-    if tz:
-        values["timezone"] = validate_timezone(str(tz))
-
-    rule: dict[str, object] = {}
-    region = src.get("region", "CHATSYNC_DEFAULT_REGION")
-    if region:
-        rule["default_region"] = str(region).upper()
-    regions = src.get("accepted_regions", "CHATSYNC_ACCEPTED_REGIONS")
-    if regions:
-        rule["accepted_regions"] = tuple(r.upper() for r in _split_list(regions))
-    validation = src.get("validation", "CHATSYNC_WHATSAPP_VALIDATION")
-    if validation:
-        if str(validation) not in ("strict", "off"):
-            raise UsageError(f"invalid validation mode {validation!r}: expected strict or off")
-        rule["validation"] = str(validation)
-    patterns = src.get("prompt_patterns", "CHATSYNC_PROMPT_PATTERNS")
-    if patterns:
-        rule["extra_prompt_patterns"] = tuple(str(p) for p in str(patterns).split("\n") if p.strip())
-    if rule:
-        from chatsync.whatsapp import check_rule
-
-        values["whatsapp"] = check_rule(WhatsAppRule(**rule))  # type: ignore[arg-type]
-
-    lookback = src.get("lookback", "CHATSYNC_LOOKBACK")
-    if lookback:
-        values["lookback"] = parse_duration(str(lookback))
-    budget = src.get("retry_budget", "CHATSYNC_RETRY_BUDGET")
-    if budget:
-        values["retry_budget"] = parse_duration(str(budget))
-    rate = src.get("rate_limit", "CHATSYNC_RATE_LIMIT")
-    if rate:
-        values["rate_limit_requests"], values["rate_limit_seconds"] = _parse_rate(str(rate))
-    concurrency = src.get("concurrency", "CHATSYNC_CONCURRENCY")
-    if concurrency:
-        try:
-            values["concurrency"] = max(1, int(str(concurrency)))
-        except ValueError:
-            raise UsageError(f"invalid concurrency {concurrency!r}: expected a whole number") from None
-    heartbeat = src.get("heartbeat_url", "CHATSYNC_HEARTBEAT_URL")
-    if heartbeat:
-        values["heartbeat_url"] = Secret(str(heartbeat))
-    dsn = src.get("sentry_dsn", "SENTRY_DSN")
-    if dsn:
-        values["sentry_dsn"] = Secret(str(dsn))
-    return Settings(**values)  # type: ignore[arg-type]

@@ -43,19 +43,19 @@ def _json_formatter(fields: str) -> logging.Formatter:
     return UTCJsonFormatter(fields, rename_fields={"levelname": "level", "asctime": "time"})
 
 
-def log_handler(log_format: str, stream: Any = None, fields: str = "") -> logging.Handler:
+def log_handler(log_format: str, stream: Any = None, fields: tuple[str, ...] = ()) -> logging.Handler:
     """A stderr handler writing ``text`` lines or ``json`` objects (python-json-logger), UTC timestamps.
 
-    ``fields``: extra ``%(name)s`` fields a caller's filter puts on every record (the API's request id).
+    ``fields``: record attributes a caller's filter puts on every record (the API's ``request_id``),
+    shown in brackets before the logger's name, or as keys of the JSON object.
     """
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.set_name(_HANDLER_NAME)
     if log_format == "json":
-        formatter = _json_formatter(f"{JSON_FIELDS} {fields}".strip())
+        formatter = _json_formatter(" ".join([JSON_FIELDS, *(f"%({f})s" for f in fields)]))
     else:
-        formatter = _TextFormatter(
-            TEXT_FORMAT if not fields else TEXT_FORMAT.replace("%(name)s", f"{fields} %(name)s")
-        )
+        shown = "".join(f"[%({f})s] " for f in fields)
+        formatter = _TextFormatter(TEXT_FORMAT.replace("%(name)s", f"{shown}%(name)s"))
     handler.setFormatter(formatter)
     return handler
 
@@ -69,30 +69,43 @@ def level_for(verbose: int, quiet: int) -> int:
 
 
 def configure(
-    level: int, log_format: str = "text", debug: bool = False, stream: Any = None
+    level: int,
+    log_format: str = "text",
+    debug: bool = False,
+    stream: Any = None,
+    *,
+    fields: tuple[str, ...] = (),
+    filters: tuple[logging.Filter, ...] = (),
+    libraries: bool = False,
+    loggers: tuple[str, ...] = (),
 ) -> logging.Handler:
-    """Send chatsync's records at ``level`` and above to stderr; with ``debug`` every library's too.
+    """Send chatsync's records at ``level`` and above to stderr.
 
-    Idempotent: calling it again (the CLI's tests run many commands in one process) replaces the handler.
+    ``libraries``: also other loggers' warnings and errors (``serve``, where uvicorn's matter; ``loggers``
+    named there get ``level`` like chatsync's); otherwise libraries' records stay out. ``debug`` sends
+    everything at DEBUG. Idempotent: calling it again replaces the handler it installed.
     """
-    handler = log_handler(log_format, stream)
+    handler = log_handler(log_format, stream, fields)
+    for log_filter in filters:
+        handler.addFilter(log_filter)
     root = logging.getLogger()
-    ours = logging.getLogger("chatsync")
-    for logger in (root, ours):
+    ours = [logging.getLogger(name) for name in ("chatsync", *loggers)]
+    for logger in (root, *ours):
         for old in [
             h for h in logger.handlers if h.get_name() == _HANDLER_NAME or isinstance(h, logging.NullHandler)
         ]:
             logger.removeHandler(old)
-    if debug:
+    if debug or libraries:
         root.addHandler(handler)
-        root.setLevel(logging.DEBUG)
-        ours.setLevel(logging.DEBUG)
-        ours.propagate = True
+        root.setLevel(logging.DEBUG if debug else logging.WARNING)
+        for logger in ours:
+            logger.setLevel(logging.DEBUG if debug else level)
+            logger.propagate = True
     else:
         root.addHandler(logging.NullHandler())  # libraries' records are --debug detail, not stderr lines
-        ours.addHandler(handler)
-        ours.setLevel(level)
-        ours.propagate = False
+        ours[0].addHandler(handler)
+        ours[0].setLevel(level)
+        ours[0].propagate = False
     return handler
 
 

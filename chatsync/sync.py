@@ -213,9 +213,12 @@ class Syncer:
         self.run_id = str(uuid.uuid4())
         self.summary = SyncSummary()
 
-    def run(self, request: SyncRequest) -> SyncSummary:
+    def run(self, request: SyncRequest, *, locked: bool = False) -> SyncSummary:
         """Sync every chatbot of the request; raises LockHeld before doing anything if one is busy, and
-        LockLost (after stopping) if a lock is lost mid-run."""
+        LockLost (after stopping) if a lock is lost mid-run.
+
+        ``locked``: the caller already holds every chatbot's lock (the API takes it in the request).
+        """
         if request.share:
             return self._run_shared(request)
         summary = self.summary
@@ -228,7 +231,7 @@ class Syncer:
             self.client.stop.set()
 
         with ExitStack() as locks:
-            for chatbot_id in request.chatbot_ids:
+            for chatbot_id in request.chatbot_ids if not locked else ():
                 locks.enter_context(chatbot_lock(self.engine, chatbot_id, on_lost=stop))
             started = self.now()
             summary.started_at = iso_z(started)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import json
 import threading
 import time
@@ -13,93 +10,37 @@ from typing import Any
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from svix.webhooks import Webhook
 
-from chatsync.config import Settings, WhatsAppRule
+from chatsync.config import Secret, WhatsAppRule
+from chatsync.logs import scrub_event
 from chatsync.normalize import normalize_conversation
 from chatsync.store import writes
 from chatsync.store.access import grant
 from chatsync.store.tables import users, whatsapp_audit
-from chatsync.web.app import create_app, scrub_event
+from chatsync.web.app import create_app
 from chatsync.web.auth import ClerkSettings
-
-ISSUER = "https://clerk.chatsync.test"
-ORIGIN = "https://app.example.com"
-WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"chatsync-test-webhook-secret-32b").decode()
-
-
-def _keypair() -> tuple[Any, str]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    public = (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
-    return key, public
-
-
-SIGNING_KEY, PUBLIC_PEM = _keypair()
-FOREIGN_KEY, _ = _keypair()
-CLERK = ClerkSettings(
-    issuer=ISSUER,
-    authorized_parties=(ORIGIN,),
-    public_key=PUBLIC_PEM,
-    webhook_secret=WEBHOOK_SECRET,
-    admin_user_ids=("user_admin",),
+from tests.api_helpers import (
+    FOREIGN_KEY,
+    ISSUER,
+    ORIGIN,
+    SIGNING_KEY,
+    WEBHOOK_SECRET,
+    api_settings,
+    bearer,
+    conversation,
+    forged,
+    parse_sse,
+    token,
 )
-
-
-def token(key: Any = None, drop: tuple[str, ...] = (), **claims: Any) -> str:
-    now = int(time.time())
-    body = {"sub": "user_a", "iss": ISSUER, "azp": ORIGIN, "iat": now - 10, "nbf": now - 10, "exp": now + 300}
-    body.update(claims)
-    for name in drop:
-        body.pop(name, None)
-    return jwt.encode(body, key or SIGNING_KEY, algorithm="RS256", headers={"kid": "ins_test"})
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def forged(alg: str) -> str:
-    """A token PyJWT would refuse to make: alg none, or HS256 keyed with the public key."""
-    now = int(time.time())
-    payload = {"sub": "user_a", "iss": ISSUER, "azp": ORIGIN, "iat": now, "nbf": now, "exp": now + 300}
-    signing_input = (
-        _b64(json.dumps({"alg": alg, "typ": "JWT"}).encode()) + "." + _b64(json.dumps(payload).encode())
-    )
-    if alg == "none":
-        return signing_input + "."
-    signature = hmac.new(PUBLIC_PEM.encode(), signing_input.encode(), hashlib.sha256).digest()
-    return signing_input + "." + _b64(signature)
-
-
-def bearer(value: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {value}"}
-
-
-PROMPT = "May I have your WhatsApp number?"
-
-
-def _conversation(cid: str, bot: str, reply: str = "9123 4567") -> dict[str, Any]:
-    return {
-        "id": cid,
-        "chatbot_id": bot,
-        "created_at": "2024-05-01T08:00:00Z",
-        "source": "WhatsApp",
-        "messages": [{"role": "assistant", "content": PROMPT}, {"role": "user", "content": reply}],
-    }
 
 
 @pytest.fixture
 def api(engine: Any) -> TestClient:
     rows = [
-        normalize_conversation(_conversation(cid, bot), bot, WhatsAppRule())
+        normalize_conversation(conversation(cid, bot), bot, WhatsAppRule())
         for cid, bot in [("a1", "bot-a"), ("a2", "bot-a"), ("b1", "bot-b")]
     ]
     now = datetime.now(UTC)
@@ -107,8 +48,7 @@ def api(engine: Any) -> TestClient:
         writes.upsert_conversations(connection, rows, now)
         grant(connection, "bot-a", "user", "user_a", now)
         grant(connection, "bot-b", "org", "org_x", now)
-    url = engine.url.render_as_string(hide_password=False)
-    return TestClient(create_app(engine, Settings(database_url=url), CLERK, poll_seconds=0.2))
+    return TestClient(create_app(engine, api_settings(engine, events_poll=timedelta(seconds=0.2))))
 
 
 # ------------------------------------------------------------------------------------------ authentication
@@ -221,11 +161,8 @@ def test_admin_sync_runs_in_the_background_and_a_second_one_is_409(
     engine: Any, emulator_factory: Any
 ) -> None:
     server = emulator_factory(conversations=300, seed=51, latency_ms=30)
-    from chatsync.config import Secret
-
-    url = engine.url.render_as_string(hide_password=False)
-    settings = Settings(database_url=url, api_key=Secret("demo-key"), base_url=server.base_url)
-    client = TestClient(create_app(engine, settings, CLERK))
+    settings = api_settings(engine, api_key=Secret("demo-key"), base_url=server.base_url)
+    client = TestClient(create_app(engine, settings))
     started = client.post("/api/sync", headers=ADMIN, json={"chatbot_id": "demo-bot"})
     assert started.status_code == 202
     run_id = started.json()["run_id"]
@@ -419,7 +356,6 @@ def test_users_backfill_pages_through_clerk(engine: Any) -> None:
     import httpx
 
     from chatsync.clerk import fetch_clerk_users
-    from chatsync.config import Secret
     from chatsync.store.users import upsert_user
 
     everyone = [dict(_user_event("user.created", 1000 + i)["data"], id=f"user_{i}") for i in range(730)]
@@ -444,7 +380,7 @@ def test_events_stream_what_the_caller_may_see_until_the_token_expires(api: Test
     def upsert_later() -> None:
         time.sleep(0.8)
         rows = [
-            normalize_conversation(_conversation(cid, bot, "6123 4567"), bot, WhatsAppRule())
+            normalize_conversation(conversation(cid, bot, "6123 4567"), bot, WhatsAppRule())
             for cid, bot in [("a3", "bot-a"), ("b2", "bot-b")]
         ]
         with engine.begin() as connection:
@@ -459,9 +395,12 @@ def test_events_stream_what_the_caller_may_see_until_the_token_expires(api: Test
         text = "".join(response.iter_text())
     writer.join()
     assert time.monotonic() - started < 15
-    assert "event: conversation.upserted" in text and '"id": "a3"' in text
-    assert '"id": "b2"' not in text  # another chatbot's conversation
-    assert text.rstrip().endswith("data: {}") and "event: expired" in text
+    events = parse_sse(text)
+    assert [(e["event"], e["data"].get("id")) for e in events] == [
+        ("conversation.upserted", "a3"),  # b2 is another chatbot's conversation
+        ("expired", None),
+    ]
+    assert int(events[0]["id"]) > 0 and "id" not in events[1]  # a reconnect resumes after the last change
 
 
 # ----------------------------------------------------------------------------------------------- serving
@@ -492,17 +431,11 @@ def test_openapi_declares_every_status_and_no_request_is_a_500(engine: Any, emul
     from schemathesis.checks import not_a_server_error
     from schemathesis.specs.openapi.checks import status_code_conformance
 
-    url = engine.url.render_as_string(hide_password=False)
-    from chatsync.config import Secret
-
     server = emulator_factory(conversations=50, seed=52)
-    configured = Settings(
-        database_url=url,
-        api_key=Secret("demo-key"),
-        base_url=server.base_url,
-        retry_budget=timedelta(seconds=2),
+    configured = api_settings(
+        engine, api_key=Secret("demo-key"), base_url=server.base_url, retry_budget=timedelta(seconds=2)
     )
-    app = create_app(engine, configured, CLERK)
+    app = create_app(engine, configured)
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     headers = bearer(token(sub="user_admin", exp=int(time.time()) + 3600))
     operations = [op for op in schema.get_all_operations() if op.ok().path != "/api/events"]
@@ -566,11 +499,154 @@ def test_jwks_url_keys_verify_tokens_and_are_cached() -> None:
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/.well-known/jwks.json"
         verifier = ClerkVerifier(ClerkSettings(issuer=ISSUER, authorized_parties=(ORIGIN,), jwks_url=url))
-        caller, _ = verifier.verify(f"Bearer {token()}")
-        assert caller.user_id == "user_a"
+        assert verifier.verify(f"Bearer {token()}").caller.user_id == "user_a"
         verifier.verify(f"Bearer {token(sub='user_b')}")
         assert len(hits) == 1  # the key set is fetched once and cached
         with pytest.raises(Unauthorized):
             verifier.verify(f"Bearer {token(key=FOREIGN_KEY)}")
     finally:
         server.shutdown()
+
+
+# -------------------------------------------------------------------------------------------------- CORS
+def test_cors_answers_the_frontends_preflight_and_exposes_the_request_id(api: TestClient) -> None:
+    preflight = api.options(
+        "/api/conversations",
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization, last-event-id",
+        },
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == ORIGIN
+    allowed = {h.strip().lower() for h in preflight.headers["access-control-allow-headers"].split(",")}
+    assert {"authorization", "content-type", "last-event-id"} <= allowed
+    response = api.get("/api/conversations", headers={**USER_A, "Origin": ORIGIN})
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == ORIGIN
+    assert "x-request-id" in response.headers["access-control-expose-headers"].lower()
+    refused = api.get("/api/conversations", headers={**USER_A, "Origin": "https://evil.example"})
+    # nothing that lets a browser read it (Starlette still names the exposed header, which alone grants nothing)
+    assert not [h for h in refused.headers if h.startswith("access-control-allow-")]
+    refused_preflight = api.options(
+        "/api/conversations",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"},
+    )
+    assert "access-control-allow-origin" not in refused_preflight.headers
+
+
+def test_cors_origins_setting_replaces_the_authorized_parties(engine: Any) -> None:
+    settings = api_settings(engine, cors_origins=("http://127.0.0.1:3000",))
+    client = TestClient(create_app(engine, settings))
+    local = client.get("/healthz", headers={"Origin": "http://127.0.0.1:3000"})
+    assert local.headers["access-control-allow-origin"] == "http://127.0.0.1:3000"
+    assert "access-control-allow-origin" not in client.get("/healthz", headers={"Origin": ORIGIN}).headers
+
+
+# ---------------------------------------------------------------------------------------------- contract
+def test_openapi_declares_bearer_auth_readable_ids_our_errors_and_the_event_stream(api: TestClient) -> None:
+    document = api.get("/openapi.json").json()
+    schemes = document["components"]["securitySchemes"]
+    assert [s["scheme"] for s in schemes.values()] == ["bearer"]
+    operations = {
+        (path, method): op for path, item in document["paths"].items() for method, op in item.items()
+    }
+    assert {op["operationId"] for op in operations.values()} == {
+        "list_conversations",
+        "get_conversation_detail",
+        "update_whatsapp",
+        "start_sync",
+        "get_sync",
+        "get_analytics",
+        "stream_events",
+        "receive_clerk_webhook",
+        "health",
+    }
+    for (path, _), op in operations.items():
+        if path.startswith("/api/") and "webhooks" not in path:
+            assert op["security"], path
+        for status, response in op["responses"].items():
+            if status.startswith(("4", "5")):
+                schema = response["content"]["application/json"]["schema"]
+                assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (path, status)
+    events = operations[("/api/events", "get")]["responses"]
+    assert list(events["200"]["content"]) == ["text/event-stream"]
+    assert {"429", "401"} <= set(events)
+    analytics = operations[("/api/analytics", "get")]["responses"]["200"]["content"]["application/json"]
+    assert analytics["schema"] == {"$ref": "#/components/schemas/Report"}
+    assert {"ConversationUpserted", "SyncFinished"} <= set(document["components"]["schemas"])
+    assert "HTTPValidationError" not in document["components"]["schemas"]
+
+
+# --------------------------------------------------------------------------------------- API-started sync
+def test_a_sync_started_through_the_api_holds_the_lock_from_the_check_to_the_end(
+    engine: Any, emulator_factory: Any
+) -> None:
+    from chatsync.errors import LockHeld
+    from chatsync.store.locks import chatbot_lock
+
+    server = emulator_factory(conversations=300, seed=53, latency_ms=20)
+    client = TestClient(
+        create_app(engine, api_settings(engine, api_key=Secret("demo-key"), base_url=server.base_url))
+    )
+    with chatbot_lock(engine, "demo-bot"):  # cron is syncing this chatbot
+        refused = client.post("/api/sync", headers=ADMIN, json={"chatbot_id": "demo-bot"})
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "sync_running"
+
+    # A contender that takes the lock whenever it is free, as a tight cron loop would.
+    stop = threading.Event()
+    contender_held = []
+
+    def contend() -> None:
+        while not stop.is_set():
+            try:
+                with chatbot_lock(engine, "demo-bot"):
+                    contender_held.append(1)
+                    time.sleep(0.003)
+            except LockHeld:
+                time.sleep(0)
+
+    contender = threading.Thread(target=contend)
+    contender.start()
+    try:
+        deadline = time.monotonic() + 60
+        started = None
+        while started is None and time.monotonic() < deadline:
+            response = client.post("/api/sync", headers=ADMIN, json={"chatbot_id": "demo-bot"})
+            assert response.status_code in (202, 409), response.text
+            if response.status_code == 202:
+                started = response.json()["run_id"]
+        assert started is not None and contender_held
+        with (
+            pytest.raises(LockHeld),
+            chatbot_lock(engine, "demo-bot"),
+        ):  # held by the API's run from its check on
+            pass
+    finally:
+        stop.set()
+        contender.join()
+    status = client.get(f"/api/sync/{started}", headers=ADMIN).json()
+    while status["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.1)
+        status = client.get(f"/api/sync/{started}", headers=ADMIN).json()
+    assert status["status"] == "ok", status  # never left "running" by a lock taken in between
+    assert status["summary"]["inserted"] == 300
+
+
+def test_an_api_sync_that_cannot_run_ends_failed_with_the_reason(engine: Any, emulator_factory: Any) -> None:
+    server = emulator_factory(conversations=10, seed=54)  # it accepts only its own key
+    settings = api_settings(engine, api_key=Secret("not-the-key"), base_url=server.base_url)
+    client = TestClient(create_app(engine, settings))
+    started = client.post("/api/sync", headers=ADMIN, json={"chatbot_id": "demo-bot"})
+    assert started.status_code == 202
+    run_id = started.json()["run_id"]
+    deadline = time.monotonic() + 60
+    status = client.get(f"/api/sync/{run_id}", headers=ADMIN).json()
+    while status["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.1)
+        status = client.get(f"/api/sync/{run_id}", headers=ADMIN).json()
+    assert status["status"] == "failed"
+    assert "Chatbase rejected" in status["error"] and "not-the-key" not in json.dumps(status)
+    again = client.post("/api/sync", headers=ADMIN, json={"chatbot_id": "demo-bot"})
+    assert again.status_code == 202  # the lock was given back

@@ -83,3 +83,45 @@ def test_supabase_urls_work_as_given() -> None:
     assert isinstance(pooled.pool, NullPool)
     assert isinstance(flagged.pool, NullPool) and "pgbouncer" not in str(flagged.url)
     assert pooled.url.query["sslmode"] == "require"
+
+
+def test_each_value_records_where_it_came_from(tmp_path: Path) -> None:
+    from chatsync.config import Origin, describe_settings
+
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(
+        "CLERK_ISSUER=https://clerk.example.com\nCLERK_WEBHOOK_SIGNING_SECRET=whsec_abc\nDATABASE_URL=sqlite:///d.db\n"
+    )
+    env = {"CHATSYNC_TIMEZONE": "Asia/Hong_Kong", "CLERK_AUTHORIZED_PARTIES": "https://app.example.com/"}
+    settings = load_settings({"log_format": "json"}, env=env, dotenv_path=dotenv)
+    assert settings.origin_of("log_format") == Origin("flag", "--log-format")
+    assert settings.origin_of("timezone") == Origin("env", "CHATSYNC_TIMEZONE")
+    assert settings.origin_of("clerk_issuer") == Origin(".env", "CLERK_ISSUER")
+    assert settings.origin_of("database_url") == Origin(".env", "DATABASE_URL")
+    assert settings.origin_of("concurrency") == Origin("default")
+    rows = {row.name: row for row in describe_settings(settings)}
+    assert rows["clerk_webhook_secret"].value == "***" and "whsec_abc" not in repr(settings)
+    assert str(rows["timezone"].origin) == "env CHATSYNC_TIMEZONE"
+    # CORS lets in exactly the frontend's origins unless told otherwise
+    assert settings.allowed_origins == ("https://app.example.com",)
+    overridden = load_settings(
+        {}, env={**env, "CHATSYNC_CORS_ORIGINS": "http://localhost:3000"}, dotenv_path=dotenv
+    )
+    assert overridden.allowed_origins == ("http://localhost:3000",)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "fragment"),
+    [
+        ("CHATSYNC_CORS_ORIGINS", "*", "exact origin"),
+        ("CHATSYNC_CORS_ORIGINS", "https://app.example.com/path", "exact origin"),
+        ("CHATSYNC_LOG_FORMAT", "xml", "text or json"),
+        ("CHATSYNC_EVENTS_PER_USER", "many", "whole number"),
+        ("CHATSYNC_JWKS_CACHE", "soon", "invalid duration"),
+    ],
+)
+def test_bad_api_settings_say_what_was_expected(
+    tmp_path: Path, variable: str, value: str, fragment: str
+) -> None:
+    with pytest.raises(UsageError, match=fragment):
+        load_settings({}, env={variable: value}, dotenv_path=tmp_path / "none")

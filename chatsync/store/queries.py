@@ -18,7 +18,7 @@ from sqlalchemy.sql import ColumnElement
 
 from chatsync.errors import ConversationNotFound, UsageError
 from chatsync.normalize import transcript
-from chatsync.store import rollups
+from chatsync.store import changes, rollups
 from chatsync.store.engine import lock_for_writing
 from chatsync.store.tables import conversations as c
 from chatsync.store.tables import whatsapp_audit
@@ -302,4 +302,5 @@ def set_whatsapp(
             new_source=change.new_source,
         )
     )
+    changes.record_conversations(connection, [(conversation_id, current.chatbot_id)], now)
     return change

@@ -246,3 +246,17 @@ webhook_events = Table(
     Column("type", String(64), nullable=False),
     Column("received_at", Moment, nullable=False),
 )
+
+# The change log: one row per conversation written and per sync finished, appended by the writers in the
+# transaction that makes the change (chatsync.store.changes), so `seq` orders changes as they committed.
+# The HTTP API's event streams are cursors over it: `seq` is the SSE event id a client resumes from.
+changes = Table(
+    "changes",
+    metadata,
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("kind", String(32), nullable=False, comment="'conversation.upserted' or 'sync.finished'"),
+    Column("subject", String(128), nullable=False, comment="the conversation id or the sync run id"),
+    Column("chatbot_id", String(128), comment="the conversation's chatbot; NULL for a sync run"),
+    Column("at", Moment, nullable=False),
+    sqlite_autoincrement=True,
+)

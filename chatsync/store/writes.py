@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, bindparam, case, select, update
 
 from chatsync.jsonbody import UndecodableRecord
-from chatsync.store import rollups
+from chatsync.store import changes, rollups
 from chatsync.store.engine import insert_for, lock_for_writing
 from chatsync.store.tables import chatbots, conversations, quarantine, sync_days, sync_runs
 
@@ -97,7 +97,7 @@ def upsert_conversations(
     # Existing rows first: every writer locks the conversations it changes before any rollup row, so a
     # sync and a person's set-whatsapp on the same conversation cannot wait on each other in a cycle.
     if changed:
-        apply_rule_results(connection, changed, now, DATA_COLUMNS)
+        apply_rule_results(connection, changed, now, DATA_COLUMNS, announce=False)
     if fresh:
         stored = [
             {
@@ -111,6 +111,8 @@ def upsert_conversations(
         ]
         connection.execute(conversations.insert(), stored)
         rollups.track(connection, before=[], after=stored)
+    # Last, so the change log's lock is held only from here to the commit (chatsync.store.changes).
+    changes.record_conversations(connection, changes.conversation_items([*changed, *fresh]), now)
     return counts
 
 
@@ -127,11 +129,16 @@ def stored_fingerprints(connection: Connection, ids: list[str]) -> dict[str, tup
 
 
 def apply_rule_results(
-    connection: Connection, rows: list[dict[str, Any]], now: datetime, columns: Iterable[str]
+    connection: Connection,
+    rows: list[dict[str, Any]],
+    now: datetime,
+    columns: Iterable[str],
+    announce: bool = True,
 ) -> None:
     """Rewrite ``columns`` and the automatic number of existing conversations, keeping manual numbers.
 
     The report's rollups move from the rows as they were to the rows as stored (a manual number stays).
+    ``announce``: append the rewrite to the change log (a caller that writes more afterwards does it last).
     """
     manual = conversations.c.whatsapp_source == "manual"
     values: dict[str, Any] = {c: bindparam(f"v_{c}") for c in columns}
@@ -152,6 +159,13 @@ def apply_rule_results(
     before = rollups.stored(connection, ids, lock=True)
     connection.execute(statement, params)
     rollups.track(connection, before, rollups.stored(connection, ids))
+    if announce:
+        owners = dict(
+            connection.execute(
+                select(conversations.c.id, conversations.c.chatbot_id).where(conversations.c.id.in_(ids))
+            ).all()
+        )
+        changes.record_conversations(connection, [(i, owners[i]) for i in ids if i in owners], now)
 
 
 def mark_days_fetched(
@@ -314,3 +328,31 @@ def finish_run(
         .where(sync_runs.c.id == run_id)
         .values(status=status, finished_at=now, summary=summary, error=error)
     )
+    changes.prune(connection, now)
+    changes.record_sync_finished(connection, run_id, now)
+
+
+def record_failed_run(
+    connection: Connection,
+    run_id: str,
+    chatbot_ids: list[str],
+    summary: dict[str, Any],
+    error: str,
+    now: datetime,
+) -> None:
+    """Record a run that could not start (its chatbot was already syncing, say) as failed, with the reason.
+
+    Unlike :func:`start_run` it leaves other runs alone: the sync that is running is not interrupted.
+    """
+    connection.execute(
+        sync_runs.insert().values(
+            id=run_id,
+            chatbot_ids=chatbot_ids,
+            status="failed",
+            started_at=now,
+            finished_at=now,
+            summary=summary,
+            error=error,
+        )
+    )
+    changes.record_sync_finished(connection, run_id, now)

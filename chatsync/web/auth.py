@@ -3,18 +3,26 @@
 Every check of spec/http-api.md: RS256 only; ``exp``, ``iat``, ``nbf``, ``sub``, ``iss`` required; the
 issuer must match; ``azp`` must be present and allowed; 5 s clock skew; a pending session is refused.
 A failure says nothing that helps an attacker.
+
+With ``CLERK_JWKS_URL`` the key set is PyJWT's ``PyJWKClient`` cache: the whole set is trusted for
+``CHATSYNC_JWKS_CACHE`` (5 minutes) and then fetched again, so a key removed from the set stops working
+within that time; a token naming a key id the cached set lacks makes it fetch the set at once, at most
+once per :data:`JWKS_REFETCH_SECONDS`, so made-up key ids cannot make us hammer the JWKS endpoint.
 """
 
 from __future__ import annotations
 
-import os
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
+from chatsync.config import Settings
 from chatsync.errors import ConfigError
 from chatsync.store.access import Caller
 
 CLOCK_SKEW_SECONDS = 5
+JWKS_REFETCH_SECONDS = 2.0
 
 
 class Unauthorized(Exception):
@@ -26,58 +34,71 @@ class Forbidden(Exception):
 
 
 @dataclass(frozen=True)
+class Session:
+    """A verified session token: who called, and when the token expires (epoch seconds)."""
+
+    caller: Caller
+    expires: int
+
+
+@dataclass(frozen=True)
 class ClerkSettings:
+    """What verifying a token needs; see :meth:`from_settings`."""
+
     issuer: str
     authorized_parties: tuple[str, ...]
     public_key: str | None = None
     jwks_url: str | None = None
-    webhook_secret: str | None = None
-    admin_user_ids: tuple[str, ...] = ()
+    jwks_cache_seconds: float = 300.0
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> ClerkSettings:
-        """Read CLERK_* settings; ``serve`` refuses to start without a key, the issuer and the parties."""
-        env = dict(os.environ) if env is None else env
-        key = env.get("CLERK_JWT_KEY", "").replace("\\n", "\n").strip() or None
-        jwks = env.get("CLERK_JWKS_URL", "").strip() or None
-        issuer = env.get("CLERK_ISSUER", "").strip()
-        parties = tuple(p.strip() for p in env.get("CLERK_AUTHORIZED_PARTIES", "").split(",") if p.strip())
+    def from_settings(cls, settings: Settings) -> ClerkSettings:
+        """The Clerk part of the settings; ConfigError naming what is missing (``serve`` refuses to start)."""
         missing = [
             name
             for name, present in (
-                ("CLERK_JWT_KEY or CLERK_JWKS_URL", key or jwks),
-                ("CLERK_ISSUER", issuer),
-                ("CLERK_AUTHORIZED_PARTIES", parties),
+                ("CLERK_JWT_KEY or CLERK_JWKS_URL", settings.clerk_jwt_key or settings.clerk_jwks_url),
+                ("CLERK_ISSUER", settings.clerk_issuer),
+                ("CLERK_AUTHORIZED_PARTIES", settings.clerk_authorized_parties),
             )
             if not present
         ]
         if missing:
             raise ConfigError(f"the API needs {', '.join(missing)}: set them from your Clerk instance")
-        admins = tuple(a.strip() for a in env.get("CHATSYNC_ADMIN_USER_IDS", "").split(",") if a.strip())
         return cls(
-            issuer=issuer,
-            authorized_parties=parties,
-            public_key=key,
-            jwks_url=jwks,
-            webhook_secret=env.get("CLERK_WEBHOOK_SIGNING_SECRET") or None,
-            admin_user_ids=admins,
+            issuer=settings.clerk_issuer or "",
+            authorized_parties=settings.clerk_authorized_parties,
+            public_key=settings.clerk_jwt_key,
+            jwks_url=settings.clerk_jwks_url,
+            jwks_cache_seconds=max(1.0, settings.jwks_cache.total_seconds()),
         )
 
 
 class ClerkVerifier:
-    """Verifies tokens; a token already verified is remembered until it expires (the frontend reuses one
-    for about a minute, and an RSA check per request is the largest cost of a small request)."""
+    """Verifies tokens. A token already verified is remembered until it expires, or until the key set it
+    was checked against is due to be fetched again (the frontend reuses a token for about a minute, and
+    an RSA check per request is the largest cost of a small request)."""
 
     CACHE_SIZE = 4096
 
     def __init__(self, settings: ClerkSettings) -> None:
-        import threading
-
         import jwt
 
         self.settings = settings
-        self._jwks = jwt.PyJWKClient(settings.jwks_url, cache_keys=True) if settings.jwks_url else None
-        self._verified: dict[str, tuple[Caller, int]] = {}
+        self._jwks = (
+            jwt.PyJWKClient(
+                settings.jwks_url,
+                cache_keys=False,  # its per-kid cache never expires: a removed key would live on
+                cache_jwk_set=True,
+                lifespan=settings.jwks_cache_seconds,
+                cooldown_duration=JWKS_REFETCH_SECONDS,
+                timeout=10,
+            )
+            if settings.jwks_url
+            else None
+        )
+        self._trust_seconds = settings.jwks_cache_seconds if self._jwks is not None else float("inf")
+        self._verified: dict[str, tuple[Session, float]] = {}  # token → (session, remembered until)
         self._lock = threading.Lock()
 
     def _key(self, token: str) -> Any:
@@ -85,28 +106,38 @@ class ClerkVerifier:
             return self._jwks.get_signing_key_from_jwt(token).key
         return self.settings.public_key
 
-    def verify(self, authorization: str | None) -> tuple[Caller, int]:
-        """The caller of an ``Authorization`` header, and when their token expires (epoch seconds)."""
-
+    def verify(self, authorization: str | None) -> Session:
+        """The session of an ``Authorization: Bearer …`` header (the scheme in any case)."""
         if not authorization:
             raise Unauthorized()
         scheme, _, token = authorization.strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token or " " in token:
+        if scheme.lower() != "bearer":
             raise Unauthorized()
-        import time
+        return self.verify_token(token)
 
+    def remembered(self, token: str) -> Session | None:
+        """The session of a token verified a moment ago, without any work (None: verify it)."""
         known = self._verified.get(token)
-        if known is not None and known[1] + CLOCK_SKEW_SECONDS > time.time():
+        return known[0] if known is not None and known[1] > time.time() else None
+
+    def verify_token(self, token: str) -> Session:
+        """The session of a bare token; Unauthorized (401) or Forbidden (403). May fetch the JWKS."""
+        token = token.strip()
+        if not token or " " in token:
+            raise Unauthorized()
+        now = time.time()
+        known = self.remembered(token)
+        if known is not None:
             return known
-        caller = self._verify(token)
+        session = self._verify(token)
+        until = min(session.expires + CLOCK_SKEW_SECONDS, now + self._trust_seconds)
         with self._lock:
             if len(self._verified) >= self.CACHE_SIZE:
                 self._verified.clear()
-            self._verified[token] = caller
-        return caller
+            self._verified[token] = (session, until)
+        return session
 
-    def _verify(self, token: str) -> tuple[Caller, int]:
+    def _verify(self, token: str) -> Session:
         import jwt
 
         try:
@@ -133,6 +164,5 @@ class ClerkVerifier:
         role = org.get("rol") or claims.get("org_role")
         if role and not str(role).startswith("org:"):
             role = f"org:{role}"
-        return Caller(subject, str(org_id) if org_id else None, str(role) if role else None), int(
-            claims["exp"]
-        )
+        caller = Caller(subject, str(org_id) if org_id else None, str(role) if role else None)
+        return Session(caller, int(claims["exp"]))

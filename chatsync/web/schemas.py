@@ -1,0 +1,198 @@
+"""The API's request and response bodies, as the OpenAPI document (and so the frontend's types) shows them.
+
+No ``from __future__ import annotations``: Pydantic and FastAPI read these annotations at runtime.
+"""
+
+from datetime import date
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def _request_schema(schema: dict[str, Any]) -> None:
+    """A request field with a default is optional, and its schema says so without a ``default``: generated
+    clients (openapi-typescript) read a default as "always present" and would make callers send it."""
+    for field in schema.get("properties", {}).values():
+        field.pop("default", None)
+
+
+class RequestBody(BaseModel):
+    model_config = ConfigDict(json_schema_extra=_request_schema)
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="machine-readable, e.g. `not_found`, `invalid_request`, `unauthorized`")
+    message: str = Field(description="one line for a person")
+
+
+class ErrorBody(BaseModel):
+    """Every error the API answers."""
+
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: str
+    database: str
+
+
+# ------------------------------------------------------------------------------------------ conversations
+class ConversationOut(BaseModel):
+    """A conversation as `chatsync list --format json` prints it."""
+
+    id: str
+    chatbot_id: str
+    created_at: str = Field(description="UTC, ISO 8601 with Z")
+    last_message_at: str | None
+    source: str | None
+    customer: str | None
+    country: str | None
+    message_count: int
+    whatsapp_number: str | None = Field(description="E.164, e.g. +85291234567")
+    whatsapp_source: str | None = Field(description="extracted, form or manual")
+
+
+class ConversationPage(BaseModel):
+    data: list[ConversationOut]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last")
+
+
+class MessageOut(BaseModel):
+    role: str
+    content: str
+    created_at: str | None
+
+
+class AuditOut(BaseModel):
+    at: str
+    by: str
+    old: str | None
+    new: str | None
+    old_source: str | None
+    new_source: str | None
+
+
+class ConversationDetail(ConversationOut):
+    messages: list[MessageOut]
+    whatsapp_audit: list[AuditOut]
+
+
+class WhatsAppUpdate(RequestBody):
+    """``{"whatsapp_number": "9123 4567"}``, ``{"whatsapp_number": null}`` to clear, or ``{"auto": true}``."""
+
+    whatsapp_number: str | None = Field(default=None, max_length=64, description="a number, or null to clear")
+    auto: bool = Field(default=False, description="true: hand the number back to extraction")
+
+
+# --------------------------------------------------------------------------------------------------- sync
+class SyncStart(RequestBody):
+    chatbot_id: str = Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]+$")
+    since: date | None = None
+    until: date | None = None
+
+
+class SyncStarted(BaseModel):
+    run_id: str
+
+
+class SyncStatus(BaseModel):
+    run_id: str
+    status: str = Field(description="running, ok, partial or failed")
+    summary: dict[str, Any] | None = Field(description="the `sync --json` object once finished, else null")
+    error: str | None = Field(default=None, description="why a run failed or ended early")
+
+
+# ---------------------------------------------------------------------------------------------- analytics
+class ReportWindow(BaseModel):
+    since: str | None
+    until: str | None
+    timezone: str
+
+
+class Spread(BaseModel):
+    mean: float | None
+    median: float | None
+
+
+class ResponseTimes(BaseModel):
+    mean: float | None
+    median: float | None
+    p90: float | None
+    pairs: int
+    coverage: float | None
+
+
+class FirstResponseTimes(BaseModel):
+    mean: float | None
+    median: float | None
+    p90: float | None
+    coverage: float | None
+
+
+class DayCount(BaseModel):
+    date: str
+    conversations: int
+    messages: int
+
+
+class Missed(BaseModel):
+    no_reply: int
+    not_found: int
+    ambiguous: int
+
+
+class WhatsAppFunnel(BaseModel):
+    prompted: int
+    replied: int
+    captured: int
+    capture_rate: float | None
+    manual: int
+    from_form: int
+    with_number: int
+    missed: Missed
+
+
+class Report(BaseModel):
+    """The `chatsync report --format json` object (rates are 0–1, times in seconds)."""
+
+    window: ReportWindow
+    conversations: int
+    messages: int
+    user_messages: int
+    assistant_messages: int
+    users: int
+    users_coverage: float | None
+    engagement_rate: float | None
+    messages_per_conversation: Spread
+    length_histogram: dict[str, int] = Field(description="conversations by message count: 1, 2, 3-5, …")
+    response_time_seconds: ResponseTimes
+    first_response_time_seconds: FirstResponseTimes
+    unanswered_rate: float | None
+    by_source: dict[str, int]
+    by_country: dict[str, int]
+    by_phone_region: dict[str, int]
+    by_day: list[DayCount]
+    by_weekday_hour: list[list[int]] = Field(description="7 rows (Monday first) of 24 local hours")
+    whatsapp: WhatsAppFunnel
+
+
+# ------------------------------------------------------------------------------------------------- events
+class ConversationUpserted(BaseModel):
+    """`data` of a `conversation.upserted` event: fetch the conversation again to see what changed."""
+
+    id: str
+    chatbot_id: str
+    changed_at: str = Field(description="UTC, ISO 8601 with Z")
+
+
+class SyncFinished(BaseModel):
+    """`data` of a `sync.finished` event."""
+
+    run_id: str
+    status: str = Field(description="ok, partial or failed")
+    summary: dict[str, Any] | None
+
+
+class StreamNotice(BaseModel):
+    """`data` of `expired` (the token expired: reconnect with a fresh one) and `reset` (the events since the
+    client's `Last-Event-ID` are no longer kept: fetch what it shows again)."""

@@ -1,0 +1,178 @@
+"""``chatsync serve`` as an operator runs it: every setting from ``.env``, logs a person can search.
+
+The server is a real ``chatsync serve`` process; its stderr is what an operator would read.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi.testclient import TestClient
+from sqlalchemy import text
+from svix.webhooks import Webhook
+
+from chatsync.config import WhatsAppRule
+from chatsync.normalize import normalize_conversation
+from chatsync.store import writes
+from chatsync.store.engine import ensure_schema, open_engine
+from chatsync.web.app import create_app
+from chatsync.web.logs import configure_logging
+from tests.api_helpers import (
+    ISSUER,
+    ORIGIN,
+    PUBLIC_PEM,
+    WEBHOOK_SECRET,
+    api_settings,
+    bearer,
+    conversation,
+    token,
+)
+
+FRONTEND = "http://127.0.0.1:3000"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _dotenv(path: Path, database_url: str) -> None:
+    pem = PUBLIC_PEM.strip()
+    path.write_text(
+        f"CHATSYNC_DATABASE_URL={database_url}\n"
+        f'CLERK_JWT_KEY="{pem}"\n'
+        f"CLERK_ISSUER={ISSUER}\n"
+        f"CLERK_AUTHORIZED_PARTIES={ORIGIN}\n"
+        f"CLERK_WEBHOOK_SIGNING_SECRET={WEBHOOK_SECRET}\n"
+        "CLERK_SECRET_KEY=sk_test_only_for_users_sync\n"
+        "CHATSYNC_ADMIN_USER_IDS=user_admin\n"
+        f"CHATSYNC_CORS_ORIGINS={FRONTEND}\n"
+        "SENTRY_DSN=http://public@127.0.0.1:9/1\n"
+        "CHATSYNC_LOG_FORMAT=json\n"
+    )
+
+
+def test_serve_runs_from_dotenv_and_logs_a_500_with_its_request_id_and_no_token(
+    database_url: str, tmp_path: Path
+) -> None:
+    engine = open_engine(database_url)
+    ensure_schema(engine)
+    row = normalize_conversation(conversation("s1", "bot-a"), "bot-a", WhatsAppRule())
+    with engine.begin() as connection:
+        writes.upsert_conversations(connection, [row], datetime.now(UTC))
+    _dotenv(tmp_path / ".env", database_url)
+    environment = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("CHATSYNC_", "CLERK_", "CHATBASE_", "SENTRY_")) and k != "DATABASE_URL"
+    }
+    port = _free_port()
+    log_path = tmp_path / "serve.log"
+    admin = token(sub="user_admin")
+    with log_path.open("w") as log_file:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "chatsync", "serve", "--port", str(port)],
+            cwd=tmp_path,
+            env=environment,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert server.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, "serve did not start"
+                time.sleep(0.2)
+            with httpx.Client(base_url=base, timeout=10) as client:
+                listed = client.get(
+                    "/api/conversations",
+                    params={"number": "91234567"},
+                    headers={**bearer(admin), "x-request-id": "req-ok-1"},
+                )
+                assert listed.status_code == 200 and [c["id"] for c in listed.json()["data"]] == ["s1"]
+                preflight = client.options(
+                    "/api/conversations",
+                    headers={"Origin": FRONTEND, "Access-Control-Request-Method": "GET"},
+                )
+                assert preflight.headers["access-control-allow-origin"] == FRONTEND  # CHATSYNC_CORS_ORIGINS
+                body = json.dumps({"type": "user.created", "data": {"id": "user_w", "updated_at": 1}})
+                signature = Webhook(WEBHOOK_SECRET).sign("msg_env", datetime.now(UTC), body)
+                hook = client.post(
+                    "/api/webhooks/clerk",
+                    content=body,
+                    headers={
+                        "svix-id": "msg_env",
+                        "svix-timestamp": str(int(time.time())),
+                        "svix-signature": signature,
+                    },
+                )
+                assert hook.status_code == 200, hook.text  # CLERK_WEBHOOK_SIGNING_SECRET
+
+                with engine.begin() as connection:  # a 500 on purpose: the table is gone
+                    connection.execute(
+                        text(
+                            "DROP TABLE conversations CASCADE"
+                            if "postgres" in database_url
+                            else "DROP TABLE conversations"
+                        )
+                    )
+                broken = client.get(
+                    "/api/conversations", headers={**bearer(admin), "x-request-id": "req-boom-1"}
+                )
+                assert broken.status_code == 500
+                assert broken.json()["error"]["message"] == "unexpected error; request id req-boom-1"
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+            engine.dispose()
+    output = log_path.read_text()
+    lines = [json.loads(line) for line in output.splitlines() if line.strip()]  # CHATSYNC_LOG_FORMAT=json
+    assert all("request_id" in line and "level" in line for line in lines)
+    failure = [line for line in lines if line["level"] == "ERROR"]
+    assert failure and failure[0]["request_id"] == "req-boom-1" and "req-boom-1" in failure[0]["message"]
+    assert "exc_info" in failure[0]  # the traceback, for the operator
+    access = {line["request_id"]: line for line in lines if line["name"] == "chatsync.access"}
+    assert access["req-ok-1"]["status"] == 200 and access["req-ok-1"]["user_id"] == "user_admin"
+    assert access["req-ok-1"]["message"].startswith("GET /api/conversations?number ")
+    assert access["req-boom-1"]["status"] == 500
+    assert any("SENTRY_DSN" in line["message"] for line in lines)  # read from .env too
+    assert admin not in output and admin.split(".")[2] not in output  # no token, no signature
+    assert "91234567" not in output  # no number from the query string
+
+
+def test_text_logs_carry_the_request_id_on_every_line(engine: Any) -> None:
+    stream = io.StringIO()
+    root = logging.getLogger()
+    kept = (root.handlers[:], root.level, logging.getLogger("chatsync").level)
+    configure_logging("text", debug=False, stream=stream)
+    try:
+        client = TestClient(create_app(engine, api_settings(engine)), raise_server_exceptions=False)
+        response = client.get("/api/conversations", headers={**bearer(token()), "x-request-id": "req-text-1"})
+        assert response.status_code == 200
+        assert response.headers["x-request-id"] == "req-text-1"
+        generated = client.get("/healthz").headers["x-request-id"]
+    finally:
+        root.handlers[:], _, _ = kept
+        root.setLevel(kept[1])
+        logging.getLogger("chatsync").setLevel(kept[2])
+    lines = stream.getvalue().splitlines()
+    assert any("INFO [req-text-1] chatsync.access: GET /api/conversations 200 " in line for line in lines)
+    assert any(f"[{generated}] chatsync.access: GET /healthz 200" in line for line in lines)
