@@ -38,6 +38,7 @@ def _group(name: str, help: str) -> typer.Typer:
 
 db_app = _group("db", "Database schema and status.")
 quarantine_app = _group("quarantine", "Records Chatbase sent that could not be stored: list, show, retry.")
+config_app = _group("config", "chatsync's settings and where they come from.")
 access_app = _group("access", "Which Clerk users and organizations may see which chatbot (HTTP API).")
 users_app = _group("users", "Clerk users known to chatsync (HTTP API).")
 
@@ -739,6 +740,32 @@ def doctor(
     failed = [c for c in checks if not c.ok]
     if failed:
         raise typer.Exit(int(ExitCode.CONFIG if any(c.configuration for c in failed) else ExitCode.ERROR))
+
+
+@config_app.command("show")
+@handle_errors
+def config_show(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Every setting, its value (secrets masked) and where it came from: flag, environment, .env, default."""
+    from chatsync import render
+    from chatsync.config import describe_settings
+
+    rows = describe_settings(_ctx().settings())
+    render.settings_table(
+        [
+            {
+                "name": r.name,
+                "variables": list(r.variables),
+                "flag": r.flag,
+                "value": r.value,
+                "origin": r.origin.kind,
+                "from": r.origin.variable,
+            }
+            for r in rows
+        ],
+        as_json,
+    )
 
 
 @quarantine_app.command("list")

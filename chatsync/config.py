@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from chatsync.errors import MissingSetting, UsageError
-from chatsync.timeutil import parse_duration
+from chatsync.timeutil import format_duration, parse_duration
 
 DEFAULT_BASE_URL = "https://www.chatbase.co/api/v1"
 DEFAULT_CLERK_API_URL = "https://api.clerk.com/v1"
@@ -480,6 +480,8 @@ def describe_settings(settings: Settings) -> list[SettingRow]:
             shown = mask_url(str(value))
         elif isinstance(value, tuple):
             shown = ",".join(map(str, value))
+        elif isinstance(value, timedelta):
+            shown = format_duration(value)
         else:
             shown = "" if value is None else str(value)
         rows.append(

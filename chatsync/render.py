@@ -318,6 +318,23 @@ def checks(results: list[Any], as_json: bool) -> None:
         console.print(mark + Text(f"  {check.name:<16} {check.detail}"), highlight=False, soft_wrap=True)
 
 
+def settings_table(rows: list[dict[str, Any]], as_json: bool) -> None:
+    """``chatsync config show``: each setting's variable, value and origin."""
+    if as_json:
+        write_json({"settings": rows})
+        return
+    table = Table(header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("setting", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    table.add_column("from", no_wrap=True)
+    for row in rows:
+        origin = row["origin"] + (f" {row['from']}" if row["from"] else "")
+        table.add_row(
+            row["variables"][0], row["value"], Text(origin, style="dim" if row["origin"] == "default" else "")
+        )
+    stdout_console().print(table)
+
+
 def _age(seconds: int | None) -> str:
     if seconds is None:
         return "?"

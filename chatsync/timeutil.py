@@ -41,6 +41,16 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()])
 
 
+def format_duration(span: timedelta) -> str:
+    """A duration the way ``parse_duration`` reads it: ``3d``, ``5m``, ``90s`` (the largest exact unit)."""
+    seconds = span.total_seconds()
+    for unit in ("w", "d", "h", "m"):
+        size = _UNIT_SECONDS[unit]
+        if seconds and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
 def parse_timestamp(value: object) -> datetime:
     """Read a Chatbase timestamp (ISO 8601 string, or epoch seconds/milliseconds) as aware UTC.
 

@@ -50,3 +50,11 @@ def test_links_between_pages_point_at_files_of_the_repository() -> None:
             resolved = (page.parent / target).resolve()
             assert resolved.is_relative_to(ROOT), f"{page.name} links outside the repository: {target}"
             assert resolved.exists(), f"{page.name} links to a missing file: {target}"
+
+
+def test_every_setting_is_described_in_docs_configuration() -> None:
+    from chatsync.config import SETTINGS
+
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    missing = [s.env[0] for s in SETTINGS if f"`{s.env[0]}`" not in text]
+    assert not missing, f"docs/configuration.md does not describe {', '.join(missing)}"

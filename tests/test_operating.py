@@ -385,3 +385,36 @@ def test_doctor_names_a_database_it_cannot_reach_and_one_it_must_not_touch(
     assert code != 0 and "newer than this chatsync" in checks["database"]["detail"]
     table = cli("doctor", env=env)
     assert "FAIL  database" in table.stdout
+
+
+# -------------------------------------------------------------------------------------------- config show
+def test_config_show_names_each_source_and_masks_secrets(cli: Any, tmp_path: Any) -> None:
+    (tmp_path / ".env").write_text(
+        "CHATBASE_API_KEY=sk-live-from-dotenv-123\nCHATSYNC_LOOKBACK=5d\n"
+        "CHATSYNC_HEARTBEAT_URL=https://hc-ping.com/secret-uuid\nCHATSYNC_DATABASE_URL=postgresql://u:pw-in-dotenv@db/x\n"
+    )
+    env = {"CHATBASE_CHATBOT_ID": "bot-a,bot-b", "CHATSYNC_DATABASE_URL": ""}
+    result = cli("--database-url", "postgresql://u:pw-on-flag@db/x", "config", "show", "--json", env=env)
+    assert result.exit_code == 0, result.stderr
+    rows = {r["variables"][0]: r for r in json.loads(result.stdout)["settings"]}
+    assert (rows["CHATSYNC_DATABASE_URL"]["origin"], rows["CHATSYNC_DATABASE_URL"]["from"]) == (
+        "flag",
+        "--database-url",
+    )
+    assert "pw-on-flag" not in rows["CHATSYNC_DATABASE_URL"]["value"]
+    assert (rows["CHATBASE_CHATBOT_ID"]["origin"], rows["CHATBASE_CHATBOT_ID"]["value"]) == (
+        "env",
+        "bot-a,bot-b",
+    )
+    assert (rows["CHATBASE_API_KEY"]["origin"], rows["CHATBASE_API_KEY"]["value"]) == (".env", "***")
+    assert (rows["CHATSYNC_LOOKBACK"]["origin"], rows["CHATSYNC_LOOKBACK"]["value"]) == (".env", "5d")
+    assert (rows["CHATSYNC_RETRY_BUDGET"]["origin"], rows["CHATSYNC_RETRY_BUDGET"]["value"]) == (
+        "default",
+        "5m",
+    )
+    assert rows["CHATSYNC_HEARTBEAT_URL"]["value"] == "***"
+    for secret in ("sk-live-from-dotenv-123", "secret-uuid", "pw-in-dotenv", "pw-on-flag"):
+        assert secret not in result.stdout + result.stderr
+    table = cli("config", "show", env=env)
+    assert table.exit_code == 0 and "CHATSYNC_LOOKBACK" in table.stdout and ".env" in table.stdout
+    assert "sk-live-from-dotenv-123" not in table.stdout
