@@ -214,6 +214,7 @@ class Stream:
     last_page: int | None = None  # the first page that came back short
     in_flight: int = 0
     expected_pages: int | None = None  # how many pages the stream probably has; None: no idea yet
+    stored: int | None = None  # conversations stored in its range when the run began; None: not counted
     full_page: int = 0  # the highest page that came back full
     ids: dict[int, list[object]] = field(default_factory=dict)  # page → its ids, to catch a repeated page
     # saving, the writer's alone
@@ -566,14 +567,14 @@ class Syncer:
             fetched = writes.fetched_days(connection, chatbot_id, {"*", scope}, first, last)
         days = days_to_fetch(first, last, fetched, request.lookback, request.full)
         streams = plan_streams(days, today, self.concurrency, open_start)
-        with self._db() as connection:
+        with self.engine.connect() as connection:
             for stream in streams:
-                if not stream.open_start and not request.sources:
-                    stored = writes.count_conversations(
-                        connection, chatbot_id, stream.window.start, stream.window.end
-                    )
+                stream.stored = writes.count_conversations(
+                    connection, chatbot_id, stream.window.start, stream.window.end
+                )
+                if stream.stored and not stream.open_start and not request.sources:
                     # what is stored says how far the stream goes; nothing stored says nothing yet
-                    stream.expected_pages = stored // PAGE_SIZE + 1 if stored else None
+                    stream.expected_pages = stream.stored // PAGE_SIZE + 1
         plan = ChatbotPlan(
             chatbot_id, None if open_start else first, last, days, [s.window for s in streams], found
         )
@@ -722,7 +723,10 @@ class Syncer:
         path is mostly them); the rest go to a worker."""
         records = fetched.records
         ids = [stored_id(r) for r in records]
-        known = self._fingerprints([i for i in ids if i is not None])
+        # A range with nothing stored when the run began holds only what this run stores (one sync per
+        # chatbot; a repeat within the stream is not claimed twice): no need to ask the database.
+        looked_up = fetched.stream.stored != 0
+        known = self._fingerprints([i for i in ids if i is not None]) if looked_up else {}
         outcomes: list[Outcome] = []
         rest: list[int] = []
         for index, (record, conversation_id) in enumerate(zip(records, ids, strict=True)):
@@ -830,8 +834,11 @@ class Syncer:
         self._report(status)
 
     def _fingerprints(self, ids: list[str]) -> dict[str, tuple[str, bool]]:
-        with self._db() as connection:
-            return writes.stored_fingerprints(connection, ids)
+        try:
+            with self.engine.connect() as connection:
+                return writes.stored_fingerprints(connection, ids)
+        except DBAPIError as exc:
+            raise _unavailable(exc) from None
 
     def _record_page(
         self,

@@ -151,7 +151,9 @@ class ReaderPool:
                 done.set_exception(exc)
             return done
         if self._executor is None:
-            self._executor = ProcessPoolExecutor(self.workers, mp_context=_context())
+            self._executor = ProcessPoolExecutor(
+                self.workers, mp_context=_context(), initializer=_end_with_parent
+            )
         return self._executor.submit(read_page, task)
 
     def close(self) -> None:
@@ -164,6 +166,23 @@ class ReaderPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _end_with_parent() -> None:
+    """In a worker: exit as soon as the sync that started it is gone (even SIGKILLed), rather than wait
+    for tasks forever (a worker holds its own end of the task queue, so it would never see it close)."""
+    import multiprocessing
+    import threading
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()
+        os._exit(0)
+
+    threading.Thread(target=watch, name="chatsync-worker-watch", daemon=True).start()
 
 
 def _context() -> Any:

@@ -162,7 +162,8 @@ def insert_conversations(connection: Connection, rows: list[dict[str, Any]]) -> 
     """
     if not rows:
         return
-    values = [tuple(encode(row[name]) for name, encode in _encoders(connection)) for row in rows]
+    encoders = _encoders(connection)
+    values = [tuple([encode(row[name]) for name, encode in encoders]) for row in rows]
     names = ", ".join(INSERT_COLUMNS)
     if connection.dialect.name == "postgresql":
         # COPY into a staging table of the same shape (created once per server session, emptied by every
