@@ -701,8 +701,8 @@ class Syncer:
                             continue
                         try:
                             pending.append(self._read(chatbot_id, item, pool, events))
-                        except DatabaseUnavailable as exc:
-                            first_error = exc
+                        except (DatabaseUnavailable, BrokenProcessPool) as exc:
+                            first_error = _crashed(exc) if isinstance(exc, BrokenProcessPool) else exc
                             stop.set()
                             held.release()
             except BaseException:
