@@ -32,6 +32,7 @@ from bench.workloads import (
 FULL = {
     "S1": 20_000,
     "S2": 100_000,
+    "S2_small": 10_000,
     "S3": (20_000, 200_000),
     "S5": 1_000_000,
     "S7_seconds": 20,
@@ -42,7 +43,15 @@ FULL = {
 def sizes(quick: bool) -> dict[str, Any]:
     if not quick:
         return FULL
-    return {"S1": 2_000, "S2": 10_000, "S3": (2_000, 20_000), "S5": 100_000, "S7_seconds": 2, "S8": 10_000}
+    return {
+        "S1": 2_000,
+        "S2": 10_000,
+        "S2_small": 1_000,
+        "S3": (2_000, 20_000),
+        "S5": 100_000,
+        "S7_seconds": 2,
+        "S8": 10_000,
+    }
 
 
 def targets(figures: dict[str, Any]) -> list[tuple[str, str, str, str, bool | None]]:
@@ -53,9 +62,11 @@ def targets(figures: dict[str, Any]) -> list[tuple[str, str, str, str, bool | No
             (
                 "S1",
                 db,
-                f"{f['conversations_per_s']:,} conv/s = {f['ceiling_share']:.0%} of ceiling",
-                "≥ 90 %",
-                f["ceiling_share"] >= 0.9,
+                f"{f['conversations_per_s']:,} conv/s = {f['ceiling_share']:.0%} of ceiling "
+                f"({f['seconds']} s = {f['over_minimum']}× the {f['minimum_seconds']} s minimum; "
+                f"{f['requests']} requests, minimum {f['minimum_requests']})",
+                "≥ 95 %",
+                f["ceiling_share"] >= 0.95,
             )
         )
         rows.append(("S1", db, f"{f['http_429']} × 429", "0", f["http_429"] == 0))
@@ -73,9 +84,19 @@ def targets(figures: dict[str, Any]) -> list[tuple[str, str, str, str, bool | No
             (
                 "S2",
                 db,
-                f"dlt {f['dlt_seconds']} s = {f['times_faster_than_dlt']}× slower",
+                f"dlt {f['dlt_seconds']} s: chatsync {f['times_faster_than_dlt']}× as fast",
                 "≥ 2×",
                 f["times_faster_than_dlt"] >= 2,
+            )
+        )
+        rows.append(
+            (
+                "S2",
+                db,
+                f"{f['ms_per_conversation']} ms/conversation at {f['conversations']:,} ÷ "
+                f"{f['ms_per_conversation_small']} at {f['small']:,} = {f['growth_per_conversation']}",
+                "≤ 1.1",
+                f["growth_per_conversation"] <= 1.1,
             )
         )
     for db, f in figures.get("S3", {}).items():
@@ -83,7 +104,7 @@ def targets(figures: dict[str, Any]) -> list[tuple[str, str, str, str, bool | No
             (
                 "S3",
                 db,
-                f"peak {f['peak_rss_mb_small']} / {f['peak_rss_mb_large']} MB",
+                f"peak {f['peak_rss_mb_small']} / {f['peak_rss_mb_large']} MB (with its workers)",
                 "≤ 200 MB",
                 max(f["peak_rss_mb_small"], f["peak_rss_mb_large"]) <= 200,
             )
@@ -177,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 figures.setdefault("S1", {})[db] = s1_rate_limit(size["S1"], db, workdir)
             if only & {"S2", "S4"}:
                 _step(f"S2/S4 {db}")
-                both = s2_s4_speed(size["S2"], db, workdir)
+                both = s2_s4_speed(size["S2"], size["S2_small"], db, workdir)
                 figures.setdefault("S2", {})[db] = both["S2"]
                 figures.setdefault("S4", {})[db] = both["S4"]
             if "S3" in only:

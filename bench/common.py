@@ -96,8 +96,9 @@ def fresh_database(kind: str, workdir: Path) -> Iterator[str]:
 @dataclass
 class Timed:
     seconds: float
-    peak_rss_mb: float
+    peak_rss_mb: float  # the sync process's own high-water mark
     summary: dict[str, Any]
+    peak_tree_mb: float = float("nan")  # the sync and every process it started (its reading workers)
 
 
 # Runs chatsync's CLI and reports the process's own peak RSS when it exits. VmHWM, not getrusage:
@@ -130,17 +131,82 @@ def run_sync(database_url: str, base_url: str, workdir: Path, *extra: str, unlim
         "CHATSYNC_DATABASE_URL": database_url,
     }
     started = time.perf_counter()
-    done = subprocess.run(
+    process = subprocess.Popen(
         [sys.executable, "-c", _MEASURED, "sync", "--json", *extra],
-        env=env, cwd=workdir, capture_output=True, text=True, check=False,
+        env=env, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    tree = _TreeMemory(process.pid)
+    tree.start()
+    stdout, stderr = process.communicate()
     seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise RuntimeError(f"sync failed ({done.returncode}): {done.stderr[-500:]}")
-    peak = [line for line in done.stderr.splitlines() if line.startswith("PEAK_RSS_KB=")]
+    tree.stop()
+    if process.returncode != 0:
+        raise RuntimeError(f"sync failed ({process.returncode}): {stderr[-500:]}")
+    peak = [line for line in stderr.splitlines() if line.startswith("PEAK_RSS_KB=")]
     return Timed(
-        seconds, int(peak[-1].split("=")[1]) / 1024 if peak else float("nan"), json.loads(done.stdout)
+        seconds,
+        int(peak[-1].split("=")[1]) / 1024 if peak else float("nan"),
+        json.loads(stdout),
+        tree.peak_kb / 1024 if tree.peak_kb else float("nan"),
     )
+
+
+class _TreeMemory:
+    """Samples the memory of a process and all its descendants (every 20 ms) and keeps the peak of their sum.
+
+    Each process counts its proportional set size (PSS: pages shared between processes, such as what the
+    workers inherit from their fork server, are split among them rather than counted once each), so the
+    sum is the memory the whole sync takes; RSS where PSS is not available.
+    """
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self.pid = pid
+        self.peak_kb = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            total = sum(_memory_kb(pid) for pid in [self.pid, *_descendants(self.pid)])
+            self.peak_kb = max(self.peak_kb, total)
+            self._done.wait(0.02)
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _memory_kb(pid: int) -> int:
+    for name, key in (("smaps_rollup", "Pss:"), ("status", "VmRSS:")):
+        try:
+            for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+                if line.startswith(key):
+                    return int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    return 0
 
 
 def machine() -> dict[str, Any]:

@@ -19,11 +19,28 @@ from bench.common import emulator, free_port, fresh_database, run_sync
 from bench.peers import dlt_seconds, floor_seconds
 
 CEILING = 1000.0  # 100 requests / 10 s × 100 conversations a page
+LATENCY_S = 0.25
+
+
+def minimum_requests(size: int) -> int:
+    """Requests a client that does not know how many conversations there are needs: the last page must
+    come back short or empty."""
+    return size // 100 + 1
+
+
+def minimum_seconds(size: int) -> float:
+    """The physical minimum of S1: the last request leaves once the sliding window lets it (100 a 10 s),
+    and its answer takes one latency (201 requests: 20 s + 0.25 s)."""
+    return (minimum_requests(size) - 1) // 100 * 10 + LATENCY_S
 
 
 def s1_rate_limit(size: int, kind: str, workdir: Path) -> dict[str, Any]:
-    """Realistic Chatbase: 250 ms a request, 100 requests per 10 s."""
-    with emulator(size, latency_ms=250, rate_limit="100/10s") as emu, fresh_database(kind, workdir) as url:
+    """Realistic Chatbase: 250 ms a request, 100 requests per 10 s; chatsync with its default settings."""
+    latency_ms = LATENCY_S * 1000
+    with (
+        emulator(size, latency_ms=latency_ms, rate_limit="100/10s") as emu,
+        fresh_database(kind, workdir) as url,
+    ):
         run = run_sync(url, emu.base_url, workdir)
         stats = emu.stats()
     rate = size / run.seconds
@@ -32,13 +49,19 @@ def s1_rate_limit(size: int, kind: str, workdir: Path) -> dict[str, Any]:
         "seconds": round(run.seconds, 2),
         "conversations_per_s": round(rate, 1),
         "ceiling_share": round(rate / CEILING, 3),
+        "minimum_seconds": minimum_seconds(size),
+        "over_minimum": round(run.seconds / minimum_seconds(size), 3),
         "requests": run.summary["requests"],
+        "minimum_requests": minimum_requests(size),
         "http_429": stats["throttled"],
     }
 
 
-def s2_s4_speed(size: int, kind: str, workdir: Path) -> dict[str, Any]:
-    """Raw speed from empty against the floor and dlt; then an incremental run with nothing changed."""
+def s2_s4_speed(size: int, small: int, kind: str, workdir: Path) -> dict[str, Any]:
+    """Raw speed from empty against the floor and dlt; the time per conversation at ``small`` and at
+    ``size``; then an incremental run with nothing changed."""
+    with emulator(small) as emu, fresh_database(kind, workdir) as url:
+        early = run_sync(url, emu.base_url, workdir, unlimited=True)
     with emulator(size) as emu:
         floor, fetched = floor_seconds(emu.base_url)
         with fresh_database(kind, workdir) as url:
@@ -57,6 +80,11 @@ def s2_s4_speed(size: int, kind: str, workdir: Path) -> dict[str, Any]:
             "times_faster_than_dlt": round(peer / first.seconds, 2),
             "inserted": first.summary["inserted"],
             "floor_fetched": fetched,
+            "small": small,
+            "ms_per_conversation_small": round(early.seconds / small * 1000, 4),
+            "ms_per_conversation": round(first.seconds / size * 1000, 4),
+            "growth_per_conversation": round((first.seconds / size) / (early.seconds / small), 3),
+            "peak_tree_mb": round(first.peak_tree_mb, 1),
         },
         "S4": {
             "seconds": round(again.seconds, 2),
@@ -69,17 +97,20 @@ def s2_s4_speed(size: int, kind: str, workdir: Path) -> dict[str, Any]:
 
 
 def s3_memory(small: int, large: int, kind: str, workdir: Path) -> dict[str, Any]:
-    """Peak RSS of a sync from empty at two history sizes."""
-    peaks = {}
+    """Peak memory of a sync from empty at two history sizes: the sync process and its reading workers
+    together (summed PSS), and the sync process alone (its RSS high-water mark)."""
+    runs = {}
     for size in (small, large):
         with emulator(size) as emu, fresh_database(kind, workdir) as url:
-            peaks[size] = run_sync(url, emu.base_url, workdir, unlimited=True).peak_rss_mb
+            runs[size] = run_sync(url, emu.base_url, workdir, unlimited=True)
     return {
         "small": small,
         "large": large,
-        "peak_rss_mb_small": round(peaks[small], 1),
-        "peak_rss_mb_large": round(peaks[large], 1),
-        "growth": round(peaks[large] / peaks[small], 3),
+        "peak_rss_mb_small": round(runs[small].peak_tree_mb, 1),
+        "peak_rss_mb_large": round(runs[large].peak_tree_mb, 1),
+        "growth": round(runs[large].peak_tree_mb / runs[small].peak_tree_mb, 3),
+        "main_process_rss_mb_small": round(runs[small].peak_rss_mb, 1),
+        "main_process_rss_mb_large": round(runs[large].peak_rss_mb, 1),
     }
 
 

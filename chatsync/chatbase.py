@@ -20,7 +20,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, timedelta
 from typing import Any, NamedTuple, Self
@@ -30,7 +30,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_bef
 
 from chatsync.config import Secret
 from chatsync.errors import ChatbaseRejected, ChatbaseUnavailable, ChatsyncError, PagingError
-from chatsync.jsonbody import decode_body
+from chatsync.jsonbody import decode_body, read_body
 
 log = logging.getLogger("chatsync.chatbase")
 PAGE_SIZE = 100  # Chatbase's maximum; omitting size silently gives 10 a page
@@ -90,6 +90,16 @@ class ClientStats:
     retries: int = 0
     throttled: int = 0  # answers that were 429
     waited: float = 0.0  # seconds slept before retries, as the server's hints or the backoff asked
+
+
+@dataclass(frozen=True)
+class ConversationPage:
+    """A page of ``get-conversations``: its records decoded fast (for paging decisions: their number,
+    ids and days; integers beyond 64 bits may be approximate) and the body exactly as sent, which is what
+    gets decoded exactly and stored."""
+
+    records: list[Any]
+    body: bytes
 
 
 @dataclass(frozen=True)
@@ -231,10 +241,14 @@ class ChatbaseHTTP:
         with self._stats_lock:
             setattr(self.stats, field, getattr(self.stats, field) + 1)
 
-    def _send(self, path: str, params: dict[str, Any]) -> Any:
+    def _send(
+        self, path: str, params: dict[str, Any], wanted: Callable[[], bool] | None = None, raw: bool = False
+    ) -> Any:
         if self.stop.is_set():
             raise ChatbaseUnavailable("sync stopped")
         self.limiter.acquire(self.stop)
+        if wanted is not None and not wanted():
+            return None  # no longer needed by the time the rate limit let it go: not sent
         self._count("requests")
         try:
             response = self._http.get(path, params=params)
@@ -248,6 +262,8 @@ class ChatbaseHTTP:
                 log.info("Chatbase rate limit used up: waiting %.1f s for it to reset", wait)
                 self.limiter.pause(wait)
             try:
+                if raw:
+                    return read_body(response.content), response.content
                 return decode_body(response.content)
             except ValueError:
                 raise TransientError("truncated or invalid JSON body") from None
@@ -284,8 +300,19 @@ class ChatbaseHTTP:
         base, cap = self.backoff
         return min(cap, base * 2 ** (state.attempt_number - 1)) * random.uniform(0.5, 1.0)
 
-    def request(self, path: str, params: dict[str, Any]) -> Any:
-        """One GET with retries; raises ChatbaseUnavailable when the retry budget is spent."""
+    def request(
+        self,
+        path: str,
+        params: dict[str, Any],
+        *,
+        wanted: Callable[[], bool] | None = None,
+        raw: bool = False,
+    ) -> Any:
+        """One GET with retries; raises ChatbaseUnavailable when the retry budget is spent.
+
+        ``wanted``: asked once the rate limit lets the request go; False skips it (None is returned).
+        ``raw``: return ``(decoded, body bytes)``, decoded fast for paging decisions (see ``read_body``).
+        """
         retrying = Retrying(
             retry=retry_if_exception_type(TransientError),
             wait=self._wait,
@@ -295,7 +322,7 @@ class ChatbaseHTTP:
             reraise=True,
         )
         try:
-            return retrying(self._send, path, params)
+            return retrying(self._send, path, params, wanted, raw)
         except TransientError as exc:
             raise ChatbaseUnavailable(
                 f"Chatbase kept failing for {self.retry_budget:.0f}s (last: {exc}); "
@@ -342,6 +369,36 @@ class ChatbaseClient(ChatbaseHTTP):
                 "Chatbase answered without a 'data' list; nothing of this page was saved"
             )
         return data
+
+    def fetch_page(
+        self,
+        chatbot_id: str,
+        page: int,
+        start: date | None,
+        end: date | None,
+        sources: tuple[str, ...] = (),
+        size: int = PAGE_SIZE,
+        wanted: Callable[[], bool] | None = None,
+    ) -> ConversationPage | None:
+        """One page of ``get-conversations`` with the body as sent; None when ``wanted`` said no by the
+        time the rate limit let the request go (nothing was sent)."""
+        params: dict[str, Any] = {"chatbotId": chatbot_id, "page": page, "size": size}
+        if start:
+            params["startDate"] = start.isoformat()
+        if end:
+            params["endDate"] = end.isoformat()
+        if sources:
+            params["filteredSources"] = ",".join(sources)
+        answer = self.request("get-conversations", params, wanted=wanted, raw=True)
+        if answer is None:
+            return None
+        body, content = answer
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list):
+            raise ChatbaseUnavailable(
+                "Chatbase answered without a 'data' list; nothing of this page was saved"
+            )
+        return ConversationPage(data, content)
 
     def iter_pages(
         self,

@@ -17,6 +17,7 @@ Catch at the level you care about::
     ├── LockHeld                       another sync of the chatbot is running (exit 75)
     ├── LockLost                       the lock was taken over mid-sync; committed work stays (exit 3)
     ├── DatabaseUnavailable            the database went away mid-sync; committed work stays (exit 3)
+    ├── NormalizerCrashed              a worker process reading pages died; committed work stays (exit 3)
     └── ChatbaseUnavailable            retries ran out: outage, rate limit, broken pages (exit 3)
         └── PagingError                the server repeated a page or never stopped paging
 
@@ -111,6 +112,12 @@ class DatabaseUnreachable(ChatsyncError):
 
 class DatabaseUnavailable(ChatsyncError):
     """The database went away mid-run (e.g. a PostgreSQL restart); what was committed stays."""
+
+    exit_code = ExitCode.PARTIAL
+
+
+class NormalizerCrashed(ChatsyncError):
+    """A worker process reading pages died mid-sync (killed, out of memory); what was committed stays."""
 
     exit_code = ExitCode.PARTIAL
 

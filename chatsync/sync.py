@@ -1,12 +1,18 @@
 """The sync engine: which days to fetch, fetching them in parallel, saving them exactly once.
 
-How a run never loses or duplicates a conversation:
+How a run never loses or duplicates a conversation, and wastes no request:
 
-* The range is cut into windows of whole UTC days. Several windows are fetched at once (requests
-  overlap under the client's shared rate limiter); one writer thread saves pages as they arrive.
-* Each page is saved in its own transaction; a window's last page is saved in the same transaction
-  that records its days as fetched. A run killed at any moment leaves only whole pages behind, and
-  days it had not finished are fetched again next time. Upserts are idempotent, so refetching is safe.
+* The days not yet settled form runs of consecutive days; each run is one stream of pages, newest
+  first, and its pages are fetched several at once (as many as the concurrency and Chatbase's
+  sliding-window rate limit allow), so the only part-filled page is each stream's last. A first run
+  does not look for the chatbot's first day: it pages back from the history floor, and the last page
+  shows the first day. Today, which still grows, is a stream of its own, paged in order.
+* Worker processes read the pages (the WhatsApp rule, the canonical JSON and its hash); one writer
+  thread saves them, each page in its own transaction.
+* As pages are saved, the days they complete are cut into windows, and a window's days are recorded
+  as fetched in the same transaction as the page that completes it. A run killed at any moment leaves
+  only whole pages behind, and days it had not finished are fetched again next time. Upserts are
+  idempotent, so refetching is safe.
 * A day counts as settled once it was fetched more than ``lookback`` after it ended: conversations
   keep growing for a while after they start, so later runs fetch recent days again. Today is never
   recorded as fetched.
@@ -19,23 +25,44 @@ import math
 import queue
 import threading
 import uuid
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import date, datetime, timedelta
+from itertools import pairwise
 from typing import Any
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from chatsync.chatbase import ChatbaseClient
+from chatsync.chatbase import HISTORY_FLOOR, MAX_PAGES_PER_WINDOW, PAGE_SIZE, ChatbaseClient
 from chatsync.config import WhatsAppRule
-from chatsync.errors import BadRecord, ChatsyncError, DatabaseUnavailable, ExitCode, LockHeld, LockLost
-from chatsync.normalize import content_hash, normalize_conversation, storable, stored_id
+from chatsync.errors import (
+    ChatbaseUnavailable,
+    ChatsyncError,
+    DatabaseUnavailable,
+    ExitCode,
+    LockHeld,
+    LockLost,
+    NormalizerCrashed,
+    PagingError,
+)
+from chatsync.normalize import stored_id
 from chatsync.store import writes
 from chatsync.store.locks import chatbot_lock
-from chatsync.timeutil import day_end, iso_z, parse_timestamp, utcnow
+from chatsync.timeutil import day_end, day_start, iso_z, parse_timestamp, utcnow
+from chatsync.workers import (
+    Outcome,
+    PageTask,
+    ReaderPool,
+    default_workers,
+    describe,
+    read_record,
+    unchanged_outcome,
+)
 
 MAX_WINDOW_DAYS = 31
 log = logging.getLogger("chatsync.sync")
@@ -95,12 +122,13 @@ class ChatbotPlan:
     """What a sync of one chatbot will fetch (``sync --dry-run`` prints it)."""
 
     chatbot_id: str
-    first_day: date | None  # None: Chatbase has no conversation of this chatbot yet
+    first_day: date | None  # None: no conversation yet, or (with an open-start stream) not known yet
     last_day: date | None
     days: list[date]  # the days not yet settled, which this run fetches
-    windows: list[Window]
-    first_day_found: bool  # asked Chatbase for it just now (the first run, or --full)
+    windows: list[Window]  # the ranges paged as one stream each
+    first_day_found: bool  # asked Chatbase for it just now (the dry run of a first run, or --full)
     stored_per_window: dict[Window, int] = field(default_factory=dict)  # known only to plan()
+    streams: list[Stream] = field(default_factory=list)
 
     @property
     def estimated_requests(self) -> int:
@@ -154,8 +182,9 @@ def days_to_fetch(
 
 
 def plan_windows(days: list[date], parallel: int) -> list[Window]:
-    """Group consecutive days into windows, long enough to waste few requests on short last pages and
-    numerous enough to keep ``parallel`` fetches busy."""
+    """Group consecutive days into windows: the checkpoints of a stream whose range is known, each
+    recorded as fetched by the page that completes it (about ``2 * parallel`` of them, at most
+    31 days each)."""
     if not days:
         return []
     span = max(1, min(MAX_WINDOW_DAYS, math.ceil(len(days) / max(1, 2 * parallel))))
@@ -174,9 +203,224 @@ def scope_of(sources: tuple[str, ...]) -> str:
     return ",".join(sorted(sources)) if sources else "*"
 
 
+# -------------------------------------------------------------------------------------------------- streams
+@dataclass
+class Stream:
+    """A run of consecutive days paged as one sequence of ``get-conversations`` pages, newest first.
+
+    Pages are addressed by number, so several are fetched at once (``ordered`` streams, whose range still
+    grows while they are paged, fetch one page at a time and in order instead: a conversation started
+    meanwhile only repeats a record on the next page, never hides one). The stream ends at its first
+    short page. As pages are saved, the days they complete are cut into windows and recorded as fetched
+    in the transaction of the page that completes them: pages 1..n all saved and their records all
+    created on or after day D mean every day after D is complete. That holds while Chatbase pages newest
+    first; the stream checks it on every page and, if a page breaks it, records its days only at the end.
+
+    ``open_start``: the stream starts at the history floor because the chatbot's first day is not known
+    yet; its windows are cut as the dates arrive instead of on ``windows``' grid, and days before its
+    oldest conversation are not recorded.
+    """
+
+    window: Window
+    ordered: bool = False
+    open_start: bool = False
+    windows: list[Window] = field(default_factory=list)  # the checkpoint grid, oldest first
+    # paging, shared by the fetch threads (under the schedule's lock)
+    next_page: int = 1
+    last_page: int | None = None  # the first page that came back short
+    in_flight: int = 0
+    expected_pages: int | None = None  # how many pages the stream probably has; None: no idea yet
+    stored: int | None = None  # conversations stored in its range when the run began; None: not counted
+    full_page: int = 0  # the highest page that came back full
+    ids: dict[int, list[object]] = field(default_factory=dict)  # page → its ids, to catch a repeated page
+    # saving, the writer's alone
+    saved: dict[int, tuple[date, date] | None] = field(default_factory=dict)  # page → (oldest, newest) day
+    prefix: int = 0  # pages 1..prefix are saved
+    bound: date | None = None  # the oldest day among pages 1..prefix
+    newest_first: bool = True  # every page so far was newest first
+    cut: date | None = None  # open_start: days from here on are recorded
+    oldest: date | None = None  # the oldest day of any record claimed
+    seen: dict[date, set[str]] = field(default_factory=dict)  # ids claimed, by day of creation
+    finished: bool = False
+
+    def wants(self, page: int) -> bool:
+        """Whether ``page`` may still hold records (no earlier page came back short)."""
+        return self.last_page is None or page <= self.last_page
+
+    def may_ask(self, page: int) -> bool:
+        """Whether to ask for ``page`` now: up to the pages the stream probably has at once, beyond them
+        one at a time (each only once the one before came back full), so a stream's end costs no
+        requests for pages that turn out empty."""
+        if self.last_page is not None or (self.ordered and self.in_flight):
+            return False
+        return self.expected_pages is None or page <= max(self.expected_pages, self.full_page + 1)
+
+    def learn(self, page: int, records: list[Any]) -> None:
+        """What a page that came back says: the end, or how far the stream goes (from the pace of
+        conversations on it, when nothing else told)."""
+        if len(records) < PAGE_SIZE:
+            if self.last_page is None or page < self.last_page:
+                self.last_page = page
+            return
+        self.full_page = max(self.full_page, page)
+        if self.expected_pages is not None or self.open_start:
+            return
+        newest, oldest = _created(records[0]), _created(records[-1])
+        if newest is None or oldest is None or newest <= oldest:
+            return
+        per_second = len(records) / (newest - oldest).total_seconds()
+        left = (oldest - day_start(self.window.start)).total_seconds()
+        self.expected_pages = page + max(0, math.ceil(per_second * left / PAGE_SIZE))
+
+    def claim(self, conversation_id: str, created: date) -> bool:
+        """Whether this copy of a conversation counts for this stream: created on one of its days (a server
+        may answer wider than asked) and not already seen in it (pages shift while conversations arrive)."""
+        if not self.window.start <= created <= self.window.end:
+            return False
+        ids = self.seen.setdefault(created, set())
+        if conversation_id in ids:
+            return False
+        ids.add(conversation_id)
+        if self.oldest is None or created < self.oldest:
+            self.oldest = created
+        return True
+
+    def completes(self, page: int, days: list[date]) -> tuple[list[Window], bool]:
+        """Windows that saving ``page`` (whose records were created on ``days``, in page order) completes,
+        and whether it ends the stream; its records are claimed first. Call :meth:`commit` with the same
+        arguments once the page is saved."""
+        state = self._advance(page, days)
+        return state[0], state[1]
+
+    def commit(self, page: int, days: list[date]) -> None:
+        windows, finished, prefix, bound, newest_first, cut = self._advance(page, days)
+        self.saved[page] = (min(days), max(days)) if days else None
+        self.prefix, self.bound, self.newest_first, self.cut, self.finished = (
+            prefix,
+            bound,
+            newest_first,
+            cut,
+            finished,
+        )
+        taken = {d for w in windows for d in w.days}
+        self.windows = [w for w in self.windows if not set(w.days) <= taken]
+        for page_done in [p for p in self.ids if p < prefix]:
+            del self.ids[page_done]
+        if bound is not None and newest_first:
+            # a record of a complete day can no longer come back as a repeat
+            for day in [d for d in self.seen if d > bound]:
+                del self.seen[day]
+
+    def _advance(
+        self, page: int, days: list[date]
+    ) -> tuple[list[Window], bool, int, date | None, bool, date | None]:
+        saved = {**self.saved, page: (min(days), max(days)) if days else None}
+        newest_first = self.newest_first and all(a >= b for a, b in pairwise(days))
+        prefix, bound = self.prefix, self.bound
+        while prefix + 1 in saved:
+            span = saved[prefix + 1]
+            if span is not None:
+                if bound is not None and span[1] > bound:
+                    newest_first = False
+                bound = span[0] if bound is None else min(bound, span[0])
+            prefix += 1
+        finished = self.last_page is not None and prefix >= self.last_page
+        if finished and self.open_start and self.oldest is None:
+            return [], True, prefix, bound, newest_first, self.cut  # nothing at all: nothing to record
+        if finished:
+            limit = self.oldest if self.open_start and self.oldest else self.window.start
+        elif newest_first and bound is not None:
+            limit = bound + timedelta(days=1)
+        else:
+            return [], False, prefix, bound, newest_first, self.cut
+        if self.open_start:
+            cut = self.cut or self.window.end + timedelta(days=1)
+            if limit >= cut:
+                return [], finished, prefix, bound, newest_first, cut
+            return [Window(limit, cut - timedelta(days=1))], finished, prefix, bound, newest_first, limit
+        done = [w for w in self.windows if w.start >= limit]
+        return done, finished, prefix, bound, newest_first, self.cut
+
+
+def plan_streams(days: list[date], today: date, parallel: int, open_start: bool) -> list[Stream]:
+    """Runs of consecutive days, each one stream; today (still growing) is a stream of its own, paged in
+    order. ``open_start``: the first run starts at the history floor (see :class:`Stream`)."""
+    streams: list[Stream] = []
+    runs: list[list[date]] = []
+    for day in days:
+        if runs and day == runs[-1][-1] + timedelta(days=1) and day != today:
+            runs[-1].append(day)
+        else:
+            runs.append([day])
+    for run in runs:
+        if run == [today]:
+            streams.append(Stream(Window(today, today), ordered=True))
+            continue
+        floor = open_start and not streams
+        grid = [] if floor else plan_windows(run, parallel)
+        streams.append(Stream(Window(run[0], run[-1]), open_start=floor, windows=grid))
+    return streams
+
+
+class _Schedule:
+    """Hands the fetch threads the next page to fetch, across streams, until every stream has ended."""
+
+    def __init__(self, streams: list[Stream], stop: threading.Event) -> None:
+        # ordered streams first: they have one page at a time to give and would wait behind the others
+        self.streams = sorted(streams, key=lambda s: (not s.ordered, -s.window.end.toordinal()))
+        self.stop = stop
+        self.lock = threading.Condition()
+
+    def next(self) -> tuple[Stream, int] | None:
+        with self.lock:
+            while not self.stop.is_set():
+                for stream in self.streams:
+                    if not stream.may_ask(stream.next_page):
+                        continue
+                    if stream.next_page > MAX_PAGES_PER_WINDOW:
+                        raise PagingError(
+                            f"more than {MAX_PAGES_PER_WINDOW} pages for {stream.window.start}..{stream.window.end}: "
+                            "stopped paging"
+                        )
+                    page = stream.next_page
+                    stream.next_page += 1
+                    stream.in_flight += 1
+                    return stream, page
+                if all(s.last_page is not None for s in self.streams):
+                    return None
+                self.lock.wait(0.25)
+            return None
+
+    def arrived(self, stream: Stream, page: int, records: list[Any] | None) -> None:
+        """A page came back (None: it was not sent); raises PagingError when the server repeated a page."""
+        with self.lock:
+            stream.in_flight -= 1
+            if records is not None:
+                ids = [r.get("id") if isinstance(r, dict) else None for r in records]
+                for neighbour in (page - 1, page + 1):
+                    if records and stream.ids.get(neighbour) == ids:
+                        first, second = sorted((neighbour, page))
+                        raise PagingError(
+                            f"Chatbase repeated page {first} as page {second} for "
+                            f"{stream.window.start}..{stream.window.end}"
+                        )
+                stream.ids[page] = ids
+                stream.learn(page, records)
+            self.lock.notify_all()
+
+
+def _created(record: Any) -> datetime | None:
+    try:
+        return parse_timestamp(record.get("created_at")) if isinstance(record, dict) else None
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
 # -------------------------------------------------------------------------------------------------- running
 @dataclass
 class _Page:
+    """A page of a window's records, as :meth:`Syncer._save_page` takes it."""
+
     window: Window
     records: list[Any]
     last: bool
@@ -184,16 +428,33 @@ class _Page:
 
 
 @dataclass
-class _Failed:
-    window: Window
-    error: BaseException
+class _Fetched:
+    stream: Stream
+    page: int
+    records: list[Any]
+    body: bytes
+    fetched_at: datetime
 
 
-_DONE = object()
+@dataclass
+class _Reading:
+    """A fetched page while its records are read: outcomes found by the writer, and the rest's future."""
+
+    fetched: _Fetched
+    known: dict[str, tuple[str, bool]]
+    outcomes: list[Outcome]
+    future: Future[list[Outcome]] | None
+
+    def done(self) -> bool:
+        return self.future is None or self.future.done()
+
+
+_READY = object()  # a page's records have been read
+_FETCHER_DONE = object()
 
 
 class Syncer:
-    """Runs one sync: owns the locks, the client's worker threads and the single writer."""
+    """Runs one sync: owns the locks, the client's fetch threads, the reading workers and the single writer."""
 
     def __init__(
         self,
@@ -203,6 +464,7 @@ class Syncer:
         concurrency: int = 8,
         progress: ProgressHook | None = None,
         now: Callable[[], datetime] = utcnow,
+        workers: int | None = None,
     ) -> None:
         self.engine = engine
         self.client = client
@@ -210,8 +472,11 @@ class Syncer:
         self.concurrency = max(1, concurrency)
         self.progress = progress
         self.now = now
+        self.workers = default_workers() if workers is None else max(0, workers)
         self.run_id = str(uuid.uuid4())
         self.summary = SyncSummary()
+        self._windows_done = 0
+        self._windows_total = 0
 
     def run(self, request: SyncRequest, *, locked: bool = False) -> SyncSummary:
         """Sync every chatbot of the request; raises LockHeld before doing anything if one is busy, and
@@ -344,60 +609,94 @@ class Syncer:
         """What a run of ``request`` would fetch, without taking locks or writing anything.
 
         A chatbot whose first day chatsync does not know yet costs the requests that find it (about 12);
-        nothing else is fetched.
+        nothing else is fetched. (A sync itself does not look for it: its first pages show it.)
         """
-        plans = [
-            self._plan_chatbot(chatbot_id, request, self.now().date()) for chatbot_id in request.chatbot_ids
-        ]
+        plans = []
+        for chatbot_id in request.chatbot_ids:
+            plan = self._plan_chatbot(chatbot_id, request, self.now().date(), find_first_day=True)
+            with self._db() as connection:
+                stored = {
+                    w: writes.count_conversations(connection, chatbot_id, w.start, w.end)
+                    for w in plan.windows
+                }
+            plans.append(replace(plan, stored_per_window=stored))
         self.summary.requests = self.client.stats.requests
         return plans
 
-    def _plan_chatbot(self, chatbot_id: str, request: SyncRequest, today: date) -> ChatbotPlan:
+    def _plan_chatbot(
+        self, chatbot_id: str, request: SyncRequest, today: date, find_first_day: bool = False
+    ) -> ChatbotPlan:
+        """The days to fetch and their streams. Without a known first day (the first run, or --full) a sync
+        pages from the history floor and learns the first day from the last page; ``find_first_day`` asks
+        Chatbase for it first instead (the dry run, which fetches nothing else)."""
         scope = scope_of(request.sources)
         with self._db() as connection:
             known_first = writes.chatbot_first_day(connection, chatbot_id)
         first = request.since
-        found = False
+        found = open_start = False
         if first is None:
             first = known_first
             if first is None or request.full:
-                first = self.client.find_first_day(chatbot_id, today, request.sources)
-                found = first is not None
-                if first is None:
-                    return ChatbotPlan(chatbot_id, None, None, [], [], False)
+                if find_first_day:
+                    first = self.client.find_first_day(chatbot_id, today, request.sources)
+                    found = first is not None
+                    if first is None:
+                        return ChatbotPlan(chatbot_id, None, None, [], [], False)
+                else:
+                    first, open_start = HISTORY_FLOOR, True
         last = min(request.until or today, today)
         if first > last:
             return ChatbotPlan(chatbot_id, first, last, [], [], found)
         with self._db() as connection:
             fetched = writes.fetched_days(connection, chatbot_id, {"*", scope}, first, last)
         days = days_to_fetch(first, last, fetched, request.lookback, request.full)
-        return ChatbotPlan(chatbot_id, first, last, days, plan_windows(days, self.concurrency), found)
+        streams = plan_streams(days, today, self.concurrency, open_start)
+        with self.engine.connect() as connection:
+            for stream in streams:
+                stream.stored = writes.count_conversations(
+                    connection, chatbot_id, stream.window.start, stream.window.end
+                )
+                if stream.stored and not stream.open_start and not request.sources:
+                    # what is stored says how far the stream goes; nothing stored says nothing yet
+                    stream.expected_pages = stream.stored // PAGE_SIZE + 1
+        plan = ChatbotPlan(
+            chatbot_id, None if open_start else first, last, days, [s.window for s in streams], found
+        )
+        plan.streams.extend(streams)
+        return plan
 
     def _sync_chatbot(self, chatbot_id: str, request: SyncRequest) -> None:
         today = self.now().date()
         with self._db() as connection:
             writes.remember_chatbot(connection, chatbot_id)
         plan = self._plan_chatbot(chatbot_id, request, today)
-        if plan.first_day is None:
+        open_start = any(s.open_start for s in plan.streams)
+        if plan.first_day is None and not open_start:
             log.info("chatbot %s has no conversations yet", chatbot_id)
             return
-        if plan.first_day_found and not request.sources:
-            log.info("chatbot %s: first conversation on %s", chatbot_id, plan.first_day)
-            with self._db() as connection:
-                writes.remember_chatbot(connection, chatbot_id, first_day=plan.first_day)
         log.info(
-            "chatbot %s: %d day(s) to fetch between %s and %s, in %d window(s)",
+            "chatbot %s: %d day(s) to fetch between %s and %s, in %d stream(s)",
             chatbot_id,
             len(plan.days),
-            plan.first_day,
+            plan.first_day or "its first conversation",
             plan.last_day,
-            len(plan.windows),
+            len(plan.streams),
         )
-        status = Progress(chatbot_id, windows_total=len(plan.windows))
+        self._windows_done = 0
+        self._windows_total = sum(max(1, len(s.windows)) for s in plan.streams if not s.ordered)
+        status = Progress(chatbot_id, windows_total=len(plan.streams))
         self._report(status)
         self._fetch_and_save(
-            chatbot_id, request.sources, scope_of(request.sources), plan.windows, today, status
+            chatbot_id, request.sources, scope_of(request.sources), plan.streams, today, status
         )
+        if open_start:
+            oldest = [s.oldest for s in plan.streams if s.oldest is not None]
+            if not oldest:
+                log.info("chatbot %s has no conversations yet", chatbot_id)
+            elif not request.sources:
+                log.info("chatbot %s: first conversation on %s", chatbot_id, min(oldest))
+                with self._db() as connection:
+                    writes.remember_chatbot(connection, chatbot_id, first_day=min(oldest))
         with self._db() as connection:
             writes.remember_chatbot(connection, chatbot_id, synced_at=self.now())
 
@@ -406,115 +705,179 @@ class Syncer:
         chatbot_id: str,
         sources: tuple[str, ...],
         scope: str,
-        windows: list[Window],
+        streams: list[Stream],
         today: date,
         status: Progress,
     ) -> None:
-        # Pages wait here for the single writer; a short queue bounds memory (a decoded page is ~1.5 MB).
-        pages: queue.Queue[object] = queue.Queue(maxsize=self.concurrency)
-        seen: dict[Window, set[str]] = {}
-        first_error: BaseException | None = None
+        """Fetch the streams' pages with ``concurrency`` threads, read them in the worker processes, and save
+        them one page a transaction in this thread, in the order they arrive."""
+        events: queue.Queue[object] = queue.Queue()
+        # Pages fetched and not yet saved: bounds memory (a page's body is ~150 kB, decoded ~1.5 MB).
+        depth = max(2, 2 * self.workers)
+        held = threading.Semaphore(self.concurrency + depth)
+        schedule = _Schedule(streams, self.client.stop)
+        stop = self.client.stop
 
-        def fetch(window: Window) -> None:
-            try:
-                fetched_at = self.now()
-                for records, last in self.client.iter_pages(chatbot_id, window.start, window.end, sources):
-                    pages.put(_Page(window, records, last, fetched_at))
-            except BaseException as exc:
-                pages.put(_Failed(window, exc))
-
-        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="chatsync-fetch") as pool:
-            futures = [pool.submit(fetch, w) for w in windows]
-
-            def finish() -> None:
-                for future in futures:
-                    future.result()
-                pages.put(_DONE)
-
-            watcher = threading.Thread(target=finish, name="chatsync-fetch-watcher")
-            watcher.start()
+        def fetch() -> None:
             try:
                 while True:
-                    item = pages.get()
-                    if item is _DONE:
-                        break
-                    if isinstance(item, _Failed):
+                    task = schedule.next()
+                    if task is None:
+                        return
+                    stream, number = task
+                    while not held.acquire(timeout=0.2):
+                        if stop.is_set():
+                            schedule.arrived(stream, number, None)
+                            return
+                    fetched_at = self.now()
+                    page = self.client.fetch_page(
+                        chatbot_id,
+                        number,
+                        stream.window.start,
+                        stream.window.end,
+                        sources,
+                        wanted=lambda: stream.wants(number),  # noqa: B023 (called before the loop moves on)
+                    )
+                    schedule.arrived(stream, number, page.records if page else None)
+                    if page is None or (not page.records and not stream.wants(number)):
+                        held.release()  # not sent, or an empty page past the end
+                        continue
+                    events.put(_Fetched(stream, number, page.records, page.body, fetched_at))
+            except BaseException as exc:
+                events.put(_Failed(exc))
+            finally:
+                events.put(_FETCHER_DONE)
+
+        fetchers = [
+            threading.Thread(target=fetch, name=f"chatsync-fetch-{i}", daemon=True)
+            for i in range(self.concurrency)
+        ]
+        first_error: BaseException | None = None
+        pending: deque[_Reading] = deque()
+        running = len(fetchers)
+        with ReaderPool(self.workers) as pool:
+            for thread in fetchers:
+                thread.start()
+            try:
+                while running or pending:
+                    while pending and (pending[0].done() or len(pending) > depth or not running):
+                        reading = pending.popleft()
+                        try:
+                            if first_error is None:
+                                self._save(chatbot_id, scope, reading, today, status)
+                        except (DatabaseUnavailable, BrokenProcessPool) as exc:
+                            first_error = _crashed(exc) if isinstance(exc, BrokenProcessPool) else exc
+                            stop.set()  # no new requests; nothing more is saved
+                        finally:
+                            held.release()
+                    if not running:
+                        continue
+                    item = events.get()
+                    if item is _FETCHER_DONE:
+                        running -= 1
+                    elif isinstance(item, _Failed):
                         if first_error is None:
                             first_error = item.error
-                            self.client.stop.set()  # no new requests; pages already fetched are still saved
-                        continue
-                    assert isinstance(item, _Page)
-                    if isinstance(first_error, DatabaseUnavailable):
-                        continue
-                    try:
-                        self._save_page(chatbot_id, scope, item, today, seen.setdefault(item.window, set()))
-                    except DatabaseUnavailable as exc:
-                        first_error = exc
-                        self.client.stop.set()
-                        continue
-                    status.conversations += len(item.records)
-                    if item.last:
-                        status.windows_done += 1
-                        seen.pop(item.window, None)
-                        log.info(
-                            "chatbot %s: %s..%s done (window %d of %d)",
-                            chatbot_id,
-                            item.window.start,
-                            item.window.end,
-                            status.windows_done,
-                            status.windows_total,
-                        )
-                    self._report(status)
+                        stop.set()  # no new requests; pages already fetched are still saved
+                    elif isinstance(item, _Fetched):
+                        if first_error is not None and not isinstance(first_error, ChatbaseUnavailable):
+                            held.release()
+                            continue
+                        try:
+                            pending.append(self._read(chatbot_id, item, pool, events))
+                        except (DatabaseUnavailable, BrokenProcessPool) as exc:
+                            first_error = _crashed(exc) if isinstance(exc, BrokenProcessPool) else exc
+                            stop.set()
+                            held.release()
             except BaseException:
-                # The writer itself failed: stop fetching, and take what the fetchers still hold so
-                # they can end (a fetcher waiting on a full queue would otherwise wait forever).
-                self.client.stop.set()
-                while pages.get() is not _DONE:
-                    pass
+                # The writer itself failed: stop fetching and let the fetchers end.
+                stop.set()
                 raise
             finally:
-                if first_error is not None:
-                    self.client.stop.set()
-                watcher.join()
+                stop.set() if first_error is not None else None
+                for thread in fetchers:
+                    thread.join()
         if first_error is not None:
             raise first_error
 
-    def _save_page(self, chatbot_id: str, scope: str, page: _Page, today: date, seen: set[str]) -> None:
-        """Save one page; the window's last page also records its days as fetched, in the same transaction.
+    def _read(
+        self, chatbot_id: str, fetched: _Fetched, pool: ReaderPool, events: queue.Queue[object]
+    ) -> _Reading:
+        """Start reading a page: stored conversations that Chatbase sends unchanged are found here (the cron
+        path is mostly them); the rest go to a worker."""
+        records = fetched.records
+        ids = [stored_id(r) for r in records]
+        # A range with nothing stored when the run began holds only what this run stores (one sync per
+        # chatbot; a repeat within the stream is not claimed twice): no need to ask the database.
+        looked_up = fetched.stream.stored != 0
+        known = self._fingerprints([i for i in ids if i is not None]) if looked_up else {}
+        outcomes: list[Outcome] = []
+        rest: list[int] = []
+        for index, (record, conversation_id) in enumerate(zip(records, ids, strict=True)):
+            outcome = None
+            if conversation_id is not None and conversation_id in known:
+                try:
+                    outcome = unchanged_outcome(index, record, {conversation_id: known[conversation_id][0]})
+                except Exception:
+                    outcome = None  # the worker reads it exactly and says what is wrong
+            if outcome is None:
+                rest.append(index)
+            else:
+                outcomes.append(outcome)
+        future = None
+        if rest:
+            task = PageTask(
+                fetched.body,
+                None if len(rest) == len(records) else tuple(rest),
+                {i: known[i][0] for i in (ids[k] for k in rest) if i is not None and i in known},
+                chatbot_id,
+                self.rule,
+            )
+            future = pool.submit(task)
+            future.add_done_callback(lambda _: events.put(_READY))
+        return _Reading(fetched, known, outcomes, future)
+
+    def _save(self, chatbot_id: str, scope: str, reading: _Reading, today: date, status: Progress) -> None:
+        """Save one page in one transaction, with the windows of days it completes.
 
         Whatever goes wrong with one record (reading, repairing, hashing, the rule, the database refusing
         it) is that record's problem: it is quarantined with the reason and the rest of the page is saved.
         """
+        fetched, stream = reading.fetched, reading.fetched.stream
+        outcomes = list(reading.outcomes)
+        if reading.future is not None:
+            outcomes += reading.future.result()
+        outcomes.sort(key=lambda o: o.index)
         summary = self.summary
         now = self.now()
         rows: list[dict[str, Any]] = []
         bad: list[tuple[object, str]] = []
         unchanged = captured = 0
-        known = self._fingerprints(page.records)
-        for record in page.records:
-            try:
-                skip = self._unchanged(record, known, page.window, seen)
-                if skip is not None:
-                    unchanged += skip[0]
-                    captured += skip[1]
-                    continue
-                row = normalize_conversation(record, chatbot_id, self.rule)
-            except BadRecord as exc:
-                bad.append((record, exc.reason))
+        for outcome in outcomes:
+            if outcome.kind == "bad":
+                if outcome.fault:
+                    log.warning(
+                        "chatsync could not read conversation %s: %s", outcome.conversation_id, outcome.reason
+                    )
+                    log.debug("the fault, for a bug report:\n%s", outcome.fault)
+                bad.append((outcome.kept, outcome.reason or "unreadable"))
                 continue
-            except Exception as exc:  # a fault of chatsync's on one record must not stop the sync
-                log.warning("chatsync could not read conversation %s: %s", stored_id(record), _describe(exc))
-                log.debug("the fault, for a bug report", exc_info=True)
-                bad.append((record, f"chatsync could not read it ({_describe(exc)})"))
+            assert outcome.conversation_id is not None and outcome.created is not None
+            if not stream.claim(outcome.conversation_id, outcome.created):
                 continue
-            if _claim(row["id"], row["created_at"].date(), page.window, seen):
-                rows.append(row)
-        days = [d for d in page.window.days if d < today] if page.last else []
-        stored = {conversation_id: fingerprint[0] for conversation_id, fingerprint in known.items()}
+            if outcome.kind == "unchanged":
+                unchanged += 1
+                captured += int(reading.known[outcome.conversation_id][1])
+            elif outcome.row is not None:
+                rows.append(outcome.row)
+        days_of_page = [o.created for o in outcomes if o.created is not None]
+        windows, finished = stream.completes(fetched.page, days_of_page)
+        days = [d for w in windows for d in w.days if d < today]
+        stored = {conversation_id: fingerprint[0] for conversation_id, fingerprint in reading.known.items()}
         try:
             with self._db() as connection:
                 counts = writes.upsert_conversations(connection, rows, now, stored)
-                self._record_page(connection, chatbot_id, scope, bad, days, page.fetched_at, now)
+                self._record_page(connection, chatbot_id, scope, bad, days, fetched.fetched_at, now)
         except DatabaseUnavailable:
             raise
         except Exception:
@@ -522,7 +885,8 @@ class Syncer:
             # DatabaseUnavailable): store what is accepted row by row, quarantine the rest.
             counts = self._save_one_by_one(rows, bad, now)
             with self._db() as connection:
-                self._record_page(connection, chatbot_id, scope, bad, days, page.fetched_at, now)
+                self._record_page(connection, chatbot_id, scope, bad, days, fetched.fetched_at, now)
+        stream.commit(fetched.page, days_of_page)
         for reason in {reason for _, reason in bad}:
             log.info("quarantined %d record(s) of chatbot %s: %s", _count(bad, reason), chatbot_id, reason)
         repaired = counts.repaired
@@ -538,28 +902,40 @@ class Syncer:
         summary.quarantined += len(bad)
         summary.repaired += len(repaired)
         summary.fetched += counts.inserted + counts.updated + counts.unchanged + unchanged + len(bad)
+        status.conversations += len(fetched.records)
+        for window in windows:
+            self._windows_done += 1
+            log.info(
+                "chatbot %s: %s..%s done (window %d of %d)",
+                chatbot_id,
+                window.start,
+                window.end,
+                self._windows_done,
+                max(self._windows_total, self._windows_done),
+            )
+        if finished:
+            status.windows_done += 1
+        self._report(status)
 
-    def _fingerprints(self, records: list[Any]) -> dict[str, tuple[str, bool]]:
-        ids = [key for key in map(stored_id, records) if key is not None]
-        with self._db() as connection:
-            return writes.stored_fingerprints(connection, ids)
+    def _save_page(self, chatbot_id: str, scope: str, page: _Page, today: date, seen: set[str]) -> None:
+        """Save one page of a window's records, read in this thread (no worker, no fetch): the window's
+        last page also records its days. ``seen``: ids already claimed in the window, passed over."""
+        stream = Stream(page.window, windows=[page.window], last_page=1 if page.last else None)
+        records = [r for r in page.records if stored_id(r) is None or stored_id(r) not in seen]
+        ids = [i for i in map(stored_id, records) if i is not None]
+        known = self._fingerprints(ids)
+        hashes = {i: fingerprint[0] for i, fingerprint in known.items()}
+        outcomes = [read_record(n, r, hashes, chatbot_id, self.rule) for n, r in enumerate(records)]
+        fetched = _Fetched(stream, 1, records, b"", page.fetched_at)
+        self._save(chatbot_id, scope, _Reading(fetched, known, outcomes, None), today, Progress(chatbot_id))
+        seen.update(i for d in stream.seen.values() for i in d)
 
-    def _unchanged(
-        self, record: Any, known: dict[str, tuple[str, bool]], window: Window, seen: set[str]
-    ) -> tuple[int, int] | None:
-        """(1, captured) for a stored conversation Chatbase sends unchanged, (0, 0) for one to pass over,
-        None for one to normalise. Unchanged ones skip the rule and the write: the cron path is mostly them."""
-        conversation_id = stored_id(record)
-        if conversation_id is None or conversation_id not in known:
-            return None  # new, or not even shaped like a conversation: normalising says which
-        stored_hash, has_number = known[conversation_id]
-        if content_hash(storable(record).canonical) != stored_hash:
-            return None
+    def _fingerprints(self, ids: list[str]) -> dict[str, tuple[str, bool]]:
         try:
-            created = parse_timestamp(record.get("created_at")).date()
-        except (ValueError, OverflowError, OSError):
-            return None
-        return (1, int(has_number)) if _claim(conversation_id, created, window, seen) else (0, 0)
+            with self.engine.connect() as connection:
+                return writes.stored_fingerprints(connection, ids)
+        except DBAPIError as exc:
+            raise _unavailable(exc) from None
 
     def _record_page(
         self,
@@ -587,8 +963,9 @@ class Syncer:
                 raise
             except Exception as exc:
                 log.debug("the database refused conversation %s", row["id"], exc_info=True)
-                record = {"id": row["id"], **row["raw"], "messages": row["messages"]}
-                bad.append((record, f"database refused it: {_describe(exc)}"))
+                raw = writes.decoded_json(row["raw"])
+                record = {"id": row["id"], **raw, "messages": writes.decoded_json(row["messages"])}
+                bad.append((record, f"database refused it: {describe(exc)}"))
         return counts
 
     # ----------------------------------------------------------------------------------------------- helpers
@@ -611,24 +988,19 @@ def _options(request: SyncRequest) -> dict[str, Any]:
     }
 
 
-def _describe(exc: BaseException) -> str:
-    """An exception as one short line for a quarantine reason: its type and the first line of its text."""
-    original = getattr(exc, "orig", None) or exc
-    lines = str(original).strip().splitlines()
-    return f"{type(original).__name__}: {lines[0][:200]}" if lines else type(original).__name__
+@dataclass
+class _Failed:
+    error: BaseException
+
+
+def _crashed(exc: BrokenProcessPool) -> NormalizerCrashed:
+    return NormalizerCrashed(
+        "a worker process reading conversations died; what was saved is kept and the next run continues"
+    )
 
 
 def _count(bad: list[tuple[object, str]], reason: str) -> int:
     return sum(1 for _, r in bad if r == reason)
-
-
-def _claim(conversation_id: str, created: date, window: Window, seen: set[str]) -> bool:
-    """Whether this copy of a conversation counts for this window: created on one of its days (a server
-    may answer wider than asked) and not already seen in it (pages shift while conversations arrive)."""
-    if not window.start <= created <= window.end or conversation_id in seen:
-        return False
-    seen.add(conversation_id)
-    return True
 
 
 class _Transaction:

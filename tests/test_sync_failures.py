@@ -67,7 +67,9 @@ def test_an_outage_that_never_ends_exits_3_and_a_later_run_completes(
 def test_sigkill_at_five_points_then_rerun_ends_exact(
     emulator_factory: Any, database_url: str, tmp_path: Path
 ) -> None:
-    server = emulator_factory(conversations=3000, seed=23, latency_ms=120)
+    # Enough pages that a kill at 1.2–4.0 s lands mid-run: a first run pages with 4 requests in flight and
+    # no first-day probes, so it outran the kills with the 3,000 conversations this test once used.
+    server = emulator_factory(conversations=12000, seed=23, latency_ms=120)
     env = {**os.environ, **chatbase_env(server, database_url), "CHATSYNC_CONCURRENCY": "4"}
     command = [sys.executable, "-m", "chatsync", "sync", "--json"]
     outcomes = []

@@ -1,15 +1,22 @@
-"""Upserts: conversations, sync checkpoints, runs and the quarantine. Callers own the transaction."""
+"""Upserts: conversations, sync checkpoints, runs and the quarantine. Callers own the transaction.
+
+New conversations are bulk-loaded the fastest way each database offers: ``COPY`` into a temporary staging
+table and one ``INSERT … SELECT`` on PostgreSQL, one ``executemany`` on SQLite, with the values already in
+the form the database stores (JSON as text, SQLite's datetime text), so no per-value work is left to
+SQLAlchemy. Every write function runs in the caller's transaction, so a page of a sync and whatever else
+the caller adds to that transaction commit together.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, case, select, update
+from sqlalchemy import JSON, Connection, and_, bindparam, case, select, update
 
 from chatsync.jsonbody import UndecodableRecord
 from chatsync.store import changes, rollups
@@ -47,6 +54,34 @@ AUTO_COLUMNS = {
     "whatsapp_source": "auto_source",
     "whatsapp_region": "auto_region",
 }
+
+
+class JsonText(str):
+    """A JSON value already encoded (by :func:`encode_json`): stored as it is, never encoded again.
+
+    The sync's worker processes encode a conversation's messages and raw fields, so the writer only
+    passes the text on."""
+
+    __slots__ = ()
+
+
+def encode_json(value: Any) -> JsonText:
+    """``value`` as compact UTF-8 JSON text, the way chatsync stores JSON columns.
+
+    orjson when it can write the value (it refuses integers beyond 64 bits), else the standard library;
+    both give text that decodes to the same value. Raises ValueError/TypeError for what JSON cannot hold.
+    """
+    import orjson
+
+    try:
+        return JsonText(orjson.dumps(value).decode())
+    except TypeError:
+        return JsonText(json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False))
+
+
+def decoded_json(value: Any) -> Any:
+    """The Python value of a JSON column value that may be :class:`JsonText`."""
+    return json.loads(value) if isinstance(value, JsonText) else value
 
 
 @dataclass
@@ -109,11 +144,81 @@ def upsert_conversations(
             }
             for r in fresh
         ]
-        connection.execute(conversations.insert(), stored)
+        insert_conversations(connection, stored)
         rollups.track(connection, before=[], after=stored)
     # Last, so the change log's lock is held only from here to the commit (chatsync.store.changes).
     changes.record_conversations(connection, changes.conversation_items([*changed, *fresh]), now)
     return counts
+
+
+# The columns of a new conversation, in the order the bulk load sends them.
+INSERT_COLUMNS = ("id", *DATA_COLUMNS, *AUTO_COLUMNS, "first_synced_at", "synced_at")
+_JSON_COLUMNS = frozenset(c.name for c in conversations.columns if isinstance(c.type, JSON))
+
+
+def insert_conversations(connection: Connection, rows: list[dict[str, Any]]) -> None:
+    """Insert new conversations (dicts of :data:`INSERT_COLUMNS`) in one bulk load.
+
+    A row whose id is already stored makes the whole statement fail (IntegrityError), as a plain INSERT
+    does: the caller decides what to do with the batch.
+    """
+    if not rows:
+        return
+    encoders = _encoders(connection)
+    values = [tuple([encode(row[name]) for name, encode in encoders]) for row in rows]
+    names = ", ".join(INSERT_COLUMNS)
+    if connection.dialect.name == "postgresql":
+        # COPY into a staging table of the same shape (created once per server session, emptied by every
+        # commit), then one INSERT: the fastest bulk load PostgreSQL offers, and it works behind a
+        # transaction pooler because the table is made within the transaction that uses it.
+        connection.exec_driver_sql(
+            "CREATE TEMP TABLE IF NOT EXISTS conversations_staging "
+            "(LIKE conversations INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        )
+        cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            with cursor.copy(f"COPY conversations_staging ({names}) FROM STDIN") as copy:
+                for value in values:
+                    copy.write_row(value)
+        finally:
+            cursor.close()
+        connection.exec_driver_sql(
+            f"INSERT INTO conversations ({names}) SELECT {names} FROM conversations_staging"
+        )
+        connection.exec_driver_sql("DELETE FROM conversations_staging")  # a later page in this transaction
+        return
+    marks = ", ".join("?" for _ in INSERT_COLUMNS)
+    connection.exec_driver_sql(f"INSERT INTO conversations ({names}) VALUES ({marks})", values)
+
+
+def _encoders(connection: Connection) -> list[tuple[str, Callable[[Any], Any]]]:
+    """For each of INSERT_COLUMNS, the function that turns a row's value into what the driver is given:
+    JSON as text (None stays NULL), and whatever SQLAlchemy's own type would do for the rest (SQLite's
+    datetime text, so keys and range filters match rows written through SQLAlchemy)."""
+    dialect = connection.dialect
+    out: list[tuple[str, Callable[[Any], Any]]] = []
+    for name in INSERT_COLUMNS:
+        if name in _JSON_COLUMNS:
+            out.append((name, _json_value))
+            continue
+        column_type = conversations.c[name].type
+        process = (
+            None
+            if dialect.name == "postgresql"
+            else column_type.dialect_impl(dialect).bind_processor(dialect)
+        )
+        out.append((name, process or _same))
+    return out
+
+
+def _json_value(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value if isinstance(value, JsonText) else encode_json(value)
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 def stored_fingerprints(connection: Connection, ids: list[str]) -> dict[str, tuple[str, bool]]:
@@ -149,7 +254,7 @@ def apply_rule_results(
     params = [
         {
             "v_id": r["id"],
-            **{f"v_{c}": r[c] for c in columns},
+            **{f"v_{c}": decoded_json(r[c]) for c in columns},
             **{f"v_{a}": r[a] for a in AUTO_COLUMNS.values()},
         }
         for r in rows
@@ -227,7 +332,7 @@ def quarantine_record(
 ) -> None:
     """Keep a record Chatbase sent that cannot be stored, with the reason, once per record."""
     text = quarantine_text(record)
-    conversation_id = _id_text(record)
+    conversation_id = record_id_text(record)
     if conversation_id is not None and len(conversation_id) <= 128:
         key = conversation_id
     else:
@@ -256,10 +361,10 @@ def quarantine_text(record: object) -> str:
     try:
         return json.dumps(record, ensure_ascii=True, default=str, sort_keys=True)
     except (RecursionError, ValueError, TypeError):
-        return json.dumps({"id": _id_text(record), "chatsync": "record too deeply nested to keep"})
+        return json.dumps({"id": record_id_text(record), "chatsync": "record too deeply nested to keep"})
 
 
-def _id_text(record: object) -> str | None:
+def record_id_text(record: object) -> str | None:
     """A record's id as text with unstorable characters replaced, for the quarantine's key."""
     value = record.get("id") if isinstance(record, dict) else None
     if isinstance(record, UndecodableRecord):

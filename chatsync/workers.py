@@ -1,0 +1,198 @@
+"""Reading pages in worker processes, so the sync's one writer thread only writes.
+
+The WhatsApp rule, the canonical JSON and its hash cost more than everything else a sync does to a
+conversation, and they hold Python's GIL: a thread cannot run them beside the writer. Worker processes
+can, on the other cores. :func:`read_page` is what a worker runs (no I/O): the body of one
+``get-conversations`` answer in, one :class:`Outcome` per record out, with the row's big JSON columns
+already encoded so the writer only passes the text to the database. Whatever goes wrong with one
+record becomes that record's outcome; nothing a record holds can make a worker raise.
+
+:class:`ReaderPool` runs :func:`read_page` in processes made by a fork server (clean processes that
+preload this module once, however many threads the sync runs), or in the calling thread when the
+machine has one core.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from datetime import date
+from typing import Any, Literal
+
+from chatsync.config import WhatsAppRule
+from chatsync.errors import BadRecord
+from chatsync.jsonbody import UndecodableRecord, decode_body
+from chatsync.normalize import content_hash, normalize_conversation, storable, stored_id
+from chatsync.store.writes import encode_json, quarantine_text, record_id_text
+from chatsync.timeutil import parse_timestamp
+
+log = logging.getLogger("chatsync.sync")
+
+
+@dataclass(frozen=True)
+class PageTask:
+    """One page for a worker: the body as Chatbase sent it and which of its records to read.
+
+    ``indices``: positions in the page's ``data`` to read (None: all). ``known``: the stored content hash
+    of those records that are stored already, so an unchanged one skips the rule.
+    """
+
+    body: bytes
+    indices: tuple[int, ...] | None
+    known: dict[str, str]
+    chatbot_id: str
+    rule: WhatsAppRule
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What reading one record gave.
+
+    ``row``: a conversation to store (``messages`` and ``raw`` as encoded JSON text). ``unchanged``: stored
+    already with the same content. ``bad``: cannot be stored; ``kept`` is the record as the quarantine
+    keeps it and ``reason`` says why; ``fault`` holds the traceback when the cause was chatsync's own.
+    """
+
+    index: int
+    kind: Literal["row", "unchanged", "bad"]
+    conversation_id: str | None = None
+    created: date | None = None
+    row: dict[str, Any] | None = None
+    reason: str | None = None
+    kept: UndecodableRecord | None = None
+    fault: str | None = None
+
+
+def read_page(task: PageTask) -> list[Outcome]:
+    """Decode a page exactly and read the asked records: unchanged, a row to store, or bad (never raises
+    for a record). Raises ValueError only when the body is not JSON at all."""
+    body = decode_body(task.body)
+    records = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(records, list):
+        raise ValueError("the page has no 'data' list")
+    indices = range(len(records)) if task.indices is None else task.indices
+    return [read_record(i, records[i], task.known, task.chatbot_id, task.rule) for i in indices]
+
+
+def read_record(
+    index: int, record: Any, known: dict[str, str], chatbot_id: str, rule: WhatsAppRule
+) -> Outcome:
+    """One record's :class:`Outcome` (see :func:`read_page`)."""
+    try:
+        unchanged = unchanged_outcome(index, record, known)
+        if unchanged is not None:
+            return unchanged
+        row = normalize_conversation(record, chatbot_id, rule)
+        row["messages"] = encode_json(row["messages"])
+        row["raw"] = encode_json(row["raw"])
+        return Outcome(index, "row", row["id"], row["created_at"].date(), row)
+    except BadRecord as exc:
+        return _bad(index, record, exc.reason)
+    except Exception as exc:  # a fault of chatsync's on one record must not stop the sync
+        reason = f"chatsync could not read it ({describe(exc)})"
+        return _bad(index, record, reason, traceback.format_exc())
+
+
+def unchanged_outcome(index: int, record: Any, known: dict[str, str]) -> Outcome | None:
+    """The "unchanged" outcome of a stored record Chatbase sends with the same content, else None.
+
+    Raises BadRecord when the record cannot even be written as JSON."""
+    conversation_id = stored_id(record)
+    if conversation_id is None or conversation_id not in known:
+        return None
+    if content_hash(storable(record).canonical) != known[conversation_id]:
+        return None
+    try:
+        created = parse_timestamp(record.get("created_at")).date()
+    except (ValueError, OverflowError, OSError):
+        return None
+    return Outcome(index, "unchanged", conversation_id, created)
+
+
+def _bad(index: int, record: Any, reason: str, fault: str | None = None) -> Outcome:
+    kept = UndecodableRecord(quarantine_text(record), reason, record_id_text(record))
+    return Outcome(index, "bad", stored_id(record), None, None, reason, kept, fault)
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as one short line for a quarantine reason: its type and the first line of its text."""
+    original = getattr(exc, "orig", None) or exc
+    lines = str(original).strip().splitlines()
+    return f"{type(original).__name__}: {lines[0][:200]}" if lines else type(original).__name__
+
+
+# ------------------------------------------------------------------------------------------------ the pool
+def default_workers() -> int:
+    """Worker processes for a sync: one per core up to four; none on a single core (read in the writer)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 0 if cores < 2 else min(cores, 4)
+
+
+class ReaderPool:
+    """Runs :func:`read_page` in ``workers`` processes (0: in the calling thread).
+
+    A worker that dies (killed, out of memory) breaks the pool: every page not yet read raises
+    ``concurrent.futures.process.BrokenProcessPool`` from its future.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._executor: ProcessPoolExecutor | None = None
+
+    def submit(self, task: PageTask) -> Future[list[Outcome]]:
+        if self.workers <= 0:
+            done: Future[list[Outcome]] = Future()
+            try:
+                done.set_result(read_page(task))
+            except Exception as exc:
+                done.set_exception(exc)
+            return done
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(
+                self.workers, mp_context=_context(), initializer=_end_with_parent
+            )
+        return self._executor.submit(read_page, task)
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def __enter__(self) -> ReaderPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _end_with_parent() -> None:
+    """In a worker: exit as soon as the sync that started it is gone (even SIGKILLed), rather than wait
+    for tasks forever (a worker holds its own end of the task queue, so it would never see it close)."""
+    import multiprocessing
+    import threading
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()
+        os._exit(0)
+
+    threading.Thread(target=watch, name="chatsync-worker-watch", daemon=True).start()
+
+
+def _context() -> Any:
+    """A fork server where the platform has one (Linux, macOS): workers start as clean processes with
+    this module already imported, whatever threads the sync runs; else the platform's default."""
+    import multiprocessing
+
+    try:
+        context = multiprocessing.get_context("forkserver")
+    except ValueError:
+        return multiprocessing.get_context()
+    context.set_forkserver_preload([__name__])
+    return context
