@@ -65,6 +65,9 @@ from chatsync.workers import (
 )
 
 MAX_WINDOW_DAYS = 31
+# Hosts of one cron round do not start at the same instant (a busy host starts seconds late): a chatbot
+# whose sync finished this long before a shared run began was synced in this round.
+ROUND_GRACE = timedelta(seconds=10)
 log = logging.getLogger("chatsync.sync")
 
 
@@ -519,7 +522,8 @@ class Syncer:
         return summary
 
     def _run_shared(self, request: SyncRequest) -> SyncSummary:
-        """Sync each chatbot whose lock is free and that no other process synced since this run began.
+        """Sync each chatbot whose lock is free and that no other process synced in this round (since
+        ``ROUND_GRACE`` before this run began).
 
         Several hosts running ``sync --all-chatbots`` at once against one database so divide the chatbots
         between them: each is synced once per round, never by two at the same time.
@@ -541,10 +545,10 @@ class Syncer:
                 try:
                     with chatbot_lock(self.engine, chatbot_id, on_lost=stop):
                         with self._db() as connection:
-                            done = writes.synced_since(connection, chatbot_id, started)
+                            done = writes.synced_since(connection, chatbot_id, started - ROUND_GRACE)
                         if done:
                             log.info(
-                                "chatbot %s: synced by another process during this run; skipped", chatbot_id
+                                "chatbot %s: synced by another process in this round; skipped", chatbot_id
                             )
                             summary.skipped.append(chatbot_id)
                             continue

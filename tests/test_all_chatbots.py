@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from sqlalchemy import select
 
 from chatsync.store.engine import open_engine
 from chatsync.store.tables import sync_runs
+from chatsync.sync import ROUND_GRACE
 from tests.conftest import chatbase_env
 from tests.helpers import assert_exact
 
@@ -34,8 +36,12 @@ def test_all_chatbots_syncs_every_chatbot_get_chatbots_names(
     assert summary["chatbots"] == ["bot-a", "bot-b", "bot-c"] and summary["inserted"] == 180
     for bot in ("bot-a", "bot-b", "bot-c"):
         assert_exact(sqlite_url, server.emulator, bot)
+    # at once again: the same round (hosts start seconds apart), so nothing is synced twice
     again = json.loads(cli("sync", "--all-chatbots", "--json", env=env).stdout)
-    assert again["chatbots"] == ["bot-a", "bot-b", "bot-c"] and again["inserted"] == 0  # a new round
+    assert again["chatbots"] == [] and again["skipped"] == ["bot-a", "bot-b", "bot-c"]
+    time.sleep(ROUND_GRACE.total_seconds())
+    later = json.loads(cli("sync", "--all-chatbots", "--json", env=env).stdout)  # the next round
+    assert later["chatbots"] == ["bot-a", "bot-b", "bot-c"] and later["inserted"] == 0
 
 
 def test_all_chatbots_and_chatbot_id_together_is_a_usage_error(cli: Any, sqlite_url: str) -> None:
@@ -99,6 +105,7 @@ def test_three_hosts_share_twelve_chatbots_each_synced_once_per_round(
     taken = [bot for ids, _ in runs for bot in ids]
     assert len(taken) == len(set(taken)) == len(BOTS)
 
+    time.sleep(ROUND_GRACE.total_seconds())
     second = round_of_three()  # the next cron round syncs each once again
     assert sorted(bot for line in second for bot in line["chatbots"]) == list(BOTS)
     assert sum(line["inserted"] for line in second) == 0
