@@ -326,7 +326,8 @@ class ChatbaseHTTP:
         except TransientError as exc:
             raise ChatbaseUnavailable(
                 f"Chatbase kept failing for {self.retry_budget:.0f}s (last: {exc}); "
-                "what was saved is kept and the next run continues"
+                "what was saved is kept and the next run continues",
+                last=str(exc),
             ) from None
 
     def _before_retry(self, state: RetryCallState) -> None:

@@ -14,7 +14,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from chatsync.errors import ChatsyncError, ExitCode, UsageError
+from chatsync.errors import ChatsyncError, ExitCode, LockHeld, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -308,11 +308,17 @@ def sync(
         if all_chatbots and chatbot_id:
             raise UsageError("give --all-chatbots or --chatbot-id, not both")
         _sync(run, settings, since, until, source, full, dry_run, all_chatbots)
+    except LockHeld as exc:
+        run.error = exc
+        if as_json:  # the previous run still going is no failure: its JSON line says so, stderr stays empty
+            run.report()
+            raise typer.Exit(int(ExitCode.LOCKED)) from None
+        raise
     except BaseException as exc:
         run.error = exc
         raise
     finally:
-        if not dry_run:
+        if not dry_run and not (as_json and isinstance(run.error, LockHeld)):
             run.report()
 
 
@@ -337,7 +343,9 @@ class _SyncRun:
         line = summary.as_dict()
         code = _exit_code(self.error)
         if self.error is not None:
-            line["status"] = "partial" if code == ExitCode.PARTIAL else "failed"
+            line["status"] = {int(ExitCode.PARTIAL): "partial", int(ExitCode.LOCKED): "skipped"}.get(
+                code, "failed"
+            )
             line["error"] = _one_line(self.error)
             line["exit_code"] = code
         if self.as_json:
@@ -595,7 +603,7 @@ def extract_test(
         if as_json:
             render.write_json({"text": text, "is_prompt": verdict})
         else:
-            render.info("this is the WhatsApp prompt" if verdict else "this is not the WhatsApp prompt")
+            render.line("this is the WhatsApp prompt" if verdict else "this is not the WhatsApp prompt")
         return
     result = extract_reply(text, rule)
     if as_json:
@@ -818,8 +826,11 @@ def quarantine_retry(
     ] = None,
     chatbot_id: ChatbotOpt = None,
     region: RegionOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the counts as one JSON object.")] = False,
 ) -> None:
     """Normalise quarantined records again (after an upgrade fixed the cause) and store those that pass."""
+    from dataclasses import asdict
+
     from chatsync import render
     from chatsync.operations import retry_quarantined
 
@@ -827,10 +838,13 @@ def quarantine_retry(
     counts = retry_quarantined(
         _ctx().engine(settings), settings.whatsapp, tuple(chatbot_id or ()), tuple(quarantine_id or ())
     )
-    render.info(
-        f"retried {counts.examined:,} quarantined record(s): {counts.stored:,} stored, "
-        f"{counts.still_refused:,} still refused (reasons updated)"
-    )
+    if as_json:
+        render.write_json_line(asdict(counts))
+    else:
+        render.line(
+            f"retried {counts.examined:,} quarantined record(s): {counts.stored:,} stored, "
+            f"{counts.still_refused:,} still refused (reasons updated)"
+        )
     if counts.skipped_chatbots:
         render.error(
             f"a sync is running for {', '.join(counts.skipped_chatbots)}; their records were not retried: "

@@ -437,7 +437,11 @@ def load_settings(
                     break
         if found is None:
             continue
-        parsed = setting.parse(found[0])
+        try:
+            parsed = setting.parse(found[0])
+        except UsageError as exc:  # say where the bad value is: the flag, or which variable (and file)
+            where = found[1].variable if found[1].kind != ".env" else f"{found[1].variable} in .env"
+            raise UsageError(f"{where}: {exc}") from None
         origins[setting.name] = found[1]
         target = setting.field or setting.name
         if isinstance(parsed, dict):

@@ -145,9 +145,15 @@ class LockLost(ChatsyncError):
 
 
 class ChatbaseUnavailable(ChatsyncError):
-    """Transient failures outlasted the retry budget; what was committed stays, the next run continues."""
+    """Transient failures outlasted the retry budget; what was committed stays, the next run continues.
+
+    ``last``: the last failure, when there was one (``HTTP 503: …``, ``ConnectError: …``)."""
 
     exit_code = ExitCode.PARTIAL
+
+    def __init__(self, message: str, last: str | None = None) -> None:
+        super().__init__(message)
+        self.last = last
 
 
 class PagingError(ChatbaseUnavailable):

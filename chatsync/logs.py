@@ -21,6 +21,7 @@ LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s"
 _HANDLER_NAME = "chatsync"
+_current_format = "text"  # what configure() last set up: the CLI's error line follows it
 
 
 def _utc_time(record: logging.LogRecord) -> str:
@@ -85,6 +86,8 @@ def configure(
     named there get ``level`` like chatsync's); otherwise libraries' records stay out. ``debug`` sends
     everything at DEBUG. Idempotent: calling it again replaces the handler it installed.
     """
+    global _current_format
+    _current_format = log_format
     handler = log_handler(log_format, stream, fields)
     for log_filter in filters:
         handler.addFilter(log_filter)
@@ -107,6 +110,15 @@ def configure(
         ours[0].setLevel(level)
         ours[0].propagate = False
     return handler
+
+
+def json_error_line(message: str) -> str | None:
+    """The CLI's one error line as a JSON log object, when the log is JSON (``CHATSYNC_LOG_FORMAT=json``),
+    so that stderr holds nothing but JSON lines; None for the plain ``error: …`` line."""
+    if _current_format != "json":
+        return None
+    record = logging.LogRecord("chatsync", logging.ERROR, __file__, 0, message, None, None)
+    return _json_formatter(JSON_FIELDS).format(record)
 
 
 def scrub_event(event: dict[str, Any], hint: Any = None) -> dict[str, Any]:

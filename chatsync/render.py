@@ -26,10 +26,16 @@ if TYPE_CHECKING:  # the sync engine (and SQLAlchemy) stay out of commands that 
     from chatsync.sync import SyncSummary
 
 
+PIPE_WIDTH = 160  # a table written to a file or a pipe: no terminal says how wide, so values are not cut
+
+
 def stdout_console() -> Console:
     """Where tables go: stdout in its own encoding, a character it cannot show printed as ``?``."""
+    import os
+
     _reconfigure(sys.stdout, errors="replace")
-    return Console(soft_wrap=False)
+    piped = not sys.stdout.isatty() and not os.environ.get("COLUMNS")
+    return Console(soft_wrap=False, width=PIPE_WIDTH if piped else None)
 
 
 def machine_stdout() -> IO[str]:
@@ -53,12 +59,23 @@ def stderr_console() -> Console:
 
 
 def error(message: str) -> None:
-    """One line on stderr naming what went wrong and what to do."""
+    """One line on stderr naming what went wrong and what to do (a JSON object when the log is JSON)."""
+    from chatsync.logs import json_error_line
+
+    as_json = json_error_line(message)
+    if as_json is not None:
+        print(as_json, file=sys.stderr)
+        return
     console = stderr_console()
     if console.is_terminal:
         console.print(Text("error: ", style="bold red") + Text(message), highlight=False)
     else:
         print(f"error: {message}", file=sys.stderr)
+
+
+def line(text: str) -> None:
+    """A command's one-line result on stdout (where a script reading it looks)."""
+    print(text)
 
 
 def version_line(version: str) -> None:
@@ -256,38 +273,35 @@ def status(statuses: list[dict[str, Any]], checked: dict[str, Any], as_json: boo
     if not statuses:
         info("no chatbot synced yet: run chatsync sync")
         return
+    now = checked["checked_at"]
     table = Table(header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
-    for header in (
-        "chatbot",
-        "last run",
-        "ended",
-        "last good sync",
-        "newest conversation",
-        "stored",
-        "quarantined",
-    ):
+    for header in ("chatbot", "run", "ended", "good sync", "newest", "stored", "quarantined"):
         table.add_column(
-            header,
-            no_wrap=header == "chatbot",
-            justify="right" if header in ("stored", "quarantined") else "left",
+            header, no_wrap=True, justify="right" if header in ("stored", "quarantined") else "left"
         )
     for s in statuses:
         run = s["last_run"] or {}
-        good = s["last_good_sync_at"]
-        age = s["last_good_sync_age_seconds"]
+        good = s["last_good_sync_age_seconds"]
         table.add_row(
             s["chatbot_id"],
             Text(
                 run.get("status", "never"),
                 style={"ok": "green", "partial": "yellow"}.get(run.get("status", ""), "red"),
             ),
-            run.get("finished_at") or run.get("started_at") or "",
-            Text(f"{good} ({_age(age)} ago)" if good else "never", style="red" if s["stale"] else ""),
-            s["newest_conversation_at"] or "",
+            _ago(run.get("finished_at") or run.get("started_at"), now),
+            Text(
+                ("STALE " if s["stale"] else "") + (_age(good) if good is not None else "never"),
+                style="bold red" if s["stale"] else "",
+            ),
+            _ago(s["newest_conversation_at"], now),
             f"{s['conversations']:,}",
             Text(f"{s['quarantined']:,}", style="yellow" if s["quarantined"] else ""),
         )
-    stdout_console().print(table)
+    console = stdout_console()
+    console.print(table)
+    console.print(
+        Text("ended, good sync (the last complete one), newest (conversation): how long ago", style="dim")
+    )
     for s in statuses:
         run = s["last_run"] or {}
         if run.get("error"):
@@ -333,6 +347,15 @@ def settings_table(rows: list[dict[str, Any]], as_json: bool) -> None:
             row["variables"][0], row["value"], Text(origin, style="dim" if row["origin"] == "default" else "")
         )
     stdout_console().print(table)
+
+
+def _ago(moment: str | None, now: Any) -> str:
+    """How long ago an ISO ``Z`` timestamp was, ``4.0m`` (``--json`` has the time itself)."""
+    if not moment:
+        return ""
+    from chatsync.timeutil import parse_timestamp
+
+    return _age(round((now - parse_timestamp(moment)).total_seconds()))
 
 
 def _age(seconds: int | None) -> str:

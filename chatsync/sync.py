@@ -679,11 +679,11 @@ class Syncer:
             log.info("chatbot %s has no conversations yet", chatbot_id)
             return
         log.info(
-            "chatbot %s: %d day(s) to fetch between %s and %s, in %d stream(s)",
+            "chatbot %s: %d day(s) to fetch, %s to %s, in %d stream(s)",
             chatbot_id,
             len(plan.days),
-            plan.first_day or "its first conversation",
-            plan.last_day,
+            plan.days[0] if plan.days and plan.first_day else "its first conversation",
+            plan.days[-1] if plan.days else plan.last_day,
             len(plan.streams),
         )
         self._windows_done = 0

@@ -83,13 +83,33 @@ UNAUTHORIZED = {
 
 
 @pytest.mark.parametrize("case", list(UNAUTHORIZED))
-def test_every_bad_token_is_401_without_detail(api: TestClient, case: str) -> None:
-    response = api.get("/api/conversations", headers=UNAUTHORIZED[case])
+def test_every_bad_token_is_401_without_detail(
+    api: TestClient, case: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("INFO", logger="chatsync.web"):
+        response = api.get("/api/conversations", headers=UNAUTHORIZED[case])
     assert response.status_code == 401
     assert response.headers["www-authenticate"] == "Bearer"
     assert response.json() == {
         "error": {"code": "unauthorized", "message": "a valid session token is required"}
     }
+    # the server's log says why, for an operator with a wrong CLERK_ISSUER or party; never the token
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("token refused: ")]
+    header = UNAUTHORIZED[case].get("Authorization", "")
+    assert not header.partition(" ")[2] or header.partition(" ")[2] not in line
+
+
+def test_the_log_names_why_a_token_was_refused(api: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    reasons = {}
+    for case in ("expired", "foreign issuer", "foreign azp", "missing iat"):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="chatsync.web"):
+            api.get("/api/conversations", headers=UNAUTHORIZED[case])
+        reasons[case] = next(r.getMessage() for r in caplog.records if "token refused" in r.getMessage())
+    assert "ExpiredSignatureError" in reasons["expired"]
+    assert "CLERK_ISSUER" in reasons["foreign issuer"]
+    assert "'https://evil.example' is not in CLERK_AUTHORIZED_PARTIES" in reasons["foreign azp"]
+    assert "iat" in reasons["missing iat"]
 
 
 def test_a_pending_session_is_403(api: TestClient) -> None:
@@ -515,13 +535,13 @@ def test_cors_answers_the_frontends_preflight_and_exposes_the_request_id(api: Te
         headers={
             "Origin": ORIGIN,
             "Access-Control-Request-Method": "GET",
-            "Access-Control-Request-Headers": "authorization, last-event-id",
+            "Access-Control-Request-Headers": "authorization, last-event-id, x-request-id",
         },
     )
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == ORIGIN
     allowed = {h.strip().lower() for h in preflight.headers["access-control-allow-headers"].split(",")}
-    assert {"authorization", "content-type", "last-event-id"} <= allowed
+    assert {"authorization", "content-type", "last-event-id", "x-request-id"} <= allowed
     response = api.get("/api/conversations", headers={**USER_A, "Origin": ORIGIN})
     assert response.status_code == 200
     assert response.headers["access-control-allow-origin"] == ORIGIN

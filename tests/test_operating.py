@@ -122,7 +122,7 @@ def test_verbose_sync_logs_its_plan_windows_and_summary(
     result = cli("-v", "sync", "--json", env=chatbase_env(server, sqlite_url))
     assert result.exit_code == 0, result.stderr
     log = result.stderr
-    assert re.search(r"INFO chatsync.sync: chatbot demo-bot: \d+ day\(s\) to fetch between", log)
+    assert re.search(r"INFO chatsync.sync: chatbot demo-bot: \d+ day\(s\) to fetch, ", log)
     assert re.search(r"chatbot demo-bot: \d{4}-\d\d-\d\d\.\.\d{4}-\d\d-\d\d done \(window 1 of \d+\)", log)
     assert "quarantined 1 record(s) of chatbot demo-bot" in log
     assert re.search(r"sync [0-9a-f-]{36}: ok; \d+ requests", log)
@@ -288,7 +288,7 @@ def test_quarantine_list_show_and_retry_after_the_cause_is_fixed(
 
     retried = cli("quarantine", "retry", env=env)
     assert retried.exit_code == 0, retried.stderr
-    assert "5 quarantined record(s): 1 stored, 4 still refused" in retried.stderr
+    assert "5 quarantined record(s): 1 stored, 4 still refused" in retried.stdout
     assert len(json.loads(cli("quarantine", "list", "--format", "json", env=env).stdout)) == 4
     shown = json.loads(cli("show", record["id"], "--format", "json", env=env).stdout)
     assert shown["created_at"] == "2024-05-01T08:00:00Z"

@@ -98,12 +98,16 @@ def test_a_second_sync_of_the_same_chatbot_exits_75_and_does_nothing(
     ensure_schema(engine)
     with chatbot_lock(engine, "bot-a"):
         busy = cli("sync", "--json", "--chatbot-id", "bot-a", env=env)
+        by_hand = cli("sync", "--chatbot-id", "bot-a", env=env)  # a person at a terminal is told why
         other = cli("sync", "--json", "--chatbot-id", "bot-b", env=env)
     assert busy.exit_code == ExitCode.LOCKED
     line = json.loads(busy.stdout)  # one line a run in the cron log, whatever happened
-    assert (line["status"], line["exit_code"], line["fetched"]) == ("failed", 75, 0)
+    assert (line["status"], line["exit_code"], line["fetched"]) == ("skipped", 75, 0)
     assert busy.stdout.count("\n") == 1
-    assert busy.stderr.strip() == "error: another sync of chatbot 'bot-a' is running; nothing was done"
+    assert line["error"] == "another sync of chatbot 'bot-a' is running; nothing was done"
+    assert busy.stderr == ""  # nothing went wrong: a cron job's error log stays empty
+    assert by_hand.exit_code == ExitCode.LOCKED
+    assert by_hand.stderr.strip() == "error: another sync of chatbot 'bot-a' is running; nothing was done"
     assert other.exit_code == 0, other.stderr  # different chatbots sync at the same time
     assert json.loads(other.stdout)["inserted"] == 200
     from sqlalchemy import func, select

@@ -26,7 +26,14 @@ JWKS_REFETCH_SECONDS = 2.0
 
 
 class Unauthorized(Exception):
-    """No valid session token: 401 with ``WWW-Authenticate: Bearer``."""
+    """No valid session token: 401 with ``WWW-Authenticate: Bearer``.
+
+    ``reason`` is for the server's log (an operator diagnosing a wrong CLERK_ISSUER or authorized party),
+    never for the response; it holds no part of the token."""
+
+    def __init__(self, reason: str = "no token") -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class Forbidden(Exception):
@@ -109,10 +116,10 @@ class ClerkVerifier:
     def verify(self, authorization: str | None) -> Session:
         """The session of an ``Authorization: Bearer …`` header (the scheme in any case)."""
         if not authorization:
-            raise Unauthorized()
+            raise Unauthorized("no Authorization header")
         scheme, _, token = authorization.strip().partition(" ")
         if scheme.lower() != "bearer":
-            raise Unauthorized()
+            raise Unauthorized("not a Bearer token")
         return self.verify_token(token)
 
     def remembered(self, token: str) -> Session | None:
@@ -124,7 +131,7 @@ class ClerkVerifier:
         """The session of a bare token; Unauthorized (401) or Forbidden (403). May fetch the JWKS."""
         token = token.strip()
         if not token or " " in token:
-            raise Unauthorized()
+            raise Unauthorized("not a Bearer token")
         now = time.time()
         known = self.remembered(token)
         if known is not None:
@@ -149,14 +156,21 @@ class ClerkVerifier:
                 leeway=CLOCK_SKEW_SECONDS,
                 options={"require": ["exp", "iat", "nbf", "sub", "iss"], "verify_aud": False},
             )
-        except Exception:
-            raise Unauthorized() from None
+        except jwt.InvalidIssuerError:
+            raise Unauthorized(f"issuer is not CLERK_ISSUER ({self.settings.issuer})") from None
+        except (
+            jwt.PyJWTError
+        ) as exc:  # expired, not yet valid, a claim missing, a bad signature, an unknown key…
+            raise Unauthorized(f"{type(exc).__name__}: {exc}") from None
+        except Exception as exc:  # a key set that cannot be fetched, a token that is not a JWT
+            raise Unauthorized(type(exc).__name__) from None
         party = claims.get("azp")
         if not isinstance(party, str) or party not in self.settings.authorized_parties:
-            raise Unauthorized()
+            shown = repr(party)[:100] if isinstance(party, str) else "none"
+            raise Unauthorized(f"authorized party {shown} is not in CLERK_AUTHORIZED_PARTIES")
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:
-            raise Unauthorized()
+            raise Unauthorized("no subject (sub)")
         if claims.get("sts") == "pending":
             raise Forbidden()
         org: dict[str, Any] = claims["o"] if isinstance(claims.get("o"), dict) else {}

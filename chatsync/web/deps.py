@@ -5,6 +5,7 @@ app over their own database and keys without touching globals. No ``from __futur
 FastAPI reads these signatures at runtime.
 """
 
+import logging
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -23,6 +24,8 @@ bearer = HTTPBearer(
     auto_error=False,
 )
 AUTHED = declared(401, 403)
+
+log = logging.getLogger("chatsync.web")
 
 
 def get_settings(request: Request) -> Settings:
@@ -51,11 +54,12 @@ async def get_session(
     verifier: ClerkVerifier = request.app.state.verifier
     try:
         if credentials is None:
-            raise Unauthorized()
+            raise Unauthorized("no Bearer token")
         session = verifier.remembered(credentials.credentials)
         if session is None:
             session = await to_thread.run_sync(verifier.verify_token, credentials.credentials)
-    except Unauthorized:
+    except Unauthorized as exc:
+        log.info("token refused: %s", exc.reason)  # the response says nothing that helps an attacker
         raise ApiError(
             401, "unauthorized", "a valid session token is required", {"WWW-Authenticate": "Bearer"}
         ) from None

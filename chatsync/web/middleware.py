@@ -112,7 +112,7 @@ def cors_options(origins: tuple[str, ...]) -> dict[str, Any]:
     return {
         "allow_origins": list(origins),
         "allow_methods": ["GET", "POST", "OPTIONS"],
-        "allow_headers": ["Authorization", "Content-Type", "Last-Event-ID"],
+        "allow_headers": ["Authorization", "Content-Type", "Last-Event-ID", "x-request-id"],
         "expose_headers": ["x-request-id"],
         "allow_credentials": False,
         "max_age": 600,
