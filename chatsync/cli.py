@@ -1008,10 +1008,13 @@ def demo(
     from chatsync.store.queries import ConversationFilter
     from chatsync.sync import Syncer, SyncRequest
 
-    database = Path(path) if path else default_database_path().with_name("demo.db")
+    database = Path(path).expanduser() if path else default_database_path().with_name("demo.db")
+    if path and database.exists():
+        # Never replace a file the user named: it may be a real database (the default demo.db is ours).
+        raise UsageError(f"{database} already exists: give --path a new file, or remove it first")
     database.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in database.parent.glob(database.name + "*"):
-        leftover.unlink()
+    for suffix in ("", "-wal", "-shm", "-journal"):  # the demo's own file and SQLite's companions, only
+        database.with_name(database.name + suffix).unlink(missing_ok=True)
     url = f"sqlite:///{database}"
     engine = open_engine(url)
     ensure_schema(engine)

@@ -122,12 +122,19 @@ def json_error_line(message: str) -> str | None:
 
 
 def scrub_event(event: dict[str, Any], hint: Any = None) -> dict[str, Any]:
-    """Sentry ``before_send``: no tokens, cookies, bodies or personal data leave the machine."""
+    """Sentry ``before_send``: no tokens, keys, passwords, cookies, bodies or personal data leave the machine.
+
+    Frame locals are never collected (see :func:`configure_sentry`); this drops what else could hold a
+    secret: the request's headers, cookies, body and query, the command line (``--api-key``), the user.
+    """
     request = event.get("request")
     if isinstance(request, dict):
         for key in ("headers", "cookies", "data", "query_string", "env"):
             request.pop(key, None)
     event.pop("user", None)
+    extra = event.get("extra")
+    if isinstance(extra, dict):
+        extra.pop("sys.argv", None)
     return event
 
 
@@ -142,7 +149,13 @@ def configure_sentry(dsn: str | None) -> bool:
             "SENTRY_DSN is set but sentry-sdk is not installed: pip install sentry-sdk"
         )
         return False
-    sentry_sdk.init(dsn=dsn, send_default_pii=False, before_send=scrub_event)
+    sentry_sdk.init(
+        dsn=dsn,
+        send_default_pii=False,
+        include_local_variables=False,  # locals hold settings, connection URLs and tokens
+        max_request_body_size="never",
+        before_send=scrub_event,  # type: ignore[arg-type]
+    )
     return True
 
 

@@ -694,10 +694,13 @@ class Syncer:
             chatbot_id, request.sources, scope_of(request.sources), plan.streams, today, status
         )
         if open_start:
+            # Only a stream paged to its end has seen the first conversation: a partial one's oldest
+            # record is not the first day, and remembering it would hide the days before it for good.
+            floor = next(s for s in plan.streams if s.open_start)
             oldest = [s.oldest for s in plan.streams if s.oldest is not None]
-            if not oldest:
+            if floor.finished and not oldest:
                 log.info("chatbot %s has no conversations yet", chatbot_id)
-            elif not request.sources:
+            elif floor.finished and not request.sources:
                 log.info("chatbot %s: first conversation on %s", chatbot_id, min(oldest))
                 with self._db() as connection:
                     writes.remember_chatbot(connection, chatbot_id, first_day=min(oldest))
@@ -803,6 +806,9 @@ class Syncer:
                     thread.join()
         if first_error is not None:
             raise first_error
+        unfinished = [s for s in streams if not s.finished]
+        if stop.is_set() and unfinished:  # stopped from outside (a lost lock): not a complete sync
+            raise ChatbaseUnavailable("sync stopped before every page was fetched")
 
     def _read(
         self, chatbot_id: str, fetched: _Fetched, pool: ReaderPool, events: queue.Queue[object]

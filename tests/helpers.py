@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import create_engine, select
@@ -63,3 +65,44 @@ def assert_exact(
 
 
 __all__ = ["assert_exact", "create_engine", "stored_conversations"]
+
+
+@contextmanager
+def fake_sentry() -> Iterator[tuple[str, list[bytes]]]:
+    """A Sentry endpoint on loopback that keeps every envelope it receives, decompressed: the DSN, and
+    the list of bodies (what would have left the machine)."""
+    import gzip
+    import zlib
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    received: list[bytes] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length") or 0))
+            encoding = (self.headers.get("content-encoding") or "").lower()
+            if encoding == "gzip":
+                body = gzip.decompress(body)
+            elif encoding == "deflate":
+                body = zlib.decompress(body)
+            elif encoding == "br":
+                import brotli  # type: ignore[import-not-found]
+
+                body = brotli.decompress(body)
+            received.append(body)
+            self.send_response(200)
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://publickey@127.0.0.1:{server.server_address[1]}/42", received
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -186,3 +186,16 @@ def test_a_reader_that_stops_early_gets_no_error_message(cli: Any, tmp_path: Pat
     process.wait(timeout=30)
     assert process.stderr.read() == b""
     assert process.returncode == 141  # ~90 kB is more than the pipe holds: the pipe really broke
+
+
+def test_demo_never_deletes_files_beside_the_one_it_creates(cli: Any, tmp_path: Path) -> None:
+    """``--path ./c`` once removed every file starting with "c": chatsync.db, contracts.pdf, …"""
+    keep = ["chatsync.db", "chatsync.db-wal", "config.yaml", "contracts.pdf", "c.txt"]
+    for name in keep:
+        (tmp_path / name).write_text("precious")
+    result = cli("demo", "--conversations", "20", "--path", str(tmp_path / "c"))
+    assert result.exit_code == 0, result.stderr
+    assert all((tmp_path / name).read_text() == "precious" for name in keep)
+    again = cli("demo", "--conversations", "20", "--path", str(tmp_path / "chatsync.db"))
+    assert again.exit_code == 2 and "already exists" in again.stderr
+    assert (tmp_path / "chatsync.db").read_text() == "precious"

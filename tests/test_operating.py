@@ -418,3 +418,40 @@ def test_config_show_names_each_source_and_masks_secrets(cli: Any, tmp_path: Any
     table = cli("config", "show", env=env)
     assert table.exit_code == 0 and "CHATSYNC_LOOKBACK" in table.stdout and ".env" in table.stdout
     assert "sk-live-from-dotenv-123" not in table.stdout
+
+
+# ------------------------------------------------------------------------------------------------- Sentry
+@pytest.mark.postgres
+def test_a_failed_sync_reaches_sentry_without_the_key_or_the_database_password(
+    emulator_factory: Any, postgres_url: str, tmp_path: Any
+) -> None:
+    """Frame locals (settings, connection URLs) and the command line once took both to Sentry."""
+    import os
+    import subprocess
+    import sys
+
+    from sqlalchemy.engine import make_url
+
+    from tests.helpers import fake_sentry
+
+    server = emulator_factory(conversations=10, seed=56)
+    with_password = (
+        make_url(postgres_url).set(password="pw-do-not-send-931").render_as_string(hide_password=False)
+    )
+    with fake_sentry() as (dsn, received):
+        env = {
+            **os.environ,
+            "CHATSYNC_DATABASE_URL": with_password,
+            "CHATBASE_BASE_URL": server.base_url,
+            "CHATBASE_CHATBOT_ID": "demo-bot",
+            "SENTRY_DSN": dsn,
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "chatsync", "sync", "--json", "--api-key", "sk-do-not-send-4471"],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert done.returncode == ExitCode.CONFIG, done.stderr  # the emulator refuses that key
+    sent = b"\n".join(received)
+    assert b"Chatbase rejected the request" in sent  # the failure did reach Sentry
+    for secret in (b"pw-do-not-send-931", b"sk-do-not-send-4471"):
+        assert secret not in sent

@@ -38,6 +38,7 @@ from tests.api_helpers import (
     conversation,
     token,
 )
+from tests.helpers import fake_sentry
 
 FRONTEND = "http://127.0.0.1:3000"
 
@@ -48,7 +49,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _dotenv(path: Path, database_url: str) -> None:
+def _dotenv(path: Path, database_url: str, sentry_dsn: str = "http://public@127.0.0.1:9/1") -> None:
     pem = PUBLIC_PEM.strip()
     path.write_text(
         f"CHATSYNC_DATABASE_URL={database_url}\n"
@@ -59,7 +60,7 @@ def _dotenv(path: Path, database_url: str) -> None:
         "CLERK_SECRET_KEY=sk_test_only_for_users_sync\n"
         "CHATSYNC_ADMIN_USER_IDS=user_admin\n"
         f"CHATSYNC_CORS_ORIGINS={FRONTEND}\n"
-        "SENTRY_DSN=http://public@127.0.0.1:9/1\n"
+        f"SENTRY_DSN={sentry_dsn}\n"
         "CHATSYNC_LOG_FORMAT=json\n"
     )
 
@@ -72,7 +73,9 @@ def test_serve_runs_from_dotenv_and_logs_a_500_with_its_request_id_and_no_token(
     row = normalize_conversation(conversation("s1", "bot-a"), "bot-a", WhatsAppRule())
     with engine.begin() as connection:
         writes.upsert_conversations(connection, [row], datetime.now(UTC))
-    _dotenv(tmp_path / ".env", database_url)
+    sentry = fake_sentry()
+    dsn, sent_to_sentry = sentry.__enter__()
+    _dotenv(tmp_path / ".env", database_url, dsn)
     environment = {
         k: v
         for k, v in os.environ.items()
@@ -143,6 +146,7 @@ def test_serve_runs_from_dotenv_and_logs_a_500_with_its_request_id_and_no_token(
             server.terminate()
             server.wait(timeout=30)
             engine.dispose()
+            sentry.__exit__(None, None, None)
     output = log_path.read_text()
     lines = [json.loads(line) for line in output.splitlines() if line.strip()]  # CHATSYNC_LOG_FORMAT=json
     assert all("request_id" in line and "level" in line for line in lines)
@@ -153,7 +157,9 @@ def test_serve_runs_from_dotenv_and_logs_a_500_with_its_request_id_and_no_token(
     assert access["req-ok-1"]["status"] == 200 and access["req-ok-1"]["user_id"] == "user_admin"
     assert access["req-ok-1"]["message"].startswith("GET /api/conversations?number ")
     assert access["req-boom-1"]["status"] == 500
-    assert any("SENTRY_DSN" in line["message"] for line in lines)  # read from .env too
+    sent = b"\n".join(sent_to_sentry)  # SENTRY_DSN was read from .env too
+    assert b"req-boom-1" in sent  # the 500 reached Sentry, with its request id
+    assert admin.encode() not in sent and admin.split(".")[2].encode() not in sent  # and no token
     assert admin not in output and admin.split(".")[2] not in output  # no token, no signature
     assert "91234567" not in output  # no number from the query string
 
