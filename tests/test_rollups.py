@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from alembic import command
-from sqlalchemy import select
+from sqlalchemy import inspect, select
 
 from chatsync.analytics import report
 from chatsync.config import WhatsAppRule
@@ -153,18 +153,19 @@ def test_upgrading_a_database_fills_the_rollups_from_its_conversations(
     engine = open_engine(database_url)
     with engine.begin() as connection:
         command.upgrade(_alembic_config(connection), "0002")
+        then = {column["name"] for column in inspect(connection).get_columns("conversations")}
+        stored = [
+            {
+                "id": r["id"],
+                **{k: r[k] for k in DATA_COLUMNS},
+                **{k: r[a] for k, a in AUTO_COLUMNS.items()},
+                "first_synced_at": now,
+                "synced_at": now,
+            }
+            for r in rows
+        ]
         connection.execute(
-            conversations.insert(),
-            [
-                {
-                    "id": r["id"],
-                    **{k: r[k] for k in DATA_COLUMNS},
-                    **{k: r[a] for k, a in AUTO_COLUMNS.items()},
-                    "first_synced_at": now,
-                    "synced_at": now,
-                }
-                for r in rows
-            ],
+            conversations.insert(), [{k: v for k, v in row.items() if k in then} for row in stored]
         )
     ensure_schema(engine)
     data = _both_ways(engine, ConversationFilter(), "Asia/Hong_Kong")
