@@ -42,12 +42,16 @@ def signature_matches(body: bytes, header: str | None, secret: str) -> bool:
     return hmac.compare_digest(expected, header.strip().lower().encode("ascii", "replace").decode())
 
 
-def _text(value: object, name: str) -> str | None:
-    """A lead's text field as sent, None when absent or empty; anything but text (or a number for a phone)
-    is refused."""
+def _text(value: object, name: str, number_too: bool = False) -> str | None:
+    """A lead's text field as sent, None when absent or empty; anything but text (or, ``number_too``, a
+    whole number: a phone) is refused."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, str | int):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, str | int)
+        or (isinstance(value, int) and not number_too)
+    ):
         raise BadLead(f"{name} is not a string")
     text = str(value).strip()
     return text or None
@@ -87,7 +91,7 @@ def lead_from_webhook(event: object, rule: WhatsAppRule, now: datetime) -> Lead 
     payload = event.get("payload")
     if not isinstance(payload, dict):
         raise BadLead("payload is not an object")
-    phone = _text(payload.get("customerPhone"), "customerPhone")
+    phone = _text(payload.get("customerPhone"), "customerPhone", number_too=True)
     assert chatbot_id is not None
     return Lead(
         chatbot_id=chatbot_id,
@@ -115,7 +119,7 @@ def lead_from_row(row: object, chatbot_id: str, rule: WhatsAppRule) -> Lead:
         submitted = parse_timestamp(row.get("created_at"))
     except (ValueError, OverflowError, OSError, TypeError):
         raise BadLead(f"unparsable created_at: {str(row.get('created_at'))[:40]!r}") from None
-    phone = _text(row.get("phone"), "phone")
+    phone = _text(row.get("phone"), "phone", number_too=True)
     return Lead(
         chatbot_id=chatbot_id,
         chatbase_id=chatbase_id,

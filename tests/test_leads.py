@@ -179,6 +179,7 @@ BAD = [
     "not JSON",
     "no chatbotId",
     "payload not an object",
+    "name not a string",
 ]
 
 
@@ -193,12 +194,14 @@ def test_a_bad_lead_delivery_is_400_and_stores_nothing(engine: Any, problem: str
         headers.pop(SIGNATURE_HEADER)
     elif problem == "wrong secret":
         body, headers = leads_submit(_lead("c1", "9123 4567", "+85291234567"), "not-the-secret")
-    elif problem in ("not JSON", "no chatbotId", "payload not an object"):
+    elif problem in ("not JSON", "no chatbotId", "payload not an object", "name not a string"):
         event = json.loads(body)
         if problem == "no chatbotId":
             event.pop("chatbotId")
         elif problem == "payload not an object":
             event["payload"] = "c1"
+        elif problem == "name not a string":
+            event["payload"]["customerName"] = 42
         body = b"{not json" if problem == "not JSON" else json.dumps(event).encode()
         headers[SIGNATURE_HEADER] = signature(body, SECRET)  # signed, but not a lead
     response = api.post("/api/webhooks/chatbase", content=body, headers=headers)
