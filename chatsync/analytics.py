@@ -24,6 +24,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Connection, and_, case, false, func, literal_column, select, text, true
 from sqlalchemy.sql import ColumnElement
 
+from chatsync.store.leads import count_leads
 from chatsync.store.queries import ConversationFilter, conditions
 from chatsync.store.rollups import REPLIED
 from chatsync.store.tables import ROLLUP_COUNTERS, report_hours, report_users, report_values
@@ -193,7 +194,8 @@ def report(
         spread = _spread_from_rollups(connection, filters)
     else:
         spread = _spread_from_conversations(connection, where)
-    return _assemble(hourly, spread, since, until, tz)
+    leads = count_leads(connection, filters, start, end)
+    return _assemble(hourly, spread, leads, since, until, tz)
 
 
 def rollups_cover(filters: ConversationFilter) -> bool:
@@ -205,7 +207,9 @@ def rollups_cover(filters: ConversationFilter) -> bool:
     )
 
 
-def _assemble(h: Hourly, s: Spread, since: date | None, until: date | None, tz: str) -> dict[str, Any]:
+def _assemble(
+    h: Hourly, s: Spread, leads: int | None, since: date | None, until: date | None, tz: str
+) -> dict[str, Any]:
     t = h.totals
     n = t["conversations"]
     daily: dict[str, tuple[int, int]] = {}
@@ -263,8 +267,11 @@ def _assemble(h: Hourly, s: Spread, since: date | None, until: date | None, tz: 
             "capture_rate": _rate(t["captured"], t["prompted"]),
             "manual": t["manual"],
             "from_form": t["from_form"],
+            "from_channel": t["from_channel"],
+            "from_lead": t["from_lead"],
             "with_number": t["with_number"],
             "missed": {o: t[f"missed_{o}"] for o in MISSED},
+            "leads": leads,
         },
     }
 
@@ -392,6 +399,8 @@ def _hourly_from_conversations(connection: Connection, tz: str, where: list[Colu
         "manual": count_if(c.c.whatsapp_source == "manual"),
         "from_form": count_if(c.c.whatsapp_source == "form"),
         "with_number": count_if(c.c.whatsapp_number.is_not(None)),
+        "from_channel": count_if(c.c.whatsapp_source == "channel"),
+        "from_lead": count_if(c.c.whatsapp_source == "lead"),
         **{f"missed_{o}": count_if(outcome == o) for o in MISSED},
     }
     source = func.coalesce(c.c.source, "Unspecified")

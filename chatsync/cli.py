@@ -41,6 +41,7 @@ quarantine_app = _group("quarantine", "Records Chatbase sent that could not be s
 config_app = _group("config", "chatsync's settings and where they come from.")
 access_app = _group("access", "Which Clerk users and organizations may see which chatbot (HTTP API).")
 users_app = _group("users", "Clerk users known to chatsync (HTTP API).")
+leads_app = _group("leads", "Chatbase lead forms (the HTTP API's webhook stores them as they are sent).")
 
 
 @dataclass
@@ -539,7 +540,7 @@ def set_whatsapp(
         bool, typer.Option("--clear", help="The conversation has no number (kept by later syncs).")
     ] = False,
     auto: Annotated[
-        bool, typer.Option("--auto", help="Forget the manual value; use what extraction finds.")
+        bool, typer.Option("--auto", help="Forget the manual value; use what the other sources give.")
     ] = False,
     by: Annotated[
         str | None, typer.Option("--by", metavar="NAME", help="Who made the change [default: the OS user].")
@@ -1178,6 +1179,39 @@ def users_sync() -> None:
             written += sum(1 for user in batch if upsert_user(connection, user))
         seen += len(batch)
     render.info(f"{seen:,} Clerk users read, {written:,} stored or updated")
+
+
+@leads_app.command("sync")
+@handle_errors
+def leads_sync(chatbot_id: ChatbotOpt = None, since: SinceOpt = None, until: UntilOpt = None) -> None:
+    """Backfill lead forms from Chatbase's get-leads for the report's lead count; running it again stores
+    nothing twice. (get-leads names no conversation: only the webhook gives a conversation a lead's number.)"""
+    from chatsync import render
+    from chatsync.chatbase import ChatbaseClient
+    from chatsync.leads import backfill_leads
+
+    settings = _ctx().settings(chatbot_ids=chatbot_id)
+    start, end = _day(since), _day(until)
+    _window(start, end)
+    bots = settings.require_chatbot_ids()
+    key = settings.require_api_key()
+    engine = _ctx().engine(settings)
+    with (
+        ChatbaseClient(
+            key,
+            settings.base_url,
+            rate_limit=(settings.rate_limit_requests, settings.rate_limit_seconds),
+            retry_budget=settings.retry_budget,
+        ) as client,
+        render.progress("reading leads", None) as done,
+    ):
+        found = backfill_leads(engine, client, bots, settings.whatsapp, start, end, lambda p: done(p.read))
+    for bot, counts in found.items():
+        render.info(
+            f"chatbot {bot}: {counts.stored:,} leads stored, {counts.merged:,} already received by webhook, "
+            f"{counts.unchanged:,} already stored"
+            + (f", {len(counts.skipped):,} unreadable rows skipped" if counts.skipped else "")
+        )
 
 
 def main() -> None:

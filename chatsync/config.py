@@ -122,6 +122,7 @@ class Settings:
     clerk_issuer: str | None = None
     clerk_authorized_parties: tuple[str, ...] = ()
     clerk_webhook_secret: Secret | None = None
+    chatbase_webhook_secret: Secret | None = None
     clerk_secret_key: Secret | None = None
     clerk_api_url: str = DEFAULT_CLERK_API_URL
     admin_user_ids: tuple[str, ...] = ()
@@ -348,6 +349,13 @@ SETTINGS: tuple[Setting, ...] = (
         "clerk_webhook_secret",
         ("CLERK_WEBHOOK_SIGNING_SECRET",),
         "signing secret of the Clerk webhook",
+        parse=_secret,
+        secret=True,
+    ),
+    Setting(
+        "chatbase_webhook_secret",
+        ("CHATBASE_WEBHOOK_SECRET",),
+        "secret that signs Chatbase's leads.submit webhook (x-chatbase-signature)",
         parse=_secret,
         secret=True,
     ),

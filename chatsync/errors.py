@@ -22,7 +22,8 @@ Catch at the level you care about::
         └── PagingError                the server repeated a page or never stopped paging
 
 A record Chatbase sends that cannot be stored is not an exception the caller sees: it raises
-``BadRecord`` inside normalisation and the sync engine quarantines it.
+``BadRecord`` inside normalisation and the sync engine quarantines it. Likewise ``BadLead``: a signed lead
+webhook the API answers 400, or a get-leads row the backfill skips, with the reason.
 """
 
 from __future__ import annotations
@@ -162,6 +163,14 @@ class PagingError(ChatbaseUnavailable):
 
 class BadRecord(Exception):
     """A Chatbase record that cannot be stored; carries the reason it is quarantined with."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class BadLead(Exception):
+    """A signed lead webhook body or a get-leads row that is not a lead chatsync can store; says why."""
 
     def __init__(self, reason: str) -> None:
         self.reason = reason

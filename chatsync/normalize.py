@@ -11,21 +11,24 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from chatsync.config import WhatsAppRule
-from chatsync.errors import BadRecord, InvalidNumber
+from chatsync.errors import BadRecord
 from chatsync.jsonbody import UndecodableRecord
 from chatsync.sources import SOURCES
 from chatsync.timeutil import iso_z, parse_timestamp
 from chatsync.whatsapp import (
     ASSISTANT_ROLES,
     USER_ROLES,
+    channel_number,
     extract_conversation,
+    form_number,
     iter_roles_and_contents,
-    normalize_number,
+    number_in_force,
     region_of,
 )
 
@@ -44,21 +47,28 @@ _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 @dataclass(frozen=True)
 class WhatsAppFinding:
-    """What the chat and the form say about the user's number (a person's manual value is stored apart)."""
+    """What a conversation's record says about the user's number: the chat reply, ``form_submission.phone``
+    and, on a WhatsApp conversation, the sender's own number. Leads and a person's value are stored apart."""
 
     outcome: str
     extracted: str | None
     matched: str | None
     reasons: list[str]
     form: str | None
+    channel: str | None = None
 
     @property
     def number(self) -> str | None:
-        return self.extracted or self.form
+        return self.in_force[0]
 
     @property
     def source(self) -> str | None:
-        return "extracted" if self.extracted else "form" if self.form else None
+        return self.in_force[1]
+
+    @property
+    def in_force(self) -> tuple[str | None, str | None]:
+        """The number and source the record alone gives, by precedence (no lead known)."""
+        return number_in_force(extracted=self.extracted, channel=self.channel, lead=None, form=self.form)
 
 
 def _message_time(message: dict[str, Any], position: int) -> datetime | None:
@@ -84,18 +94,33 @@ def customer_label(customer: object) -> str | None:
     return None
 
 
-def find_whatsapp(raw_messages: list[Any], form_phone: object, rule: WhatsAppRule) -> WhatsAppFinding:
-    """Apply the rule to the chat, then fall back to ``form_submission.phone`` when the chat gave nothing."""
+# The fields of a WhatsApp conversation's record that may carry the sender's own number: API v2's
+# ``userId`` and API v1's ``customer`` when it is a string. An assumption to confirm against a real account.
+SENDER_FIELDS = ("userId", "customer")
+WHATSAPP = "WhatsApp"
+
+
+def sender_number(record: Mapping[str, Any]) -> str | None:
+    """The WhatsApp sender's own number (E.164) on a conversation whose source is WhatsApp, read from
+    :data:`SENDER_FIELDS` by :func:`chatsync.whatsapp.channel_number`; None on any other source, when
+    neither field holds one, or when the two hold different numbers."""
+    if source_name(record.get("source")) != WHATSAPP:
+        return None
+    numbers = {n for n in (channel_number(record.get(f)) for f in SENDER_FIELDS) if n}
+    return numbers.pop() if len(numbers) == 1 else None
+
+
+def find_whatsapp(raw_messages: list[Any], record: Mapping[str, Any], rule: WhatsAppRule) -> WhatsAppFinding:
+    """Apply the rule to the chat, and read ``form_submission.phone`` and the WhatsApp sender's number of
+    ``record`` (the conversation's other fields: those of the stored ``raw`` are enough)."""
     found = extract_conversation(
         iter_roles_and_contents(m for m in raw_messages if isinstance(m, dict)), rule
     )
-    form = None
-    if isinstance(form_phone, str | int) and str(form_phone).strip():
-        try:
-            form = normalize_number(str(form_phone), rule)
-        except InvalidNumber:
-            form = None
-    return WhatsAppFinding(found.outcome, found.number, found.matched, found.reasons, form)
+    form_submission = record.get("form_submission")
+    form = form_number(form_submission.get("phone") if isinstance(form_submission, dict) else None, rule)
+    return WhatsAppFinding(
+        found.outcome, found.number, found.matched, found.reasons, form, sender_number(record)
+    )
 
 
 def canonical_json(obj: Any) -> str:
@@ -217,10 +242,7 @@ def normalize_conversation(raw: object, chatbot_id: str, rule: WhatsAppRule) -> 
         contents.append(content if isinstance(content, str) else "")
 
     figures = conversation_figures(roles, times, contents)
-    form_submission = record.get("form_submission")
-    finding = find_whatsapp(
-        messages, form_submission.get("phone") if isinstance(form_submission, dict) else None, rule
-    )
+    finding = find_whatsapp(messages, record, rule)
     rest = {k: v for k, v in record.items() if k != "messages"}
     return {
         "id": conversation_id,
@@ -239,6 +261,7 @@ def normalize_conversation(raw: object, chatbot_id: str, rule: WhatsAppRule) -> 
         "wa_outcome": finding.outcome,
         "wa_extracted": finding.extracted,
         "wa_form": finding.form,
+        "wa_channel": finding.channel,
         "wa_matched": finding.matched,
         "wa_reasons": finding.reasons or None,
         "auto_number": finding.number,

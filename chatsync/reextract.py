@@ -1,6 +1,8 @@
 """Apply the WhatsApp rule again to stored conversations, after the rule or its settings changed.
 
-Nothing is fetched from Chatbase: the stored messages and form phone are enough. Manual numbers stay.
+Nothing is fetched from Chatbase: the stored messages, form phone, source and sender fields, and the
+phones of the conversations' lead forms are enough. The number in force follows by precedence; manual
+numbers stay.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ from sqlalchemy import Engine, select
 
 from chatsync.config import WhatsAppRule
 from chatsync.normalize import find_whatsapp
+from chatsync.store import leads
+from chatsync.store.audit import BY_REEXTRACT
 from chatsync.store.tables import conversations as c
 from chatsync.store.writes import apply_rule_results
 from chatsync.timeutil import utcnow
-from chatsync.whatsapp import region_of
+from chatsync.whatsapp import MANUAL, form_number, number_in_force
 
-RULE_COLUMNS = ("wa_outcome", "wa_extracted", "wa_form", "wa_matched", "wa_reasons")
+RULE_COLUMNS = ("wa_outcome", "wa_extracted", "wa_form", "wa_channel", "wa_matched", "wa_reasons", "wa_lead")
 
 
 @dataclass
@@ -51,6 +55,7 @@ def reextract(
     after = ""
     columns = [
         c.c.id,
+        c.c.chatbot_id,
         c.c.messages,
         c.c.raw,
         c.c.whatsapp_number,
@@ -62,36 +67,41 @@ def reextract(
         if chatbot_ids:
             statement = statement.where(c.c.chatbot_id.in_(chatbot_ids))
         with engine.begin() as connection:
+            leads.hold_against_leads(connection)  # so no lead arrives between reading and rewriting
             rows = connection.execute(statement).mappings().all()
             if not rows:
                 return counts
+            lead_numbers = leads.renormalized_numbers(
+                connection, [row["id"] for row in rows], lambda phone: form_number(phone, rule)
+            )
             changed: list[dict[str, Any]] = []
             for row in rows:
-                form = row["raw"].get("form_submission") if isinstance(row["raw"], dict) else None
+                raw = row["raw"] if isinstance(row["raw"], dict) else {}
                 messages = row["messages"] if isinstance(row["messages"], list) else []
-                finding = find_whatsapp(messages, form.get("phone") if isinstance(form, dict) else None, rule)
+                finding = find_whatsapp(messages, raw, rule)
+                lead = leads.latest_number(lead_numbers.get(row["id"], []), row["chatbot_id"])
                 fresh = {
                     "wa_outcome": finding.outcome,
                     "wa_extracted": finding.extracted,
                     "wa_form": finding.form,
+                    "wa_channel": finding.channel,
                     "wa_matched": finding.matched,
                     "wa_reasons": finding.reasons or None,
+                    "wa_lead": lead,
                 }
                 if all(fresh[k] == row[k] for k in RULE_COLUMNS):
                     continue
-                changed.append(
-                    {
-                        "id": row["id"],
-                        **fresh,
-                        "auto_number": finding.number,
-                        "auto_source": finding.source,
-                        "auto_region": region_of(finding.number) if finding.number else None,
-                    }
+                changed.append({"id": row["id"], **fresh})
+                number, _ = number_in_force(
+                    extracted=finding.extracted,
+                    channel=finding.channel,
+                    lead=lead,
+                    form=finding.form,
                 )
-                if row["whatsapp_source"] != "manual" and row["whatsapp_number"] != finding.number:
+                if row["whatsapp_source"] != MANUAL and row["whatsapp_number"] != number:
                     counts.numbers_changed += 1
             if changed:
-                apply_rule_results(connection, changed, utcnow(), RULE_COLUMNS)
+                apply_rule_results(connection, changed, utcnow(), RULE_COLUMNS, by=BY_REEXTRACT)
         counts.examined += len(rows)
         counts.changed += len(changed)
         after = rows[-1]["id"]

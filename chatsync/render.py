@@ -532,6 +532,9 @@ def conversation(detail: dict[str, Any]) -> None:
         head.add_row("rule found", found)
         for reason in finding["rejected"]:
             head.add_row("", Text(f"rejected {reason}", style="dim"))
+        others = [f"{source} {number}" for source, number in finding["sources"].items() if number]
+        if others:
+            head.add_row("numbers known", ", ".join(others))
     console.print(head)
     console.print()
     for message in detail["messages"]:
@@ -690,9 +693,12 @@ def report(data: dict[str, Any]) -> None:
                 ("asked for a number", f"{wa['prompted']:,}"),
                 ("replied", f"{wa['replied']:,}"),
                 ("number captured", f"{wa['captured']:,}  ({_pct(wa['capture_rate'])} of asked)"),
+                ("the WhatsApp sender's own", f"{wa['from_channel']:,}"),
+                ("from lead forms", f"{wa['from_lead']:,}"),
                 ("from Chatbase forms", f"{wa['from_form']:,}"),
                 ("set by hand", f"{wa['manual']:,}"),
                 ("conversations with a number", f"{wa['with_number']:,}"),
+                ("lead forms received", "—" if wa["leads"] is None else f"{wa['leads']:,}"),
             ]
         )
     )

@@ -463,6 +463,71 @@ def normalize_number(text: str, rule: WhatsAppRule | None = None) -> str:
     raise InvalidNumber(text, reasons[0] if len(reasons) == 1 else "")
 
 
+def form_number(value: object, rule: WhatsAppRule | None = None) -> str | None:
+    """A phone a form or a lead carries (``form_submission.phone``, a lead's ``customerPhone``), read by the
+    same rule as a number typed by a person; None when it is empty or not a number the rule accepts."""
+    if isinstance(value, bool) or not isinstance(value, str | int) or not str(value).strip():
+        return None
+    try:
+        return normalize_number(str(value), rule)
+    except InvalidNumber:
+        return None
+
+
+# A WhatsApp sender id: the international number in digits, ``+`` optional (``85291234567``, ``+447700900123``).
+_SENDER_ID = re.compile(r"\+?[1-9][0-9]{6,14}")
+# Without ``+``, this many digits or fewer may be a local number of Hong Kong, Macau or Singapore
+# (``85212345`` is both Hong Kong's 8521 2345 and "+852 12345"): too ambiguous to store.
+_LOCAL_DIGITS = 8
+
+
+def channel_number(value: object) -> str | None:
+    """The E.164 number of a WhatsApp sender id, from any country; None for anything else.
+
+    Accepted, exactly: ASCII digits, optionally led by ``+`` (spaces around the whole are ignored), 7 to
+    15 digits, a country code ``phonenumbers`` knows and a length that is possible for that country
+    (``is_possible_number``, local-only lengths excluded); without ``+``, more than 8 digits. Anything else
+    (spaces or dashes inside, a leading ``00``, a name, an email, an account id) is not a sender's number:
+    a wrong number stored is worse than none.
+    """
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    if not _SENDER_ID.fullmatch(text):
+        return None
+    digits = text.removeprefix("+")
+    if not text.startswith("+") and len(digits) <= _LOCAL_DIGITS:
+        return None
+    import phonenumbers
+
+    try:
+        parsed = phonenumbers.parse("+" + digits, None)
+    except phonenumbers.NumberParseException:
+        return None
+    if phonenumbers.is_possible_number_with_reason(parsed) != phonenumbers.ValidationResult.IS_POSSIBLE:
+        return None
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+# Where a conversation's number comes from. A person's value (``manual``) beats every other source and is
+# never replaced by one; of the others the first that gave a number is stored (docs/whatsapp.md).
+MANUAL = "manual"
+AUTO_SOURCES = ("extracted", "channel", "lead", "form")
+NUMBER_SOURCES = (MANUAL, *AUTO_SOURCES)
+
+
+def number_in_force(
+    *, extracted: str | None, channel: str | None, lead: str | None, form: str | None
+) -> tuple[str | None, str | None]:
+    """The number the rule stores and its source, by precedence: the chat reply (``extracted``) > the
+    WhatsApp sender's own number (``channel``) > a lead form (``lead``) > ``form_submission.phone``
+    (``form``); ``(None, None)`` when none gave one. A manual number is the caller's to keep."""
+    for source, number in zip(AUTO_SOURCES, (extracted, channel, lead, form), strict=True):
+        if number:
+            return number, source
+    return None, None
+
+
 def region_of(e164: str) -> str | None:
     """The ISO region of a stored number (for the report's phone regions)."""
     import phonenumbers

@@ -581,6 +581,7 @@ def test_openapi_declares_bearer_auth_readable_ids_our_errors_and_the_event_stre
         "get_analytics",
         "stream_events",
         "receive_clerk_webhook",
+        "receive_chatbase_webhook",
         "health",
     }
     for (path, _), op in operations.items():

@@ -119,8 +119,7 @@ def test_reextract_applies_a_new_region_and_keeps_manual_numbers(
     for raw in server.emulator.all_conversations("demo-bot"):
         if raw["id"] == manual:
             continue
-        form = raw.get("form_submission") or {}
-        expected = find_whatsapp(raw["messages"], form.get("phone"), singapore).number
+        expected = find_whatsapp(raw["messages"], raw, singapore).number
         assert rows[raw["id"]] == expected
         changed += expected != planted[raw["id"]].number
     assert changed > 10

@@ -122,8 +122,11 @@ def test_every_key_on_a_hand_built_set(engine: Any) -> None:
             "capture_rate": 0.5,
             "manual": 0,
             "from_form": 1,
+            "from_channel": 0,
+            "from_lead": 0,
             "with_number": 2,
             "missed": {"no_reply": 0, "not_found": 1, "ambiguous": 0},
+            "leads": 0,
         },
     }
 

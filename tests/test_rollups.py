@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from alembic import command
-from sqlalchemy import select
+from sqlalchemy import inspect, select
 
 from chatsync.analytics import report
 from chatsync.config import WhatsAppRule
@@ -62,6 +62,8 @@ def _both_ways(engine: Any, filters: ConversationFilter, tz: str) -> dict[str, A
     via_window.pop("window")
     if not days:
         via_window["by_day"] = []  # an empty window still lists its one day
+    # Leads count by their own time (a webhook's arrival), which may fall after the conversations' last day.
+    via_window["whatsapp"]["leads"] = via_rows["whatsapp"]["leads"]
     assert via_rollups == via_rows
     assert via_window == via_rows
     if len(days) > 4:  # a window that starts and ends among the conversations
@@ -135,6 +137,53 @@ def test_rollups_follow_syncs_changes_manual_numbers_and_reextraction(
     engine.dispose()
 
 
+def test_rollups_follow_sender_numbers_and_leads_before_and_after_their_conversations(
+    cli: Any, emulator_factory: Any, database_url: str
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from chatsync.config import Secret
+    from chatsync.emulator.webhooks import leads_submit
+    from chatsync.web.app import create_app
+    from tests.api_helpers import api_settings
+
+    server = emulator_factory(conversations=600, seed=43, days=15, channel_customer=True)
+    env = chatbase_env(server, database_url)
+    engine = open_engine(database_url)
+    ensure_schema(engine)
+    api = TestClient(create_app(engine, api_settings(engine, chatbase_webhook_secret=Secret("s3cret"))))
+
+    def deliver(lead: Any) -> str:
+        body, headers = leads_submit(lead, "s3cret")
+        return str(api.post("/api/webhooks/chatbase", content=body, headers=headers).json()["result"])
+
+    leads = server.emulator.leads("demo-bot")
+    assert {deliver(lead) for lead in leads[::2]} == {"pending", "stored"}  # before their conversations
+    assert cli("sync", "--json", env=env).exit_code == 0
+    assert {deliver(lead) for lead in leads[1::2]} == {"applied", "stored"}  # after
+    data = _agree_everywhere(engine)
+    wa = data["whatsapp"]
+    assert wa["from_channel"] > 0 and wa["from_lead"] > 0 and wa["leads"] == len(leads)
+
+    # A person takes over a lead's conversation and hands it back; the rule changes and runs again.
+    with engine.connect() as connection:
+        taken = (
+            connection.execute(
+                select(conversations.c.id).where(conversations.c.whatsapp_source == "lead").limit(2)
+            )
+            .scalars()
+            .all()
+        )
+    for conversation_id in taken:
+        assert cli("set-whatsapp", conversation_id, "6123 4567", env=env).exit_code == 0
+    assert cli("set-whatsapp", taken[0], "--auto", env=env).exit_code == 0
+    manual = _agree_everywhere(engine)["whatsapp"]
+    assert (manual["from_lead"], manual["manual"]) == (wa["from_lead"] - 1, wa["manual"] + 1)
+    reextract(engine, WhatsAppRule(default_region="SG"))
+    _agree_everywhere(engine)
+    engine.dispose()
+
+
 def test_an_empty_database_reports_zeros_from_the_rollups(engine: Any) -> None:
     data = _both_ways(engine, ConversationFilter(), "UTC")
     assert data["conversations"] == 0 and data["by_day"] == [] and data["users"] == 0
@@ -153,18 +202,19 @@ def test_upgrading_a_database_fills_the_rollups_from_its_conversations(
     engine = open_engine(database_url)
     with engine.begin() as connection:
         command.upgrade(_alembic_config(connection), "0002")
+        then = {column["name"] for column in inspect(connection).get_columns("conversations")}
+        stored = [
+            {
+                "id": r["id"],
+                **{k: r[k] for k in DATA_COLUMNS},
+                **{k: r[a] for k, a in AUTO_COLUMNS.items()},
+                "first_synced_at": now,
+                "synced_at": now,
+            }
+            for r in rows
+        ]
         connection.execute(
-            conversations.insert(),
-            [
-                {
-                    "id": r["id"],
-                    **{k: r[k] for k in DATA_COLUMNS},
-                    **{k: r[a] for k, a in AUTO_COLUMNS.items()},
-                    "first_synced_at": now,
-                    "synced_at": now,
-                }
-                for r in rows
-            ],
+            conversations.insert(), [{k: v for k, v in row.items() if k in then} for row in stored]
         )
     ensure_schema(engine)
     data = _both_ways(engine, ConversationFilter(), "Asia/Hong_Kong")

@@ -1,8 +1,8 @@
 """The change log: what the writers changed, in commit order, for the HTTP API's event streams.
 
 Every writer appends its changes here in the transaction that makes them (``upsert_conversations``,
-``apply_rule_results``, ``set_whatsapp``, ``finish_run``), so a change is in the log exactly when it is in
-the data. Readers follow ``seq`` as a cursor, which is only sound if a change with a smaller ``seq`` can
+``apply_rule_results``, ``set_whatsapp``, a lead applied by ``receive_webhook_lead``, ``finish_run``), so a
+change is in the log exactly when it is in the data. Readers follow ``seq`` as a cursor, which is only sound if a change with a smaller ``seq`` can
 never become visible after one with a larger ``seq``:
 
 * PostgreSQL hands out ``seq`` when a row is inserted, not when its transaction commits, so appending

@@ -18,11 +18,13 @@ from sqlalchemy.sql import ColumnElement
 
 from chatsync.errors import ConversationNotFound, UsageError
 from chatsync.normalize import transcript
-from chatsync.store import changes, rollups
+from chatsync.store import audit, changes, rollups
+from chatsync.store.audit import WhatsAppChange
 from chatsync.store.engine import lock_for_writing
 from chatsync.store.tables import conversations as c
 from chatsync.store.tables import whatsapp_audit
 from chatsync.timeutil import as_utc, day_end, day_start, iso_z
+from chatsync.whatsapp import AUTO_SOURCES
 
 LIST_KEYS = [
     "id",
@@ -184,7 +186,8 @@ def get_conversation(
 ) -> dict[str, Any]:
     """One conversation with its transcript and WhatsApp audit trail; invisible is the same as missing.
 
-    ``with_finding`` adds what the rule found (outcome, matched text, rejected candidates) for people
+    ``with_finding`` adds what the rule found (outcome, matched text, rejected candidates) and the number
+    each source gives (``sources``: extracted, channel, lead, form; None where it gave none), for people
     asking why a number was or was not stored.
     """
     where = [c.c.id == conversation_id]
@@ -192,9 +195,14 @@ def get_conversation(
         where.append(c.c.chatbot_id.in_(list(visible_chatbot_ids)) if visible_chatbot_ids else false())
     row = (
         connection.execute(
-            select(*_LIST_COLUMNS, c.c.messages, c.c.wa_outcome, c.c.wa_matched, c.c.wa_reasons).where(
-                and_(true(), *where)
-            )
+            select(
+                *_LIST_COLUMNS,
+                c.c.messages,
+                c.c.wa_outcome,
+                c.c.wa_matched,
+                c.c.wa_reasons,
+                *[c.c[f"wa_{source}"] for source in AUTO_SOURCES],
+            ).where(and_(true(), *where))
         )
         .mappings()
         .first()
@@ -209,6 +217,7 @@ def get_conversation(
             "outcome": row["wa_outcome"],
             "matched": row["wa_matched"],
             "rejected": row["wa_reasons"] or [],
+            "sources": {source: row[f"wa_{source}"] for source in AUTO_SOURCES},
         }
     return out
 
@@ -233,19 +242,6 @@ def audit_trail(connection: Connection, conversation_id: str) -> list[dict[str, 
 
 
 # ------------------------------------------------------------------------------------------------ set number
-@dataclass(frozen=True)
-class WhatsAppChange:
-    conversation_id: str
-    old: str | None
-    new: str | None
-    old_source: str | None
-    new_source: str | None
-
-    @property
-    def changed(self) -> bool:
-        return (self.old, self.old_source) != (self.new, self.new_source)
-
-
 def set_whatsapp(
     connection: Connection,
     conversation_id: str,
@@ -256,28 +252,39 @@ def set_whatsapp(
     now: datetime,
     visible_chatbot_ids: Sequence[str] | None = None,
 ) -> WhatsAppChange:
-    """Store a person's number (``number``), a person's "no number" (None), or hand back to the rule (auto).
+    """Store a person's number (``number``), a person's "no number" (None), or hand back to the rule (auto:
+    the number by precedence over the chat, the sender's number, the lead and the form).
 
     The change and its audit row are written in the caller's transaction.
     """
-    from chatsync.whatsapp import region_of
+    from chatsync.whatsapp import MANUAL, number_in_force, region_of
 
     lock_for_writing(connection)
     where = [c.c.id == conversation_id]
     if visible_chatbot_ids is not None:
         where.append(c.c.chatbot_id.in_(list(visible_chatbot_ids)) if visible_chatbot_ids else false())
     current = connection.execute(
-        select(*[c.c[k] for k in rollups.REPORT_COLUMNS], c.c.wa_extracted, c.c.wa_form)
+        select(
+            *[c.c[k] for k in rollups.REPORT_COLUMNS],
+            c.c.wa_extracted,
+            c.c.wa_channel,
+            c.c.wa_lead,
+            c.c.wa_form,
+        )
         .where(and_(true(), *where))
         .with_for_update()
     ).first()
     if current is None:
         raise ConversationNotFound(conversation_id)
     if auto:
-        new = current.wa_extracted or current.wa_form
-        new_source = "extracted" if current.wa_extracted else "form" if current.wa_form else None
+        new, new_source = number_in_force(
+            extracted=current.wa_extracted,
+            channel=current.wa_channel,
+            lead=current.wa_lead,
+            form=current.wa_form,
+        )
     else:
-        new, new_source = number, "manual"
+        new, new_source = number, MANUAL
     change = WhatsAppChange(
         conversation_id, current.whatsapp_number, new, current.whatsapp_source, new_source
     )
@@ -291,16 +298,6 @@ def set_whatsapp(
     connection.execute(update(c).where(c.c.id == conversation_id).values(**number_columns))
     before = current._mapping
     rollups.track(connection, [before], [{**before, **number_columns}])
-    connection.execute(
-        whatsapp_audit.insert().values(
-            conversation_id=conversation_id,
-            at=now,
-            by=by,
-            old=change.old,
-            new=change.new,
-            old_source=change.old_source,
-            new_source=change.new_source,
-        )
-    )
+    audit.record_changes(connection, [change], by, now)
     changes.record_conversations(connection, [(conversation_id, current.chatbot_id)], now)
     return change

@@ -92,6 +92,8 @@ class Contributions:
             "manual": row["whatsapp_source"] == "manual",
             "from_form": row["whatsapp_source"] == "form",
             "with_number": number is not None,
+            "from_channel": row["whatsapp_source"] == "channel",
+            "from_lead": row["whatsapp_source"] == "lead",
             "missed_no_reply": outcome == "no_reply",
             "missed_not_found": outcome == "not_found",
             "missed_ambiguous": outcome == "ambiguous",
@@ -181,11 +183,15 @@ def _drop_empty(connection: Connection, table: Any, keys: list[list[Any]]) -> No
     )
 
 
-def stored(connection: Connection, ids: list[str], lock: bool = False) -> list[Mapping[Any, Any]]:
-    """The report columns of stored conversations among ``ids``; ``lock`` them before changing them."""
+def stored(
+    connection: Connection, ids: list[str], lock: bool = False, extra: tuple[str, ...] = ()
+) -> list[Mapping[Any, Any]]:
+    """The report columns (and ``extra`` columns) of stored conversations among ``ids``; ``lock`` them
+    before changing them."""
     if not ids:
         return []
-    statement = select(*[c.c[name] for name in REPORT_COLUMNS]).where(c.c.id.in_(ids))
+    names = [*REPORT_COLUMNS, *(name for name in extra if name not in REPORT_COLUMNS)]
+    statement = select(*[c.c[name] for name in names]).where(c.c.id.in_(ids))
     if lock:
         statement = statement.with_for_update()
     return list(connection.execute(statement).mappings().all())

@@ -83,6 +83,8 @@ conversations = Table(
     Column("wa_outcome", String(16), nullable=False),
     Column("wa_extracted", String(20)),
     Column("wa_form", String(20)),
+    Column("wa_channel", String(20), comment="the WhatsApp sender's own number, on WhatsApp conversations"),
+    Column("wa_lead", String(20), comment="the phone of the conversation's latest lead form"),
     Column("wa_matched", Text),
     Column("wa_reasons", Json),
     Column("whatsapp_number", String(20)),
@@ -117,6 +119,8 @@ ROLLUP_COUNTERS = (
     "manual",
     "from_form",
     "with_number",
+    "from_channel",
+    "from_lead",
     "missed_no_reply",
     "missed_not_found",
     "missed_ambiguous",
@@ -237,6 +241,32 @@ access_grants = Table(
     Column("principal_id", String(64), primary_key=True, comment="Clerk user id or organization id"),
     Column("granted_at", Moment, nullable=False),
     Index("ix_access_grants_principal", "principal_type", "principal_id"),
+)
+
+# Chatbase lead forms (name, email, phone), from the `leads.submit` webhook and the `get-leads` backfill
+# (chatsync.store.leads). A webhook lead names its conversation, whose number its phone may become; a
+# backfilled one does not. One lead received both ways is one row, holding both keys.
+leads = Table(
+    "leads",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("chatbot_id", String(128), nullable=False),
+    Column("chatbase_id", String(128), comment="the get-leads row's id (backfill)"),
+    Column("delivery", String(64), comment="hash of the webhook's event: a redelivery carries the same"),
+    Column("conversation_id", String(128), comment="from the webhook; get-leads rows carry none"),
+    Column("name", Text),
+    Column("email", Text),
+    Column("phone", Text, comment="as the user typed it"),
+    Column("number", String(20), comment="E.164 of phone by the WhatsApp rule, else NULL"),
+    Column(
+        "submitted_at", Moment, nullable=False, comment="Chatbase's created_at, else when the webhook came"
+    ),
+    Column("received_at", Moment, nullable=False),
+    Column("raw", Json, nullable=False, comment="the webhook payload or get-leads row as received"),
+    UniqueConstraint("chatbot_id", "chatbase_id"),
+    UniqueConstraint("delivery"),
+    Index("ix_leads_chatbot_submitted", "chatbot_id", "submitted_at"),
+    Index("ix_leads_conversation_id", "conversation_id"),
 )
 
 webhook_events = Table(

@@ -19,9 +19,10 @@ from typing import Any
 from sqlalchemy import JSON, Connection, and_, bindparam, case, select, update
 
 from chatsync.jsonbody import UndecodableRecord
-from chatsync.store import changes, rollups
+from chatsync.store import audit, changes, leads, rollups
 from chatsync.store.engine import insert_for, lock_for_writing
 from chatsync.store.tables import chatbots, conversations, quarantine, sync_days, sync_runs
+from chatsync.whatsapp import number_in_force, region_of
 
 # Columns that come from Chatbase (and the rule) and are rewritten when a conversation changes.
 DATA_COLUMNS = (
@@ -45,10 +46,12 @@ DATA_COLUMNS = (
     "wa_outcome",
     "wa_extracted",
     "wa_form",
+    "wa_channel",
     "wa_matched",
     "wa_reasons",
 )
-# The rule's number for the conversation; a person's manual value beats it and is never overwritten.
+# The rule's number for the conversation (chatsync.whatsapp.number_in_force over the chat, the sender's
+# number, the lead and the form); a person's manual value beats it and is never overwritten.
 AUTO_COLUMNS = {
     "whatsapp_number": "auto_number",
     "whatsapp_source": "auto_source",
@@ -129,6 +132,9 @@ def upsert_conversations(
     counts.inserted, counts.updated = len(fresh), len(changed)
     counts.repaired = [r["id"] for r in (*fresh, *changed) if r.get("text_repaired")]
     counts.unchanged = len(batch) - len(fresh) - len(changed)
+    if fresh:
+        # Before any row is locked: a lead arriving now waits for this page, or this page for it.
+        leads.hold_against_leads(connection)
     # Existing rows first: every writer locks the conversations it changes before any rollup row, so a
     # sync and a person's set-whatsapp on the same conversation cannot wait on each other in a cycle.
     if changed:
@@ -146,6 +152,8 @@ def upsert_conversations(
         ]
         insert_conversations(connection, stored)
         rollups.track(connection, before=[], after=stored)
+        # Lead forms that arrived before their conversation: one lookup per page, usually finding none.
+        leads.apply_pending(connection, [r["id"] for r in fresh], now)
     # Last, so the change log's lock is held only from here to the commit (chatsync.store.changes).
     changes.record_conversations(connection, changes.conversation_items([*changed, *fresh]), now)
     return counts
@@ -239,31 +247,48 @@ def apply_rule_results(
     now: datetime,
     columns: Iterable[str],
     announce: bool = True,
+    by: str = audit.BY_SYNC,
 ) -> None:
     """Rewrite ``columns`` and the automatic number of existing conversations, keeping manual numbers.
 
-    The report's rollups move from the rows as they were to the rows as stored (a manual number stays).
-    ``announce``: append the rewrite to the change log (a caller that writes more afterwards does it last).
+    The number is the precedence over the rows' chat, sender and form numbers and the lead stored with
+    the conversation (``wa_lead``, unless ``columns`` rewrites it too). The report's rollups move from the
+    rows as they were to the rows as stored (a manual number stays); each changed number is audited as
+    made ``by``. ``announce``: append the rewrite to the change log (a caller that writes more afterwards
+    does it last).
     """
+    columns = tuple(columns)
     manual = conversations.c.whatsapp_source == "manual"
     values: dict[str, Any] = {c: bindparam(f"v_{c}") for c in columns}
     for column, auto in AUTO_COLUMNS.items():
         values[column] = case((manual, conversations.c[column]), else_=bindparam(f"v_{auto}"))
     values["synced_at"] = now
     statement = update(conversations).where(conversations.c.id == bindparam("v_id")).values(**values)
-    params = [
-        {
-            "v_id": r["id"],
-            **{f"v_{c}": decoded_json(r[c]) for c in columns},
-            **{f"v_{a}": r[a] for a in AUTO_COLUMNS.values()},
-        }
-        for r in rows
-    ]
     ids = [r["id"] for r in rows]
     lock_for_writing(connection)
-    before = rollups.stored(connection, ids, lock=True)
+    before = rollups.stored(connection, ids, lock=True, extra=("id", "wa_lead"))
+    stored_leads = {row["id"]: row["wa_lead"] for row in before}
+    params = []
+    for r in rows:
+        number, source = number_in_force(
+            extracted=r["wa_extracted"],
+            channel=r["wa_channel"],
+            lead=r["wa_lead"] if "wa_lead" in columns else stored_leads.get(r["id"]),
+            form=r["wa_form"],
+        )
+        params.append(
+            {
+                "v_id": r["id"],
+                **{f"v_{c}": decoded_json(r[c]) for c in columns},  # a worker's JSON may come encoded
+                "v_auto_number": number,
+                "v_auto_source": source,
+                "v_auto_region": region_of(number) if number else None,
+            }
+        )
     connection.execute(statement, params)
-    rollups.track(connection, before, rollups.stored(connection, ids))
+    after = rollups.stored(connection, ids, extra=("id",))
+    rollups.track(connection, before, after)
+    audit.record_changes(connection, audit.changes_between(before, after), by, now)
     if announce:
         owners = dict(
             connection.execute(

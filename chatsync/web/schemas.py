@@ -4,7 +4,7 @@ No ``from __future__ import annotations``: Pydantic and FastAPI read these annot
 """
 
 from datetime import date
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -37,6 +37,9 @@ class Health(BaseModel):
 
 
 # ------------------------------------------------------------------------------------------ conversations
+WhatsAppSource = Literal["manual", "extracted", "channel", "lead", "form"]  # chatsync.whatsapp.NUMBER_SOURCES
+
+
 class ConversationOut(BaseModel):
     """A conversation as `chatsync list --format json` prints it."""
 
@@ -49,7 +52,10 @@ class ConversationOut(BaseModel):
     country: str | None
     message_count: int
     whatsapp_number: str | None = Field(description="E.164, e.g. +85291234567")
-    whatsapp_source: str | None = Field(description="extracted, form or manual")
+    whatsapp_source: WhatsAppSource | None = Field(
+        description="where the number came from: manual (a person), extracted (the chat reply), channel (the "
+        "WhatsApp sender's own number), lead (a lead form) or form (Chatbase's form_submission.phone)"
+    )
 
 
 class ConversationPage(BaseModel):
@@ -64,12 +70,15 @@ class MessageOut(BaseModel):
 
 
 class AuditOut(BaseModel):
+    """One change of the stored number: who or what made it (a person, `chatsync sync`, `chatsync
+    reextract`, `chatbase lead webhook`), and the number and its source before and after."""
+
     at: str
     by: str
     old: str | None
     new: str | None
-    old_source: str | None
-    new_source: str | None
+    old_source: WhatsAppSource | None
+    new_source: WhatsAppSource | None
 
 
 class ConversationDetail(ConversationOut):
@@ -81,7 +90,10 @@ class WhatsAppUpdate(RequestBody):
     """``{"whatsapp_number": "9123 4567"}``, ``{"whatsapp_number": null}`` to clear, or ``{"auto": true}``."""
 
     whatsapp_number: str | None = Field(default=None, max_length=64, description="a number, or null to clear")
-    auto: bool = Field(default=False, description="true: hand the number back to extraction")
+    auto: bool = Field(
+        default=False,
+        description="true: hand the number back to the other sources (chat reply > WhatsApp sender > lead > form)",
+    )
 
 
 # --------------------------------------------------------------------------------------------------- sync
@@ -148,8 +160,13 @@ class WhatsAppFunnel(BaseModel):
     capture_rate: float | None
     manual: int
     from_form: int
+    from_channel: int
+    from_lead: int
     with_number: int
     missed: Missed
+    leads: int | None = Field(
+        description="lead forms received in the window (webhook or backfill); null under a source filter"
+    )
 
 
 class Report(BaseModel):

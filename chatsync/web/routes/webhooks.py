@@ -1,4 +1,5 @@
-"""``POST /api/webhooks/clerk``: Clerk user events through Svix; redeliveries and older updates change nothing.
+"""Webhooks: Clerk user events through Svix (``POST /api/webhooks/clerk``) and Chatbase lead forms
+(``POST /api/webhooks/chatbase``); redeliveries and older updates change nothing.
 
 No ``from __future__ import annotations``: FastAPI reads these signatures at runtime.
 """
@@ -44,5 +45,47 @@ async def receive_clerk_webhook(request: Request, engine: EngineDep, settings: S
             if not first_delivery(connection, headers.get("svix-id", ""), str(event.get("type")), utcnow()):
                 return "duplicate"
             return apply_clerk_event(connection, event, utcnow())
+
+    return WebhookResult(result=await to_thread.run_sync(store))
+
+
+@router.post("/api/webhooks/chatbase", response_model=WebhookResult, responses=declared(400))
+async def receive_chatbase_webhook(
+    request: Request, engine: EngineDep, settings: SettingsDep
+) -> WebhookResult:
+    """Chatbase `leads.submit`, verified with `x-chatbase-signature` (hex HMAC-SHA1 of the raw body keyed
+    with `CHATBASE_WEBHOOK_SECRET`). `result`: `applied` (the lead's phone is now known to its
+    conversation), `pending` (its conversation is not synced yet; the sync that stores it applies the lead),
+    `stored` (kept and counted, nothing to apply), `duplicate` (a redelivery: nothing changed) or
+    `ignored: <eventType>` for other events. A bad or missing signature, or a body that is not a lead, is a
+    400 and stores nothing."""
+    from anyio import to_thread
+
+    from chatsync.errors import BadLead
+    from chatsync.leads import SIGNATURE_HEADER, lead_from_webhook, signature_matches
+    from chatsync.store.leads import receive_webhook_lead
+
+    if not settings.chatbase_webhook_secret:
+        raise ApiError(400, "webhook_not_configured", "CHATBASE_WEBHOOK_SECRET is not set")
+    body = await request.body()
+    if not signature_matches(
+        body, request.headers.get(SIGNATURE_HEADER), settings.chatbase_webhook_secret.reveal()
+    ):
+        raise ApiError(400, "invalid_signature", "the webhook signature does not verify")
+    now = utcnow()
+    try:
+        event = json.loads(body)
+    except (ValueError, RecursionError):  # undecodable bytes and bad JSON are ValueErrors
+        raise ApiError(400, "invalid_payload", "not a Chatbase lead: the body is not JSON") from None
+    try:
+        lead = lead_from_webhook(event, settings.whatsapp, now)
+    except BadLead as exc:
+        raise ApiError(400, "invalid_payload", f"not a Chatbase lead: {exc.reason}") from None
+    if lead is None:
+        return WebhookResult(result=f"ignored: {str(event['eventType'])[:64]}")
+
+    def store() -> str:
+        with engine.begin() as connection:
+            return receive_webhook_lead(connection, lead, now)
 
     return WebhookResult(result=await to_thread.run_sync(store))
