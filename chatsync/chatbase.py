@@ -61,10 +61,18 @@ class RateLimiter:
         self._paused_until = 0.0
         self._lock = threading.Lock()
 
-    def acquire(self, stop: threading.Event | None = None) -> None:
+    def acquire(self, stop: threading.Event | None = None, deadline: float | None = None) -> None:
+        """Wait until a request may go. ``deadline`` (monotonic): when a pause the server asked for lasts
+        past it, give up now (ChatbaseUnavailable) instead of waiting for nothing."""
         while True:
             with self._lock:
                 now = time.monotonic()
+                if deadline is not None and self._paused_until > deadline:
+                    raise ChatbaseUnavailable(
+                        f"Chatbase asked to wait {self._paused_until - now:.0f} s, longer than the retry "
+                        "budget left; what was saved is kept and the next run continues",
+                        last="rate limited",
+                    )
                 while self._sent and self._sent[0] <= now - self.window:
                     self._sent.popleft()
                 wait = self._paused_until - now
@@ -79,9 +87,12 @@ class RateLimiter:
                 time.sleep(wait)
 
     def pause(self, seconds: float) -> None:
-        """Hold every request for ``seconds`` (the server said Retry-After or its window resets then)."""
+        """Hold every request for ``seconds`` (the server said Retry-After or its window resets then), at
+        most ``MAX_WAIT_SECONDS``: a hint of hours must not hold a sync (and its lock) past its retry
+        budget; if the server still refuses after the wait, the retries and their budget decide."""
         with self._lock:
-            self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+            wait = min(max(0.0, seconds), MAX_WAIT_SECONDS)
+            self._paused_until = max(self._paused_until, time.monotonic() + wait)
 
 
 @dataclass
@@ -242,11 +253,16 @@ class ChatbaseHTTP:
             setattr(self.stats, field, getattr(self.stats, field) + 1)
 
     def _send(
-        self, path: str, params: dict[str, Any], wanted: Callable[[], bool] | None = None, raw: bool = False
+        self,
+        path: str,
+        params: dict[str, Any],
+        wanted: Callable[[], bool] | None = None,
+        raw: bool = False,
+        deadline: float | None = None,
     ) -> Any:
         if self.stop.is_set():
             raise ChatbaseUnavailable("sync stopped")
-        self.limiter.acquire(self.stop)
+        self.limiter.acquire(self.stop, deadline)
         if wanted is not None and not wanted():
             return None  # no longer needed by the time the rate limit let it go: not sent
         self._count("requests")
@@ -321,8 +337,9 @@ class ChatbaseHTTP:
             before_sleep=self._before_retry,
             reraise=True,
         )
+        deadline = time.monotonic() + self.retry_budget
         try:
-            return retrying(self._send, path, params, wanted, raw)
+            return retrying(self._send, path, params, wanted, raw, deadline)
         except TransientError as exc:
             raise ChatbaseUnavailable(
                 f"Chatbase kept failing for {self.retry_budget:.0f}s (last: {exc}); "

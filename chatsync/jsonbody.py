@@ -83,7 +83,7 @@ def read_body(body: bytes) -> Any:
 
 def _decode_item(text: str) -> Any:
     try:
-        return json.loads(text, parse_int=_int_or_unreadable)
+        return json.loads(text, parse_int=int_or_unreadable)
     except RecursionError:
         return UndecodableRecord(
             text.strip()[:_MAX_KEPT_CHARS], "nested too deeply to read", _top_level_id(text)
@@ -115,7 +115,8 @@ def _top_level_id(text: str) -> str | None:
     return None
 
 
-def _int_or_unreadable(digits: str) -> int | UnreadableNumber:
+def int_or_unreadable(digits: str) -> int | UnreadableNumber:
+    """A JSON integer as an int, or as :class:`UnreadableNumber` past Python's 4,300-digit limit."""
     try:
         return int(digits)
     except ValueError:
@@ -160,7 +161,7 @@ def _decode_items_one_by_one(text: str) -> Any:
     if array_start < 0 or array_end < 0:
         return None
     try:
-        outer = json.loads(text[: array_start + 1] + text[array_end - 1 :], parse_int=_int_or_unreadable)
+        outer = json.loads(text[: array_start + 1] + text[array_end - 1 :], parse_int=int_or_unreadable)
     except (RecursionError, ValueError):
         return None
     if not isinstance(outer, dict) or outer.get("data") != []:

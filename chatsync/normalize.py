@@ -202,6 +202,8 @@ def normalize_conversation(raw: object, chatbot_id: str, rule: WhatsAppRule) -> 
         conversation_id = str(conversation_id)
     if not isinstance(conversation_id, str) or not conversation_id.strip():
         raise BadRecord("record has no id")
+    if _UNSTORABLE.search(conversation_id):
+        raise BadRecord("id holds characters no database can store (NUL or half an emoji)")
     form = storable(raw)
     record: dict[str, Any] = form.record
     conversation_id = str(record["id"])
@@ -271,16 +273,16 @@ def normalize_conversation(raw: object, chatbot_id: str, rule: WhatsAppRule) -> 
 
 
 def stored_id(raw: object) -> str | None:
-    """The id a record is stored under (an integer id as text, unstorable characters replaced), or None
-    when it has none that could be stored."""
+    """The id a record is stored under (an integer id as text), or None when it has none that could be
+    stored: none at all, one over 128 characters, or one holding characters no database keeps (replacing
+    them would give two conversations one id)."""
     if not isinstance(raw, dict):
         return None
     value = raw.get("id")
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str) or not value.strip() or _UNSTORABLE.search(value):
         return None
-    value = _UNSTORABLE.sub(REPLACEMENT_CHARACTER, value)
     return value if len(value) <= MAX_ID_CHARS else None
 
 

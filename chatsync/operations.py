@@ -227,10 +227,10 @@ def retry_quarantined(
 
 def _decode_kept(raw: str, decode: Any) -> Any:
     """The record from the quarantine's raw text: ASCII JSON, or the start of an undecodable item."""
-    from chatsync.jsonbody import UndecodableRecord
+    from chatsync.jsonbody import UndecodableRecord, int_or_unreadable
 
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_int=int_or_unreadable)  # a 5,000-digit number stays one
     except RecursionError:
         pass
     except ValueError:

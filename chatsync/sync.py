@@ -862,6 +862,7 @@ class Syncer:
         now = self.now()
         rows: list[dict[str, Any]] = []
         bad: list[tuple[object, str]] = []
+        claimed: list[str] = []  # conversations of this page stored (or found unchanged) now
         unchanged = captured = 0
         for outcome in outcomes:
             if outcome.kind == "bad":
@@ -875,6 +876,7 @@ class Syncer:
             assert outcome.conversation_id is not None and outcome.created is not None
             if not stream.claim(outcome.conversation_id, outcome.created):
                 continue
+            claimed.append(outcome.conversation_id)
             if outcome.kind == "unchanged":
                 unchanged += 1
                 captured += int(reading.known[outcome.conversation_id][1])
@@ -887,15 +889,17 @@ class Syncer:
         try:
             with self._db() as connection:
                 counts = writes.upsert_conversations(connection, rows, now, stored)
-                self._record_page(connection, chatbot_id, scope, bad, days, fetched.fetched_at, now)
+                self._record_page(connection, chatbot_id, scope, bad, claimed, days, fetched.fetched_at, now)
         except DatabaseUnavailable:
             raise
         except Exception:
             # The page as a whole was refused (not a lost connection, which _db turns into
             # DatabaseUnavailable): store what is accepted row by row, quarantine the rest.
             counts = self._save_one_by_one(rows, bad, now)
+            refused = {r.get("id") for r, _ in bad if isinstance(r, dict)}
+            good = [i for i in claimed if i not in refused]
             with self._db() as connection:
-                self._record_page(connection, chatbot_id, scope, bad, days, fetched.fetched_at, now)
+                self._record_page(connection, chatbot_id, scope, bad, good, days, fetched.fetched_at, now)
         stream.commit(fetched.page, days_of_page)
         for reason in {reason for _, reason in bad}:
             log.info("quarantined %d record(s) of chatbot %s: %s", _count(bad, reason), chatbot_id, reason)
@@ -953,10 +957,14 @@ class Syncer:
         chatbot_id: str,
         scope: str,
         bad: list[tuple[object, str]],
+        good: list[str],
         days: list[date],
         fetched_at: datetime,
         now: datetime,
     ) -> None:
+        """The page's quarantine, in its transaction: new bad records in, and out any older quarantined copy
+        of a conversation stored now (it is no longer the latest Chatbase sent); its days as fetched."""
+        writes.release_from_quarantine(connection, chatbot_id, good)
         for record, reason in bad:
             writes.quarantine_record(connection, chatbot_id, record, reason, self.run_id, now)
         writes.mark_days_fetched(connection, chatbot_id, scope, days, fetched_at)

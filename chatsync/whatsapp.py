@@ -263,9 +263,9 @@ def _context_reason(text: str, span: _Span, previous_end: int) -> str | None:
 
 # ------------------------------------------------------------------------------------------ shape and region
 _BARE_CODE_DIGITS = 4  # a "+" or "00" with at most this many digits and nothing else is a bare country code
-# Between a bare country code and the next candidate, a letter or a digit of any script breaks the link;
-# spaces, line breaks, punctuation, symbols and emoji do not.
-_LETTER_OR_DIGIT = re.compile(r"[^\W_]")
+# A bare country code claims every later candidate of the reply that has no country code of its own,
+# whatever stands between ("+44 (UK) 9123 4567"): read in the default region, those digits would become
+# another country's number, and a wrong number stored is worse than none.
 
 
 @lru_cache(maxsize=32)
@@ -413,7 +413,7 @@ def extract_reply(reply: str, rule: WhatsAppRule | None = None) -> ReplyResult:
     out: list[Candidate] = []
     previous_end = 0
     previous: _Span | None = None
-    code_before: str | None = None  # the previous candidate when it is nothing but an explicit country code
+    code_before: str | None = None  # a country code written on its own earlier in the reply
     for span in _cut(text):
         original = norm.original_span(span.start, span.end)
         start = norm.origin[span.start]
@@ -424,14 +424,9 @@ def extract_reply(reply: str, rule: WhatsAppRule | None = None) -> ReplyResult:
             text[previous.end : span.digits_start + 1].lower()
         ):
             reason = "extension"
-        elif (
-            code_before is not None
-            and previous is not None
-            and not span.explicit
-            and not _LETTER_OR_DIGIT.search(text, previous.end, span.start)
-        ):
-            # "+65 / 9123 4567": these digits go with that country code, whatever it is; read in the
-            # default region they would become another country's number.
+        elif code_before is not None and not span.explicit:
+            # "+65 / 9123 4567", "+44 (UK) 9123 4567": these digits go with that country code, whatever
+            # stands between; read in the default region they would become another country's number.
             reason = f"belongs to the country code +{code_before} before it"
         else:
             reason = _context_reason(text, span, previous_end)
@@ -447,7 +442,8 @@ def extract_reply(reply: str, rule: WhatsAppRule | None = None) -> ReplyResult:
         out.append(Candidate(original, start, end, e164, reason))
         previous_end = span.end
         previous = span
-        code_before = _bare_country_code(span)
+        if span.explicit:  # a candidate with a country code of its own ends what the earlier one claimed
+            code_before = _bare_country_code(span)
     return ReplyResult(tuple(out))
 
 

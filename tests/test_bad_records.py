@@ -271,12 +271,24 @@ def _same_json(a: Any, b: Any) -> bool:
 
 
 def _stored_id(record: Any) -> str | None:
+    """The key a record can be stored under: none for an id holding NUL or a lone surrogate (replaced,
+    two such ids could become one, so those records are quarantined)."""
     if not isinstance(record, dict):
         return None
     value = record.get("id")
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
-    return as_stored(value) if isinstance(value, str) and value.strip() else None
+    if not isinstance(value, str) or not value.strip() or as_stored(value) != value:
+        return None
+    return value
+
+
+def _identity(record: Any) -> str:
+    """What tells one record without a storable id from another in the quarantine: its raw id, if any."""
+    value = record.get("id") if isinstance(record, dict) else None
+    if isinstance(value, str | int) and not isinstance(value, bool) and str(value).strip():
+        return json.dumps(value)
+    return json.dumps(record, sort_keys=True)
 
 
 def _created_elsewhere(record: dict[str, Any]) -> bool:
@@ -371,8 +383,8 @@ def test_any_page_syncs_with_every_record_stored_exactly_or_quarantined(database
             else:
                 for record in group:
                     assert key in held or _created_elsewhere(record), f"lost: {json.dumps(record)[:300]}"
-        keyless = {json.dumps(r, sort_keys=True) for r in groups.get(None, [])}
-        assert len(held - set(groups)) == len(keyless)  # each record without an id is kept once
+        keyless = {_identity(r) for r in groups.get(None, [])}
+        assert len(held - set(groups)) == len(keyless)  # each record without a storable id is kept once
 
     try:
         check()

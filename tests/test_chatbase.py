@@ -298,3 +298,24 @@ def test_a_429_with_an_http_date_retry_after_waits_until_that_date() -> None:
         assert client.get_conversations("bot", 1) == []
     assert len(arrivals) == 2
     assert arrivals[1] - arrivals[0] >= 1.9  # the date is 2–3 s away at one-second resolution
+
+
+def test_a_server_asking_for_hours_never_holds_a_sync_past_its_retry_budget() -> None:
+    """Retry-After: 600 (or a rate-limit reset a day ahead) once stalled a sync, and its lock, for hours."""
+    asked: list[float] = []
+    reset = str(int((time.time() + 86_400) * 1000))
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        asked.append(time.monotonic())
+        if len(asked) == 1:  # a page that says the window is used up until tomorrow
+            return httpx.Response(
+                200, json={"data": []}, headers={"x-ratelimit-remaining": "0", "x-ratelimit-reset": reset}
+            )
+        return httpx.Response(429, headers={"retry-after": "600"}, json={"message": "slow down"})
+
+    started = time.monotonic()
+    with _client(httpx.MockTransport(handler), retry_budget=timedelta(seconds=3)) as client:
+        assert client.get_conversations("bot", 1) == []
+        with pytest.raises(ChatbaseUnavailable, match="longer than the retry budget"):
+            client.get_conversations("bot", 1)
+    assert time.monotonic() - started < 20  # it gives up at once: the wait asked for outlasts the budget

@@ -455,3 +455,45 @@ def test_a_failed_sync_reaches_sentry_without_the_key_or_the_database_password(
     assert b"Chatbase rejected the request" in sent  # the failure did reach Sentry
     for secret in (b"pw-do-not-send-931", b"sk-do-not-send-4471"):
         assert secret not in sent
+
+
+def test_a_quarantined_copy_goes_when_a_newer_one_is_stored_and_big_numbers_stay_numbers(
+    cli: Any, database_url: str
+) -> None:
+    """A retry once brought back an old, quarantined version over the newer one stored since."""
+    from tests.test_bad_records import serving
+
+    old = (
+        '{"id": "qr1", "created_at": "2024-05-01T08:00:00Z", "n": '
+        + "7" * 5000
+        + ', "messages": [{"role": "user", "content": "v1"}]}'
+    )
+    new = json.dumps(
+        {
+            "id": "qr1",
+            "created_at": "2024-05-01T08:00:00Z",
+            "messages": [{"role": "user", "content": "v1"}, {"role": "user", "content": "v2"}],
+        }
+    )
+    body = {"page": old}
+    env_of = lambda base: {  # noqa: E731
+        "CHATBASE_API_KEY": "k", "CHATBASE_CHATBOT_ID": "bot", "CHATBASE_BASE_URL": base, "CHATSYNC_DATABASE_URL": database_url,
+    }  # fmt: skip
+    args = ("sync", "--json", "--full", "--since", "2024-05-01", "--until", "2024-05-01")
+    with serving(
+        lambda page: ('{"data": [' + body["page"] + "]}").encode() if page == 1 else b'{"data": []}'
+    ) as base:
+        assert json.loads(cli(*args, env=env_of(base)).stdout)["quarantined"] == 1
+        kept = json.loads(cli("quarantine", "list", "--format", "json", env=env_of(base)).stdout)
+        raw = json.loads(
+            cli("quarantine", "show", str(kept[0]["id"]), "--format", "json", env=env_of(base)).stdout
+        )["raw"]
+        assert '"n": ' + "7" * 5000 in raw  # the number as it arrived, not a string
+        retried = json.loads(cli("quarantine", "retry", "--json", env=env_of(base)).stdout)
+        assert (retried["stored"], retried["still_refused"]) == (0, 1)  # still too long to hold exactly
+        body["page"] = new
+        assert json.loads(cli(*args, env=env_of(base)).stdout)["inserted"] == 1
+        assert json.loads(cli("quarantine", "list", "--format", "json", env=env_of(base)).stdout) == []
+        assert json.loads(cli("quarantine", "retry", "--json", env=env_of(base)).stdout)["examined"] == 0
+        shown = json.loads(cli("show", "qr1", "--format", "json", env=env_of(base)).stdout)
+    assert [m["content"] for m in shown["messages"]] == ["v1", "v2"]

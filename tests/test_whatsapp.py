@@ -270,7 +270,8 @@ def test_digits_after_a_bare_country_code_are_never_read_in_the_default_region(
     [
         ("+65 / 9123 4567", None),
         ("+65 / +65 9123 4567", "+6591234567"),  # a country code of its own is not the default region
-        ("my UK number is +44, in HK 9123 4567", "+85291234567"),  # words stand between
+        ("my UK number is +44, in HK 9123 4567", None),  # words between change nothing: +44's digits
+        ("+44 (UK) 9123 4567", None),
         ("9123 4567 (+1 for my wife)", "+85291234567"),  # the "+1" comes after
         ("+44 7911 123456 or 9123 4567", "+85291234567"),  # a whole foreign number, not a bare code
         ("+852 9123 4567 / 9123 4567", "+85291234567"),

@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import JSON, Connection, and_, bindparam, case, select, update
 
-from chatsync.jsonbody import UndecodableRecord
+from chatsync.jsonbody import UndecodableRecord, UnreadableNumber
 from chatsync.store import audit, changes, leads, rollups
 from chatsync.store.engine import insert_for, lock_for_writing
 from chatsync.store.tables import chatbots, conversations, quarantine, sync_days, sync_runs
@@ -352,16 +352,38 @@ def count_conversations(connection: Connection, chatbot_id: str, start: date, en
     )
 
 
+def release_from_quarantine(connection: Connection, chatbot_id: str, conversation_ids: list[str]) -> None:
+    """Drop the quarantined copies of these conversations: a newer copy was just stored, so what was
+    quarantined is no longer what Chatbase sends (and a retry must not bring it back)."""
+    keys = [i for i in conversation_ids if len(i) <= 128]
+    if keys:
+        connection.execute(
+            quarantine.delete().where(
+                quarantine.c.chatbot_id == chatbot_id, quarantine.c.record_key.in_(keys)
+            )
+        )
+
+
 def quarantine_record(
     connection: Connection, chatbot_id: str, record: object, reason: str, run_id: str, now: datetime
 ) -> None:
     """Keep a record Chatbase sent that cannot be stored, with the reason, once per record."""
     text = quarantine_text(record)
     conversation_id = record_id_text(record)
-    if conversation_id is not None and len(conversation_id) <= 128:
+    raw_id = (
+        record.id
+        if isinstance(record, UndecodableRecord)
+        else record.get("id")
+        if isinstance(record, dict)
+        else None
+    )
+    if conversation_id is not None and len(conversation_id) <= 128 and conversation_id == str(raw_id):
         key = conversation_id
-    else:
-        key = "sha256:" + hashlib.sha256((conversation_id or text).encode()).hexdigest()[:40]
+    else:  # no id, a long one, or one holding characters no database keeps: two must never share a key
+        key = (
+            "sha256:"
+            + hashlib.sha256(json.dumps(raw_id if raw_id is not None else text).encode()).hexdigest()[:40]
+        )
     statement = insert_for(connection, quarantine).values(
         chatbot_id=chatbot_id,
         record_key=key,
@@ -380,13 +402,26 @@ def quarantine_record(
 
 
 def quarantine_text(record: object) -> str:
-    """The record as ASCII JSON (every character escaped, so any database holds it exactly)."""
+    """The record as ASCII JSON (every character escaped, so any database holds it exactly); a number too
+    long for Python's int stays a JSON number, so a retry reads the record as it arrived."""
     if isinstance(record, UndecodableRecord):
         return record.text
+    numbers: dict[str, str] = {}
+
+    def keep(value: object) -> object:
+        if isinstance(value, UnreadableNumber):
+            token = f"__chatsync_number_{len(numbers)}__"
+            numbers[f'"{token}"'] = value.text
+            return token
+        return str(value)
+
     try:
-        return json.dumps(record, ensure_ascii=True, default=str, sort_keys=True)
+        text = json.dumps(record, ensure_ascii=True, default=keep, sort_keys=True)
     except (RecursionError, ValueError, TypeError):
         return json.dumps({"id": record_id_text(record), "chatsync": "record too deeply nested to keep"})
+    for token, digits in numbers.items():
+        text = text.replace(token, digits, 1)
+    return text
 
 
 def record_id_text(record: object) -> str | None:
