@@ -245,8 +245,10 @@ class ChatbaseHTTP:
 
     # -------------------------------------------------------------------------------------- one request
     def _redact(self, text: str) -> str:
+        """``text`` with the key taken out (a server may echo it). A key of a few characters cannot be a
+        real one and would turn every such letter into ``***``."""
         key = self._key.reveal()
-        return text.replace(key, "***") if key else text
+        return text.replace(key, "***") if len(key) >= 6 else text
 
     def _count(self, field: str) -> None:
         with self._stats_lock:

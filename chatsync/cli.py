@@ -14,7 +14,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from chatsync.errors import ChatsyncError, ExitCode, LockHeld, UsageError
+from chatsync.errors import ChatsyncError, ExitCode, LockHeld, Terminated, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -85,6 +85,9 @@ def handle_errors(command: F) -> F:
         except KeyboardInterrupt:
             render.error("interrupted; what was committed is kept")
             raise typer.Exit(130) from None
+        except Terminated:
+            render.error("terminated (SIGTERM); what was committed is kept")
+            raise typer.Exit(143) from None
         except BrokenPipeError:
             # The reader stopped reading (`chatsync list --all | head`): not an error worth a message.
             # Point stdout at devnull so the interpreter's final flush stays quiet, and end as SIGPIPE would.
@@ -272,7 +275,8 @@ def sync(
         ),
     ] = None,
     concurrency: Annotated[
-        int | None, typer.Option("--concurrency", metavar="N", help="Requests in flight at once [default 8].")
+        str | None,
+        typer.Option("--concurrency", metavar="N", help="Requests in flight at once, 1 to 64 [default 8]."),
     ] = None,
     all_chatbots: Annotated[
         bool,
@@ -371,6 +375,8 @@ def _exit_code(error: BaseException | None) -> int:
         return int(error.exit_code)
     if isinstance(error, KeyboardInterrupt):
         return 130
+    if isinstance(error, Terminated):
+        return 143
     if isinstance(error, typer.Exit):
         return int(error.exit_code)
     return ExitCode.ERROR
@@ -381,6 +387,8 @@ def _one_line(error: BaseException) -> str:
         return str(error)
     if isinstance(error, KeyboardInterrupt):
         return "interrupted; what was committed is kept"
+    if isinstance(error, Terminated):
+        return "terminated (SIGTERM); what was committed is kept"
     first = str(error).strip().splitlines()
     return f"unexpected {type(error).__name__}: {first[0] if first else ''}".strip()
 
@@ -1095,7 +1103,10 @@ def serve(
 def _principal(user: str | None, org: str | None) -> tuple[str, str]:
     if (user is None) == (org is None):
         raise UsageError("give exactly one of --user USER_ID or --org ORG_ID")
-    return ("user", user) if user is not None else ("org", org or "")
+    principal = user if user is not None else org or ""
+    if not principal or len(principal) > 64 or any(not c.isprintable() for c in principal):
+        raise UsageError(f"invalid Clerk id {principal[:40]!r}: expected up to 64 printable characters")
+    return ("user", principal) if user is not None else ("org", principal)
 
 
 @access_app.command("grant")
@@ -1107,12 +1118,13 @@ def access_grant(
 ) -> None:
     """Let a Clerk user, or everyone in a Clerk organization, see a chatbot's conversations."""
     from chatsync import render
+    from chatsync.config import chatbot_id as checked_chatbot_id
     from chatsync.store.access import grant
     from chatsync.timeutil import utcnow
 
     kind, principal = _principal(user, org)
     with _ctx().engine(_ctx().settings()).begin() as connection:
-        added = grant(connection, chatbot_id, kind, principal, utcnow())
+        added = grant(connection, checked_chatbot_id(chatbot_id), kind, principal, utcnow())
     render.info(f"{kind} {principal} {'may now see' if added else 'could already see'} chatbot {chatbot_id}")
 
 
@@ -1216,9 +1228,23 @@ def leads_sync(chatbot_id: ChatbotOpt = None, since: SinceOpt = None, until: Unt
 
 def main() -> None:
     """Console-script entry point."""
+    import signal
+
     if os.environ.get("NO_COLOR"):
         os.environ.setdefault("TERM", "dumb")
+    for argument in sys.argv[1:]:
+        try:
+            argument.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8 arrive as lone surrogates
+            shown = argument.encode("utf-8", "surrogateescape")
+            print(f"error: an argument is not valid UTF-8: {shown!r}", file=sys.stderr)
+            sys.exit(int(ExitCode.USAGE))
+    signal.signal(signal.SIGTERM, _terminate)
     app(prog_name="chatsync")
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 if __name__ == "__main__":  # pragma: no cover

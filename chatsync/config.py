@@ -65,14 +65,32 @@ def normalize_database_url(url: str) -> str:
     return url
 
 
+_SECRET_QUERY_KEYS = frozenset({"password", "sslpassword", "passfile", "token", "key", "secret", "api_key"})
+
+
 def mask_url(url: str) -> str:
-    """The database URL with its password replaced, safe to print."""
-    from sqlalchemy.engine import make_url
+    """A database or HTTP URL safe to print: the password of its user and any query value that names a
+    secret (``?password=``, ``?sslpassword=``, ``?token=``…) replaced by ``***``."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<unparsable database URL>"
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        user, has_password, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{host}" if has_password else netloc
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode(
+            [(k, "***" if k.lower() in _SECRET_QUERY_KEYS else v) for k, v in pairs], safe="*:/@"
+        )
+    if netloc == parts.netloc and query == parts.query:
+        return url  # nothing to hide (and sqlite:////path must keep its four slashes)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 @dataclass(frozen=True)
@@ -163,6 +181,13 @@ def _split_list(value: object) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+def chatbot_id(text: str) -> str:
+    """A chatbot id as chatsync stores it: at most 128 characters, no control characters."""
+    if not text or len(text) > 128 or any(not c.isprintable() for c in text):
+        raise UsageError(f"invalid chatbot id {text[:40]!r}: expected up to 128 printable characters")
+    return text
+
+
 def validate_timezone(name: str) -> str:
     try:
         ZoneInfo(name)
@@ -176,9 +201,12 @@ def validate_timezone(name: str) -> str:
 def _parse_rate(text: str) -> tuple[int, float]:
     try:
         count, _, span = text.partition("/")
-        return int(count), parse_duration(span or "10s").total_seconds()
+        requests, seconds = int(count), parse_duration(span or "10s").total_seconds()
     except (ValueError, UsageError):
         raise UsageError(f"invalid rate limit {text!r}: expected requests/span, e.g. 100/10s") from None
+    if requests < 1 or seconds <= 0:
+        raise UsageError(f"invalid rate limit {text!r}: expected at least 1 request in a span longer than 0")
+    return requests, seconds
 
 
 def _origin(text: str) -> str:
@@ -195,13 +223,25 @@ def _origins(value: object) -> tuple[str, ...]:
     return tuple(dict.fromkeys(_origin(o) for o in _split_list(value)))
 
 
-def _whole(name: str, minimum: int = 1) -> Callable[[object], int]:
+def _whole(name: str, minimum: int = 1, maximum: int = 1_000_000) -> Callable[[object], int]:
     def parse(value: object) -> int:
         try:
             number = int(str(value))
         except ValueError:
             raise UsageError(f"invalid {name} {value!r}: expected a whole number") from None
-        return max(minimum, number)
+        if not minimum <= number <= maximum:
+            raise UsageError(f"invalid {name} {value!r}: expected {minimum} to {maximum:,}")
+        return number
+
+    return parse
+
+
+def _at_least(name: str, least: timedelta) -> Callable[[object], timedelta]:
+    def parse(value: object) -> timedelta:
+        span = _duration(value)
+        if span < least:
+            raise UsageError(f"invalid {name} {value!r}: expected at least {format_duration(least)}")
+        return span
 
     return parse
 
@@ -260,7 +300,13 @@ SETTINGS: tuple[Setting, ...] = (
         lambda v: normalize_database_url(str(v).strip()),
     ),
     Setting("api_key", ("CHATBASE_API_KEY",), "Chatbase secret key", "--api-key", _secret, secret=True),
-    Setting("chatbot_ids", ("CHATBASE_CHATBOT_ID",), "chatbots to sync", "--chatbot-id", _split_list),
+    Setting(
+        "chatbot_ids",
+        ("CHATBASE_CHATBOT_ID",),
+        "chatbots to sync",
+        "--chatbot-id",
+        lambda v: tuple(map(chatbot_id, _split_list(v))),
+    ),
     Setting(
         "base_url", ("CHATBASE_BASE_URL",), "Chatbase API root", "--base-url", lambda v: str(v).rstrip("/")
     ),
@@ -298,7 +344,7 @@ SETTINGS: tuple[Setting, ...] = (
         ("CHATSYNC_CONCURRENCY",),
         "requests in flight at once",
         "--concurrency",
-        _whole("concurrency"),
+        _whole("concurrency", 1, 64),
     ),
     Setting(
         "rate_limit",
@@ -399,13 +445,13 @@ SETTINGS: tuple[Setting, ...] = (
         "events_per_user",
         ("CHATSYNC_EVENTS_PER_USER",),
         "open event streams allowed per user and server process",
-        parse=_whole("streams per user"),
+        parse=_whole("streams per user", 1, 10_000),
     ),
     Setting(
         "events_poll",
         ("CHATSYNC_EVENTS_POLL",),
         "how often the change feed looks for changes made elsewhere",
-        parse=_duration,
+        parse=_at_least("events poll", timedelta(milliseconds=100)),
     ),
 )
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
@@ -488,7 +534,7 @@ def describe_settings(settings: Settings) -> list[SettingRow]:
             value = getattr(settings, target)
         if setting.secret:
             shown = "***" if value else ""
-        elif setting.name == "database_url":
+        elif setting.name == "database_url" or (isinstance(value, str) and "://" in value):
             shown = mask_url(str(value))
         elif isinstance(value, tuple):
             shown = ",".join(map(str, value))

@@ -161,6 +161,13 @@ class PagingError(ChatbaseUnavailable):
     """The server repeated a page or paged past any sane bound."""
 
 
+class Terminated(BaseException):
+    """The process was asked to stop (SIGTERM, e.g. systemd's timeout): raised in the main thread so a
+    sync stops like an interrupt (what was committed is kept) and still reports how it ended (exit 143).
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it."""
+
+
 class BadRecord(Exception):
     """A Chatbase record that cannot be stored; carries the reason it is quarantined with."""
 

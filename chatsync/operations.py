@@ -144,7 +144,11 @@ def list_quarantined(connection: Connection, chatbot_ids: tuple[str, ...] = ()) 
 
 def get_quarantined(connection: Connection, quarantine_id: int) -> dict[str, Any]:
     """One quarantined record with its raw JSON as received (``raw``: text). Raises NotFound."""
-    row = connection.execute(select(quarantine).where(quarantine.c.id == quarantine_id)).mappings().first()
+    row = (
+        connection.execute(select(quarantine).where(quarantine.c.id == quarantine_id)).mappings().first()
+        if 0 < quarantine_id < 2**31  # the column's range: a larger id is simply not there
+        else None
+    )
     if row is None:
         raise NotFound(f"quarantined record {quarantine_id} not found: `chatsync quarantine list` shows them")
     return {**_quarantine_row(row), "raw": row["raw"]}
@@ -264,8 +268,11 @@ def run_checks(settings: Any, check_chatbase: bool = True) -> list[Check]:
     checks: list[Check] = []
     url = mask_url(settings.database_url)
     engine = None
+    missing = _missing_sqlite_file(settings.database_url)
     try:
-        engine = open_engine(settings.database_url)
+        if missing is not None:
+            raise _NotYet(missing)
+        engine = open_engine(settings.database_url, create=False)  # a check never makes a database
         try:
             found = current_revision(engine)
         except Exception as exc:
@@ -290,6 +297,16 @@ def run_checks(settings: Any, check_chatbase: bool = True) -> list[Check]:
                     f"{url} has schema {found}, newer than this chatsync ({head}): upgrade chatsync",
                 )
             )
+    except _NotYet as exc:
+        checks.append(
+            Check(
+                "database",
+                True,
+                f"no database at {exc} yet: the first sync creates it (if it should exist, check "
+                "CHATSYNC_DATABASE_URL)",
+                warning=True,
+            )
+        )
     except ConfigError as exc:
         checks.append(Check("database", False, str(exc), configuration=True))
         engine = None
@@ -312,6 +329,29 @@ def run_checks(settings: Any, check_chatbase: bool = True) -> list[Check]:
         checks.extend(_lock_checks(engine, ids))
         engine.dispose()
     return checks
+
+
+class _NotYet(Exception):
+    """The SQLite file the settings name does not exist yet."""
+
+
+def _missing_sqlite_file(url: str) -> str | None:
+    """The path of a SQLite database URL whose file does not exist (doctor must not create it)."""
+    from pathlib import Path
+
+    from sqlalchemy.engine import make_url
+
+    from chatsync.config import normalize_database_url
+
+    try:
+        parsed = make_url(normalize_database_url(url))
+    except Exception:
+        return None
+    database = parsed.database if parsed.get_backend_name() == "sqlite" else None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    path = Path(database).expanduser()
+    return None if path.is_file() else str(path)
 
 
 def _chatbase_checks(settings: Any, ids: tuple[str, ...]) -> list[Check]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -35,7 +36,8 @@ def stdout_console() -> Console:
 
     _reconfigure(sys.stdout, errors="replace")
     piped = not sys.stdout.isatty() and not os.environ.get("COLUMNS")
-    return Console(soft_wrap=False, width=PIPE_WIDTH if piped else None)
+    # markup=False: Chatbase's text ("jane[/]doe", "[bold red]SYSTEM") is shown as it is, never as styles
+    return Console(soft_wrap=False, width=PIPE_WIDTH if piped else None, markup=False)
 
 
 def machine_stdout() -> IO[str]:
@@ -55,7 +57,7 @@ def _reconfigure(stream: IO[str], **options: str) -> None:
 
 
 def stderr_console() -> Console:
-    return Console(stderr=True)
+    return Console(stderr=True, markup=False)
 
 
 def error(message: str) -> None:
@@ -133,8 +135,20 @@ def write_csv(rows: Iterable[dict[str, Any]], keys: list[str], stream: IO[str] |
     writer = csv.DictWriter(stream, fieldnames=keys, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: "" if row.get(k) is None else row[k] for k in keys})
+        writer.writerow({k: "" if row.get(k) is None else _inert(row[k]) for k in keys})
     stream.flush()
+
+
+_NUMBER = re.compile(r"^[+-]?\d[\d .]*$")
+
+
+def _inert(value: Any) -> Any:
+    """A CSV cell a spreadsheet will not run: text starting like a formula (``=``, ``@``, ``+``/``-`` that
+    is not a number, a tab or carriage return) gets a leading ``'`` (OWASP's advice for CSV injection).
+    Numbers, E.164 ones included (``+85291234567``), are left as they are."""
+    if not isinstance(value, str) or not value or value[0] not in "=@+-\t\r" or _NUMBER.match(value):
+        return value
+    return "'" + value
 
 
 # ----------------------------------------------------------------------------------------------------- sync
@@ -148,7 +162,7 @@ def sync_progress(enabled: bool) -> Iterator[Any]:
         yield None
         return
     with Progress(
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("windows · {task.fields[conversations]:,} conversations"),
@@ -184,7 +198,7 @@ def progress(description: str, total: int | None) -> Iterator[Callable[[int], No
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),

@@ -575,11 +575,10 @@ class Syncer:
         summary.requests = self.client.stats.requests
         summary.retries = self.client.stats.retries
         summary.finished_at = iso_z(self.now())
-        if error is not None:
-            summary.status = "partial"
         # partial: retries ran out or the database went away, the next run continues; failed: anything else
         partial = isinstance(error, ChatsyncError) and error.exit_code == ExitCode.PARTIAL
         status = "ok" if error is None else "partial" if partial else "failed"
+        summary.status = status  # the recorded summary says what `sync --json` says
         log.info(
             "sync %s: %s; %d requests, %d retries; fetched %d: %d inserted, %d updated, %d unchanged, "
             "%d quarantined, %d repaired; %d numbers captured",
@@ -704,8 +703,10 @@ class Syncer:
                 log.info("chatbot %s: first conversation on %s", chatbot_id, min(oldest))
                 with self._db() as connection:
                     writes.remember_chatbot(connection, chatbot_id, first_day=min(oldest))
-        with self._db() as connection:
-            writes.remember_chatbot(connection, chatbot_id, synced_at=self.now())
+        if request.since is None and request.until is None and not request.sources:
+            # only a sync of everything up to today is a complete one (what `status --max-age` watches)
+            with self._db() as connection:
+                writes.remember_chatbot(connection, chatbot_id, synced_at=self.now())
 
     def _fetch_and_save(
         self,

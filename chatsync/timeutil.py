@@ -12,6 +12,7 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
+MAX_DURATION_SECONDS = 3650 * 86400  # beyond this a date computed with it overflows, and no setting needs it
 FIRST_DAY = date(1970, 1, 1)
 LAST_DAY = date(2999, 12, 31)
 
@@ -38,7 +39,10 @@ def parse_duration(text: str) -> timedelta:
     match = _DURATION.match(text)
     if not match:
         raise InvalidDuration(text)
-    return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()])
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()]
+    if seconds > MAX_DURATION_SECONDS:
+        raise UsageError(f"duration {text.strip()!r} is too long: at most 10 years (3650d)")
+    return timedelta(seconds=seconds)
 
 
 def format_duration(span: timedelta) -> str:

@@ -98,6 +98,8 @@ def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
         if variable == "DATABASE_URL":
             monkeypatch.delenv(variable)
     monkeypatch.setenv("CHATSYNC_DATABASE_URL", f"sqlite:///{tmp_path / 'default.db'}")
+    # Nothing here reaches Chatbase: a test that forgets to point at the emulator fails at once.
+    monkeypatch.setenv("CHATBASE_BASE_URL", "http://127.0.0.1:9/api/v1")
 
 
 @pytest.fixture

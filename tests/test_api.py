@@ -270,6 +270,14 @@ def test_unexpected_errors_are_500_with_a_request_id_and_no_trace(api: TestClien
         "error": {"code": "internal", "message": "unexpected error; request id req-123"}
     }
     assert "secret internals" not in response.text
+    assert response.headers.get_list("x-request-id") == ["req-123"]  # once
+
+
+def test_a_path_cannot_forge_a_line_of_the_log(api: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO", logger="chatsync.access"):
+        api.get("/api/conversations/x%0D%0A2026-11-30T10:00:00.000Z%20ERROR%20chatsync.web:%20forged")
+    lines = [r.getMessage() for r in caplog.records if r.name == "chatsync.access"]
+    assert len(lines) == 1 and "\n" not in lines[0] and "x\\r\\n2026" in lines[0]  # escaped, one line
 
 
 def test_health_needs_no_token(api: TestClient) -> None:
@@ -370,6 +378,33 @@ def test_bad_webhooks_are_400_and_store_nothing(api: TestClient, engine: Any, pr
     response = api.post("/api/webhooks/clerk", content=body, headers=headers)
     assert response.status_code == 400
     assert _stored_user(engine) is None
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        {"updated_at": 1e20},
+        {"updated_at": float("nan")},
+        {"first_name": {"nested": "object"}},
+        {"last_name": "x" * 201},
+        {"id": "user_\u0000nul"},
+        {"id": "u" * 65},
+    ],
+    ids=["far-future", "nan", "object-name", "long-name", "nul-id", "long-id"],
+)
+def test_a_signed_clerk_user_chatsync_cannot_store_is_400_not_500(
+    api: TestClient, engine: Any, odd: dict[str, Any]
+) -> None:
+    event = _user_event("user.created", 1000)
+    event["data"].update(odd)
+    body, headers = _signed(event, "m-odd")
+    response = api.post("/api/webhooks/clerk", content=body, headers=headers)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_payload"
+    assert _stored_user(engine) is None
+    deleted, deleted_headers = _signed(
+        {"type": "user.deleted", "timestamp": 1e30, "data": {"id": "user_w"}}, "m-del"
+    )
+    assert api.post("/api/webhooks/clerk", content=deleted, headers=deleted_headers).status_code == 400
 
 
 def test_users_backfill_pages_through_clerk(engine: Any) -> None:
@@ -479,6 +514,7 @@ def test_openapi_declares_every_status_and_no_request_is_a_500(engine: Any, emul
         ("/api/conversations", {"since": "2024-05-02", "until": "2024-05-01"}),
         ("/api/conversations", {"search": "a\x00b"}),
         ("/api/conversations", {"cursor": "not-a-cursor"}),
+        ("/api/conversations", {"cursor": "WzEsMl0"}),  # [1, 2]: well formed, not chatsync's
         ("/api/conversations", {"number": "1234"}),
         ("/api/analytics", {"tz": "America"}),
         ("/api/analytics", {"tz": "x" * 60}),
@@ -668,6 +704,31 @@ def test_an_api_sync_that_cannot_run_ends_failed_with_the_reason(engine: Any, em
         time.sleep(0.1)
         status = client.get(f"/api/sync/{run_id}", headers=ADMIN).json()
     assert status["status"] == "failed"
+    assert status["summary"]["status"] == "failed"  # the summary says what `sync --json` says
     assert "Chatbase rejected" in status["error"] and "not-the-key" not in json.dumps(status)
     again = client.post("/api/sync", headers=ADMIN, json={"chatbot_id": "demo-bot"})
     assert again.status_code == 202  # the lock was given back
+
+
+def test_an_organizations_admin_sees_only_its_chatbots_runs(api: TestClient, engine: Any) -> None:
+    """ORG_ADMIN administers bot-b (granted to org_x); a run of bot-a, or of bot-a and bot-b, is not theirs."""
+    now = datetime.now(UTC)
+    with engine.begin() as connection:
+        for run_id, bots in (("run-b", ["bot-b"]), ("run-a", ["bot-a"]), ("run-ab", ["bot-a", "bot-b"])):
+            writes.start_run(connection, run_id, bots, now)
+            writes.finish_run(connection, run_id, "ok", {"status": "ok", "fetched": 1}, None, now)
+    assert api.get("/api/sync/run-b", headers=ORG_ADMIN).json()["status"] == "ok"
+    for hidden in ("run-a", "run-ab"):
+        response = api.get(f"/api/sync/{hidden}", headers=ORG_ADMIN)
+        assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+    assert api.get("/api/sync/run-ab", headers=ADMIN).status_code == 200  # the global admin sees all
+
+
+def test_a_body_too_deep_or_broken_to_parse_is_a_declared_422(api: TestClient) -> None:
+    for body in (b'{"whatsapp_number": ' + b"[" * 5000 + b"]" * 5000 + b"}", b'{"whatsapp_number": "9123'):
+        response = api.post(
+            "/api/conversations/a1/update-whatsapp",
+            content=body,
+            headers={**ADMIN, "content-type": "application/json"},
+        )
+        assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_request"

@@ -105,11 +105,17 @@ def test_events_are_filtered_by_what_the_caller_may_see(engine: Any) -> None:
     def write() -> None:
         _upsert(engine, ["mine"], bot="bot-a")
         _upsert(engine, ["theirs"], bot="bot-b")
+        now = datetime.now(UTC)
+        with engine.begin() as connection:  # runs: one of bot-a, one of bot-a with a chatbot not theirs
+            for run_id, bots in (("run-a", ["bot-a"]), ("run-ab", ["bot-a", "bot-b"])):
+                writes.start_run(connection, run_id, bots, now)
+                writes.finish_run(connection, run_id, "ok", {"status": "ok", "fetched": 9}, None, now)
 
     with TestClient(app) as client:
         events = _events(client, bearer(token(exp=int(time.time()) + 2)), write)
-    assert [(e["event"], e["data"].get("id")) for e in events] == [
+    assert [(e["event"], e["data"].get("id") or e["data"].get("run_id")) for e in events] == [
         ("conversation.upserted", "mine"),
+        ("sync.finished", "run-a"),  # a run that also synced bot-b carries bot-b's counts: not sent
         ("expired", None),
     ]
 

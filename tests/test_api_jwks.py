@@ -112,3 +112,25 @@ def test_a_new_key_id_is_fetched_at_once_and_made_up_ones_do_not_hammer_the_jwks
         with pytest.raises(Unauthorized):
             check.verify_token(signed(new_key, f"made_up_{n}"))
     assert published.hits <= 3  # at most one refetch per cooldown, however many unknown ids come
+
+
+def test_a_key_set_that_cannot_be_fetched_is_a_503_not_a_401(
+    engine: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Valid users got 401, and nothing was logged, while the JWKS endpoint was down."""
+    from dataclasses import replace
+
+    from fastapi.testclient import TestClient
+
+    from chatsync.web.app import create_app
+    from tests.api_helpers import api_settings
+
+    down = "http://127.0.0.1:9/.well-known/jwks.json"  # nothing listens on port 9
+    settings = replace(api_settings(engine), clerk_jwt_key=None, clerk_jwks_url=down)
+    client = TestClient(create_app(engine, settings))
+    with caplog.at_level("WARNING", logger="chatsync.web"):
+        response = client.get(
+            "/api/conversations", headers={"Authorization": f"Bearer {signed(SIGNING_KEY, 'key_a')}"}
+        )
+    assert response.status_code == 503 and response.json()["error"]["code"] == "keys_unavailable"
+    assert any("CLERK_JWKS_URL" in r.getMessage() for r in caplog.records)

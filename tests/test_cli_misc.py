@@ -198,3 +198,31 @@ def test_demo_never_deletes_files_beside_the_one_it_creates(cli: Any, tmp_path: 
     again = cli("demo", "--conversations", "20", "--path", str(tmp_path / "chatsync.db"))
     assert again.exit_code == 2 and "already exists" in again.stderr
     assert (tmp_path / "chatsync.db").read_text() == "precious"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("sync", "--json", "--chatbot-id", "b" * 129),
+        ("access", "grant", "b" * 129, "--user", "user_1"),
+        ("access", "grant", "bot", "--user", "u" * 65),
+        ("sync", "--json", "--chatbot-id", "bot\x1b[31m"),
+    ],
+    ids=["long-chatbot", "grant-long-chatbot", "grant-long-user", "control-chars"],
+)
+def test_ids_too_long_for_their_columns_are_refused_the_same_on_every_database(
+    cli: Any, database_url: str, args: tuple[str, ...]
+) -> None:
+    env = {
+        "CHATSYNC_DATABASE_URL": database_url,
+        "CHATBASE_API_KEY": "k",
+        "CHATBASE_BASE_URL": "http://127.0.0.1:9",
+    }
+    result = cli(*args, env=env)
+    assert result.exit_code == ExitCode.USAGE, result.output
+    assert "expected up to" in result.stderr
+
+
+def test_a_quarantine_id_out_of_range_is_not_found(cli: Any, sqlite_url: str) -> None:
+    result = cli("quarantine", "show", "99999999999999999999", env={"CHATSYNC_DATABASE_URL": sqlite_url})
+    assert result.exit_code == ExitCode.ERROR and "not found" in result.stderr

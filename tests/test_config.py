@@ -125,3 +125,20 @@ def test_bad_api_settings_say_what_was_expected(
 ) -> None:
     with pytest.raises(UsageError, match=fragment):
         load_settings({}, env={variable: value}, dotenv_path=tmp_path / "none")
+
+
+def test_a_transaction_pooler_is_recognised_by_its_port_or_the_flag() -> None:
+    """PgBouncer's own default port once broke sync with "prepared statement does not exist"."""
+    from sqlalchemy.pool import NullPool
+
+    from chatsync.store.engine import open_engine
+
+    for url in (
+        "postgresql://u@db.example.com:6543/postgres",
+        "postgresql://u@db.example.com:6432/postgres",
+        "postgresql://u@db.example.com:7000/postgres?pgbouncer=true",
+    ):
+        engine = open_engine(url)
+        assert isinstance(engine.pool, NullPool), url
+        assert "pgbouncer" not in str(engine.url)
+    assert not isinstance(open_engine("postgresql://u@db.example.com:5432/postgres").pool, NullPool)

@@ -265,3 +265,40 @@ def test_lookups_use_indexes_on_postgres(postgres_url: str) -> None:
     assert "ix_conversations_whatsapp_number" in by_number, by_number
     assert "Index" in with_number and "Seq Scan" not in with_number, with_number
     assert "pk_conversations" in show, show
+
+
+def test_search_ignores_case_in_every_script(cli: Any, database_url: str) -> None:
+    """SQLite's LIKE folded ASCII only: 'école' did not find 'École' there (PostgreSQL's ILIKE did)."""
+    from datetime import UTC, datetime
+
+    from chatsync.config import WhatsAppRule
+    from chatsync.normalize import normalize_conversation
+    from chatsync.store import writes
+    from chatsync.store.engine import ensure_schema, open_engine
+
+    texts = {"u1": "Je suis à l'École", "u2": "ΣΟΦΙΑ είναι εδώ", "u3": "Москва", "u4": "100% off_sale\\"}
+    engine = open_engine(database_url)
+    ensure_schema(engine)
+    rows = [
+        normalize_conversation(
+            {"id": i, "created_at": "2024-05-01T08:00:00Z", "messages": [{"role": "user", "content": t}]},
+            "bot",
+            WhatsAppRule(),
+        )
+        for i, t in texts.items()
+    ]
+    with engine.begin() as connection:
+        writes.upsert_conversations(connection, rows, datetime.now(UTC))
+    engine.dispose()
+    env = {"CHATSYNC_DATABASE_URL": database_url}
+
+    def found(needle: str) -> list[str]:
+        return sorted(
+            r["id"] for r in json.loads(cli("list", "--search", needle, "--format", "json", env=env).stdout)
+        )
+
+    assert found("école") == ["u1"]
+    assert found("σοφια") == ["u2"]
+    assert found("МОСКВА") == ["u3"]
+    assert found("0% off_") == ["u4"] and found("_sale\\") == ["u4"]  # LIKE's wildcards mean nothing here
+    assert found("x%y") == []

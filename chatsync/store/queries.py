@@ -92,19 +92,21 @@ def conditions(filters: ConversationFilter, dialect: str) -> list[ColumnElement[
 
 
 def _search(needle: str, dialect: str) -> ColumnElement[bool]:
-    """Case-insensitive substring of any message's content."""
-    pattern = "%" + needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    """Case-insensitive substring of any message's content, in any script (``École`` finds ``école``)."""
     if dialect == "postgresql":
+        pattern = "%" + needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         clause = text(
             "EXISTS (SELECT 1 FROM jsonb_array_elements(CASE WHEN jsonb_typeof(conversations.messages) = 'array' "
             "THEN conversations.messages ELSE '[]'::jsonb END) AS m "
             "WHERE m->>'content' ILIKE :pattern ESCAPE '\\')"
         ).bindparams(pattern=pattern)
     else:
+        # SQLite's lower() and LIKE fold ASCII only: Python's casefold, registered on every connection
+        # (chatsync.store.engine), folds every script.
         clause = text(
             "EXISTS (SELECT 1 FROM json_each(conversations.messages) AS m "
-            "WHERE lower(json_extract(m.value, '$.content')) LIKE lower(:pattern) ESCAPE '\\')"
-        ).bindparams(pattern=pattern)
+            "WHERE instr(chatsync_casefold(json_extract(m.value, '$.content')), :needle) > 0)"
+        ).bindparams(needle=needle.casefold())
     return clause  # type: ignore[return-value]
 
 
@@ -120,7 +122,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         created, conversation_id = json.loads(base64.urlsafe_b64decode(padded))
-        return parse_timestamp(created), str(conversation_id)
+        if not isinstance(created, str) or not isinstance(conversation_id, str):
+            raise ValueError("not a cursor chatsync wrote")
+        return parse_timestamp(created), conversation_id
     except Exception:
         raise UsageError("invalid cursor: pass back the next_cursor of the previous page unchanged") from None
 

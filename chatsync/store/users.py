@@ -11,11 +11,29 @@ from chatsync.store.engine import insert_for
 from chatsync.store.tables import users, webhook_events
 
 
+class BadClerkUser(ValueError):
+    """A Clerk user object chatsync cannot store (the webhook answers 400 and stores nothing)."""
+
+
 def _moment(epoch_ms: object) -> datetime | None:
-    """Clerk timestamps are epoch milliseconds."""
+    """Clerk timestamps are epoch milliseconds; None when absent, BadClerkUser when not a real moment."""
+    if epoch_ms is None:
+        return None
     if isinstance(epoch_ms, int | float) and not isinstance(epoch_ms, bool):
-        return datetime.fromtimestamp(epoch_ms / 1000, UTC)
-    return None
+        try:
+            return datetime.fromtimestamp(epoch_ms / 1000, UTC)
+        except (ValueError, OverflowError, OSError):
+            pass
+    raise BadClerkUser(f"timestamp {str(epoch_ms)[:40]!r} is not epoch milliseconds")
+
+
+def _text(value: object, limit: int | None, name: str) -> str | None:
+    """A string field as stored: text without NUL within the column's width, or None when absent."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or "\x00" in value or (limit is not None and len(value) > limit):
+        raise BadClerkUser(f"{name} is not text of at most {limit} characters")
+    return value
 
 
 def user_row(clerk_user: dict[str, Any]) -> dict[str, Any]:
@@ -28,11 +46,11 @@ def user_row(clerk_user: dict[str, Any]) -> dict[str, Any]:
             if address.get("id") == primary:
                 break
     return {
-        "id": str(clerk_user["id"]),
-        "email": email,
-        "first_name": clerk_user.get("first_name"),
-        "last_name": clerk_user.get("last_name"),
-        "image_url": clerk_user.get("image_url"),
+        "id": _text(clerk_user["id"], 64, "id"),
+        "email": _text(email, 320, "email"),
+        "first_name": _text(clerk_user.get("first_name"), 200, "first_name"),
+        "last_name": _text(clerk_user.get("last_name"), 200, "last_name"),
+        "image_url": _text(clerk_user.get("image_url"), None, "image_url"),
         "clerk_created_at": _moment(clerk_user.get("created_at")),
         "clerk_updated_at": _moment(clerk_user.get("updated_at")),
     }
@@ -78,6 +96,8 @@ def apply_clerk_event(connection: Connection, event: dict[str, Any], now: dateti
     if kind in ("user.created", "user.updated"):
         return "stored" if upsert_user(connection, data) else "ignored: older than what is stored"
     if kind == "user.deleted":
-        mark_deleted(connection, str(data["id"]), _moment(event.get("timestamp")) or now)
+        user_id = _text(data["id"], 64, "id")
+        assert user_id is not None
+        mark_deleted(connection, user_id, _moment(event.get("timestamp")) or now)
         return "deleted"
     return f"ignored: {kind}"

@@ -36,6 +36,10 @@ class Unauthorized(Exception):
         self.reason = reason
 
 
+class KeysUnavailable(Exception):
+    """The JWKS key set could not be fetched: the server cannot tell a good token from a bad one (503)."""
+
+
 class Forbidden(Exception):
     """A valid token whose session may not be used yet (``sts: pending``): 403."""
 
@@ -156,6 +160,8 @@ class ClerkVerifier:
                 leeway=CLOCK_SKEW_SECONDS,
                 options={"require": ["exp", "iat", "nbf", "sub", "iss"], "verify_aud": False},
             )
+        except jwt.PyJWKClientConnectionError as exc:
+            raise KeysUnavailable(str(exc)[:200]) from None
         except jwt.InvalidIssuerError:
             raise Unauthorized(f"issuer is not CLERK_ISSUER ({self.settings.issuer})") from None
         except (

@@ -14,7 +14,7 @@ from sqlalchemy import Engine
 
 from chatsync.config import Settings
 from chatsync.store.access import Access, access_for
-from chatsync.web.auth import ClerkVerifier, Forbidden, Session, Unauthorized
+from chatsync.web.auth import ClerkVerifier, Forbidden, KeysUnavailable, Session, Unauthorized
 from chatsync.web.errors import ApiError, declared
 
 bearer = HTTPBearer(
@@ -23,7 +23,7 @@ bearer = HTTPBearer(
     description="A Clerk session token, from `getToken()` in the frontend.",
     auto_error=False,
 )
-AUTHED = declared(401, 403)
+AUTHED = declared(401, 403, 503)
 
 log = logging.getLogger("chatsync.web")
 
@@ -65,6 +65,9 @@ async def get_session(
         ) from None
     except Forbidden:
         raise ApiError(403, "forbidden", "this session is not active yet") from None
+    except KeysUnavailable as exc:
+        log.warning("the Clerk key set (CLERK_JWKS_URL) cannot be fetched: %s", exc)
+        raise ApiError(503, "keys_unavailable", "sessions cannot be checked right now; try again") from None
     request.state.user_id = session.caller.user_id  # for the access log line
     return session
 

@@ -199,7 +199,12 @@ class ChangeFeed:
 
 
 def _visible(change: Change, visible: frozenset[str] | None) -> bool:
-    return visible is None or any(bot in visible for bot in change.chatbot_ids())
+    """A caller sees a change when they may see every chatbot it concerns: a sync run of several chatbots
+    carries counts over all of them, so one invisible chatbot hides the whole run."""
+    if visible is None:
+        return True
+    bots = change.chatbot_ids()
+    return bool(bots) and all(bot in visible for bot in bots)
 
 
 def _event(change: Change) -> dict[str, Any]:

@@ -39,9 +39,20 @@ def _json(status: int, code: str, message: str, request_id: str) -> tuple[Messag
 
 
 def logged_path(scope: Scope) -> str:
-    """The path and the names of the query parameters: their values may be phone numbers or search text."""
+    """The path and the names of the query parameters: their values may be phone numbers or search text.
+
+    Control and format characters are written as escapes, so a path holding ``%0D%0A`` cannot forge a
+    line of the log."""
     names = dict.fromkeys(name for name, _ in parse_qsl(scope.get("query_string", b"").decode("latin-1")))
-    return scope.get("path", "") + ("?" + "&".join(names) if names else "")
+    return printable(scope.get("path", "") + ("?" + "&".join(names) if names else ""))
+
+
+def printable(text: str) -> str:
+    """``text`` with line breaks, control and format characters escaped (``\\r``, ``\\x00``, ``\\u2028``)."""
+    return "".join(
+        char if char.isprintable() or char == " " else char.encode("unicode_escape").decode("ascii")
+        for char in text
+    )
 
 
 class RequestContext:
@@ -70,7 +81,10 @@ class RequestContext:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                headers = list(message.get("headers", []))
+                if not any(name.lower() == b"x-request-id" for name, _ in headers):
+                    headers.append((b"x-request-id", request_id.encode()))
+                message["headers"] = headers
             await send(message)
 
         try:
@@ -98,7 +112,7 @@ class RequestContext:
                 user,
                 extra={
                     "method": scope.get("method"),
-                    "path": unquote(scope.get("path", "")),
+                    "path": printable(unquote(scope.get("path", ""))),
                     "status": status or None,
                     "ms": round(milliseconds, 1),
                     "user_id": user,

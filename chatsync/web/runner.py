@@ -112,6 +112,14 @@ class SyncRunner:
                 run_id=syncer.run_id, status="failed", summary=summary, error=reason
             )
 
+    def chatbot_ids(self, run_id: str) -> list[str] | None:
+        """The chatbots a run syncs (from its row, or the one this server started), None if unknown."""
+        row = self._row(run_id)
+        if row is not None:
+            return list(row["chatbot_ids"] or [])
+        with self._guard:
+            return [bot for bot, run in self._running.items() if run == run_id] or None
+
     def _row(self, run_id: str) -> Any:
         try:
             with self.engine.connect() as connection:

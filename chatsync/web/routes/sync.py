@@ -39,7 +39,12 @@ def get_sync(run_id: str, who: AccessDep, request: Request) -> SyncStatus:
     """A sync's status; its summary (the `sync --json` object) once finished (admins)."""
     if who.administers is not None and not who.administers:
         raise ApiError(403, "forbidden", "only admins may see syncs")
-    status = request.app.state.runner.status(run_id)
+    runner: SyncRunner = request.app.state.runner
+    if who.administers is not None:  # an organization's admin sees its chatbots' runs only
+        bots = runner.chatbot_ids(run_id)
+        if bots is None or not set(bots) <= set(who.administers):
+            raise ApiError(404, "not_found", f"sync run {run_id!r} not found")
+    status = runner.status(run_id)
     if status is None:
         raise ApiError(404, "not_found", f"sync run {run_id!r} not found")
     return status

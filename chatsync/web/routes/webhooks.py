@@ -26,7 +26,7 @@ async def receive_clerk_webhook(request: Request, engine: EngineDep, settings: S
     from anyio import to_thread
     from svix.webhooks import Webhook, WebhookVerificationError
 
-    from chatsync.store.users import apply_clerk_event, first_delivery
+    from chatsync.store.users import BadClerkUser, apply_clerk_event, first_delivery
 
     if not settings.clerk_webhook_secret:
         raise ApiError(400, "webhook_not_configured", "CLERK_WEBHOOK_SIGNING_SECRET is not set")
@@ -34,19 +34,27 @@ async def receive_clerk_webhook(request: Request, engine: EngineDep, settings: S
     headers = {k.lower(): v for k, v in request.headers.items()}
     try:
         Webhook(settings.clerk_webhook_secret.reveal()).verify(body, headers)
-        event = json.loads(body)
     except (WebhookVerificationError, ValueError, TypeError):
         raise ApiError(400, "invalid_signature", "the webhook signature does not verify") from None
+    try:
+        event = json.loads(body)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "invalid_payload", "the body is not JSON chatsync can read") from None
     if not isinstance(event, dict):
         raise ApiError(400, "invalid_payload", "expected a JSON object")
 
     def store() -> str:
         with engine.begin() as connection:
-            if not first_delivery(connection, headers.get("svix-id", ""), str(event.get("type")), utcnow()):
+            if not first_delivery(
+                connection, headers.get("svix-id", "")[:128], str(event.get("type"))[:64], utcnow()
+            ):
                 return "duplicate"
             return apply_clerk_event(connection, event, utcnow())
 
-    return WebhookResult(result=await to_thread.run_sync(store))
+    try:
+        return WebhookResult(result=await to_thread.run_sync(store))
+    except BadClerkUser as exc:  # nothing was stored: the transaction rolled back
+        raise ApiError(400, "invalid_payload", f"not a Clerk user chatsync can store: {exc}") from None
 
 
 @router.post("/api/webhooks/chatbase", response_model=WebhookResult, responses=declared(400))
