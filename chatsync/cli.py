@@ -1094,10 +1094,17 @@ def serve(
             if flag:
                 os.environ[variable] = flag
         os.environ["CHATSYNC_SERVE_DEBUG"] = "1" if debug else "0"
-        uvicorn.run("chatsync.web.app:app_from_env", factory=True, workers=workers, **options)
+        app: Any = "chatsync.web.app:app_from_env"
+        options.update(factory=True, workers=workers)
+    else:
+        configure_sentry(settings.sentry_dsn.reveal() if settings.sentry_dsn else None)
+        app = create_app(engine, settings)
+    try:
+        uvicorn.run(app, **options)
+    except Terminated:
+        # uvicorn shut down gracefully on SIGTERM, then raised the signal again for whoever handles it:
+        # for a server that is how it is meant to stop (systemd, docker stop), not a failure
         return
-    configure_sentry(settings.sentry_dsn.reveal() if settings.sentry_dsn else None)
-    uvicorn.run(create_app(engine, settings), **options)
 
 
 def _principal(user: str | None, org: str | None) -> tuple[str, str]:
