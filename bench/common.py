@@ -38,6 +38,10 @@ class EmulatorProcess:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/api/v1"
 
+    @property
+    def v2_base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/v2"
+
     def stats(self) -> dict[str, int]:
         import httpx
 
@@ -117,14 +121,23 @@ _MEASURED = (
 )
 
 
-def run_sync(database_url: str, base_url: str, workdir: Path, *extra: str, unlimited: bool = False) -> Timed:
+def run_sync(
+    database_url: str,
+    base_url: str,
+    workdir: Path,
+    *extra: str,
+    unlimited: bool = False,
+    api_url: str | None = None,
+) -> Timed:
     """``chatsync sync --json`` as a child process: wall time, its peak RSS, its summary.
 
     ``unlimited``: the server has no rate limit, so chatsync is configured not to keep Chatbase's.
+    ``api_url``: the API v2 root (for ``--api 2``).
     """
     env = {
         **os.environ,
         **({"CHATSYNC_RATE_LIMIT": "1000000/1s"} if unlimited else {}),
+        **({"CHATBASE_API_URL": api_url} if api_url else {}),
         "CHATBASE_API_KEY": "demo-key",
         "CHATBASE_CHATBOT_ID": "demo-bot",
         "CHATBASE_BASE_URL": base_url,

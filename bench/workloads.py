@@ -18,41 +18,47 @@ from typing import Any
 from bench.common import emulator, free_port, fresh_database, run_sync
 from bench.peers import dlt_seconds, floor_seconds
 
-CEILING = 1000.0  # 100 requests / 10 s × 100 conversations a page
+PAGE = {"v1": 100, "v2": 20}  # conversations a page: get-conversations' maximum, the export's
+CEILING = {api: 100 / 10 * page for api, page in PAGE.items()}  # 100 requests / 10 s × a page: 1,000/s, 200/s
 LATENCY_S = 0.25
 
 
-def minimum_requests(size: int) -> int:
-    """Requests a client that does not know how many conversations there are needs: the last page must
-    come back short or empty."""
-    return size // 100 + 1
+def minimum_requests(size: int, api: str = "v1") -> int:
+    """Requests a client that does not know how many conversations there are needs: on v1 the last page
+    must come back short or empty; on v2 the last page says it is the last (``hasMore`` false)."""
+    return size // PAGE[api] + 1 if api == "v1" else -(-size // PAGE[api])
 
 
-def minimum_seconds(size: int) -> float:
+def minimum_seconds(size: int, api: str = "v1") -> float:
     """The physical minimum of S1: the last request leaves once the sliding window lets it (100 a 10 s),
     and its answer takes one latency (201 requests: 20 s + 0.25 s)."""
-    return (minimum_requests(size) - 1) // 100 * 10 + LATENCY_S
+    return (minimum_requests(size, api) - 1) // 100 * 10 + LATENCY_S
 
 
-def s1_rate_limit(size: int, kind: str, workdir: Path) -> dict[str, Any]:
-    """Realistic Chatbase: 250 ms a request, 100 requests per 10 s; chatsync with its default settings."""
+def s1_rate_limit(size: int, kind: str, workdir: Path, api: str = "v1") -> dict[str, Any]:
+    """Realistic Chatbase: 250 ms a request, 100 requests per 10 s; chatsync with its default settings,
+    reading API ``api``."""
     latency_ms = LATENCY_S * 1000
     with (
         emulator(size, latency_ms=latency_ms, rate_limit="100/10s") as emu,
         fresh_database(kind, workdir) as url,
     ):
-        run = run_sync(url, emu.base_url, workdir)
+        if api == "v2":
+            run = run_sync(url, emu.base_url, workdir, "--api", "2", api_url=emu.v2_base_url)
+        else:
+            run = run_sync(url, emu.base_url, workdir)
         stats = emu.stats()
     rate = size / run.seconds
     return {
+        "api": api,
         "conversations": size,
         "seconds": round(run.seconds, 2),
         "conversations_per_s": round(rate, 1),
-        "ceiling_share": round(rate / CEILING, 3),
-        "minimum_seconds": minimum_seconds(size),
-        "over_minimum": round(run.seconds / minimum_seconds(size), 3),
+        "ceiling_share": round(rate / CEILING[api], 3),
+        "minimum_seconds": minimum_seconds(size, api),
+        "over_minimum": round(run.seconds / minimum_seconds(size, api), 3),
         "requests": run.summary["requests"],
-        "minimum_requests": minimum_requests(size),
+        "minimum_requests": minimum_requests(size, api),
         "http_429": stats["throttled"],
     }
 

@@ -23,14 +23,17 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, timedelta
-from typing import Any, NamedTuple, Self
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, Self
 
 import httpx
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_before_delay
 
-from chatsync.config import Secret
+from chatsync.config import Secret, Settings
 from chatsync.errors import ChatbaseRejected, ChatbaseUnavailable, ChatsyncError, PagingError
 from chatsync.jsonbody import decode_body, read_body
+
+if TYPE_CHECKING:
+    from chatsync.chatbase_v2 import ChatbaseV2Client
 
 log = logging.getLogger("chatsync.chatbase")
 PAGE_SIZE = 100  # Chatbase's maximum; omitting size silently gives 10 a page
@@ -111,6 +114,7 @@ class ConversationPage:
 
     records: list[Any]
     body: bytes
+    last: bool | None = None  # whether it is the last page, when the answer says (v2); None: by its length
 
 
 @dataclass(frozen=True)
@@ -361,8 +365,45 @@ class ChatbaseHTTP:
             raise ChatbaseUnavailable("sync stopped")
 
 
+class ConversationSource(Protocol):
+    """What the sync engine needs of a Chatbase client: :class:`ChatbaseClient` (v1) or
+    :class:`chatsync.chatbase_v2.ChatbaseV2Client` (v2).
+
+    ``api``: ``"v1"`` or ``"v2"``; ``page_size``: records on a full page; ``cursor_paged``: page ``n`` can
+    only be asked once page ``n - 1`` came back (v2), else pages of a window may be fetched at once.
+    """
+
+    api: str
+    page_size: int
+    cursor_paged: bool
+    stats: ClientStats
+    stop: threading.Event
+    limiter: RateLimiter
+
+    def fetch_page(
+        self,
+        chatbot_id: str,
+        page: int,
+        start: date | None,
+        end: date | None,
+        sources: tuple[str, ...] = (),
+        size: int = ...,
+        wanted: Callable[[], bool] | None = None,
+    ) -> ConversationPage | None: ...
+
+    def find_first_day(
+        self, chatbot_id: str, today: date, sources: tuple[str, ...] = (), floor: date = ...
+    ) -> date | None: ...
+
+    def list_chatbots(self) -> list[Chatbot]: ...
+
+
 class ChatbaseClient(ChatbaseHTTP):
     """Talks to Chatbase v1 with one shared rate limiter; safe to use from several threads."""
+
+    api = "v1"
+    page_size = PAGE_SIZE
+    cursor_paged = False  # pages are addressed by number: several of one window can be fetched at once
 
     # ------------------------------------------------------------------------------------------ paging
     def get_conversations(
@@ -544,3 +585,34 @@ def rejection_hint(status: int, code: str | None, params: dict[str, Any]) -> str
     if status == 404:
         return f"check CHATBASE_CHATBOT_ID: chatbot {params.get('chatbotId')!r} was not found for this key"
     return "check the chatbot id, dates (YYYY-MM-DD) and sources"
+
+
+def open_client(
+    settings: Settings,
+    *,
+    retry_budget: timedelta | None = None,
+    max_connections: int = 16,
+    transport: httpx.BaseTransport | None = None,
+) -> ChatbaseClient | ChatbaseV2Client:
+    """The client of the Chatbase API ``settings.api_version`` names (v1 at ``settings.base_url``, v2 at
+    ``settings.api_url``) with the key, rate limit and retry budget of ``settings``. Raises
+    MissingSetting when no key is set."""
+    kwargs: dict[str, Any] = {
+        "rate_limit": (settings.rate_limit_requests, settings.rate_limit_seconds),
+        "retry_budget": retry_budget if retry_budget is not None else settings.retry_budget,
+        "max_connections": max_connections,
+        "transport": transport,
+    }
+    if settings.api_version == "v2":
+        from chatsync.chatbase_v2 import ChatbaseV2Client
+
+        return ChatbaseV2Client(settings.require_api_key(), settings.api_url, **kwargs)
+    return ChatbaseClient(settings.require_api_key(), settings.base_url, **kwargs)
+
+
+def api_root(settings: Settings) -> tuple[str, str]:
+    """The API root sync reads and the variable that sets it: (URL, ``CHATBASE_BASE_URL`` or
+    ``CHATBASE_API_URL``)."""
+    if settings.api_version == "v2":
+        return settings.api_url, "CHATBASE_API_URL"
+    return settings.base_url, "CHATBASE_BASE_URL"

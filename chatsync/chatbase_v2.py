@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -27,39 +28,16 @@ from chatsync.chatbase import (
     MAX_PAGES_PER_WINDOW,
     ChatbaseHTTP,
     Chatbot,
+    ConversationPage,
     chatbots_from,
     rejection_hint,
 )
+from chatsync.chatbase_records import record_from_export
 from chatsync.errors import ChatbaseRejected, ChatbaseUnavailable, ChatsyncError, PagingError, UsageError
 
 DEFAULT_V2_BASE_URL = "https://www.chatbase.co/api/v2"  # operation paths are appended: keep /api/v2
 EXPORT_PAGE_SIZE = 20  # the export's maximum and default
 AGENTS_PAGE_SIZE = 100
-# The export's ``source`` values (its OpenAPI enum, in order); the filter takes them comma-separated.
-V2_SOURCES = (
-    "API",
-    "WhatsApp",
-    "Messenger",
-    "Instagram",
-    "Slack",
-    "Salesforce",
-    "Zendesk",
-    "Zendesk Messaging",
-    "Chatbase site",
-    "Playground",
-    "Action preview",
-    "Qna preview",
-    "Widget or Iframe",
-    "Center stage",
-    "Search",
-    "Iframe",
-    "Email",
-    "Agent page",
-    "Phone",
-    "Android SDK",
-    "iOS SDK",
-    "Unspecified",
-)
 _AGENT_IN_PATH = re.compile(r"agents/([^/]+)")
 
 
@@ -76,7 +54,84 @@ class CursorPage:
 
 class ChatbaseV2Client(ChatbaseHTTP):
     """Talks to Chatbase API v2 (``base_url`` ends in ``/api/v2``); the sync engine's interface is the
-    v1 client's: ``iter_pages``, ``find_first_day``, ``stats``, ``stop``, ``limiter``."""
+    v1 client's: ``fetch_page``, ``iter_pages``, ``find_first_day``, ``list_chatbots``, ``stats``,
+    ``stop``, ``limiter``. Safe to use from several threads; one window's pages are fetched in order."""
+
+    api = "v2"
+    page_size = EXPORT_PAGE_SIZE
+    cursor_paged = True  # page n needs the cursor page n - 1 handed out: a window's pages come one by one
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # each window's paging: the next page's number and its cursor (None: the window has ended)
+        self._next: dict[tuple[str, date | None, date | None, tuple[str, ...]], tuple[int, str | None]] = {}
+        self._handed_out: dict[tuple[str, date | None, date | None, tuple[str, ...]], set[str]] = {}
+        self._paging = threading.Lock()
+
+    def fetch_page(
+        self,
+        agent_id: str,
+        page: int,
+        start: date | None,
+        end: date | None,
+        sources: tuple[str, ...] = (),
+        size: int = EXPORT_PAGE_SIZE,
+        wanted: Callable[[], bool] | None = None,
+    ) -> ConversationPage | None:
+        """Page ``page`` (from 1) of a window, as the sync engine asks for pages: its records in the record
+        shape chatsync reads (for paging decisions), the body exactly as sent, and whether it is the last.
+
+        Pages are numbered for the engine's sake; under them is the cursor: page ``n`` is asked with the
+        cursor page ``n - 1`` handed out, so a window's pages must be asked one after the other. A page
+        past the end costs no request (an empty last page). None when ``wanted`` said no by the time the
+        rate limit let the request go. Raises PagingError when a cursor comes back a second time, when
+        conversations outside the window arrive, or when page ``n`` is asked before page ``n - 1``
+        came back.
+        """
+        key = (agent_id, start, end, sources)
+        cursor: str | None = None
+        if page != 1:
+            with self._paging:
+                number, cursor = self._next.get(key, (1, None))
+            if page != number:
+                raise PagingError(f"page {page} of {start}..{end} was asked out of order (next is {number})")
+            if cursor is None:
+                return ConversationPage([], b'{"data": []}', last=True)  # the window has ended
+        params: dict[str, Any] = {"limit": size}
+        if cursor:
+            params["cursor"] = cursor
+        if start:
+            params["startDate"] = start.isoformat()
+        if end:
+            params["endDate"] = end.isoformat()
+        if sources:
+            params["source"] = ",".join(sources)
+        path = f"agents/{quote(agent_id, safe='')}/conversations/export"
+        answer = self.request(path, params, wanted=wanted, raw=True)
+        if answer is None:
+            return None
+        body, content = answer
+        found = _cursor_page(body)
+        _check_window(found.records, start, end)
+        last = not found.has_more or found.cursor is None
+        with self._paging:
+            if page == 1:
+                self._handed_out[key] = set()  # the window is paged afresh
+            handed_out = self._handed_out.setdefault(key, set())
+            if not last and found.cursor in handed_out:
+                raise PagingError(
+                    f"Chatbase handed out a cursor again on page {page} for {start}..{end}: stopped paging"
+                )
+            if found.cursor is not None:
+                handed_out.add(found.cursor)
+            self._next[key] = (page + 1, None if last else found.cursor)
+            if last:
+                self._handed_out.pop(key, None)
+        return ConversationPage([record_from_export(r) for r in found.records], content, last=last)
+
+    def list_chatbots(self) -> list[Chatbot]:
+        """Every agent of the account: :meth:`list_agents` (v1's ``get-chatbots`` under its v2 name)."""
+        return self.list_agents()
 
     def export_page(
         self,

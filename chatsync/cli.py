@@ -198,10 +198,12 @@ def _day(value: str | None) -> date | None:
     return parse_day(value) if value is not None else None
 
 
-def _sources(values: list[str] | None) -> tuple[str, ...]:
-    from chatsync.sources import canonical_source
+def _sources(values: list[str] | None, api: str | None = None) -> tuple[str, ...]:
+    """The sources named, spelt as Chatbase does; with ``api``, only those that API's filter knows."""
+    from chatsync.sources import SOURCES, V1_SOURCES, V2_SOURCES, canonical_source
 
-    return tuple(dict.fromkeys(canonical_source(v) for v in values or []))
+    known = {"v1": V1_SOURCES, "v2": V2_SOURCES}.get(api or "", SOURCES)
+    return tuple(dict.fromkeys(canonical_source(v, known) for v in values or []))
 
 
 def _window(since: date | None, until: date | None) -> None:
@@ -265,7 +267,17 @@ def sync(
     ] = None,
     base_url: Annotated[
         str | None,
-        typer.Option("--base-url", metavar="URL", help="Chatbase API root [env CHATBASE_BASE_URL]."),
+        typer.Option("--base-url", metavar="URL", help="Chatbase API v1 root [env CHATBASE_BASE_URL]."),
+    ] = None,
+    api: Annotated[
+        str | None,
+        typer.Option(
+            "--api",
+            metavar="1|2",
+            help="Chatbase API to read: 1 get-conversations, 2 the conversations export "
+            "(timestamps, feedback, status; needs a plan with API v2) [env CHATBASE_API_VERSION; default 1].",
+            show_default=False,
+        ),
     ] = None,
     region: RegionOpt = None,
     retry_budget: Annotated[
@@ -304,6 +316,7 @@ def sync(
             chatbot_ids=chatbot_id,
             api_key=api_key,
             base_url=base_url,
+            api_version=api,
             region=region,
             lookback=lookback,
             retry_budget=retry_budget,
@@ -404,7 +417,7 @@ def _sync(
     all_chatbots: bool = False,
 ) -> None:
     from chatsync import render
-    from chatsync.chatbase import ChatbaseClient
+    from chatsync.chatbase import open_client
     from chatsync.logs import configure_sentry
     from chatsync.sync import Syncer, SyncRequest
 
@@ -415,22 +428,16 @@ def _sync(
         chatbot_ids=() if all_chatbots else settings.require_chatbot_ids(),
         since=start,
         until=end,
-        sources=_sources(source),
+        sources=_sources(source, settings.api_version),
         lookback=settings.lookback,
         full=full,
         share=all_chatbots,
     )
     run.summary.chatbots = list(request.chatbot_ids)
-    key = settings.require_api_key()
+    settings.require_api_key()
     engine = _ctx().engine(settings)
     with (
-        ChatbaseClient(
-            key,
-            settings.base_url,
-            rate_limit=(settings.rate_limit_requests, settings.rate_limit_seconds),
-            retry_budget=settings.retry_budget,
-            max_connections=settings.concurrency * 2,
-        ) as client,
+        open_client(settings, max_connections=settings.concurrency * 2) as client,
         render.sync_progress(not run.as_json and not dry_run) as hook,
     ):
         if all_chatbots:

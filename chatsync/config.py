@@ -20,6 +20,8 @@ from chatsync.errors import MissingSetting, UsageError
 from chatsync.timeutil import format_duration, parse_duration
 
 DEFAULT_BASE_URL = "https://www.chatbase.co/api/v1"
+DEFAULT_API_URL = "https://www.chatbase.co/api/v2"  # as Chatbase's own CLI names it: CHATBASE_API_URL
+API_VERSIONS = ("v1", "v2")
 DEFAULT_CLERK_API_URL = "https://api.clerk.com/v1"
 DEFAULT_LOOKBACK = "3d"
 DEFAULT_RETRY_BUDGET = "5m"
@@ -125,6 +127,8 @@ class Settings:
     api_key: Secret | None = None
     chatbot_ids: tuple[str, ...] = ()
     base_url: str = DEFAULT_BASE_URL
+    api_version: str = "v1"  # v1 (get-conversations) or v2 (the conversations export)
+    api_url: str = DEFAULT_API_URL
     timezone: str = "UTC"
     whatsapp: WhatsAppRule = field(default_factory=WhatsAppRule)
     lookback: timedelta = field(default_factory=lambda: parse_duration(DEFAULT_LOOKBACK))
@@ -256,6 +260,15 @@ def _one_of(name: str, choices: tuple[str, ...]) -> Callable[[object], str]:
     return parse
 
 
+def api_version(value: object) -> str:
+    """``v1`` or ``v2`` from ``1``, ``2``, ``v1``, ``v2`` (any case); else a UsageError."""
+    text = str(value).strip().lower()
+    text = f"v{text}" if text in ("1", "2") else text
+    if text not in API_VERSIONS:
+        raise UsageError(f"invalid Chatbase API version {value!r}: expected 1 or 2")
+    return text
+
+
 def _duration(value: object) -> timedelta:
     return value if isinstance(value, timedelta) else parse_duration(str(value))
 
@@ -310,6 +323,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "base_url", ("CHATBASE_BASE_URL",), "Chatbase API root", "--base-url", lambda v: str(v).rstrip("/")
     ),
+    Setting(
+        "api_version",
+        ("CHATBASE_API_VERSION",),
+        "which Chatbase API sync reads: 1 (get-conversations) or 2 (the conversations export)",
+        "--api",
+        api_version,
+    ),
+    Setting("api_url", ("CHATBASE_API_URL",), "Chatbase API v2 root", parse=lambda v: str(v).rstrip("/")),
     Setting(
         "region",
         ("CHATSYNC_DEFAULT_REGION",),

@@ -355,7 +355,7 @@ def _missing_sqlite_file(url: str) -> str | None:
 
 
 def _chatbase_checks(settings: Any, ids: tuple[str, ...]) -> list[Check]:
-    from chatsync.chatbase import ChatbaseClient
+    from chatsync.chatbase import api_root, open_client
     from chatsync.errors import ChatbaseRejected, ChatbaseUnavailable, ChatsyncError
 
     if not settings.api_key:
@@ -367,11 +367,12 @@ def _chatbase_checks(settings: Any, ids: tuple[str, ...]) -> list[Check]:
     out: list[Check] = []
     answered = False  # Chatbase answered at least one request with something other than 401
     budget = min(settings.retry_budget, DOCTOR_BUDGET)  # a check, not a sync: give up sooner
-    with ChatbaseClient(settings.api_key, settings.base_url, retry_budget=budget) as client:
+    root, variable = api_root(settings)
+    with open_client(settings, retry_budget=budget) as client:
         for chatbot_id in ids:
             name = f"chatbot {chatbot_id}"
             try:
-                client.get_conversations(chatbot_id, 1, size=1)
+                client.fetch_page(chatbot_id, 1, None, None, size=1)  # one conversation of API v1 or v2
             except ChatbaseRejected as exc:
                 if exc.status == 401:
                     return [*out, Check("key", False, str(exc), configuration=True)]
@@ -383,8 +384,8 @@ def _chatbase_checks(settings: Any, ids: tuple[str, ...]) -> list[Check]:
                     Check(
                         name,
                         False,
-                        f"Chatbase did not answer at {settings.base_url} within {budget.total_seconds():g} s "
-                        f"({exc.last or exc}): check CHATBASE_BASE_URL and the network",
+                        f"Chatbase did not answer at {root} within {budget.total_seconds():g} s "
+                        f"({exc.last or exc}): check {variable} and the network",
                     )
                 )
                 continue
@@ -392,7 +393,11 @@ def _chatbase_checks(settings: Any, ids: tuple[str, ...]) -> list[Check]:
                 out.append(Check(name, False, str(exc)))
                 continue
             answered = True
-            out.append(Check(name, True, f"Chatbase answers for it at {settings.base_url} with this key"))
+            out.append(
+                Check(
+                    name, True, f"Chatbase API {settings.api_version} answers for it at {root} with this key"
+                )
+            )
     if answered:
         out.insert(0, Check("key", True, "accepted by Chatbase"))
     else:

@@ -13,6 +13,9 @@ How a run never loses or duplicates a conversation, and wastes no request:
   as fetched in the same transaction as the page that completes it. A run killed at any moment leaves
   only whole pages behind, and days it had not finished are fetched again next time. Upserts are
   idempotent, so refetching is safe.
+* API v2's export pages by cursor: page ``n`` needs the cursor page ``n - 1`` handed out. There each
+  window of days is a stream of its own, paged in order, and the windows are fetched side by side; the
+  chatbot's first day is asked for first (a few one-page probes), as there is no page to count from.
 * A day counts as settled once it was fetched more than ``lookback`` after it ended: conversations
   keep growing for a while after they start, so later runs fetch recent days again. Today is never
   recorded as fetched.
@@ -38,7 +41,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from chatsync.chatbase import HISTORY_FLOOR, MAX_PAGES_PER_WINDOW, PAGE_SIZE, ChatbaseClient
+from chatsync.chatbase import HISTORY_FLOOR, MAX_PAGES_PER_WINDOW, PAGE_SIZE, ConversationSource
 from chatsync.config import WhatsAppRule
 from chatsync.errors import (
     ChatbaseUnavailable,
@@ -132,13 +135,15 @@ class ChatbotPlan:
     first_day_found: bool  # asked Chatbase for it just now (the dry run of a first run, or --full)
     stored_per_window: dict[Window, int] = field(default_factory=dict)  # known only to plan()
     streams: list[Stream] = field(default_factory=list)
+    page_size: int = PAGE_SIZE
 
     @property
     def estimated_requests(self) -> int:
-        """One request per page: a window's stored conversations ÷ 100, plus its last short page.
+        """One request per page: a window's stored conversations ÷ the page size (100 on v1, 20 on v2),
+        plus its last short page.
 
         Conversations not stored yet are not known, so a first run needs more than this."""
-        return sum(self.stored_per_window.get(w, 0) // 100 + 1 for w in self.windows)
+        return sum(self.stored_per_window.get(w, 0) // self.page_size + 1 for w in self.windows)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -202,8 +207,11 @@ def plan_windows(days: list[date], parallel: int) -> list[Window]:
     return windows
 
 
-def scope_of(sources: tuple[str, ...]) -> str:
-    return ",".join(sorted(sources)) if sources else "*"
+def scope_of(sources: tuple[str, ...], api: str = "v1") -> str:
+    """The name fetched days are recorded under: ``*`` (every source) or the sources, comma-separated;
+    on API v2 prefixed ``v2:`` (its records carry more, so days fetched through v1 are fetched again)."""
+    scope = ",".join(sorted(sources)) if sources else "*"
+    return scope if api == "v1" else f"{api}:{scope}"
 
 
 # -------------------------------------------------------------------------------------------------- streams
@@ -228,6 +236,7 @@ class Stream:
     ordered: bool = False
     open_start: bool = False
     windows: list[Window] = field(default_factory=list)  # the checkpoint grid, oldest first
+    page_size: int = PAGE_SIZE  # records on a full page
     # paging, shared by the fetch threads (under the schedule's lock)
     next_page: int = 1
     last_page: int | None = None  # the first page that came back short
@@ -258,10 +267,11 @@ class Stream:
             return False
         return self.expected_pages is None or page <= max(self.expected_pages, self.full_page + 1)
 
-    def learn(self, page: int, records: list[Any]) -> None:
-        """What a page that came back says: the end, or how far the stream goes (from the pace of
-        conversations on it, when nothing else told)."""
-        if len(records) < PAGE_SIZE:
+    def learn(self, page: int, records: list[Any], last: bool | None = None) -> None:
+        """What a page that came back says: the end (``last``, when the answer says so; else a page
+        shorter than a full one), or how far the stream goes (from the pace of conversations on it, when
+        nothing else told)."""
+        if last if last is not None else len(records) < self.page_size:
             if self.last_page is None or page < self.last_page:
                 self.last_page = page
             return
@@ -273,7 +283,7 @@ class Stream:
             return
         per_second = len(records) / (newest - oldest).total_seconds()
         left = (oldest - day_start(self.window.start)).total_seconds()
-        self.expected_pages = page + max(0, math.ceil(per_second * left / PAGE_SIZE))
+        self.expected_pages = page + max(0, math.ceil(per_second * left / self.page_size))
 
     def claim(self, conversation_id: str, created: date) -> bool:
         """Whether this copy of a conversation counts for this stream: created on one of its days (a server
@@ -345,9 +355,18 @@ class Stream:
         return done, finished, prefix, bound, newest_first, self.cut
 
 
-def plan_streams(days: list[date], today: date, parallel: int, open_start: bool) -> list[Stream]:
+def plan_streams(
+    days: list[date],
+    today: date,
+    parallel: int,
+    open_start: bool,
+    cursor_paged: bool = False,
+    page_size: int = PAGE_SIZE,
+) -> list[Stream]:
     """Runs of consecutive days, each one stream; today (still growing) is a stream of its own, paged in
-    order. ``open_start``: the first run starts at the history floor (see :class:`Stream`)."""
+    order. ``open_start``: the first run starts at the history floor (see :class:`Stream`).
+    ``cursor_paged`` (v2): every window of :func:`plan_windows` is a stream of its own, paged in order,
+    so that the windows are fetched side by side."""
     streams: list[Stream] = []
     runs: list[list[date]] = []
     for day in days:
@@ -357,11 +376,17 @@ def plan_streams(days: list[date], today: date, parallel: int, open_start: bool)
             runs.append([day])
     for run in runs:
         if run == [today]:
-            streams.append(Stream(Window(today, today), ordered=True))
+            streams.append(Stream(Window(today, today), ordered=True, page_size=page_size))
+            continue
+        if cursor_paged:
+            streams.extend(
+                Stream(window, ordered=True, windows=[window], page_size=page_size)
+                for window in plan_windows(run, parallel)
+            )
             continue
         floor = open_start and not streams
         grid = [] if floor else plan_windows(run, parallel)
-        streams.append(Stream(Window(run[0], run[-1]), open_start=floor, windows=grid))
+        streams.append(Stream(Window(run[0], run[-1]), open_start=floor, windows=grid, page_size=page_size))
     return streams
 
 
@@ -394,8 +419,9 @@ class _Schedule:
                 self.lock.wait(0.25)
             return None
 
-    def arrived(self, stream: Stream, page: int, records: list[Any] | None) -> None:
-        """A page came back (None: it was not sent); raises PagingError when the server repeated a page."""
+    def arrived(self, stream: Stream, page: int, records: list[Any] | None, last: bool | None = None) -> None:
+        """A page came back (None: it was not sent) and whether the answer said it was the last; raises
+        PagingError when the server repeated a page."""
         with self.lock:
             stream.in_flight -= 1
             if records is not None:
@@ -408,7 +434,7 @@ class _Schedule:
                             f"{stream.window.start}..{stream.window.end}"
                         )
                 stream.ids[page] = ids
-                stream.learn(page, records)
+                stream.learn(page, records, last)
             self.lock.notify_all()
 
 
@@ -462,7 +488,7 @@ class Syncer:
     def __init__(
         self,
         engine: Engine,
-        client: ChatbaseClient,
+        client: ConversationSource,
         rule: WhatsAppRule,
         concurrency: int = 8,
         progress: ProgressHook | None = None,
@@ -632,7 +658,8 @@ class Syncer:
         """The days to fetch and their streams. Without a known first day (the first run, or --full) a sync
         pages from the history floor and learns the first day from the last page; ``find_first_day`` asks
         Chatbase for it first instead (the dry run, which fetches nothing else)."""
-        scope = scope_of(request.sources)
+        client = self.client
+        scope, everything = scope_of(request.sources, client.api), scope_of((), client.api)
         with self._db() as connection:
             known_first = writes.chatbot_first_day(connection, chatbot_id)
         first = request.since
@@ -640,8 +667,8 @@ class Syncer:
         if first is None:
             first = known_first
             if first is None or request.full:
-                if find_first_day:
-                    first = self.client.find_first_day(chatbot_id, today, request.sources)
+                if find_first_day or client.cursor_paged:  # v2 has no page numbers to page back from
+                    first = client.find_first_day(chatbot_id, today, request.sources)
                     found = first is not None
                     if first is None:
                         return ChatbotPlan(chatbot_id, None, None, [], [], False)
@@ -651,9 +678,11 @@ class Syncer:
         if first > last:
             return ChatbotPlan(chatbot_id, first, last, [], [], found)
         with self._db() as connection:
-            fetched = writes.fetched_days(connection, chatbot_id, {"*", scope}, first, last)
+            fetched = writes.fetched_days(connection, chatbot_id, {everything, scope}, first, last)
         days = days_to_fetch(first, last, fetched, request.lookback, request.full)
-        streams = plan_streams(days, today, self.concurrency, open_start)
+        streams = plan_streams(
+            days, today, self.concurrency, open_start, client.cursor_paged, client.page_size
+        )
         with self.engine.connect() as connection:
             for stream in streams:
                 stream.stored = writes.count_conversations(
@@ -661,9 +690,15 @@ class Syncer:
                 )
                 if stream.stored and not stream.open_start and not request.sources:
                     # what is stored says how far the stream goes; nothing stored says nothing yet
-                    stream.expected_pages = stream.stored // PAGE_SIZE + 1
+                    stream.expected_pages = stream.stored // client.page_size + 1
         plan = ChatbotPlan(
-            chatbot_id, None if open_start else first, last, days, [s.window for s in streams], found
+            chatbot_id,
+            None if open_start else first,
+            last,
+            days,
+            [s.window for s in streams],
+            found,
+            page_size=client.page_size,
         )
         plan.streams.extend(streams)
         return plan
@@ -685,12 +720,21 @@ class Syncer:
             plan.days[-1] if plan.days else plan.last_day,
             len(plan.streams),
         )
+        if plan.first_day_found and plan.first_day and not request.sources:
+            # Chatbase named it (v2 asks before paging): a fact whether or not this run completes
+            with self._db() as connection:
+                writes.remember_chatbot(connection, chatbot_id, first_day=plan.first_day)
         self._windows_done = 0
         self._windows_total = sum(max(1, len(s.windows)) for s in plan.streams if not s.ordered)
         status = Progress(chatbot_id, windows_total=len(plan.streams))
         self._report(status)
         self._fetch_and_save(
-            chatbot_id, request.sources, scope_of(request.sources), plan.streams, today, status
+            chatbot_id,
+            request.sources,
+            scope_of(request.sources, self.client.api),
+            plan.streams,
+            today,
+            status,
         )
         if open_start:
             # Only a stream paged to its end has seen the first conversation: a partial one's oldest
@@ -746,7 +790,9 @@ class Syncer:
                         sources,
                         wanted=lambda: stream.wants(number),  # noqa: B023 (called before the loop moves on)
                     )
-                    schedule.arrived(stream, number, page.records if page else None)
+                    schedule.arrived(
+                        stream, number, page.records if page else None, page.last if page else None
+                    )
                     if page is None or (not page.records and not stream.wants(number)):
                         held.release()  # not sent, or an empty page past the end
                         continue
@@ -843,6 +889,7 @@ class Syncer:
                 {i: known[i][0] for i in (ids[k] for k in rest) if i is not None and i in known},
                 chatbot_id,
                 self.rule,
+                export=self.client.api == "v2",
             )
             future = pool.submit(task)
             future.add_done_callback(lambda _: events.put(_READY))

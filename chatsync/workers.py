@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any, Literal
 
+from chatsync.chatbase_records import record_from_export
 from chatsync.config import WhatsAppRule
 from chatsync.errors import BadRecord
 from chatsync.jsonbody import UndecodableRecord, decode_body
@@ -37,7 +38,9 @@ class PageTask:
     """One page for a worker: the body as Chatbase sent it and which of its records to read.
 
     ``indices``: positions in the page's ``data`` to read (None: all). ``known``: the stored content hash
-    of those records that are stored already, so an unchanged one skips the rule.
+    of those records that are stored already, so an unchanged one skips the rule. ``export``: the body is
+    an API v2 export page, whose records are first put in the record shape chatsync reads
+    (:func:`chatsync.chatbase_records.record_from_export`).
     """
 
     body: bytes
@@ -45,6 +48,7 @@ class PageTask:
     known: dict[str, str]
     chatbot_id: str
     rule: WhatsAppRule
+    export: bool = False
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,12 @@ def read_page(task: PageTask) -> list[Outcome]:
     if not isinstance(records, list):
         raise ValueError("the page has no 'data' list")
     indices = range(len(records)) if task.indices is None else task.indices
-    return [read_record(i, records[i], task.known, task.chatbot_id, task.rule) for i in indices]
+    read = record_from_export if task.export else _as_sent
+    return [read_record(i, read(records[i]), task.known, task.chatbot_id, task.rule) for i in indices]
+
+
+def _as_sent(record: object) -> object:
+    return record
 
 
 def read_record(

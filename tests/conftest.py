@@ -100,6 +100,7 @@ def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     monkeypatch.setenv("CHATSYNC_DATABASE_URL", f"sqlite:///{tmp_path / 'default.db'}")
     # Nothing here reaches Chatbase: a test that forgets to point at the emulator fails at once.
     monkeypatch.setenv("CHATBASE_BASE_URL", "http://127.0.0.1:9/api/v1")
+    monkeypatch.setenv("CHATBASE_API_URL", "http://127.0.0.1:9/api/v2")
 
 
 @pytest.fixture
@@ -151,6 +152,19 @@ def chatbase_env(server: RunningEmulator, database_url: str, **extra: str) -> di
     }
     env.update(extra)
     return env
+
+
+def chatbase_v2_env(server: RunningEmulator, database_url: str, **extra: str) -> dict[str, str]:
+    """:func:`chatbase_env` for a sync through API v2 (20 conversations a page: a looser client-side
+    limit keeps the tests short; the emulator's own limit is off unless a test sets one)."""
+    return chatbase_env(
+        server,
+        database_url,
+        CHATBASE_API_VERSION="2",
+        CHATBASE_API_URL=server.v2_base_url,
+        CHATSYNC_RATE_LIMIT="1000/10s",
+        **extra,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ PgBouncer

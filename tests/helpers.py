@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import create_engine, select
@@ -64,7 +65,40 @@ def assert_exact(
     return stored
 
 
-__all__ = ["assert_exact", "create_engine", "stored_conversations"]
+def assert_exact_v2(
+    database_url: str, emulator: Emulator, chatbot_id: str | None = None
+) -> dict[str, dict[str, Any]]:
+    """Every good conversation the emulator's v2 export serves is stored once: its creation time, the
+    messages with their parts, per-message ``createdAt`` and ``feedback`` and the text as ``content``,
+    the status and title; compared with the generator's written-down facts, not with chatsync's mapping."""
+    stored = stored_conversations(database_url)
+    chatbot_id = chatbot_id or next(iter(emulator.datasets))
+    stored = {k: v for k, v in stored.items() if v["chatbot_id"] == chatbot_id}
+    truth = emulator.export_truth(chatbot_id)
+    sent = {r["id"]: r for r in emulator.all_export_records(chatbot_id) if "id" in r}
+    assert set(stored) == set(truth), (
+        f"missing {len(set(truth) - set(stored))}, unexpected {len(set(stored) - set(truth))}"
+    )
+    for conversation_id, facts in truth.items():
+        row, record = stored[conversation_id], sent[conversation_id]
+        assert as_utc(row["created_at"]) == datetime.fromtimestamp(facts.created_at, UTC)
+        messages = row["messages"]
+        assert [m["role"] for m in messages] == list(facts.roles)
+        assert [m["content"] for m in messages] == as_stored(list(facts.texts))
+        assert [m.get("createdAt") for m in messages] == list(facts.message_times)
+        assert [m.get("feedback") for m in messages] == list(facts.feedback)
+        assert [m["parts"] for m in messages] == as_stored([m["parts"] for m in record["messages"]])
+        assert sum(any(p["type"] == "tool-call" for p in m["parts"]) for m in messages) == facts.tool_calls
+        times = [t for t in facts.message_times if t is not None]
+        last = max(times) if times else facts.updated_at
+        assert as_utc(row["last_message_at"]) == datetime.fromtimestamp(last, UTC)
+        assert row["raw"]["status"] == facts.status
+        assert row["raw"]["title"] == as_stored(record["title"])
+        assert row["raw"]["userId"] == facts.user_id
+    return stored
+
+
+__all__ = ["assert_exact", "assert_exact_v2", "create_engine", "stored_conversations"]
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from chatsync.logs import scrub_event
 from chatsync.normalize import normalize_conversation
 from chatsync.store import writes
 from chatsync.store.access import grant
-from chatsync.store.tables import users, whatsapp_audit
+from chatsync.store.tables import conversations, users, whatsapp_audit
 from chatsync.web.app import create_app
 from chatsync.web.auth import ClerkSettings
 from tests.api_helpers import (
@@ -196,6 +196,23 @@ def test_admin_sync_runs_in_the_background_and_a_second_one_is_409(
     assert status["summary"]["inserted"] == 300 and status["summary"]["status"] == "ok"
     assert client.get("/api/sync/unknown", headers=ADMIN).status_code == 404
     assert client.get(f"/api/sync/{run_id}", headers=USER_A).status_code == 403
+
+
+def test_an_api_sync_reads_the_chatbase_api_the_settings_name(engine: Any, emulator_factory: Any) -> None:
+    server = emulator_factory(conversations=120, seed=52)
+    settings = api_settings(engine, api_key=Secret("demo-key"), api_version="v2", api_url=server.v2_base_url)
+    client = TestClient(create_app(engine, settings))
+    run_id = client.post("/api/sync", headers=ADMIN, json={"chatbot_id": "demo-bot"}).json()["run_id"]
+    deadline = time.monotonic() + 60
+    status = client.get(f"/api/sync/{run_id}", headers=ADMIN).json()
+    while status["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        status = client.get(f"/api/sync/{run_id}", headers=ADMIN).json()
+    assert status["status"] == "ok", status
+    assert status["summary"]["inserted"] == 120
+    with engine.connect() as connection:
+        statuses = connection.execute(select(conversations.c.raw)).scalars().all()
+    assert len(statuses) == 120 and all(raw["status"] for raw in statuses)  # v2's records, not v1's
 
 
 def test_api_and_cli_corrections_store_the_same_value_and_audit(

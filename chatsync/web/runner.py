@@ -37,20 +37,15 @@ class SyncRunner:
     def start(self, request: SyncStart) -> str:
         """The run id of a sync now running; LockHeld (→ 409) if the chatbot is syncing already,
         MissingSetting (→ 503) without a Chatbase key."""
-        from chatsync.chatbase import ChatbaseClient
+        from chatsync.chatbase import open_client
         from chatsync.store.locks import chatbot_lock
         from chatsync.sync import Syncer, SyncRequest
 
-        key = self.settings.require_api_key()
+        self.settings.require_api_key()
         with self._guard:
             if request.chatbot_id in self._running:
                 raise LockHeld(request.chatbot_id)
-            client = ChatbaseClient(
-                key,
-                self.settings.base_url,
-                rate_limit=(self.settings.rate_limit_requests, self.settings.rate_limit_seconds),
-                retry_budget=self.settings.retry_budget,
-            )
+            client = open_client(self.settings)
             held = ExitStack()
             held.callback(client.close)
             try:
