@@ -46,7 +46,7 @@ def sizes(quick: bool) -> dict[str, Any]:
         return FULL
     return {
         "S1": 2_000,
-        "S1_v2": 2_000,
+        "S1_v2": 1_000,
         "S2": 10_000,
         "S2_small": 1_000,
         "S3": (2_000, 20_000),

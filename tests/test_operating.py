@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from threading import Thread
 from typing import Any
 
@@ -64,10 +68,12 @@ def test_help_shows_readable_placeholders_never_python_types(cli: Any) -> None:
         assert placeholder in sync_help
 
 
-def test_shell_completion_script_is_available(cli: Any) -> None:
-    result = cli("--show-completion", "bash")
-    assert result.exit_code == 0
-    assert "_chatsync_completion" in result.stdout and "complete" in result.stdout
+def test_shell_completion_script_is_available(tmp_path: Path) -> None:
+    # As a user types it in bash: the shell is found among the command's parent processes, so the test
+    # runs it from a bash that stays its parent (`; true` keeps bash from exec-ing it)
+    command = f"{shlex.quote(sys.executable)} -m chatsync --show-completion; true"
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert "_chatsync_completion" in result.stdout and "complete" in result.stdout, result.stderr
 
 
 # ------------------------------------------------------------------------------------ one line a run
