@@ -226,9 +226,8 @@ def _assemble(
     grid = [[0] * 24 for _ in range(7)]
     for key, sums in h.hours:
         local_day, hour = key[:10], int(key[11:13])
-        day = daily.setdefault(local_day, [0] * len(HOUR_SERIES))
-        for i, value in enumerate(sums):
-            day[i] += value
+        day = daily.get(local_day)
+        daily[local_day] = sums if day is None else [a + b for a, b in zip(day, sums, strict=True)]
         grid[date.fromisoformat(local_day).weekday()][hour] += sums[0]
     pairs, first = _summary(s.pairs), _summary(s.first)
     answers = t["answers_feedback_known"] if t["with_feedback"] else None
@@ -369,7 +368,7 @@ def _hourly_from_rollups(
     return Hourly(
         totals={k: int(v) for k, v in totals.items()},
         hours=[
-            (moment.astimezone(zone).strftime("%Y-%m-%d %H"), [int(v) for v in row[1:]])
+            (moment.astimezone(zone).strftime("%Y-%m-%d %H"), list(map(int, row[1:])))
             for moment, row in zip(moments, rows, strict=True)
         ],
         by_source=_ranked((source or "Unspecified", n) for source, n in sources),
