@@ -26,7 +26,7 @@ from sqlalchemy.sql import ColumnElement
 
 from chatsync.store.leads import count_leads
 from chatsync.store.queries import ConversationFilter, conditions
-from chatsync.store.rollups import REPLIED
+from chatsync.store.rollups import REPLIED, TAKEN_OVER
 from chatsync.store.tables import ROLLUP_COUNTERS, report_hours, report_users, report_values
 from chatsync.store.tables import conversations as c
 from chatsync.timeutil import as_utc
@@ -40,6 +40,15 @@ LENGTH_BUCKETS = (
     ("21+", 21, None),
 )
 MISSED = ("no_reply", "not_found", "ambiguous")
+STATUSES = ("ongoing", "ended", TAKEN_OVER, "paused")  # Chatbase's conversation statuses (API v2)
+# What the daily series adds up per local hour: conversation and message counts, and the answers' feedback.
+HOUR_SERIES = (
+    "conversations",
+    "messages",
+    "answers_feedback_known",
+    "answers_rated_up",
+    "answers_rated_down",
+)
 MAX_WINDOW_DAYS = 20 * 366  # by_day lists every day of the window
 
 
@@ -146,7 +155,7 @@ class Hourly:
     """The figures that add up hour by hour: what the hour rollup holds."""
 
     totals: dict[str, int]  # ROLLUP_COUNTERS summed over the set
-    hours: list[tuple[str, int, int]]  # (local "YYYY-MM-DD HH", conversations, messages)
+    hours: list[tuple[str, list[int]]]  # (local "YYYY-MM-DD HH", HOUR_SERIES summed over that hour)
     by_source: dict[str, int]
 
 
@@ -160,6 +169,7 @@ class Spread:
     first: list[tuple[float, int]]
     by_country: dict[str, int]
     by_phone_region: dict[str, int]
+    by_status: dict[str, int]  # conversations per Chatbase status, of those that carry one
 
 
 def report(
@@ -212,14 +222,15 @@ def _assemble(
 ) -> dict[str, Any]:
     t = h.totals
     n = t["conversations"]
-    daily: dict[str, tuple[int, int]] = {}
+    daily: dict[str, list[int]] = {}
     grid = [[0] * 24 for _ in range(7)]
-    for key, count, messages in h.hours:
+    for key, sums in h.hours:
         local_day, hour = key[:10], int(key[11:13])
-        seen, total = daily.get(local_day, (0, 0))
-        daily[local_day] = (seen + count, total + messages)
-        grid[date.fromisoformat(local_day).weekday()][hour] += count
+        day = daily.get(local_day)
+        daily[local_day] = sums if day is None else [a + b for a, b in zip(day, sums, strict=True)]
+        grid[date.fromisoformat(local_day).weekday()][hour] += sums[0]
     pairs, first = _summary(s.pairs), _summary(s.first)
+    answers = t["answers_feedback_known"] if t["with_feedback"] else None
     return {
         "window": {
             "since": since.isoformat() if since else None,
@@ -255,6 +266,17 @@ def _assemble(
             "coverage": _rate(t["with_first"], t["with_steps"]),
         },
         "unanswered_rate": _rate(t["unanswered"], n),
+        "feedback": {
+            "answers": answers,
+            "rated_up": t["answers_rated_up"] if answers is not None else None,
+            "rated_down": t["answers_rated_down"] if answers is not None else None,
+            "rated_up_share": _rate(t["answers_rated_up"], answers or 0),
+            "rated_down_share": _rate(t["answers_rated_down"], answers or 0),
+            "coverage": _rate(t["with_feedback"], n),
+        },
+        "takeover_rate": _rate(t["taken_over"], t["with_status"]),
+        "status_coverage": _rate(t["with_status"], n),
+        "by_status": _statuses(s.by_status) if t["with_status"] else None,
         "by_source": h.by_source,
         "by_country": s.by_country,
         "by_phone_region": s.by_phone_region,
@@ -273,6 +295,14 @@ def _assemble(
             "missed": {o: t[f"missed_{o}"] for o in MISSED},
             "leads": leads,
         },
+    }
+
+
+def _statuses(counts: dict[str, int]) -> dict[str, int]:
+    """Chatbase's four statuses in their order (0 where none has it), then any other status it sent."""
+    return {
+        **{status: counts.get(status, 0) for status in STATUSES},
+        **_ranked((k, n) for k, n in counts.items() if k not in STATUSES),
     }
 
 
@@ -315,11 +345,11 @@ def _hourly_from_rollups(
     if end is not None:
         scope.append(h.c.hour < end)
     rows = connection.execute(
-        select(h.c.hour, func.sum(h.c.conversations), func.sum(h.c.messages))
+        select(h.c.hour, *[func.sum(h.c[k]) for k in HOUR_SERIES])
         .where(*scope, h.c.conversations > 0)
         .group_by(h.c.hour)
     ).all()
-    moments = [as_utc(hour) for hour, _, _ in rows]
+    moments = [as_utc(row[0]) for row in rows]
     if moments or (start and end):
         first, last = start or min(moments), end or max(moments) + timedelta(hours=1)
         if any(minutes % 60 or moment.minute for moment, minutes in offset_segments(tz, first, last)):
@@ -338,8 +368,8 @@ def _hourly_from_rollups(
     return Hourly(
         totals={k: int(v) for k, v in totals.items()},
         hours=[
-            (moment.astimezone(zone).strftime("%Y-%m-%d %H"), int(count), int(messages))
-            for moment, (_, count, messages) in zip(moments, rows, strict=True)
+            (moment.astimezone(zone).strftime("%Y-%m-%d %H"), list(map(int, row[1:])))
+            for moment, row in zip(moments, rows, strict=True)
         ],
         by_source=_ranked((source or "Unspecified", n) for source, n in sources),
     )
@@ -371,6 +401,7 @@ def _spread_from_rollups(connection: Connection, filters: ConversationFilter) ->
         first=numeric("first_response", float),
         by_country=_ranked(values.get("country", [])),
         by_phone_region=_ranked(values.get("region", [])),
+        by_status=_ranked(values.get("status", [])),
     )
 
 
@@ -402,6 +433,12 @@ def _hourly_from_conversations(connection: Connection, tz: str, where: list[Colu
         "from_channel": count_if(c.c.whatsapp_source == "channel"),
         "from_lead": count_if(c.c.whatsapp_source == "lead"),
         **{f"missed_{o}": count_if(outcome == o) for o in MISSED},
+        "with_status": count_if(c.c.status.is_not(None)),
+        "taken_over": count_if(c.c.status == TAKEN_OVER),
+        "with_feedback": count_if(c.c.answers_feedback_known.is_not(None)),
+        "answers_feedback_known": func.coalesce(func.sum(c.c.answers_feedback_known), 0),
+        "answers_rated_up": func.coalesce(func.sum(c.c.answers_rated_up), 0),
+        "answers_rated_down": func.coalesce(func.sum(c.c.answers_rated_down), 0),
     }
     source = func.coalesce(c.c.source, "Unspecified")
     per_source = connection.execute(
@@ -420,17 +457,20 @@ def _spread_from_conversations(connection: Connection, where: list[ColumnElement
     scope = and_(true(), *where)
     # One GROUP BY over the low-cardinality columns; each breakdown is one of its marginals.
     region = case((c.c.whatsapp_number.is_not(None), func.coalesce(c.c.whatsapp_region, "Unknown")))
-    dimensions = [c.c.message_count, func.coalesce(c.c.country, "Unknown"), region]
+    dimensions = [c.c.message_count, func.coalesce(c.c.country, "Unknown"), region, c.c.status]
     lengths: Counter[int] = Counter()
     countries: Counter[str] = Counter()
     regions: Counter[str] = Counter()
+    statuses: Counter[str] = Counter()
     cells = connection.execute(select(*dimensions, func.count()).where(scope).group_by(*dimensions)).all()
     for cell in cells:
-        length, country, phone_region, count = cell[0], cell[1], cell[2], cell[-1]
+        length, country, phone_region, status, count = cell[0], cell[1], cell[2], cell[3], cell[-1]
         lengths[int(length)] += count
         countries[country] += count
         if phone_region is not None:
             regions[phone_region] += count
+        if status is not None:
+            statuses[status] += count
     key = func.coalesce(c.c.whatsapp_number, c.c.customer)
     keys = select(key.label("k")).where(scope, key.is_not(None)).group_by(key).subquery()
     return Spread(
@@ -445,28 +485,33 @@ def _spread_from_conversations(connection: Connection, where: list[ColumnElement
         ),
         by_country=_ranked(countries.items()),
         by_phone_region=_ranked(regions.items()),
+        by_status=_ranked(statuses.items()),
     )
 
 
 def _conversation_hours(
     connection: Connection, tz: str, where: list[ColumnElement[bool]]
-) -> list[tuple[str, int, int]]:
-    """(local hour, conversations, messages) in one GROUP BY; feeds the daily series and the grid."""
+) -> list[tuple[str, list[int]]]:
+    """(local hour, HOUR_SERIES) in one GROUP BY; feeds the daily series and the grid."""
     local = _LocalTime(connection, tz, where)
+    sums = {
+        "conversations": func.count(),
+        "messages": func.coalesce(func.sum(c.c.message_count), 0),
+        **{k: func.coalesce(func.sum(c.c[k]), 0) for k in HOUR_SERIES[2:]},
+    }
     rows = connection.execute(
-        select(local.hour, func.count(), func.coalesce(func.sum(c.c.message_count), 0))
-        .where(and_(true(), *where))
-        .group_by(local.hour)
+        select(local.hour, *[sums[k] for k in HOUR_SERIES]).where(and_(true(), *where)).group_by(local.hour)
     ).all()
     out = []
-    for key, count, messages in rows:
+    for row in rows:
+        key = row[0]
         text_key = key.isoformat(sep=" ") if isinstance(key, datetime) else str(key)
-        out.append((text_key[:13], int(count), int(messages)))
+        out.append((text_key[:13], [int(v) for v in row[1:]]))
     return out
 
 
-def _days(found: dict[str, tuple[int, int]], since: date | None, until: date | None) -> list[dict[str, Any]]:
-    """One row per day of the window, including days with no conversations."""
+def _days(found: dict[str, list[int]], since: date | None, until: date | None) -> list[dict[str, Any]]:
+    """One row per day of the window, including days with no conversations (HOUR_SERIES per day)."""
     if not found and (since is None or until is None):
         return []
     first = since or date.fromisoformat(min(found))
@@ -474,8 +519,16 @@ def _days(found: dict[str, tuple[int, int]], since: date | None, until: date | N
     out = []
     day = first
     while day <= last:
-        count, messages = found.get(day.isoformat(), (0, 0))
-        out.append({"date": day.isoformat(), "conversations": count, "messages": messages})
+        count, messages, answers, up, down = found.get(day.isoformat(), [0] * len(HOUR_SERIES))
+        out.append(
+            {
+                "date": day.isoformat(),
+                "conversations": count,
+                "messages": messages,
+                "rated_up_share": _rate(up, answers),
+                "rated_down_share": _rate(down, answers),
+            }
+        )
         day += timedelta(days=1)
     return out
 

@@ -2,12 +2,16 @@
 
 Only ``id``, ``created_at`` and ``messages`` can be counted on; everything else is optional and the whole
 object is kept, so a field chatsync does not know yet is never lost. Per-conversation figures that the
-report aggregates (message counts, response times, drop-off) are computed here once, at sync time.
+report aggregates (message counts, response times, drop-off, answers rated up and down) are computed here
+once, at sync time. An API v2 export record arrives already in v1's shape
+(:func:`chatsync.chatbase_records.record_from_export`), keeping what only v2 sends: ``status``,
+``title``, ``userId``, and per message ``parts``, an epoch-seconds ``createdAt`` and ``feedback``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -39,6 +43,9 @@ MAX_MESSAGES = 10_000
 MAX_ID_CHARS = 128
 MAX_SOURCE_CHARS = 64
 MAX_COUNTRY_CHARS = 16
+MAX_STATUS_CHARS = 32
+MAX_TITLE_CHARS = 1000
+MAX_CHATBASE_USER_ID_CHARS = 256
 REPLACEMENT_CHARACTER = "\ufffd"
 # Text no database can hold: NUL (PostgreSQL text and JSONB refuse it) and UTF-16 surrogates that are not
 # part of a pair (JavaScript produces them when it cuts an emoji in half; they are not UTF-8 encodable).
@@ -72,6 +79,8 @@ class WhatsAppFinding:
 
 
 def _message_time(message: dict[str, Any], position: int) -> datetime | None:
+    """A message's time: ``createdAt`` (v2: epoch seconds; v1: ISO 8601 when sent), else ``created_at``;
+    None when it has neither. Raises BadRecord for one that is not a time."""
     for key in ("createdAt", "created_at"):
         value = message.get(key)
         if value not in (None, ""):
@@ -231,6 +240,7 @@ def normalize_conversation(raw: object, chatbot_id: str, rule: WhatsAppRule) -> 
     roles: list[str] = []
     times: list[datetime | None] = []
     contents: list[str] = []
+    tools_only: list[bool] = []
     for position, message in enumerate(messages):
         if not isinstance(message, dict):
             raise BadRecord(f"message {position} is not an object")
@@ -242,8 +252,10 @@ def normalize_conversation(raw: object, chatbot_id: str, rule: WhatsAppRule) -> 
         roles.append(_role(message.get("role")))
         times.append(_message_time(message, position))
         contents.append(content if isinstance(content, str) else "")
+        tools_only.append(tool_calls_only(message))
 
-    figures = conversation_figures(roles, times, contents)
+    figures = conversation_figures(roles, times, contents, tools_only)
+    feedback = answer_feedback(messages, roles, tools_only)
     finding = find_whatsapp(messages, record, rule)
     rest = {k: v for k, v in record.items() if k != "messages"}
     return {
@@ -255,11 +267,17 @@ def normalize_conversation(raw: object, chatbot_id: str, rule: WhatsAppRule) -> 
         "customer": customer_label(record.get("customer")),
         "country": _country(record.get("country")),
         "min_score": _score(record.get("min_score")),
+        "status": _short_text(_text(record.get("status")), MAX_STATUS_CHARS, "status"),
+        "title": _short_text(_text(record.get("title")), MAX_TITLE_CHARS, "title"),
+        "chatbase_user_id": _short_text(
+            _text(record.get("userId"), numbers=True), MAX_CHATBASE_USER_ID_CHARS, "userId"
+        ),
         "messages": messages,
         "raw": rest,
         "content_hash": content_hash(form.canonical),
         "text_repaired": form.repaired,
         **figures,
+        **feedback,
         "wa_outcome": finding.outcome,
         "wa_extracted": finding.extracted,
         "wa_form": finding.form,
@@ -303,6 +321,16 @@ def _short_text(value: str | None, limit: int, name: str) -> str | None:
     return value
 
 
+def _text(value: object, numbers: bool = False) -> str | None:
+    """Text as sent, without surrounding spaces; an integer as its digits when ``numbers``; anything else
+    (absent, null, empty, another type) is None, and the raw record keeps what was sent."""
+    if numbers and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        return None
+    return value.strip()
+
+
 def _country(value: object) -> str | None:
     """Chatbase's country code in capitals; anything but a short text is no country."""
     if not isinstance(value, str) or not value.strip():
@@ -340,18 +368,41 @@ def _role(value: object) -> str:
     return role or "unknown"
 
 
+TOOL_PART_TYPES = frozenset({"tool-call", "tool-result"})
+
+
+def tool_calls_only(message: Mapping[str, Any]) -> bool:
+    """Whether an API v2 message holds only tool calls: its ``content`` is empty and its ``parts`` include
+    a ``tool-call`` or ``tool-result``. Such an assistant message is the bot at work, not a reply."""
+    content = message.get("content")
+    parts = message.get("parts")
+    if (isinstance(content, str) and content.strip()) or not isinstance(parts, list):
+        return False
+    return any(isinstance(part, dict) and part.get("type") in TOOL_PART_TYPES for part in parts)
+
+
 def conversation_figures(
-    roles: list[str], times: list[datetime | None], contents: list[str]
+    roles: list[str],
+    times: list[datetime | None],
+    contents: list[str],
+    tools_only: list[bool] | None = None,
 ) -> dict[str, Any]:
-    """Per-conversation numbers the report sums: counts by role, response times, whether it was left asking."""
+    """Per-conversation numbers the report sums: counts by role, response times, whether it was left asking.
+
+    ``roles``, ``times`` and ``contents`` hold one entry per message (``tools_only``, when given, too).
+    Every message counts in the message counts; the user→assistant steps that response times are
+    measured on, and the question the user was left with, skip assistant messages that hold only tool
+    calls: the next assistant message with text answers. Times are seconds rounded to the millisecond.
+    """
+    shown = [i for i in range(len(roles)) if not (tools_only and tools_only[i] and roles[i] == "assistant")]
     response_seconds: list[float] = []
     first_response: float | None = None
     steps = 0
     first_step_seen = False
-    for i in range(len(roles) - 1):
-        if roles[i] == "user" and roles[i + 1] == "assistant":
+    for i, j in itertools.pairwise(shown):
+        if roles[i] == "user" and roles[j] == "assistant":
             steps += 1
-            asked, answered = times[i], times[i + 1]
+            asked, answered = times[i], times[j]
             timed = asked is not None and answered is not None
             if timed:
                 seconds = round(max(0.0, (answered - asked).total_seconds()), 3)  # type: ignore[operator]
@@ -359,7 +410,10 @@ def conversation_figures(
             if not first_step_seen:
                 first_step_seen = True
                 first_response = response_seconds[-1] if timed else None
-    last_asks = bool(roles) and roles[-1] == "assistant" and contents[-1].rstrip().endswith(("?", "？"))
+    last = shown[-1] if shown else None
+    last_asks = (
+        last is not None and roles[last] == "assistant" and contents[last].rstrip().endswith(("?", "？"))
+    )
     return {
         "message_count": len(roles),
         "user_messages": sum(1 for r in roles if r == "user"),
@@ -369,6 +423,35 @@ def conversation_figures(
         "first_response_seconds": first_response,
         "unanswered": last_asks,
     }
+
+
+# The thumbs a user gives an answer, as the API v2 export sends it on assistant messages (null: not rated).
+FEEDBACK_VALUES = frozenset({"positive", "negative", None})
+
+
+def answer_feedback(
+    messages: list[dict[str, Any]], roles: list[str], tools_only: list[bool]
+) -> dict[str, int | None]:
+    """How the user rated the conversation's answers: ``answers_feedback_known`` (answers whose record
+    carries ``feedback``: ``"positive"``, ``"negative"`` or null for not rated), ``answers_rated_up`` and
+    ``answers_rated_down``. An answer is an assistant message that is not tool calls only.
+
+    All three are None when no answer carries feedback (API v1 sends none): the data cannot say, which
+    is not the same as nobody rating anything. A value other than those three is not feedback chatsync
+    knows and counts as not carried (the raw record keeps it).
+    """
+    known = up = down = 0
+    for message, role, tools in zip(messages, roles, tools_only, strict=True):
+        if role != "assistant" or tools or "feedback" not in message:
+            continue
+        rating = message["feedback"]
+        if isinstance(rating, str | None) and rating in FEEDBACK_VALUES:
+            known += 1
+            up += rating == "positive"
+            down += rating == "negative"
+    if not known:
+        return {"answers_feedback_known": None, "answers_rated_up": None, "answers_rated_down": None}
+    return {"answers_feedback_known": known, "answers_rated_up": up, "answers_rated_down": down}
 
 
 def transcript(messages: list[Any]) -> list[dict[str, Any]]:

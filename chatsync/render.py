@@ -680,11 +680,17 @@ def report(data: dict[str, Any]) -> None:
                 key = (day - timedelta(days=day.weekday())).isoformat()
                 weeks[key] = weeks.get(key, 0) + row["conversations"]
             rows = [(f"week of {k}", v) for k, v in weeks.items()]
+            shares: list[float | None] = []
         else:
             rows = [(row["date"], row["conversations"]) for row in days]
+            shares = [row["rated_up_share"] for row in days]
+        rated = any(share is not None for share in shares)  # the trend of answers rated up, per day
+        if rated:
+            console.print(Text(f"{'answers rated up':>74}", style="dim"), highlight=False)
         top = max(v for _, v in rows)
-        for label, value in rows:
-            console.print(f"{label:>18} {value:>7,} {_bar(value, top, 46)}", highlight=False)
+        for i, (label, value) in enumerate(rows):
+            bar = f"{label:>18} {value:>7,} {_bar(value, top, 38 if rated else 46)}"
+            console.print(f"{bar:<66} {_pct(shares[i]):>7}" if rated else bar, highlight=False)
 
     _section(console, "Depth")
     per = data["messages_per_conversation"]
@@ -698,6 +704,8 @@ def report(data: dict[str, Any]) -> None:
         )
     )
     console.print(_counts_table({f"{k} messages": v for k, v in data["length_histogram"].items()}, n))
+
+    _feedback_and_status(console, data)
 
     _section(console, "WhatsApp numbers")
     wa = data["whatsapp"]
@@ -765,6 +773,41 @@ def report(data: dict[str, Any]) -> None:
                 ]
             )
         )
+
+
+def _feedback_and_status(console: Console, data: dict[str, Any]) -> None:
+    """Thumbs on answers, takeovers and statuses: what only Chatbase API v2 data carries ("n/a" without)."""
+
+    def share(value: float | None) -> str:
+        return "n/a" if value is None else _pct(value)
+
+    _section(console, "Ratings and takeovers")
+    feedback = data["feedback"]
+    statuses = data["by_status"]
+    with_status = sum(statuses.values()) if statuses else 0
+    answers = feedback["answers"]
+    console.print(
+        _pairs_table(
+            [
+                (
+                    "answers rated up",
+                    share(feedback["rated_up_share"])
+                    + ("" if answers is None else f"  (of {answers:,} answers with feedback)"),
+                ),
+                ("answers rated down", share(feedback["rated_down_share"])),
+                (
+                    "taken over by a person",
+                    share(data["takeover_rate"])
+                    + (f"  (of {with_status:,} conversations with a status)" if statuses else ""),
+                ),
+            ]
+        )
+    )
+    if statuses:
+        console.print(Text("statuses", style="dim"))
+        console.print(_counts_table(statuses, with_status))
+    if answers is None and not statuses:
+        console.print(Text("ratings and statuses come with Chatbase API v2 data", style="dim"))
 
 
 def extraction(text: str, result: Any) -> None:

@@ -24,6 +24,9 @@ def _raw(**fields: object) -> dict[str, object]:
         (_raw(id="x" * 129), "id is 129 characters"),
         (_raw(source="s" * 65), "source is 65 characters"),
         (_raw(chatbot_id="b" * 129), "chatbot_id is 129 characters"),
+        (_raw(status="s" * 33), "status is 33 characters"),
+        (_raw(title="t" * 1001), "title is 1,001 characters"),
+        (_raw(userId="u" * 257), "userId is 257 characters"),
         (_raw(extra=float("inf")), "not finite"),
         (_raw(extra=float("nan")), "not finite"),
         (_raw(messages=[{"role": "user", "content": "x" * 1_048_576}]), r"characters \(limit"),
@@ -116,3 +119,21 @@ def test_invisible_characters_in_the_reply_and_the_form_phone_are_ignored() -> N
     form = _raw(form_submission={"phone": "\u202a+65\u200b8123\u00ad4567\u202c"})
     row = normalize_conversation(form, "bot", WhatsAppRule())
     assert (row["auto_number"], row["auto_source"], row["auto_region"]) == ("+6581234567", "form", "SG")
+
+
+def test_v2_status_title_and_user_id_are_text_or_nothing_and_only_known_feedback_counts() -> None:
+    messages = [
+        {"role": "assistant", "content": "hi", "feedback": "positive"},
+        {"role": "assistant", "content": "and?", "feedback": "thumbs_up"},  # not a value Chatbase documents
+        {"role": "assistant", "content": "ok", "feedback": None},
+        {"role": "user", "content": "fine", "feedback": "negative"},  # users' messages are not rated
+    ]
+    row = normalize_conversation(
+        _raw(status=3, title="  ", userId=12345, messages=messages), "bot", WhatsAppRule()
+    )
+    assert (row["status"], row["title"], row["chatbase_user_id"]) == (None, None, "12345")
+    assert (row["answers_feedback_known"], row["answers_rated_up"], row["answers_rated_down"]) == (2, 1, 0)
+    v1 = normalize_conversation(
+        _raw(messages=[{"role": "assistant", "content": "hi"}]), "bot", WhatsAppRule()
+    )
+    assert (v1["answers_feedback_known"], v1["answers_rated_up"], v1["answers_rated_down"]) == (None,) * 3

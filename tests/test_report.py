@@ -105,14 +105,29 @@ def test_every_key_on_a_hand_built_set(engine: Any) -> None:
         "response_time_seconds": {"mean": 2.5, "median": 2.5, "p90": 2.9, "pairs": 2, "coverage": 0.5},
         "first_response_time_seconds": {"mean": 2.0, "median": 2.0, "p90": 2.0, "coverage": 0.5},
         "unanswered_rate": 0.25,
+        # API v1 records carry no feedback and no status: the figures are unknown, not 0
+        "feedback": {
+            "answers": None,
+            "rated_up": None,
+            "rated_down": None,
+            "rated_up_share": None,
+            "rated_down_share": None,
+            "coverage": 0.0,
+        },
+        "takeover_rate": None,
+        "status_coverage": 0.0,
+        "by_status": None,
         "by_source": {"WhatsApp": 2, "Unspecified": 1, "Widget or Iframe": 1},
         "by_country": {"Unknown": 2, "HK": 1, "SG": 1},
         "by_phone_region": {"HK": 1, "SG": 1},
         "by_day": [
-            {"date": "2024-05-01", "conversations": 1, "messages": 4},
-            {"date": "2024-05-02", "conversations": 1, "messages": 3},
-            {"date": "2024-05-03", "conversations": 0, "messages": 0},
-            {"date": "2024-05-04", "conversations": 2, "messages": 3},
+            {"date": d, "conversations": n, "messages": m, "rated_up_share": None, "rated_down_share": None}
+            for d, n, m in [
+                ("2024-05-01", 1, 4),
+                ("2024-05-02", 1, 3),
+                ("2024-05-03", 0, 0),
+                ("2024-05-04", 2, 3),
+            ]
         ],
         "by_weekday_hour": _grid((2, 23), (3, 0), (5, 12), (5, 13)),
         "whatsapp": {

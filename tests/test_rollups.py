@@ -18,7 +18,9 @@ from alembic import command
 from sqlalchemy import inspect, select
 
 from chatsync.analytics import report
+from chatsync.chatbase_records import record_from_export
 from chatsync.config import WhatsAppRule
+from chatsync.emulator import Emulator
 from chatsync.normalize import normalize_conversation
 from chatsync.reextract import reextract
 from chatsync.store import rollups
@@ -182,6 +184,46 @@ def test_rollups_follow_sender_numbers_and_leads_before_and_after_their_conversa
     reextract(engine, WhatsAppRule(default_region="SG"))
     _agree_everywhere(engine)
     engine.dispose()
+
+
+def test_rollups_follow_v2_status_and_feedback_changes(engine: Any) -> None:
+    """A person takes over ongoing conversations and users rate answers: the rewritten conversations move
+    the takeover, status and feedback counters, which stay equal to a recomputation from scratch."""
+    emulator = Emulator(conversations=500, seed=53, days=12, rate_limit=None)
+    records = emulator.all_export_records("demo-bot")
+
+    def store(batch: list[dict[str, Any]]) -> None:
+        rows = [normalize_conversation(record_from_export(r), "demo-bot", WhatsAppRule()) for r in batch]
+        for start in range(0, len(rows), 20):
+            with engine.begin() as connection:
+                upsert_conversations(connection, rows[start : start + 20], datetime.now(UTC))
+
+    store(records)
+    before = _agree_everywhere(engine)
+    ongoing = [r for r in records if r["status"] == "ongoing"][:40]
+    changed = []
+    for record in ongoing:
+        messages = [dict(m) for m in record["messages"]]
+        answers = [m for m in messages if m["role"] == "assistant" and m.get("feedback") is None]
+        for message in answers[:1]:
+            message["feedback"] = "negative"
+        changed.append({**record, "status": "taken_over", "messages": messages})
+    store(changed)
+    after = _agree_everywhere(engine)
+    rated = sum(
+        1
+        for r in ongoing
+        if any(m["role"] == "assistant" and m.get("feedback") is None for m in r["messages"])
+    )
+    assert after["by_status"]["ongoing"] == before["by_status"]["ongoing"] - 40
+    assert after["by_status"]["taken_over"] == before["by_status"]["taken_over"] + 40
+    assert after["takeover_rate"] == round(after["by_status"]["taken_over"] / 500, 4)
+    assert (
+        after["feedback"]["rated_down"]
+        == before["feedback"]["rated_down"] + rated
+        > before["feedback"]["rated_down"]
+    )
+    assert after["feedback"]["answers"] == before["feedback"]["answers"]
 
 
 def test_an_empty_database_reports_zeros_from_the_rollups(engine: Any) -> None:

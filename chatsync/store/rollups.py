@@ -37,12 +37,17 @@ REPORT_COLUMNS = (
     "response_seconds",
     "first_response_seconds",
     "unanswered",
+    "status",
+    "answers_feedback_known",
+    "answers_rated_up",
+    "answers_rated_down",
     "wa_outcome",
     "whatsapp_number",
     "whatsapp_source",
     "whatsapp_region",
 )
 REPLIED = ("captured", "not_found", "ambiguous")  # outcomes with a user reply after the prompt
+TAKEN_OVER = "taken_over"  # the Chatbase status of a conversation a person took over from the bot
 _ROWS_PER_STATEMENT = 10_000  # a rebuild adds up to a row per conversation; keep each statement modest
 
 
@@ -74,6 +79,7 @@ class Contributions:
         number, outcome = row["whatsapp_number"], row["wa_outcome"]
         key = user_key(number, row["customer"])
         times = row["response_seconds"] or []
+        status = row["status"]
         first = row["first_response_seconds"]
         figures = {
             "conversations": 1,
@@ -97,6 +103,12 @@ class Contributions:
             "missed_no_reply": outcome == "no_reply",
             "missed_not_found": outcome == "not_found",
             "missed_ambiguous": outcome == "ambiguous",
+            "with_status": status is not None,
+            "taken_over": status == TAKEN_OVER,
+            "with_feedback": row["answers_feedback_known"] is not None,
+            "answers_feedback_known": row["answers_feedback_known"] or 0,
+            "answers_rated_up": row["answers_rated_up"] or 0,
+            "answers_rated_down": row["answers_rated_down"] or 0,
         }
         hour = as_utc(row["created_at"]).replace(minute=0, second=0, microsecond=0)
         counters = self.hours.setdefault((chatbot, source, hour), [0] * len(ROLLUP_COUNTERS))
@@ -113,6 +125,8 @@ class Contributions:
             values[(chatbot, source, "response", seconds_key(seconds))] += sign
         if first is not None:
             values[(chatbot, source, "first_response", seconds_key(first))] += sign
+        if status is not None:
+            values[(chatbot, source, "status", status)] += sign
         if key is not None:
             self.users[(chatbot, source, key)] += sign
 

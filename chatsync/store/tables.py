@@ -68,6 +68,12 @@ conversations = Table(
     Column("customer", Text),
     Column("country", String(16)),
     Column("min_score", Float),
+    # what only the API v2 export sends; NULL for a record that does not carry it (API v1)
+    Column("status", String(32), comment="Chatbase's status: ongoing, ended, taken_over or paused"),
+    Column("title", String(1000), comment="Chatbase's title of the conversation"),
+    Column(
+        "chatbase_user_id", String(256), comment="Chatbase's userId (the chatbot site's user; not Clerk's)"
+    ),
     Column("messages", Json, nullable=False, comment="the messages exactly as Chatbase sent them"),
     Column("raw", Json, nullable=False, comment="every other field Chatbase sent"),
     Column("content_hash", String(32), nullable=False),
@@ -79,6 +85,9 @@ conversations = Table(
     Column("response_seconds", Json, comment="seconds of each timed user→assistant step"),
     Column("first_response_seconds", Float),
     Column("unanswered", Boolean, nullable=False),
+    Column("answers_feedback_known", Integer, comment="answers carrying feedback, rated or not; NULL: none"),
+    Column("answers_rated_up", Integer, comment="answers with feedback positive; NULL when none is known"),
+    Column("answers_rated_down", Integer, comment="answers with feedback negative; NULL when none is known"),
     # the WhatsApp rule's finding, and the number in force (a person's manual value beats both)
     Column("wa_outcome", String(16), nullable=False),
     Column("wa_extracted", String(20)),
@@ -124,6 +133,12 @@ ROLLUP_COUNTERS = (
     "missed_no_reply",
     "missed_not_found",
     "missed_ambiguous",
+    "with_status",
+    "taken_over",
+    "with_feedback",
+    "answers_feedback_known",
+    "answers_rated_up",
+    "answers_rated_down",
 )
 
 report_hours = Table(
@@ -141,7 +156,10 @@ report_values = Table(
     Column("chatbot_id", String(128), primary_key=True),
     Column("source", String(64), primary_key=True),
     Column(
-        "metric", String(16), primary_key=True, comment="length, country, region, response, first_response"
+        "metric",
+        String(16),
+        primary_key=True,
+        comment="length, country, region, response, first_response, status",
     ),
     Column("value", String(64), primary_key=True),
     Column("n", Integer, nullable=False),

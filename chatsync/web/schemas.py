@@ -145,6 +145,21 @@ class DayCount(BaseModel):
     date: str
     conversations: int
     messages: int
+    rated_up_share: float | None = Field(
+        description="of that day's answers whose feedback is known; null: none"
+    )
+    rated_down_share: float | None
+
+
+class Feedback(BaseModel):
+    """Thumbs up/down on the bot's answers (API v2 data only; null where the set carries none)."""
+
+    answers: int | None = Field(description="answers whose feedback is known, rated or not")
+    rated_up: int | None
+    rated_down: int | None
+    rated_up_share: float | None = Field(description="rated_up ÷ answers")
+    rated_down_share: float | None = Field(description="rated_down ÷ answers")
+    coverage: float | None = Field(description="conversations whose answers carry feedback ÷ conversations")
 
 
 class Missed(BaseModel):
@@ -185,6 +200,15 @@ class Report(BaseModel):
     response_time_seconds: ResponseTimes
     first_response_time_seconds: FirstResponseTimes
     unanswered_rate: float | None
+    feedback: Feedback
+    takeover_rate: float | None = Field(
+        description="conversations a person took over (status taken_over) ÷ conversations with a status"
+    )
+    status_coverage: float | None = Field(description="conversations with a status ÷ conversations")
+    by_status: dict[str, int] | None = Field(
+        description="conversations per Chatbase status (ongoing, ended, taken_over, paused, …); null when "
+        "none has one (API v1 data)"
+    )
     by_source: dict[str, int]
     by_country: dict[str, int]
     by_phone_region: dict[str, int]

@@ -76,8 +76,14 @@ export async function firstNumbers(client: ChatsyncClient): Promise<(string | nu
   const report = await client.analytics({ tz: "Asia/Hong_Kong" });
   const rate: number | null = report.whatsapp.capture_rate;
   const grid: number[][] = report.by_weekday_hour;
+  // what only API v2 data carries: null, not 0, where the data cannot say
+  const ratedUp: number | null = report.feedback.rated_up_share;
+  const takenOver: number | null = report.takeover_rate;
+  const statuses: { [status: string]: number } | null = report.by_status;
+  const trend: (number | null)[] = report.by_day.map((day) => day.rated_down_share);
   void rate;
   void grid;
+  void [ratedUp, takenOver, statuses, trend];
   await client.updateWhatsApp(page.data[0].id, { whatsapp_number: "9123 4567" });
   await client.updateWhatsApp(page.data[0].id, { auto: true });
   return page.data.map((c) => c.whatsapp_number);
@@ -91,3 +97,5 @@ export const badPage: ConversationPage = { data: [], next_cursor: null, total: 3
 export const badError: ApiError = { error: { message: "x" } };
 // @ts-expect-error: there is no such path
 export type Missing = paths["/api/conversation"];
+// @ts-expect-error: a share of answers rated up may be null (no API v2 data), so it is not always a number
+export const badShare: number = ({} as Report).feedback.rated_up_share;

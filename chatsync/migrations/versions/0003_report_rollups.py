@@ -75,7 +75,7 @@ def upgrade() -> None:
         sa.Column("n", sa.Integer(), nullable=False),
         sa.PrimaryKeyConstraint("chatbot_id", "source", "metric", "value", name=op.f("pk_report_values")),
     )
-    # Existing databases get their rollups from the newest migration that changes what they hold (0006),
+    # Existing databases get their rollups from the newest migration that changes what they hold (0007),
     # once every column the code's rebuild writes exists.
 
 

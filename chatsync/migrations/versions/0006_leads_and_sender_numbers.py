@@ -87,15 +87,8 @@ def upgrade() -> None:
     for counter in ("from_channel", "from_lead"):
         op.add_column("report_hours", sa.Column(counter, sa.Integer(), nullable=False, server_default="0"))
 
-    # The rollups are filled here, not where they were created (0003): a rebuild writes the rollups this
-    # code declares, so it runs once every column exists. Empty rollups beside stored conversations mean
-    # the database came from before 0003; rollups kept by writes since then are already exact.
-    bind = op.get_bind()
-    empty = bind.execute(sa.text("SELECT 1 FROM report_hours LIMIT 1")).first() is None
-    if empty and bind.execute(sa.text("SELECT 1 FROM conversations LIMIT 1")).first() is not None:
-        from chatsync.store.rollups import rebuild
-
-        rebuild(bind)
+    # Existing databases get their rollups from the newest migration that changes what they hold (0007),
+    # once every column the code's rebuild reads and writes exists.
 
 
 def downgrade() -> None:
