@@ -92,9 +92,11 @@ def assert_exact_v2(
         times = [t for t in facts.message_times if t is not None]
         last = max(times) if times else facts.updated_at
         assert as_utc(row["last_message_at"]) == datetime.fromtimestamp(last, UTC)
-        assert row["raw"]["status"] == facts.status
-        assert row["raw"]["title"] == as_stored(record["title"])
-        assert row["raw"]["userId"] == facts.user_id
+        assert row["raw"]["status"] == row["status"] == facts.status
+        assert row["raw"]["title"] == row["title"] == as_stored(record["title"])
+        assert row["raw"]["userId"] == row["chatbase_user_id"] == facts.user_id
+        rated = (facts.positive, facts.negative) if "assistant" in facts.roles else (None, None)
+        assert (row["answers_rated_up"], row["answers_rated_down"]) == rated  # no answer: cannot say
     return stored
 
 

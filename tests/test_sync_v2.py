@@ -24,6 +24,7 @@ from chatsync.store.tables import quarantine, sync_days
 from chatsync.sync import Syncer, SyncRequest
 from tests.conftest import chatbase_env, chatbase_v2_env
 from tests.helpers import assert_exact, assert_exact_v2, stored_conversations
+from tests.test_report_v2 import assert_v2_figures, expected_figures
 
 
 def _summary(result: Any) -> dict[str, Any]:
@@ -49,6 +50,10 @@ def test_v2_sync_stores_5000_conversations_exactly_and_a_rerun_changes_nothing(
     # 250 full pages of 20, each window's last page, and the probes that find the first day
     assert 250 < first["requests"] < 300
     assert_exact_v2(database_url, server.emulator)
+    # the report on what the sync stored equals a recomputation from what the emulator says it sent
+    report = json.loads(cli("report", "--format", "json", env=env).stdout)
+    assert_v2_figures(report, expected_figures(server.emulator.export_truth("demo-bot").values()))
+    assert report["response_time_seconds"]["coverage"] >= 0.95
 
     second = _summary(cli("sync", "--json", env=env))
     assert (second["inserted"], second["updated"], second["quarantined"]) == (0, 0, 0)
