@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, Self
 import httpx
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_before_delay
 
-from chatsync.config import Secret, Settings
+from chatsync.config import Secret, Settings, mask_url
 from chatsync.errors import ChatbaseRejected, ChatbaseUnavailable, ChatsyncError, PagingError
 from chatsync.jsonbody import decode_body, read_body
 
@@ -224,6 +224,7 @@ class ChatbaseHTTP:
         limiter: RateLimiter | None = None,
     ) -> None:
         self._key = api_key
+        self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(
             base_url=base_url.rstrip("/") + "/",
             headers={"Authorization": f"Bearer {api_key.reveal()}", "User-Agent": "chatsync"},
@@ -237,6 +238,8 @@ class ChatbaseHTTP:
         self.stats = ClientStats()
         self._stats_lock = threading.Lock()
         self.stop = threading.Event()
+
+    url_setting = "CHATBASE_BASE_URL"  # the setting that names this API's root, for messages
 
     def close(self) -> None:
         self._http.close()
@@ -348,8 +351,8 @@ class ChatbaseHTTP:
             return retrying(self._send, path, params, wanted, raw, deadline)
         except TransientError as exc:
             raise ChatbaseUnavailable(
-                f"Chatbase kept failing for {self.retry_budget:.0f}s (last: {exc}); "
-                "what was saved is kept and the next run continues",
+                f"Chatbase at {mask_url(self.base_url)} kept failing for {self.retry_budget:.0f}s (last: {exc}); "
+                f"what was saved is kept and the next run continues (if Chatbase is up, check {self.url_setting})",
                 last=str(exc),
             ) from None
 

@@ -58,6 +58,7 @@ class ChatbaseV2Client(ChatbaseHTTP):
     ``stop``, ``limiter``. Safe to use from several threads; one window's pages are fetched in order."""
 
     api = "v2"
+    url_setting = "CHATBASE_API_URL"
     page_size = EXPORT_PAGE_SIZE
     cursor_paged = True  # page n needs the cursor page n - 1 handed out: a window's pages come one by one
 
@@ -249,8 +250,12 @@ class ChatbaseV2Client(ChatbaseHTTP):
                 "API v2 needs a Chatbase plan with API access (Standard or higher): "
                 "upgrade the plan or set CHATBASE_API_VERSION=1"
             )
-        elif status == 404 and agent:
+        elif status == 404 and agent and code == "AGENT_NOT_FOUND":
             hint = f"check CHATBASE_CHATBOT_ID: agent {unquote(agent.group(1))!r} was not found for this key"
+        elif status == 404:  # not Chatbase's answer about an agent: the address is not the API's
+            hint = (
+                f"check CHATBASE_API_URL ({self.base_url}): it should be the API v2 root, ending in /api/v2"
+            )
         else:
             hint = rejection_hint(status, code, params)
         return ChatbaseRejected(status, message, hint)

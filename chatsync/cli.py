@@ -964,6 +964,12 @@ def emulator(
             help="Conversations sent with text no database holds (half an emoji, NUL).",
         ),
     ] = 0,
+    v2_plan: Annotated[
+        bool,
+        typer.Option(
+            "--v2-plan/--no-v2-plan", help="Whether the plan has API v2: without it v2 answers 403."
+        ),
+    ] = True,
 ) -> None:
     """Serve the Chatbase-compatible emulator for tests, demos and benchmarks."""
     from chatsync import render
@@ -983,16 +989,18 @@ def emulator(
         faults=Faults(fail_rate=fail_rate, slow_rate=slow_rate, malformed_rate=malformed_rate),
         bad_records=bad_records,
         damaged_records=damaged_records,
+        v2_plan=v2_plan,
     )
     server = make_server(emu, host, port)
-    bound_host, bound_port = str(server.server_address[0]), int(server.server_address[1])
+    root = f"http://{server.server_address[0]!s}:{server.server_address[1]}/api"
     render.info(
-        f"Chatbase emulator on http://{bound_host}:{bound_port}/api/v1 — chatbots {', '.join(emu.datasets)}, "
-        f"key {api_key!r}; Ctrl-C to stop"
+        f"Chatbase emulator: chatbots {', '.join(emu.datasets)}, key {api_key!r}; Ctrl-C to stop. Point chatsync "
+        f"at it with\n  export CHATBASE_API_KEY={api_key} CHATBASE_CHATBOT_ID={','.join(emu.datasets)}\n"
+        f"  export CHATBASE_BASE_URL={root}/v1 CHATBASE_API_URL={root}/v2   # API v1, API v2 (sync --api 2)"
     )
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated):  # Ctrl-C or kill: how an emulator is meant to stop
         pass
     finally:
         server.server_close()

@@ -290,6 +290,24 @@ def normalize_conversation(raw: object, chatbot_id: str, rule: WhatsAppRule) -> 
     }
 
 
+# What API v1 sends of a conversation and the v2 export does not: kept when v2 updates a v1 copy.
+V1_ONLY_FIELDS = ("customer", "country", "form_submission")
+
+
+def with_v1_fields(record: Mapping[str, Any], stored_raw: object) -> dict[str, Any] | None:
+    """``record`` (a v2 export record in v1's shape) with the :data:`V1_ONLY_FIELDS` of the stored copy
+    of the same conversation that it lacks, or None when there is nothing to keep.
+
+    A chatbot synced through v1 and then through v2 so keeps the user's country, the customer and the
+    lead form of Chatbase's v1 answer: v2 says nothing about them, which is not the same as their being
+    gone.
+    """
+    if not isinstance(stored_raw, Mapping):
+        return None
+    kept = {k: stored_raw[k] for k in V1_ONLY_FIELDS if k in stored_raw and k not in record}
+    return {**record, **kept} if kept else None
+
+
 def stored_id(raw: object) -> str | None:
     """The id a record is stored under (an integer id as text), or None when it has none that could be
     stored: none at all, one over 128 characters, or one holding characters no database keeps (replacing
@@ -455,7 +473,9 @@ def answer_feedback(
 
 
 def transcript(messages: list[Any]) -> list[dict[str, Any]]:
-    """Stored raw messages as ``show`` prints them: role, content and the time where Chatbase sent one."""
+    """Stored raw messages as ``show`` prints them: role, content, the time where Chatbase sent one, and
+    from API v2 the user's rating (``feedback``: ``positive``, ``negative``, else None) and the names of the
+    tools the bot called (``tools``, from the message's ``tool-call`` parts; empty for anything else)."""
     out = []
     for position, message in enumerate(messages):
         if not isinstance(message, dict):
@@ -465,11 +485,20 @@ def transcript(messages: list[Any]) -> list[dict[str, Any]]:
         except BadRecord:
             moment = None
         content = message.get("content")
+        rating = message.get("feedback")
+        parts = message.get("parts")
+        tools = [
+            str(part.get("toolName") or "tool")
+            for part in (parts if isinstance(parts, list) else [])
+            if isinstance(part, dict) and part.get("type") == "tool-call"
+        ]
         out.append(
             {
                 "role": _role(message.get("role")),
                 "content": content if isinstance(content, str) else "",
                 "created_at": iso_z(moment),
+                "feedback": rating if rating in ("positive", "negative") else None,
+                "tools": tools,
             }
         )
     return out

@@ -540,6 +540,9 @@ def conversation(detail: dict[str, Any]) -> None:
     if detail["whatsapp_source"]:
         number.append(f"  ({detail['whatsapp_source']})", style="dim")
     head.add_row("whatsapp", number)
+    for key in ("title", "status"):  # API v2 only
+        if detail.get(key):
+            head.add_row(key, str(detail[key]).replace("_", " "))
     finding = detail.get("whatsapp_finding")
     if finding:
         found = finding["outcome"] + (f": {finding['matched']!r}" if finding["matched"] else "")
@@ -556,7 +559,13 @@ def conversation(detail: dict[str, Any]) -> None:
         role = message["role"]
         style = "cyan" if role == "user" else "green" if role == "assistant" else "yellow"
         line = Text(f"{stamp:>8} ", style="dim") + Text(f"{role:>9}  ", style=f"bold {style}")
+        if message.get("tools"):
+            line.append(f"[called {', '.join(message['tools'])}] ", style="dim")
         line.append(message["content"])
+        if message.get("feedback"):
+            line.append(
+                f"  ({'rated up' if message['feedback'] == 'positive' else 'rated down'})", style="dim"
+            )
         console.print(line, highlight=False)
     if detail["whatsapp_audit"]:
         console.print()
@@ -786,23 +795,31 @@ def _feedback_and_status(console: Console, data: dict[str, Any]) -> None:
     statuses = data["by_status"]
     with_status = sum(statuses.values()) if statuses else 0
     answers = feedback["answers"]
-    console.print(
-        _pairs_table(
-            [
-                (
-                    "answers rated up",
-                    share(feedback["rated_up_share"])
-                    + ("" if answers is None else f"  (of {answers:,} answers with feedback)"),
-                ),
-                ("answers rated down", share(feedback["rated_down_share"])),
-                (
-                    "taken over by a person",
-                    share(data["takeover_rate"])
-                    + (f"  (of {with_status:,} conversations with a status)" if statuses else ""),
-                ),
-            ]
-        )
-    )
+    rows = [
+        (
+            "answers rated up",
+            share(feedback["rated_up_share"])
+            + (
+                ""
+                if answers is None
+                else f"  ({feedback['rated_up']:,} of {answers:,} answers, rated or not)"
+            ),
+        ),
+        (
+            "answers rated down",
+            share(feedback["rated_down_share"])
+            + ("" if answers is None else f"  ({feedback['rated_down']:,} of {answers:,})"),
+        ),
+        (
+            "taken over by a person",
+            share(data["takeover_rate"])
+            + (f"  (of {with_status:,} conversations with a status)" if statuses else ""),
+        ),
+    ]
+    if answers is not None and feedback["coverage"] is not None and feedback["coverage"] < 1:
+        # a range mixing v1 and v2 data: say how much of it these figures speak for
+        rows.append(("measured on", f"{_pct(feedback['coverage'])} of conversations (API v2 data)"))
+    console.print(_pairs_table(rows))
     if statuses:
         console.print(Text("statuses", style="dim"))
         console.print(_counts_table(statuses, with_status))

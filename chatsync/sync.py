@@ -44,6 +44,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from chatsync.chatbase import HISTORY_FLOOR, MAX_PAGES_PER_WINDOW, PAGE_SIZE, ConversationSource
 from chatsync.config import WhatsAppRule
 from chatsync.errors import (
+    BadRecord,
     ChatbaseUnavailable,
     ChatsyncError,
     DatabaseUnavailable,
@@ -53,7 +54,7 @@ from chatsync.errors import (
     NormalizerCrashed,
     PagingError,
 )
-from chatsync.normalize import stored_id
+from chatsync.normalize import normalize_conversation, stored_id, with_v1_fields
 from chatsync.store import writes
 from chatsync.store.locks import chatbot_lock
 from chatsync.timeutil import day_end, day_start, iso_z, parse_timestamp, utcnow
@@ -930,6 +931,8 @@ class Syncer:
                 captured += int(reading.known[outcome.conversation_id][1])
             elif outcome.row is not None:
                 rows.append(outcome.row)
+        if self.client.api == "v2":
+            rows = self._keep_v1_fields(chatbot_id, rows, reading.known)
         days_of_page = [o.created for o in outcomes if o.created is not None]
         windows, finished = stream.completes(fetched.page, days_of_page)
         days = [d for w in windows for d in w.days if d < today]
@@ -978,6 +981,39 @@ class Syncer:
         if finished:
             status.windows_done += 1
         self._report(status)
+
+    def _keep_v1_fields(
+        self, chatbot_id: str, rows: list[dict[str, Any]], known: dict[str, tuple[str, bool]]
+    ) -> list[dict[str, Any]]:
+        """v2 rows of conversations stored before, with the fields only v1 sends kept from the stored copy
+        (:func:`chatsync.normalize.with_v1_fields`) and read again; the content hash stays the one of what
+        v2 sent, so an unchanged conversation is still found unchanged next time."""
+        ids = [r["id"] for r in rows if r["id"] in known]
+        if not ids:
+            return rows
+        with self._db() as connection:
+            stored = writes.stored_raw(connection, ids)
+        out = []
+        for row in rows:
+            merged = None
+            if row["id"] in stored:
+                record = {**writes.decoded_json(row["raw"]), "messages": writes.decoded_json(row["messages"])}
+                merged = with_v1_fields(record, stored[row["id"]])
+            if merged is None:
+                out.append(row)
+                continue
+            try:
+                kept = normalize_conversation(merged, chatbot_id, self.rule)
+            except BadRecord:
+                out.append(row)  # what v1 sent does not fit any more: store what v2 sent
+                continue
+            kept["content_hash"], kept["text_repaired"] = row["content_hash"], row["text_repaired"]
+            kept["messages"], kept["raw"] = (
+                writes.encode_json(kept["messages"]),
+                writes.encode_json(kept["raw"]),
+            )
+            out.append(kept)
+        return out
 
     def _save_page(self, chatbot_id: str, scope: str, page: _Page, today: date, seen: set[str]) -> None:
         """Save one page of a window's records, read in this thread (no worker, no fetch): the window's

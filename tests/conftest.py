@@ -157,14 +157,12 @@ def chatbase_env(server: RunningEmulator, database_url: str, **extra: str) -> di
 def chatbase_v2_env(server: RunningEmulator, database_url: str, **extra: str) -> dict[str, str]:
     """:func:`chatbase_env` for a sync through API v2 (20 conversations a page: a looser client-side
     limit keeps the tests short; the emulator's own limit is off unless a test sets one)."""
-    return chatbase_env(
-        server,
-        database_url,
-        CHATBASE_API_VERSION="2",
-        CHATBASE_API_URL=server.v2_base_url,
-        CHATSYNC_RATE_LIMIT="1000/10s",
-        **extra,
-    )
+    v2 = {
+        "CHATBASE_API_VERSION": "2",
+        "CHATBASE_API_URL": server.v2_base_url,
+        "CHATSYNC_RATE_LIMIT": "1000/10s",
+    }
+    return chatbase_env(server, database_url, **{**v2, **extra})
 
 
 # ------------------------------------------------------------------------------------------------ PgBouncer

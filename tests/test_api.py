@@ -213,6 +213,11 @@ def test_an_api_sync_reads_the_chatbase_api_the_settings_name(engine: Any, emula
     with engine.connect() as connection:
         statuses = connection.execute(select(conversations.c.raw)).scalars().all()
     assert len(statuses) == 120 and all(raw["status"] for raw in statuses)  # v2's records, not v1's
+    some = server.emulator.all_export_records("demo-bot")[7]
+    detail = client.get(f"/api/conversations/{some['id']}", headers=ADMIN).json()
+    assert (detail["status"], detail["title"]) == (some["status"], some["title"])
+    ratings = [m.get("feedback") for m in some["messages"]]
+    assert [m["feedback"] for m in detail["messages"]] == ratings
 
 
 def test_api_and_cli_corrections_store_the_same_value_and_audit(

@@ -224,7 +224,8 @@ def test_every_change_is_shown_with_who_and_when(cli: Any, seeded: str) -> None:
     ]
     assert all(a["at"].endswith("Z") for a in shown["whatsapp_audit"])
     assert [m["role"] for m in shown["messages"]] == ["assistant", "user", "assistant"]
-    assert set(shown) == {*LIST_KEYS, "messages", "whatsapp_audit"}
+    assert set(shown) == {*LIST_KEYS, "title", "status", "messages", "whatsapp_audit"}
+    assert (shown["title"], shown["status"]) == (None, None)  # API v1 data carries neither
     table = cli(*url, "show", "c1", "--format", "table")
     assert "alice" in table.stdout and "captured" in table.stdout
 

@@ -54,6 +54,15 @@ def test_v2_sync_stores_5000_conversations_exactly_and_a_rerun_changes_nothing(
     report = json.loads(cli("report", "--format", "json", env=env).stdout)
     assert_v2_figures(report, expected_figures(server.emulator.export_truth("demo-bot").values()))
     assert report["response_time_seconds"]["coverage"] >= 0.95
+    # show: the title, status, ratings and tool calls v2 brings
+    truth = server.emulator.export_truth("demo-bot")
+    with_tools = next(i for i, t in truth.items() if t.tool_calls and t.positive and t.status == "taken_over")
+    shown = json.loads(cli("show", with_tools, "--format", "json", env=env).stdout)
+    assert shown["status"] == "taken_over" and "title" in shown
+    assert [m["feedback"] for m in shown["messages"]] == list(truth[with_tools].feedback)
+    assert sum(bool(m["tools"]) for m in shown["messages"]) == truth[with_tools].tool_calls
+    table = cli("show", with_tools, "--format", "table", env=env).stdout
+    assert "taken over" in table and "[called " in table and "(rated up)" in table
 
     second = _summary(cli("sync", "--json", env=env))
     assert (second["inserted"], second["updated"], second["quarantined"]) == (0, 0, 0)
@@ -69,7 +78,8 @@ def test_the_api_flag_and_variable_choose_the_backend_and_each_keeps_its_own_che
     v1 = chatbase_env(server, sqlite_url)
     assert _summary(cli("sync", "--json", env=v1))["inserted"] == 400
     assert_exact(sqlite_url, server.emulator)
-    assert not any("status" in row["raw"] for row in stored_conversations(sqlite_url).values())
+    through_v1 = stored_conversations(sqlite_url)
+    assert not any("status" in row["raw"] for row in through_v1.values())
 
     # the same conversations through v2: days fetched through v1 do not count, every record gains its
     # v2 fields (an update, not a second copy)
@@ -82,6 +92,14 @@ def test_the_api_flag_and_variable_choose_the_backend_and_each_keeps_its_own_che
         scopes = set(connection.execute(select(sync_days.c.scope)).scalars())
     engine.dispose()
     assert scopes == {"*", "v2:*"}
+    # what only v1 sends (the user's country, the customer, the lead form and its number) is kept
+    through_v2 = stored_conversations(sqlite_url)
+    for conversation_id, before in through_v1.items():
+        after = through_v2[conversation_id]
+        for column in ("customer", "country", "wa_form"):
+            assert after[column] == before[column], (conversation_id, column)
+        assert after["raw"].get("form_submission") == before["raw"].get("form_submission")
+    assert sum(row["wa_form"] is not None for row in through_v2.values()) > 0
 
     # CHATBASE_API_VERSION=2 is the same as --api 2; --api 1 overrides it
     again = _summary(cli("sync", "--json", env={**v2, "CHATBASE_API_VERSION": "v2"}))
@@ -163,6 +181,7 @@ def test_a_v2_outage_exits_3_and_a_later_run_completes(
     assert result.exit_code == ExitCode.PARTIAL
     assert json.loads(result.stdout)["status"] == "partial"
     assert "kept failing" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert server.v2_base_url in result.stderr and "check CHATBASE_API_URL" in result.stderr
     server.emulator.faults.fail_rate = 0.0
     assert _summary(cli("sync", "--json", env=env))["status"] == "ok"
     assert_exact_v2(sqlite_url, server.emulator)
@@ -253,6 +272,18 @@ def test_a_plan_without_api_v2_is_refused_with_what_to_do(
     doctor = cli("doctor", env=env)
     assert doctor.exit_code != 0 and "CHATBASE_API_VERSION=1" in doctor.output
     assert cli("doctor", env={**env, "CHATBASE_API_VERSION": "1"}).exit_code == 0
+
+
+def test_a_v2_root_without_api_v2_is_named_as_the_setting_to_fix_not_the_chatbot(
+    cli: Any, emulator_factory: Any, sqlite_url: str
+) -> None:
+    server = emulator_factory(conversations=50, seed=3)
+    env = chatbase_v2_env(server, sqlite_url, CHATBASE_API_URL=server.v2_base_url.removesuffix("/api/v2"))
+    result = cli("sync", env=env)
+    assert result.exit_code == ExitCode.CONFIG
+    assert "check CHATBASE_API_URL" in result.stderr and "CHATBASE_CHATBOT_ID" not in result.stderr
+    unknown = cli("sync", env=chatbase_v2_env(server, sqlite_url, CHATBASE_CHATBOT_ID="no-such-bot"))
+    assert unknown.exit_code == ExitCode.CONFIG and "check CHATBASE_CHATBOT_ID" in unknown.stderr
 
 
 def test_doctor_checks_the_v2_root_and_names_its_variable(

@@ -202,6 +202,8 @@ def get_conversation(
             select(
                 *_LIST_COLUMNS,
                 c.c.messages,
+                c.c.title,
+                c.c.status,
                 c.c.wa_outcome,
                 c.c.wa_matched,
                 c.c.wa_reasons,
@@ -214,6 +216,7 @@ def get_conversation(
     if row is None:
         raise ConversationNotFound(conversation_id)
     out = _row(row)
+    out["title"], out["status"] = row["title"], row["status"]  # API v2 only
     out["messages"] = transcript(row["messages"] if isinstance(row["messages"], list) else [])
     out["whatsapp_audit"] = audit_trail(connection, conversation_id)
     if with_finding:

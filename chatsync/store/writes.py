@@ -247,6 +247,16 @@ def stored_fingerprints(connection: Connection, ids: list[str]) -> dict[str, tup
     return {r.id: (r.content_hash, r.wa_extracted is not None) for r in rows}
 
 
+def stored_raw(connection: Connection, ids: list[str]) -> dict[str, Any]:
+    """The stored ``raw`` (every field Chatbase sent but the messages) of each conversation among ``ids``."""
+    if not ids:
+        return {}
+    rows = connection.execute(
+        select(conversations.c.id, conversations.c.raw).where(conversations.c.id.in_(ids))
+    ).all()
+    return {r.id: r.raw for r in rows}
+
+
 def apply_rule_results(
     connection: Connection,
     rows: list[dict[str, Any]],

@@ -67,6 +67,10 @@ class MessageOut(BaseModel):
     role: str
     content: str
     created_at: str | None
+    feedback: Literal["positive", "negative"] | None = Field(
+        description="the user's thumbs up or down on an answer (API v2); null when not rated or not known"
+    )
+    tools: list[str] = Field(description="names of the tools the bot called in this message (API v2)")
 
 
 class AuditOut(BaseModel):
@@ -82,6 +86,10 @@ class AuditOut(BaseModel):
 
 
 class ConversationDetail(ConversationOut):
+    title: str | None = Field(description="Chatbase's title of the conversation (API v2); else null")
+    status: str | None = Field(
+        description="ongoing, ended, taken_over (a person took over) or paused (API v2); else null"
+    )
     messages: list[MessageOut]
     whatsapp_audit: list[AuditOut]
 
