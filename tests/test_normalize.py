@@ -77,8 +77,14 @@ def test_customer_label_rules() -> None:
 def test_transcript_keeps_times_where_chatbase_sent_them() -> None:
     out = transcript([{"role": "user", "content": "hi", "createdAt": 1714550400}, {"role": "assistant"}])
     assert out == [
-        {"role": "user", "content": "hi", "created_at": "2024-05-01T08:00:00Z"},
-        {"role": "assistant", "content": "", "created_at": None},
+        {
+            "role": "user",
+            "content": "hi",
+            "created_at": "2024-05-01T08:00:00Z",
+            "feedback": None,
+            "tools": [],
+        },
+        {"role": "assistant", "content": "", "created_at": None, "feedback": None, "tools": []},
     ]
 
 
