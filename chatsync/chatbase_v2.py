@@ -114,7 +114,8 @@ class ChatbaseV2Client(ChatbaseHTTP):
         body, content = answer
         found = _cursor_page(body)
         _check_window(found.records, start, end)
-        last = not found.has_more or found.cursor is None
+        _check_cursor(found, page, start, end)
+        last = not found.has_more
         with self._paging:
             if page == 1:
                 self._handed_out[key] = set()  # the window is paged afresh
@@ -187,9 +188,11 @@ class ChatbaseV2Client(ChatbaseHTTP):
                 agent_id, start=start, end=end, sources=sources, cursor=cursor, limit=size
             )
             _check_window(page.records, start, end)
-            if not page.has_more or page.cursor is None:
+            _check_cursor(page, number, start, end)
+            if not page.has_more:
                 yield page.records, True
                 return
+            assert page.cursor is not None  # (checked above)
             if page.cursor in seen:
                 raise PagingError(
                     f"Chatbase handed out a cursor again on page {number} for {start}..{end}: stopped paging"
@@ -207,9 +210,10 @@ class ChatbaseV2Client(ChatbaseHTTP):
 
         def probe(day: date) -> Probe:
             page = self.export_page(agent_id, end=day, start=floor, sources=sources, summary=True)
-            days = [d for d in (_created_day(r) for r in page.records) if d is not None]
+            days = _check_window(page.records, floor, day)  # (ignoring the dates, it names no first day)
             return Probe(
-                found=bool(page.records),
+                # an empty page that says more follow, or counts some, still found conversations
+                found=bool(page.records) or page.has_more or bool(page.total),
                 total=page.total if page.total is not None else len(page.records),
                 oldest=min(days) if days else None,
                 complete=not page.has_more,
@@ -337,12 +341,23 @@ def _cursor_page(body: object) -> CursorPage:
         )
     cursor = pagination.get("cursor")
     total = pagination.get("total")
+    count = None  # a count is a hint; one that is not a number says nothing
+    if isinstance(total, int | float) and not isinstance(total, bool) and math.isfinite(total):
+        count = int(total)
     return CursorPage(
         records=data,
         cursor=cursor if isinstance(cursor, str) and cursor else None,
         has_more=pagination.get("hasMore") is True,
-        total=int(total) if isinstance(total, int | float) and not isinstance(total, bool) else None,
+        total=count,
     )
+
+
+def _check_cursor(page: CursorPage, number: int, start: date | None, end: date | None) -> None:
+    """A page that says more follow must say where they start: ending there would lose them for good."""
+    if page.has_more and page.cursor is None:
+        raise PagingError(
+            f"Chatbase said more pages follow page {number} for {start}..{end} but sent no cursor: stopped paging"
+        )
 
 
 def _created_day(record: object) -> date | None:
@@ -356,14 +371,22 @@ def _created_day(record: object) -> date | None:
         return None
 
 
-def _check_window(records: list[Any], start: date | None, end: date | None) -> None:
-    outside = [
-        day
-        for day in (_created_day(r) for r in records)
-        if day is not None and ((start is not None and day < start) or (end is not None and day > end))
-    ]
-    if outside:
+def _check_window(records: list[Any], start: date | None, end: date | None) -> list[date]:
+    """The creation days of a page's records that lie in ``start``..``end``.
+
+    Raises PagingError when most of the page lies outside on days Chatbase could have served: a
+    deployment that ignores ``startDate`` and ``endDate`` would page the whole history once per window.
+    A few outside, or any dated before 2020 or in the future, are records whose ``createdAt`` cannot be
+    right (Chatbase filtered them into this window by its own): the sync quarantines them with the reason.
+    """
+    days = [day for day in (_created_day(r) for r in records) if day is not None]
+    inside = [d for d in days if (start is None or d >= start) and (end is None or d <= end)]
+    # only a day Chatbase could have served is evidence: 1970 or year 50000 is one record's broken time
+    latest = datetime.now(UTC).date() + timedelta(days=1)
+    outside = [d for d in days if d not in inside and HISTORY_FLOOR <= d <= latest]
+    if outside and len(outside) * 2 > len(days):
         raise PagingError(
             f"Chatbase sent conversations created on {outside[0]}, outside the window {start}..{end}: "
             "this deployment seems to ignore startDate/endDate"
         )
+    return inside

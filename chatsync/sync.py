@@ -62,6 +62,7 @@ from chatsync.workers import (
     Outcome,
     PageTask,
     ReaderPool,
+    bad_record,
     default_workers,
     describe,
     read_record,
@@ -277,8 +278,8 @@ class Stream:
                 self.last_page = page
             return
         self.full_page = max(self.full_page, page)
-        if self.expected_pages is not None or self.open_start:
-            return
+        if self.expected_pages is not None or self.open_start or not records:
+            return  # (v2 may send an empty page that is not the last: follow its cursor)
         newest, oldest = _created(records[0]), _created(records[-1])
         if newest is None or oldest is None or newest <= oldest:
             return
@@ -923,6 +924,15 @@ class Syncer:
                 bad.append((outcome.kept, outcome.reason or "unreadable"))
                 continue
             assert outcome.conversation_id is not None and outcome.created is not None
+            window = stream.window
+            if self.client.cursor_paged and not window.start <= outcome.created <= window.end:
+                # v2 filters by its own creation time: a record that says otherwise has a broken createdAt
+                reason = (
+                    f"createdAt says {outcome.created}, outside the days {window.start}..{window.end} "
+                    "Chatbase filed it under: its creation time cannot be right"
+                )
+                bad.append((bad_record(fetched.records[outcome.index], reason), reason))
+                continue
             if not stream.claim(outcome.conversation_id, outcome.created):
                 continue
             claimed.append(outcome.conversation_id)

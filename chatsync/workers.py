@@ -122,8 +122,12 @@ def unchanged_outcome(index: int, record: Any, known: dict[str, str]) -> Outcome
 
 
 def _bad(index: int, record: Any, reason: str, fault: str | None = None) -> Outcome:
-    kept = UndecodableRecord(quarantine_text(record), reason, record_id_text(record))
-    return Outcome(index, "bad", stored_id(record), None, None, reason, kept, fault)
+    return Outcome(index, "bad", stored_id(record), None, None, reason, bad_record(record, reason), fault)
+
+
+def bad_record(record: Any, reason: str) -> UndecodableRecord:
+    """A record as the quarantine keeps it: its JSON text (cut when huge), the reason and its id."""
+    return UndecodableRecord(quarantine_text(record), reason, record_id_text(record))
 
 
 def describe(exc: BaseException) -> str:

@@ -405,3 +405,43 @@ def test_an_agent_id_travels_as_one_path_segment() -> None:
     emulator = _emulator(conversations=5, chatbot_ids=("team a/bot",))
     with _v2(emulator) as client:
         assert len(client.export_page("team a/bot").records) == 5
+
+
+def test_a_page_that_says_more_follow_without_a_cursor_stops_paging() -> None:
+    """Taking it for the end would drop the rest of the window for good: the run must stop instead."""
+    body = {"data": [{"id": "a", "createdAt": 1714557600}], "pagination": {"cursor": None, "hasMore": True}}
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json=body))
+    with _v2(transport) as client, pytest.raises(PagingError, match="sent no cursor"):
+        list(client.iter_pages("bot", None, None))
+    with _v2(transport) as client, pytest.raises(PagingError, match="sent no cursor"):
+        client.fetch_page("bot", 1, date(2024, 5, 1), date(2024, 5, 1))
+
+
+@pytest.mark.parametrize("total", ["NaN", "Infinity", "-Infinity", "1e400", '"12"', "true", "null"])
+def test_a_count_that_is_not_a_finite_number_is_no_count(total: str) -> None:
+    text = '{"data": [], "pagination": {"cursor": null, "hasMore": false, "total": TOTAL}}'.replace(
+        "TOTAL", total
+    )
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, text=text))
+    with _v2(transport) as client:
+        page = client.export_page("bot", start=date(2024, 5, 1), end=date(2024, 5, 1))
+    assert page.total is None and page.records == [] and not page.has_more
+
+
+def test_a_few_records_dated_outside_the_window_pass_to_the_sync_which_quarantines_them() -> None:
+    """One broken ``createdAt`` is that record's fault, not a sign the server ignores the window."""
+    records = [{"id": f"c{i}", "createdAt": 1714557600 + i} for i in range(5)] + [
+        {"id": "zero", "createdAt": 0}
+    ]
+    transport = httpx.MockTransport(lambda request: _page(records, None))
+    with _v2(transport) as client:
+        pages = list(client.iter_pages("bot", date(2024, 5, 1), date(2024, 5, 1)))
+    assert [r["id"] for r in pages[0][0]] == ["c0", "c1", "c2", "c3", "c4", "zero"]
+
+
+def test_first_day_probes_on_a_server_that_ignores_dates_stop_with_the_reason() -> None:
+    """Every probe would see the whole history: the search must not settle on a day from it."""
+    records = [{"id": f"c{i}", "createdAt": 1714557600 + i * 86400} for i in range(20)]  # May 2024
+    transport = httpx.MockTransport(lambda request: _page(records, "more", total=5000))
+    with _v2(transport) as client, pytest.raises(PagingError, match="ignore startDate"):
+        client.find_first_day("bot", date(2024, 6, 1))

@@ -353,3 +353,72 @@ def test_a_cursor_handed_out_twice_stops_the_sync_before_it_loops(sqlite_url: st
     with client, pytest.raises(PagingError, match="cursor again"):
         Syncer(engine, client, WhatsAppRule(), concurrency=1).run(SyncRequest(("demo-bot",)))
     engine.dispose()
+
+
+def test_an_empty_page_that_is_not_the_last_is_followed_to_the_rest(sqlite_url: str) -> None:
+    """v2 may answer a page with no records and a cursor: the sync follows it and misses nothing."""
+    emulator = Emulator(conversations=120, seed=5, rate_limit=None)
+    inner = EmulatorTransport(emulator)
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        params = dict(request.url.params)
+        if params.get("include") != "summary" and "cursor" not in params:
+            more = {"cursor": "empty-first", "hasMore": True, "total": None}
+            return httpx.Response(200, json={"data": [], "pagination": more})
+        if params.get("cursor") == "empty-first":
+            del params["cursor"]
+            request = httpx.Request("GET", request.url.copy_with(params=params), headers=request.headers)
+        return inner.handle_request(request)
+
+    client = ChatbaseV2Client(
+        Secret("demo-key"),
+        "http://emulator/api/v2",
+        transport=httpx.MockTransport(handle),
+        rate_limit=(1000, 1.0),
+    )
+    engine = open_engine(sqlite_url)
+    ensure_schema(engine)
+    with client:
+        result = Syncer(engine, client, WhatsAppRule(), concurrency=2).run(SyncRequest(("demo-bot",)))
+    engine.dispose()
+    assert (result.inserted, result.quarantined) == (120, 0)
+    assert_exact_v2(sqlite_url, emulator)
+
+
+def test_records_whose_created_at_cannot_be_right_are_quarantined_and_the_rest_stored(
+    database_url: str,
+) -> None:
+    """Chatbase filed them under a day; a ``createdAt`` of 0, or a year before the window, says another.
+    One in milliseconds still names the right moment and is stored."""
+    emulator = Emulator(conversations=150, seed=6, rate_limit=None)
+    changes = [lambda t: 0, lambda t: t - 400 * 86400, lambda t: t * 1000]
+    changed: list[str] = []
+
+    def tamper(request: httpx.Request, response: httpx.Response) -> httpx.Response:
+        body = json.loads(response.read())
+        if (
+            request.url.params.get("include") != "summary"
+            and body.get("data")
+            and len(changed) < len(changes)
+        ):
+            first = body["data"][0]
+            if first["id"] not in changed:
+                first["createdAt"] = changes[len(changed)](first["createdAt"])
+                changed.append(first["id"])
+        return httpx.Response(response.status_code, json=body, headers=response.headers)
+
+    client, _ = _paging_client(emulator, tamper)
+    engine = open_engine(database_url)
+    ensure_schema(engine)
+    with client:
+        result = Syncer(engine, client, WhatsAppRule(), concurrency=2).run(SyncRequest(("demo-bot",)))
+    with engine.connect() as connection:
+        kept = connection.execute(select(quarantine.c.conversation_id, quarantine.c.reason)).all()
+    engine.dispose()
+    stored = stored_conversations(database_url)
+    assert (result.quarantined, result.inserted) == (2, 148)
+    assert {conversation_id for conversation_id, _ in kept} == set(changed[:2])
+    assert all("cannot be right" in reason for _, reason in kept)
+    assert set(stored) == {r["id"] for r in emulator.all_export_records("demo-bot")} - set(changed[:2])
+    in_ms = next(r for r in emulator.all_export_records("demo-bot") if r["id"] == changed[2])
+    assert stored[changed[2]]["created_at"].timestamp() == pytest.approx(in_ms["createdAt"])
