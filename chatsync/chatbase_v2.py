@@ -33,6 +33,7 @@ from chatsync.chatbase import (
     rejection_hint,
 )
 from chatsync.chatbase_records import record_from_export
+from chatsync.config import mask_url
 from chatsync.errors import ChatbaseRejected, ChatbaseUnavailable, ChatsyncError, PagingError, UsageError
 
 DEFAULT_V2_BASE_URL = "https://www.chatbase.co/api/v2"  # operation paths are appended: keep /api/v2
@@ -257,9 +258,7 @@ class ChatbaseV2Client(ChatbaseHTTP):
         elif status == 404 and agent and code == "AGENT_NOT_FOUND":
             hint = f"check CHATBASE_CHATBOT_ID: agent {unquote(agent.group(1))!r} was not found for this key"
         elif status == 404:  # not Chatbase's answer about an agent: the address is not the API's
-            hint = (
-                f"check CHATBASE_API_URL ({self.base_url}): it should be the API v2 root, ending in /api/v2"
-            )
+            hint = f"check CHATBASE_API_URL ({mask_url(self.base_url)}): it should be the API v2 root, ending in /api/v2"
         else:
             hint = rejection_hint(status, code, params)
         return ChatbaseRejected(status, message, hint)

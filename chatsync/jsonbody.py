@@ -7,6 +7,7 @@ engine quarantines the records holding them and stores the rest of the page.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,24 @@ class UndecodableRecord:
 _MAX_KEPT_CHARS = 20_000
 # JSON strings (with their escapes) and the punctuation that gives structure; everything else is skipped.
 _STRUCTURE = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{},:]')
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is beyond what a float holds")
+    return value
+
+
+def strict_json(body: bytes) -> Any:
+    """A request body as standard JSON (RFC 8259), for webhooks: ``NaN``, ``Infinity`` and numbers beyond
+    1e308 are refused rather than read as values no database stores. Raises ValueError (which
+    ``json.JSONDecodeError`` and ``UnicodeDecodeError`` are) or RecursionError when it is not."""
+    return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
 
 
 def decode_body(body: bytes) -> Any:

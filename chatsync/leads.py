@@ -16,8 +16,8 @@ from datetime import date, datetime
 from typing import TYPE_CHECKING
 
 from chatsync.config import WhatsAppRule
-from chatsync.errors import BadLead
-from chatsync.normalize import canonical_json
+from chatsync.errors import BadLead, BadRecord
+from chatsync.normalize import canonical_json, storable
 from chatsync.whatsapp import form_number
 
 if TYPE_CHECKING:
@@ -43,8 +43,8 @@ def signature_matches(body: bytes, header: str | None, secret: str) -> bool:
 
 
 def _text(value: object, name: str, number_too: bool = False) -> str | None:
-    """A lead's text field as sent, None when absent or empty; anything but text (or, ``number_too``, a
-    whole number: a phone) is refused."""
+    """A lead's text field as sent (NUL and lone surrogates as U+FFFD), None when absent or empty; anything
+    but text (or, ``number_too``, a whole number: a phone) is refused."""
     if value is None:
         return None
     if (
@@ -53,7 +53,7 @@ def _text(value: object, name: str, number_too: bool = False) -> str | None:
         or (isinstance(value, int) and not number_too)
     ):
         raise BadLead(f"{name} is not a string")
-    text = str(value).strip()
+    text = str(_storable(value)).strip()
     return text or None
 
 
@@ -66,9 +66,17 @@ def _key(value: object, name: str, required: bool) -> str | None:
         return None
     if not isinstance(value, str):
         raise BadLead(f"{name} is not a string")
-    if len(value) > MAX_ID_CHARS or any(ch < " " for ch in value):
+    if len(value) > MAX_ID_CHARS or any(ch < " " or "\ud800" <= ch <= "\udfff" for ch in value):
         raise BadLead(f"{name} is not an id (control characters, or over {MAX_ID_CHARS} characters)")
     return value
+
+
+def _storable(value: object) -> object:
+    """``value`` with NUL and lone surrogates replaced by U+FFFD; BadLead when it cannot be stored at all."""
+    try:
+        return storable(value).record
+    except BadRecord as exc:
+        raise BadLead(exc.reason) from None
 
 
 def lead_from_webhook(event: object, rule: WhatsAppRule, now: datetime) -> Lead | None:
@@ -76,7 +84,8 @@ def lead_from_webhook(event: object, rule: WhatsAppRule, now: datetime) -> Lead 
     {"conversationId", "customerEmail", "customerName", "customerPhone"}}``; None for another event type.
 
     ``delivery`` is a hash of the event's canonical JSON, so a redelivery is recognised however its JSON is
-    spaced or ordered. Raises BadLead naming what is wrong.
+    spaced or ordered. Text no database holds (NUL, lone surrogates) is replaced by U+FFFD, as in a synced
+    conversation; an id holding such characters is refused. Raises BadLead naming what is wrong.
     """
     from chatsync.store.leads import Lead
 
@@ -93,6 +102,7 @@ def lead_from_webhook(event: object, rule: WhatsAppRule, now: datetime) -> Lead 
         raise BadLead("payload is not an object")
     phone = _text(payload.get("customerPhone"), "customerPhone", number_too=True)
     assert chatbot_id is not None
+    kept = _storable(event)
     return Lead(
         chatbot_id=chatbot_id,
         conversation_id=_key(payload.get("conversationId"), "conversationId", required=False),
@@ -101,8 +111,8 @@ def lead_from_webhook(event: object, rule: WhatsAppRule, now: datetime) -> Lead 
         phone=phone,
         number=form_number(phone, rule),
         submitted_at=now,
-        raw={"webhook": event},
-        delivery=hashlib.sha256(canonical_json(event).encode()).hexdigest(),
+        raw={"webhook": kept},
+        delivery=hashlib.sha256(canonical_json(kept).encode()).hexdigest(),
     )
 
 
@@ -128,7 +138,7 @@ def lead_from_row(row: object, chatbot_id: str, rule: WhatsAppRule) -> Lead:
         phone=phone,
         number=form_number(phone, rule),
         submitted_at=submitted,
-        raw={"get-leads": row},
+        raw={"get-leads": _storable(row)},
     )
 
 

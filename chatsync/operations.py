@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, and_, delete, func, select, true, update
 from sqlalchemy.sql import ColumnElement
 
-from chatsync.config import WhatsAppRule
+from chatsync.config import WhatsAppRule, mask_url
 from chatsync.errors import BadRecord, LockHeld, NotFound
 from chatsync.store import writes
 from chatsync.store.tables import chatbots, conversations, quarantine, sync_runs
@@ -261,7 +261,6 @@ class Check:
 def run_checks(settings: Any, check_chatbase: bool = True) -> list[Check]:
     """Database reachable and at the schema this chatsync knows; the key and every chatbot id answered by
     one ``size=1`` request each; each chatbot's sync lock free. Changes nothing (no upgrade, no lock kept)."""
-    from chatsync.config import mask_url
     from chatsync.errors import ChatsyncError, ConfigError, DatabaseUnreachable
     from chatsync.store.engine import current_revision, head_revision, known_revisions, open_engine
 
@@ -368,6 +367,7 @@ def _chatbase_checks(settings: Any, ids: tuple[str, ...]) -> list[Check]:
     answered = False  # Chatbase answered at least one request with something other than 401
     budget = min(settings.retry_budget, DOCTOR_BUDGET)  # a check, not a sync: give up sooner
     root, variable = api_root(settings)
+    root = mask_url(root)  # (a proxy's URL may carry a password)
     with open_client(settings, retry_budget=budget) as client:
         for chatbot_id in ids:
             name = f"chatbot {chatbot_id}"

@@ -29,6 +29,28 @@ if TYPE_CHECKING:  # the sync engine (and SQLAlchemy) stay out of commands that 
 
 PIPE_WIDTH = 160  # a table written to a file or a pipe: no terminal says how wide, so values are not cut
 
+# What a terminal would act on instead of showing: C0 and C1 controls (ESC starts colour, title and cursor
+# sequences), DEL, and the bidirectional overrides that make text read as other text.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _picture(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if code < 0x20:
+        return chr(0x2400 + code)  # the Unicode control pictures: ␛ for ESC, ␀ for NUL
+    return "\u2421" if code == 0x7F else "\ufffd"
+
+
+def visible(value: object, lines: bool = False, style: str = "") -> Text:
+    """Text from Chatbase or a user, safe to draw: never read as rich markup, and every control character
+    shown as a symbol of the same width (ESC as ␛), so a message cannot recolour, retitle or rewrite the
+    terminal. ``lines``: keep newlines and tabs (a transcript); otherwise they are shown too (a table cell)."""
+    text = str(value)
+    if lines:
+        kept = _CONTROLS.sub(lambda m: m.group() if m.group() in "\n\t" else _picture(m), text)
+        return Text(kept, style=style)
+    return Text(_CONTROLS.sub(_picture, text), style=style)
+
 
 def stdout_console() -> Console:
     """Where tables go: stdout in its own encoding, a character it cannot show printed as ``?``."""
@@ -70,9 +92,9 @@ def error(message: str) -> None:
         return
     console = stderr_console()
     if console.is_terminal:
-        console.print(Text("error: ", style="bold red") + Text(message), highlight=False)
+        console.print(Text("error: ", style="bold red") + visible(message), highlight=False)
     else:
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {visible(message).plain}", file=sys.stderr)
 
 
 def line(text: str) -> None:
@@ -87,9 +109,9 @@ def version_line(version: str) -> None:
 def info(message: str) -> None:
     console = stderr_console()
     if console.is_terminal:
-        console.print(Text(message, style="dim"), highlight=False)
+        console.print(visible(message, style="dim"), highlight=False)
     else:
-        print(message, file=sys.stderr)
+        print(visible(message).plain, file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------------------ machine
@@ -297,7 +319,7 @@ def status(statuses: list[dict[str, Any]], checked: dict[str, Any], as_json: boo
         run = s["last_run"] or {}
         good = s["last_good_sync_age_seconds"]
         table.add_row(
-            s["chatbot_id"],
+            visible(s["chatbot_id"]),
             Text(
                 run.get("status", "never"),
                 style={"ok": "green", "partial": "yellow"}.get(run.get("status", ""), "red"),
@@ -394,10 +416,10 @@ def quarantined(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         table.add_row(
             str(row["id"]),
-            row["chatbot_id"],
-            row["conversation_id"] or "—",
+            visible(row["chatbot_id"]),
+            visible(row["conversation_id"] or "—"),
             row["last_seen_at"],
-            row["reason"],
+            visible(row["reason"]),
         )
     stdout_console().print(table)
 
@@ -408,14 +430,14 @@ def quarantined_record(record: dict[str, Any]) -> None:
     head.add_column(style="bold")
     head.add_column()
     for key in ("id", "chatbot_id", "conversation_id", "reason", "first_seen_at", "last_seen_at", "run_id"):
-        head.add_row(key.replace("_", " "), "" if record[key] is None else str(record[key]))
+        head.add_row(key.replace("_", " "), visible("" if record[key] is None else record[key]))
     console.print(head)
     console.print()
     try:
         pretty = json.dumps(json.loads(record["raw"]), indent=2, ensure_ascii=False)
     except (ValueError, RecursionError):
         pretty = record["raw"]
-    console.print(Text(pretty), highlight=False, soft_wrap=True)
+    console.print(visible(pretty, lines=True), highlight=False, soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------------------------- db info
@@ -519,7 +541,8 @@ def conversations_table(rows: Iterable[dict[str, Any]]) -> int:
             style=column.style or None,
         )
     for row in shown:
-        table.add_row(*(column.cell(row) for column in columns))
+        cells = (column.cell(row) for column in columns)
+        table.add_row(*(cell if isinstance(cell, Text) else visible(cell) for cell in cells))
     console.print(table, width=max(console.width, _width(columns)), crop=False)
     return len(shown)
 
@@ -535,23 +558,23 @@ def conversation(detail: dict[str, Any]) -> None:
     for key in LIST_KEYS:
         if key.startswith("whatsapp_"):
             continue  # shown below with its source and a link
-        head.add_row(key.replace("_", " "), "" if detail[key] is None else str(detail[key]))
+        head.add_row(key.replace("_", " "), visible("" if detail[key] is None else detail[key]))
     number = _wa_link(detail["whatsapp_number"], console)
     if detail["whatsapp_source"]:
         number.append(f"  ({detail['whatsapp_source']})", style="dim")
     head.add_row("whatsapp", number)
     for key in ("title", "status"):  # API v2 only
         if detail.get(key):
-            head.add_row(key, str(detail[key]).replace("_", " "))
+            head.add_row(key, visible(str(detail[key]).replace("_", " ")))
     finding = detail.get("whatsapp_finding")
     if finding:
         found = finding["outcome"] + (f": {finding['matched']!r}" if finding["matched"] else "")
-        head.add_row("rule found", found)
+        head.add_row("rule found", visible(found))
         for reason in finding["rejected"]:
-            head.add_row("", Text(f"rejected {reason}", style="dim"))
+            head.add_row("", visible(f"rejected {reason}", style="dim"))
         others = [f"{source} {number}" for source, number in finding["sources"].items() if number]
         if others:
-            head.add_row("numbers known", ", ".join(others))
+            head.add_row("numbers known", visible(", ".join(others)))
     console.print(head)
     console.print()
     for message in detail["messages"]:
@@ -560,8 +583,8 @@ def conversation(detail: dict[str, Any]) -> None:
         style = "cyan" if role == "user" else "green" if role == "assistant" else "yellow"
         line = Text(f"{stamp:>8} ", style="dim") + Text(f"{role:>9}  ", style=f"bold {style}")
         if message.get("tools"):
-            line.append(f"[called {', '.join(message['tools'])}] ", style="dim")
-        line.append(message["content"])
+            line.append(visible(f"[called {', '.join(message['tools'])}] ", style="dim"))
+        line.append(visible(message["content"], lines=True))
         if message.get("feedback"):
             line.append(
                 f"  ({'rated up' if message['feedback'] == 'positive' else 'rated down'})", style="dim"
@@ -577,7 +600,7 @@ def conversation(detail: dict[str, Any]) -> None:
         for entry in detail["whatsapp_audit"]:
             audit.add_row(
                 entry["at"][:19].replace("T", " "),
-                entry["by"],
+                visible(entry["by"]),
                 f"{entry['old'] or '—'} ({entry['old_source'] or 'none'})",
                 f"{entry['new'] or '—'} ({entry['new_source'] or 'none'})",
             )
@@ -589,10 +612,12 @@ def whatsapp_change(change: Any) -> None:
         return f"{number or 'no number'} ({source or 'none'})"
 
     if not change.changed:
-        info(f"{change.conversation_id}: unchanged, {show(change.new, change.new_source)}")
+        info(visible(f"{change.conversation_id}: unchanged, {show(change.new, change.new_source)}").plain)
         return
     stdout_console().print(
-        f"{change.conversation_id}: {show(change.old, change.old_source)} → {show(change.new, change.new_source)}",
+        visible(
+            f"{change.conversation_id}: {show(change.old, change.old_source)} → {show(change.new, change.new_source)}"
+        ),
         highlight=False,
     )
 
@@ -645,7 +670,9 @@ def _counts_table(counts: dict[str, int], total: int, limit: int = 8) -> Table:
     if rest:
         shown.append((f"{len(rest)} more", sum(v for _, v in rest)))
     for key, value in shown:
-        table.add_row(key, f"{value:,}", _pct(value / total if total else None), _bar(value, top, 20))
+        table.add_row(
+            visible(key), f"{value:,}", _pct(value / total if total else None), _bar(value, top, 20)
+        )
     return table
 
 

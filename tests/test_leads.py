@@ -180,6 +180,10 @@ BAD = [
     "no chatbotId",
     "payload not an object",
     "name not a string",
+    "NaN",
+    "Infinity",
+    "number beyond a float",
+    "conversationId with NUL",
 ]
 
 
@@ -203,6 +207,15 @@ def test_a_bad_lead_delivery_is_400_and_stores_nothing(engine: Any, problem: str
         elif problem == "name not a string":
             event["payload"]["customerName"] = 42
         body = b"{not json" if problem == "not JSON" else json.dumps(event).encode()
+    elif problem in ("NaN", "Infinity", "number beyond a float"):  # JSON as JavaScript never writes it
+        value = {"NaN": "NaN", "Infinity": "-Infinity", "number beyond a float": "1e400"}[problem]
+        body = body.replace(b'"eventType"', b'"score": ' + value.encode() + b', "eventType"')
+        headers[SIGNATURE_HEADER] = signature(body, SECRET)
+    elif problem == "conversationId with NUL":
+        event = json.loads(body)
+        event["payload"]["conversationId"] = "c1\u0000"
+        body = json.dumps(event).encode()
+        headers[SIGNATURE_HEADER] = signature(body, SECRET)
         headers[SIGNATURE_HEADER] = signature(body, SECRET)  # signed, but not a lead
     response = api.post("/api/webhooks/chatbase", content=body, headers=headers)
     assert response.status_code == 400
@@ -214,6 +227,59 @@ def test_a_bad_lead_delivery_is_400_and_stores_nothing(engine: Any, problem: str
     assert "9123" not in response.text and SECRET not in response.text
     assert _lead_count(engine) == 0
     assert _numbers(engine) == {"c1": (None, None)} and _audit(engine) == []
+
+
+def test_a_lead_with_text_no_database_holds_is_stored_with_replacement_characters(engine: Any) -> None:
+    """A NUL, or half an emoji as JavaScript cuts it, in a name or email is repaired as in a conversation."""
+    _store(engine, [_conversation("c1")])
+    api = _api(engine)
+    body, _ = leads_submit(_lead("c1", "9123 4567", "+85291234567"), SECRET)
+    text = (
+        body.decode()
+        .replace('"Mei Ling"', '"Mei\\u0000Ling"')
+        .replace("mei@example.com", "mei\\ud83d@example.com")
+    )
+    body = text.encode()
+    response = api.post(
+        "/api/webhooks/chatbase", content=body, headers={SIGNATURE_HEADER: signature(body, SECRET)}
+    )
+    assert response.status_code == 200 and response.json() == {"result": "applied"}
+    with engine.connect() as connection:
+        name, email, raw = connection.execute(select(leads.c.name, leads.c.email, leads.c.raw)).one()
+    assert (name, email) == ("Mei\ufffdLing", "mei\ufffd@example.com")
+    assert raw["webhook"]["payload"]["customerName"] == "Mei\ufffdLing"
+    assert _numbers(engine)["c1"] == ("+85291234567", "lead")
+    again = api.post(
+        "/api/webhooks/chatbase", content=body, headers={SIGNATURE_HEADER: signature(body, SECRET)}
+    )
+    assert again.json() == {"result": "duplicate"}
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("endpoint", ["/api/webhooks/chatbase", "/api/webhooks/clerk"])
+def test_a_webhook_body_over_a_megabyte_is_refused_before_it_is_read_whole(
+    engine: Any, endpoint: str, chunked: bool
+) -> None:
+    api = _api(engine)
+
+    def chunks() -> Any:  # 4 MB in 64 kB chunks, with no Content-Length to go by
+        for _ in range(64):
+            yield b" " * 65536
+
+    content: Any = chunks() if chunked else b" " * 2_000_000
+    response = api.post(endpoint, content=content, headers={SIGNATURE_HEADER: "0" * 40})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"
+    assert _lead_count(engine) == 0
+
+
+def test_a_database_error_names_the_statement_never_the_values(engine: Any) -> None:
+    """What a refused write would log (and a 500 would report) never carries a lead's name or phone."""
+    from sqlalchemy.exc import DBAPIError
+
+    with pytest.raises(DBAPIError) as caught, engine.begin() as connection:
+        connection.execute(leads.insert().values(chatbot_id=None, name="Mei Ling", phone="+85291234567"))
+    assert "Mei Ling" not in str(caught.value) and "91234567" not in str(caught.value)
+    assert "INSERT INTO leads" in str(caught.value)
 
 
 def test_a_signature_in_capitals_still_verifies_and_other_events_are_ignored(engine: Any) -> None:

@@ -303,3 +303,39 @@ def test_search_ignores_case_in_every_script(cli: Any, database_url: str) -> Non
     assert found("МОСКВА") == ["u3"]
     assert found("0% off_") == ["u4"] and found("_sale\\") == ["u4"]  # LIKE's wildcards mean nothing here
     assert found("x%y") == []
+
+
+def test_tables_show_control_characters_and_markup_as_text_never_act_on_them(cli: Any, engine: Any) -> None:
+    """A message or customer name holding ESC sequences (colour, window title, clear screen), bidi overrides
+    or rich markup is drawn as what it is; the machine formats keep it exactly."""
+    hostile = _conversation(
+        "c\x1b[2Jx",
+        "2024-05-01T08:00:00Z",
+        source="Web\x1b[31m",
+        reply="6123 4567 \x1b]0;pwned\x07ok",
+        customer="[red]Eve\u202eevil",
+        words="\x9b2J and \x7f",
+    )
+    row = normalize_conversation(hostile, "bot-a", WhatsAppRule())
+    with engine.begin() as connection:
+        writes.upsert_conversations(connection, [row], datetime.now(UTC))
+    env = {"CHATSYNC_DATABASE_URL": engine.url.render_as_string(hide_password=False)}
+    outputs = {
+        "list": cli("list", "--format", "table", env=env),
+        "show": cli("show", "c\x1b[2Jx", "--format", "table", env=env),
+        "report": cli(
+            "report", "--since", "2024-05-01", "--until", "2024-05-01", "--format", "table", env=env
+        ),
+    }
+    for name, result in outputs.items():
+        assert result.exit_code == 0, (name, result.stderr)
+        drawn = result.stdout
+        for acting in ("\x1b", "\x07", "\x9b", "\x7f", "\u202e"):
+            assert acting not in drawn, (name, acting)
+        assert "␛" in drawn, name  # shown, not acted on
+    assert "[red]Eve" in outputs["list"].stdout and "[red]Eve" in outputs["show"].stdout  # not markup
+    assert "␛]0;pwned␇ok" in outputs["show"].stdout
+    unknown = cli("show", "no\x1b]0;such\x07id", env=env)
+    assert unknown.exit_code != 0 and "\x1b" not in unknown.stderr and "\x07" not in unknown.stderr
+    exact = json.loads(cli("list", "--format", "json", env=env).stdout)
+    assert exact[0]["id"] == "c\x1b[2Jx" and exact[0]["customer"] == "[red]Eve\u202eevil"

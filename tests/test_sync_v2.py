@@ -295,8 +295,9 @@ def test_doctor_checks_the_v2_root_and_names_its_variable(
     good = cli("doctor", env=env)
     assert good.exit_code == 0, good.output
     assert f"API v2 answers for it at {server.v2_base_url}" in good.output
-    dead = cli("doctor", env={**env, "CHATBASE_API_URL": "http://127.0.0.1:9/api/v2"})
+    dead = cli("doctor", env={**env, "CHATBASE_API_URL": "http://ops:hunter2@127.0.0.1:9/api/v2"})
     assert dead.exit_code != 0 and "check CHATBASE_API_URL" in dead.output
+    assert "hunter2" not in dead.output and "ops:***@127.0.0.1:9" in dead.output  # a proxy's password
 
 
 # ------------------------------------------------------------------------ cursor paging under the engine

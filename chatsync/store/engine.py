@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.pool import NullPool
 
 from chatsync.config import normalize_database_url
@@ -46,13 +47,16 @@ def open_engine(url: str, pool_size: int | None = None, create: bool = True) -> 
                 path.parent.mkdir(parents=True, exist_ok=True)
             elif not path.is_file():
                 raise DatabaseUnreachable(FileNotFoundError(f"no database file at {path}"))
-        engine = create_engine(parsed, connect_args={"timeout": 30}, json_serializer=_JSON)
+        engine = create_engine(
+            parsed, connect_args={"timeout": 30}, json_serializer=_JSON, hide_parameters=True
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     if parsed.get_backend_name() == "postgresql":
         if parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")
-        kwargs: dict[str, Any] = {"pool_pre_ping": True, "json_serializer": _JSON}
+        # hide_parameters: an error names the statement, never the values (messages, numbers, emails)
+        kwargs: dict[str, Any] = {"pool_pre_ping": True, "json_serializer": _JSON, "hide_parameters": True}
         if pool_size is not None:
             kwargs.update(pool_size=pool_size, max_overflow=0)
         # A transaction pooler cannot keep prepared statements or our pool: Supabase's (port 6543),
@@ -63,12 +67,33 @@ def open_engine(url: str, pool_size: int | None = None, create: bool = True) -> 
                 "poolclass": NullPool,
                 "connect_args": {"prepare_threshold": None},
                 "json_serializer": _JSON,
+                "hide_parameters": True,
             }
         try:
-            return create_engine(parsed, **kwargs)
+            engine = create_engine(parsed, **kwargs)
         except ModuleNotFoundError:
             raise ConfigError("PostgreSQL needs psycopg 3: pip install 'chatbase-sync[postgres]'") from None
+        event.listen(engine, "handle_error", _without_row_values)
+        return engine
     raise ConfigError(f"unsupported database {parsed.get_backend_name()!r}: use SQLite or PostgreSQL")
+
+
+_DETAIL = re.compile(r"\nDETAIL:[^\n]*")
+
+
+def _without_row_values(context: ExceptionContext) -> None:
+    """Drop PostgreSQL's ``DETAIL`` line from a database error: it can quote the failing row ("Failing row
+    contains (…)", "Key (email)=(…)"), so a lead's name or a message would reach the logs, a 500's report
+    and Sentry. The error's class, SQLSTATE and ``diag`` are unchanged; hide_parameters keeps the values
+    SQLAlchemy would add."""
+    for error in (context.original_exception, context.sqlalchemy_exception):
+        if (
+            error is not None
+            and error.args
+            and isinstance(error.args[0], str)
+            and "\nDETAIL:" in error.args[0]
+        ):
+            error.args = (_DETAIL.sub("", error.args[0]), *error.args[1:])
 
 
 def _casefold(value: object) -> str | None:

@@ -27,6 +27,7 @@ DESCRIPTIONS = {
     404: "Not found, or not visible to the caller",
     409: "Conflict",
     422: "Invalid input; the message says what was expected",
+    413: "The body is larger than the endpoint reads",
     429: "Too many open event streams for this user",
     500: "Unexpected error; the message carries the request id (also in `x-request-id`)",
     503: "A dependency is not available",

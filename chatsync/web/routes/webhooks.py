@@ -4,23 +4,37 @@
 No ``from __future__ import annotations``: FastAPI reads these signatures at runtime.
 """
 
-import json
-
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
+from chatsync.jsonbody import strict_json
 from chatsync.timeutil import utcnow
 from chatsync.web.deps import EngineDep, SettingsDep
 from chatsync.web.errors import ApiError, declared
 
 router = APIRouter(tags=["webhooks"])
+MAX_WEBHOOK_BYTES = 1_000_000  # a lead or a Clerk user is a few kB; more is refused before it is read
+
+
+async def _body(request: Request) -> bytes:
+    """The raw body, at most MAX_WEBHOOK_BYTES: anyone can post to a webhook before its signature is
+    checked, so what is read is bounded (413 past the bound, by ``Content-Length`` or by what arrives)."""
+    declared_length = request.headers.get("content-length", "")
+    if declared_length.isdigit() and int(declared_length) > MAX_WEBHOOK_BYTES:
+        raise ApiError(413, "payload_too_large", f"a webhook body is at most {MAX_WEBHOOK_BYTES} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_WEBHOOK_BYTES:
+            raise ApiError(413, "payload_too_large", f"a webhook body is at most {MAX_WEBHOOK_BYTES} bytes")
+    return bytes(body)
 
 
 class WebhookResult(BaseModel):
     result: str
 
 
-@router.post("/api/webhooks/clerk", response_model=WebhookResult, responses=declared(400))
+@router.post("/api/webhooks/clerk", response_model=WebhookResult, responses=declared(400, 413))
 async def receive_clerk_webhook(request: Request, engine: EngineDep, settings: SettingsDep) -> WebhookResult:
     """Clerk `user.created`, `user.updated` and `user.deleted`, verified with the Svix signature."""
     from anyio import to_thread
@@ -30,14 +44,14 @@ async def receive_clerk_webhook(request: Request, engine: EngineDep, settings: S
 
     if not settings.clerk_webhook_secret:
         raise ApiError(400, "webhook_not_configured", "CLERK_WEBHOOK_SIGNING_SECRET is not set")
-    body = await request.body()
+    body = await _body(request)
     headers = {k.lower(): v for k, v in request.headers.items()}
     try:
         Webhook(settings.clerk_webhook_secret.reveal()).verify(body, headers)
     except (WebhookVerificationError, ValueError, TypeError):
         raise ApiError(400, "invalid_signature", "the webhook signature does not verify") from None
     try:
-        event = json.loads(body)
+        event = strict_json(body)
     except (ValueError, RecursionError):
         raise ApiError(400, "invalid_payload", "the body is not JSON chatsync can read") from None
     if not isinstance(event, dict):
@@ -57,7 +71,7 @@ async def receive_clerk_webhook(request: Request, engine: EngineDep, settings: S
         raise ApiError(400, "invalid_payload", f"not a Clerk user chatsync can store: {exc}") from None
 
 
-@router.post("/api/webhooks/chatbase", response_model=WebhookResult, responses=declared(400))
+@router.post("/api/webhooks/chatbase", response_model=WebhookResult, responses=declared(400, 413))
 async def receive_chatbase_webhook(
     request: Request, engine: EngineDep, settings: SettingsDep
 ) -> WebhookResult:
@@ -66,7 +80,8 @@ async def receive_chatbase_webhook(
     conversation), `pending` (its conversation is not synced yet; the sync that stores it applies the lead),
     `stored` (kept and counted, nothing to apply), `duplicate` (a redelivery: nothing changed) or
     `ignored: <eventType>` for other events. A bad or missing signature, or a body that is not a lead, is a
-    400 and stores nothing."""
+    400 and stores nothing; a body over 1 MB is a 413. Text no database holds (NUL, lone surrogates) is
+    stored as U+FFFD."""
     from anyio import to_thread
 
     from chatsync.errors import BadLead
@@ -75,16 +90,16 @@ async def receive_chatbase_webhook(
 
     if not settings.chatbase_webhook_secret:
         raise ApiError(400, "webhook_not_configured", "CHATBASE_WEBHOOK_SECRET is not set")
-    body = await request.body()
+    body = await _body(request)
     if not signature_matches(
         body, request.headers.get(SIGNATURE_HEADER), settings.chatbase_webhook_secret.reveal()
     ):
         raise ApiError(400, "invalid_signature", "the webhook signature does not verify")
     now = utcnow()
     try:
-        event = json.loads(body)
-    except (ValueError, RecursionError):  # undecodable bytes and bad JSON are ValueErrors
-        raise ApiError(400, "invalid_payload", "not a Chatbase lead: the body is not JSON") from None
+        event = strict_json(body)
+    except (ValueError, RecursionError):  # undecodable bytes, bad JSON and NaN are ValueErrors
+        raise ApiError(400, "invalid_payload", "not a Chatbase lead: the body is not standard JSON") from None
     try:
         lead = lead_from_webhook(event, settings.whatsapp, now)
     except BadLead as exc:
