@@ -291,20 +291,24 @@ def normalize_conversation(raw: object, chatbot_id: str, rule: WhatsAppRule) -> 
 
 
 # What API v1 sends of a conversation and the v2 export does not: kept when v2 updates a v1 copy.
-V1_ONLY_FIELDS = ("customer", "country", "form_submission")
+V1_ONLY_FIELDS = ("customer", "country", "form_submission")  # in v1's answer, not in the v2 export
+V2_ONLY_FIELDS = ("title", "status", "userId")  # in the v2 export, not in v1's answer
 
 
-def with_v1_fields(record: Mapping[str, Any], stored_raw: object) -> dict[str, Any] | None:
-    """``record`` (a v2 export record in v1's shape) with the :data:`V1_ONLY_FIELDS` of the stored copy
-    of the same conversation that it lacks, or None when there is nothing to keep.
+def with_fields_kept(
+    record: Mapping[str, Any], stored_raw: object, fields: tuple[str, ...]
+) -> dict[str, Any] | None:
+    """``record`` with those of ``fields`` that the stored copy of the same conversation has and it lacks,
+    or None when there is nothing to keep.
 
-    A chatbot synced through v1 and then through v2 so keeps the user's country, the customer and the
-    lead form of Chatbase's v1 answer: v2 says nothing about them, which is not the same as their being
-    gone.
+    A chatbot synced through one API version and then the other so keeps what only the first sends:
+    through v2 after v1 (:data:`V1_ONLY_FIELDS`), the user's country, the customer and the lead form;
+    through v1 after v2 (:data:`V2_ONLY_FIELDS`), the title, the status and the WhatsApp sender's
+    ``userId``. The other API saying nothing about them is not the same as their being gone.
     """
     if not isinstance(stored_raw, Mapping):
         return None
-    kept = {k: stored_raw[k] for k in V1_ONLY_FIELDS if k in stored_raw and k not in record}
+    kept = {k: stored_raw[k] for k in fields if k in stored_raw and k not in record}
     return {**record, **kept} if kept else None
 
 

@@ -54,7 +54,13 @@ from chatsync.errors import (
     NormalizerCrashed,
     PagingError,
 )
-from chatsync.normalize import normalize_conversation, stored_id, with_v1_fields
+from chatsync.normalize import (
+    V1_ONLY_FIELDS,
+    V2_ONLY_FIELDS,
+    normalize_conversation,
+    stored_id,
+    with_fields_kept,
+)
 from chatsync.store import writes
 from chatsync.store.locks import chatbot_lock
 from chatsync.timeutil import day_end, day_start, iso_z, parse_timestamp, utcnow
@@ -941,8 +947,7 @@ class Syncer:
                 captured += int(reading.known[outcome.conversation_id][1])
             elif outcome.row is not None:
                 rows.append(outcome.row)
-        if self.client.api == "v2":
-            rows = self._keep_v1_fields(chatbot_id, rows, reading.known)
+        rows = self._keep_other_api_fields(chatbot_id, rows, reading.known)
         days_of_page = [o.created for o in outcomes if o.created is not None]
         windows, finished = stream.completes(fetched.page, days_of_page)
         days = [d for w in windows for d in w.days if d < today]
@@ -992,12 +997,14 @@ class Syncer:
             status.windows_done += 1
         self._report(status)
 
-    def _keep_v1_fields(
+    def _keep_other_api_fields(
         self, chatbot_id: str, rows: list[dict[str, Any]], known: dict[str, tuple[str, bool]]
     ) -> list[dict[str, Any]]:
-        """v2 rows of conversations stored before, with the fields only v1 sends kept from the stored copy
-        (:func:`chatsync.normalize.with_v1_fields`) and read again; the content hash stays the one of what
-        v2 sent, so an unchanged conversation is still found unchanged next time."""
+        """Rows of conversations stored before, with the fields only the other API version sends kept from
+        the stored copy (:func:`chatsync.normalize.with_fields_kept`) and read again; the content hash stays
+        the one of what was sent, so an unchanged conversation is still found unchanged next time. Costs
+        one read of the stored records for a page with changed conversations, none otherwise."""
+        fields = V1_ONLY_FIELDS if self.client.api == "v2" else V2_ONLY_FIELDS
         ids = [r["id"] for r in rows if r["id"] in known]
         if not ids:
             return rows
@@ -1008,14 +1015,14 @@ class Syncer:
             merged = None
             if row["id"] in stored:
                 record = {**writes.decoded_json(row["raw"]), "messages": writes.decoded_json(row["messages"])}
-                merged = with_v1_fields(record, stored[row["id"]])
+                merged = with_fields_kept(record, stored[row["id"]], fields)
             if merged is None:
                 out.append(row)
                 continue
             try:
                 kept = normalize_conversation(merged, chatbot_id, self.rule)
             except BadRecord:
-                out.append(row)  # what v1 sent does not fit any more: store what v2 sent
+                out.append(row)  # what the other version sent does not fit any more: store what was sent
                 continue
             kept["content_hash"], kept["text_repaired"] = row["content_hash"], row["text_repaired"]
             kept["messages"], kept["raw"] = (

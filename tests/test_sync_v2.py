@@ -104,9 +104,16 @@ def test_the_api_flag_and_variable_choose_the_backend_and_each_keeps_its_own_che
     # CHATBASE_API_VERSION=2 is the same as --api 2; --api 1 overrides it
     again = _summary(cli("sync", "--json", env={**v2, "CHATBASE_API_VERSION": "v2"}))
     assert again["updated"] == 0 and again["unchanged"] == again["fetched"]
-    assert (
-        _summary(cli("sync", "--json", "--api", "1", env={**v2, "CHATBASE_API_VERSION": "2"}))["updated"] > 0
-    )  # back to v1's records, which carry no status
+    back = _summary(cli("sync", "--json", "--full", "--api", "1", env={**v2, "CHATBASE_API_VERSION": "2"}))
+    assert back["updated"] > 0 and back["inserted"] == 0  # v1's records differ from v2's
+    # ... and what only v2 sends (the title, the status, the WhatsApp sender and so its number) is kept
+    through_v1_again = stored_conversations(sqlite_url)
+    for conversation_id, before in through_v2.items():
+        after = through_v1_again[conversation_id]
+        for column in ("title", "status", "chatbase_user_id", "wa_channel", "customer", "country", "wa_form"):
+            assert after[column] == before[column], (conversation_id, column)
+    assert sum(row["wa_channel"] is not None for row in through_v1_again.values()) > 0
+    assert sum(row["status"] is not None for row in through_v1_again.values()) == 400
 
 
 def test_an_unknown_api_version_is_one_line_and_syncs_nothing(
