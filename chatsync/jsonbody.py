@@ -56,11 +56,24 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        raise ValueError("an object names the same key twice")
+    return value
+
+
 def strict_json(body: bytes) -> Any:
-    """A request body as standard JSON (RFC 8259), for webhooks: ``NaN``, ``Infinity`` and numbers beyond
-    1e308 are refused rather than read as values no database stores. Raises ValueError (which
-    ``json.JSONDecodeError`` and ``UnicodeDecodeError`` are) or RecursionError when it is not."""
-    return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
+    """A request body as standard JSON (RFC 8259), for webhooks: UTF-8 without a byte order mark, each key
+    once per object, no ``NaN``, ``Infinity`` or number beyond 1e308 (values no database stores, or that
+    two readers could read differently). Raises ValueError (which ``json.JSONDecodeError`` and
+    ``UnicodeDecodeError`` are) or RecursionError when it is not."""
+    text = body.decode("utf-8")  # (json.loads would also take UTF-16 and UTF-32)
+    if text.startswith("\ufeff"):
+        raise ValueError("a JSON body starts with no byte order mark")
+    return json.loads(
+        text, parse_constant=_refuse_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys
+    )
 
 
 def decode_body(body: bytes) -> Any:

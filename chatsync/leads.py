@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -66,7 +67,7 @@ def _key(value: object, name: str, required: bool) -> str | None:
         return None
     if not isinstance(value, str):
         raise BadLead(f"{name} is not a string")
-    if len(value) > MAX_ID_CHARS or any(ch < " " or "\ud800" <= ch <= "\udfff" for ch in value):
+    if len(value) > MAX_ID_CHARS or any(unicodedata.category(ch) in ("Cc", "Cs") for ch in value):
         raise BadLead(f"{name} is not an id (control characters, or over {MAX_ID_CHARS} characters)")
     return value
 

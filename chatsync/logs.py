@@ -13,6 +13,7 @@ request bodies or personal data.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -29,9 +30,37 @@ def _utc_time(record: logging.LogRecord) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
 
 
+# What a terminal would act on instead of showing: C0 and C1 controls (ESC starts colour, title and cursor
+# sequences), DEL, and the bidirectional overrides that make text read as other text.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _picture(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if code < 0x20:
+        return chr(0x2400 + code)  # the Unicode control pictures: ␛ for ESC, ␊ for a newline
+    return "\u2421" if code == 0x7F else "\ufffd"
+
+
+def shown(text: str, lines: bool = False) -> str:
+    """``text`` with every control character replaced by a visible symbol of the same width (ESC by ␛), so
+    text from Chatbase or a user cannot recolour, retitle or rewrite a terminal, nor forge a log line.
+    ``lines``: keep newlines and tabs (a transcript, a message of ours); otherwise they are shown too."""
+    if lines:
+        return _CONTROLS.sub(lambda m: m.group() if m.group() in "\n\t" else _picture(m), text)
+    return _CONTROLS.sub(_picture, text)
+
+
 class _TextFormatter(logging.Formatter):
+    """One line a record: the message's control characters shown, not acted on (a conversation id or a
+    Chatbase error text can hold any); a traceback follows on its own lines as usual."""
+
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return _utc_time(record)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = shown(record.message)
+        return super().formatMessage(record)
 
 
 def _json_formatter(fields: str) -> logging.Formatter:

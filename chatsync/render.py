@@ -29,27 +29,14 @@ if TYPE_CHECKING:  # the sync engine (and SQLAlchemy) stay out of commands that 
 
 PIPE_WIDTH = 160  # a table written to a file or a pipe: no terminal says how wide, so values are not cut
 
-# What a terminal would act on instead of showing: C0 and C1 controls (ESC starts colour, title and cursor
-# sequences), DEL, and the bidirectional overrides that make text read as other text.
-_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
-def _picture(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    if code < 0x20:
-        return chr(0x2400 + code)  # the Unicode control pictures: ␛ for ESC, ␀ for NUL
-    return "\u2421" if code == 0x7F else "\ufffd"
-
 
 def visible(value: object, lines: bool = False, style: str = "") -> Text:
     """Text from Chatbase or a user, safe to draw: never read as rich markup, and every control character
     shown as a symbol of the same width (ESC as ␛), so a message cannot recolour, retitle or rewrite the
     terminal. ``lines``: keep newlines and tabs (a transcript); otherwise they are shown too (a table cell)."""
-    text = str(value)
-    if lines:
-        kept = _CONTROLS.sub(lambda m: m.group() if m.group() in "\n\t" else _picture(m), text)
-        return Text(kept, style=style)
-    return Text(_CONTROLS.sub(_picture, text), style=style)
+    from chatsync.logs import shown
+
+    return Text(shown(str(value), lines), style=style)
 
 
 def stdout_console() -> Console:
@@ -109,9 +96,9 @@ def version_line(version: str) -> None:
 def info(message: str) -> None:
     console = stderr_console()
     if console.is_terminal:
-        console.print(visible(message, style="dim"), highlight=False)
+        console.print(visible(message, lines=True, style="dim"), highlight=False)
     else:
-        print(visible(message).plain, file=sys.stderr)
+        print(visible(message, lines=True).plain, file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------------------ machine
@@ -581,7 +568,7 @@ def conversation(detail: dict[str, Any]) -> None:
         stamp = (message["created_at"] or "")[11:19]
         role = message["role"]
         style = "cyan" if role == "user" else "green" if role == "assistant" else "yellow"
-        line = Text(f"{stamp:>8} ", style="dim") + Text(f"{role:>9}  ", style=f"bold {style}")
+        line = Text(f"{stamp:>8} ", style="dim") + visible(f"{role:>9}  ", style=f"bold {style}")
         if message.get("tools"):
             line.append(visible(f"[called {', '.join(message['tools'])}] ", style="dim"))
         line.append(visible(message["content"], lines=True))

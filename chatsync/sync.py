@@ -926,7 +926,9 @@ class Syncer:
                     log.warning(
                         "chatsync could not read conversation %s: %s", outcome.conversation_id, outcome.reason
                     )
-                    log.debug("the fault, for a bug report:\n%s", outcome.fault)
+                    log.debug("the fault, for a bug report:")
+                    for fault_line in outcome.fault.splitlines():  # (a log record is one line)
+                        log.debug("  %s", fault_line)
                 bad.append((outcome.kept, outcome.reason or "unreadable"))
                 continue
             assert outcome.conversation_id is not None and outcome.created is not None

@@ -411,22 +411,50 @@ def test_bad_webhooks_are_400_and_store_nothing(api: TestClient, engine: Any, pr
         {"last_name": "x" * 201},
         {"id": "user_\u0000nul"},
         {"id": "u" * 65},
+        {"id": "user_\ud83d"},
+        {"first_name": "Carol\ud83d"},
+        {"email_addresses": [{"id": "e1", "email_address": "x\ud83d@example.com"}]},
+        {"email_addresses": 5},
+        {"type": "user.created\u0000"},
+        {"type": "user.created\ud83d"},
+        {"type": None},
     ],
-    ids=["far-future", "nan", "object-name", "long-name", "nul-id", "long-id"],
+    ids=[
+        "far-future",
+        "nan",
+        "object-name",
+        "long-name",
+        "nul-id",
+        "long-id",
+        "surrogate-id",
+        "surrogate-name",
+        "surrogate-email",
+        "addresses-not-a-list",
+        "nul-type",
+        "surrogate-type",
+        "no-type",
+    ],
 )
 def test_a_signed_clerk_user_chatsync_cannot_store_is_400_not_500(
     api: TestClient, engine: Any, odd: dict[str, Any]
 ) -> None:
     event = _user_event("user.created", 1000)
-    event["data"].update(odd)
+    if "type" in odd:
+        event["type"] = odd["type"]
+    else:
+        event["data"].update(odd)
     body, headers = _signed(event, "m-odd")
     response = api.post("/api/webhooks/clerk", content=body, headers=headers)
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_payload"
     assert _stored_user(engine) is None
-    deleted, deleted_headers = _signed(
-        {"type": "user.deleted", "timestamp": 1e30, "data": {"id": "user_w"}}, "m-del"
-    )
-    assert api.post("/api/webhooks/clerk", content=deleted, headers=deleted_headers).status_code == 400
+    for number, deleted_event in enumerate(
+        [
+            {"type": "user.deleted", "timestamp": 1e30, "data": {"id": "user_w"}},
+            {"type": "user.deleted", "timestamp": 1000, "data": {"id": "user_\ud83d"}},
+        ]
+    ):
+        deleted, deleted_headers = _signed(deleted_event, f"m-del-{number}")
+        assert api.post("/api/webhooks/clerk", content=deleted, headers=deleted_headers).status_code == 400
 
 
 def test_users_backfill_pages_through_clerk(engine: Any) -> None:

@@ -184,6 +184,10 @@ BAD = [
     "Infinity",
     "number beyond a float",
     "conversationId with NUL",
+    "chatbotId with a C1 control",
+    "a key twice",
+    "byte order mark",
+    "UTF-16",
 ]
 
 
@@ -211,10 +215,23 @@ def test_a_bad_lead_delivery_is_400_and_stores_nothing(engine: Any, problem: str
         value = {"NaN": "NaN", "Infinity": "-Infinity", "number beyond a float": "1e400"}[problem]
         body = body.replace(b'"eventType"', b'"score": ' + value.encode() + b', "eventType"')
         headers[SIGNATURE_HEADER] = signature(body, SECRET)
-    elif problem == "conversationId with NUL":
+    elif problem in ("conversationId with NUL", "chatbotId with a C1 control"):
         event = json.loads(body)
-        event["payload"]["conversationId"] = "c1\u0000"
+        if problem == "conversationId with NUL":
+            event["payload"]["conversationId"] = "c1\u0000"
+        else:
+            event["chatbotId"] = BOT + "\u009b"
         body = json.dumps(event).encode()
+        headers[SIGNATURE_HEADER] = signature(body, SECRET)
+    elif problem in ("a key twice", "byte order mark", "UTF-16"):  # JSON two readers could read apart
+        if problem == "a key twice":
+            body = body.replace(b'"eventType"', b'"chatbotId": "other-bot", "eventType"')
+        else:
+            body = (
+                ("\ufeff" + body.decode()).encode()
+                if problem == "byte order mark"
+                else body.decode().encode("utf-16")
+            )
         headers[SIGNATURE_HEADER] = signature(body, SECRET)
         headers[SIGNATURE_HEADER] = signature(body, SECRET)  # signed, but not a lead
     response = api.post("/api/webhooks/chatbase", content=body, headers=headers)

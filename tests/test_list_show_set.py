@@ -316,6 +316,7 @@ def test_tables_show_control_characters_and_markup_as_text_never_act_on_them(cli
         customer="[red]Eve\u202eevil",
         words="\x9b2J and \x7f",
     )
+    hostile["messages"].append({"role": "\x1b]0;role\x07\x1b[2J", "content": "from a role"})
     row = normalize_conversation(hostile, "bot-a", WhatsAppRule())
     with engine.begin() as connection:
         writes.upsert_conversations(connection, [row], datetime.now(UTC))

@@ -138,6 +138,47 @@ def test_verbose_sync_logs_its_plan_windows_and_summary(
     assert quiet.stderr == ""  # nothing on stderr by default when all is well
 
 
+def test_a_text_log_line_shows_control_characters_and_stays_one_line() -> None:
+    """A conversation id or a Chatbase error text can hold ESC sequences and newlines: the log shows them."""
+    import io
+    import logging
+
+    from chatsync.logs import log_handler
+
+    stream = io.StringIO()
+    logger = logging.getLogger("chatsync.test-log-line")
+    logger.addHandler(log_handler("text", stream))
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        logger.info("repaired %s", "ev2-\x1b[2J\u202e[red]y\nINFO chatsync.sync: forged")
+    finally:
+        logger.handlers.clear()
+    written = stream.getvalue()
+    assert written.count("\n") == 1 and "\x1b" not in written and "\u202e" not in written
+    assert "repaired ev2-␛[2J\ufffd[red]y␊INFO chatsync.sync: forged" in written
+
+
+def test_the_emulator_prints_the_settings_to_paste_on_lines_of_their_own() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "chatsync", "emulator", "--port", "0", "--conversations", "10"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        lines = [process.stderr.readline() for _ in range(3)]
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    assert lines[1].startswith("  export CHATBASE_API_KEY=demo-key CHATBASE_CHATBOT_ID=demo-bot"), lines
+    assert lines[2].startswith("  export CHATBASE_BASE_URL=http://127.0.0.1:") and "/api/v2" in lines[2], (
+        lines
+    )
+    assert process.returncode == 0  # a stop asked for is no failure
+
+
 def test_json_log_format_writes_one_object_a_line(cli: Any, emulator_factory: Any, sqlite_url: str) -> None:
     server = emulator_factory(conversations=100, seed=44)
     env = {**chatbase_env(server, sqlite_url), "CHATSYNC_LOG_FORMAT": "json"}

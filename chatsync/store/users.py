@@ -27,20 +27,37 @@ def _moment(epoch_ms: object) -> datetime | None:
     raise BadClerkUser(f"timestamp {str(epoch_ms)[:40]!r} is not epoch milliseconds")
 
 
+def _storable(value: str) -> bool:
+    """Whether a database can hold the text: no NUL, no lone surrogate (what Clerk never sends)."""
+    return "\x00" not in value and not any("\ud800" <= ch <= "\udfff" for ch in value)
+
+
 def _text(value: object, limit: int | None, name: str) -> str | None:
-    """A string field as stored: text without NUL within the column's width, or None when absent."""
+    """A string field as stored: text a database holds within the column's width, or None when absent."""
     if value is None:
         return None
-    if not isinstance(value, str) or "\x00" in value or (limit is not None and len(value) > limit):
+    if not isinstance(value, str) or not _storable(value) or (limit is not None and len(value) > limit):
         raise BadClerkUser(f"{name} is not text of at most {limit} characters")
     return value
+
+
+def event_type(event: dict[str, Any]) -> str:
+    """The event's ``type`` (``user.created``…), as recorded with its delivery; BadClerkUser when it is not
+    short text a database holds."""
+    kind = _text(event.get("type"), 64, "type")
+    if kind is None:
+        raise BadClerkUser("type is missing")
+    return kind
 
 
 def user_row(clerk_user: dict[str, Any]) -> dict[str, Any]:
     """The stored fields of a Clerk user object (webhook ``data`` or a Backend API list item)."""
     primary = clerk_user.get("primary_email_address_id")
     email = None
-    for address in clerk_user.get("email_addresses") or []:
+    addresses = clerk_user.get("email_addresses") or []
+    if not isinstance(addresses, list):
+        raise BadClerkUser("email_addresses is not a list")
+    for address in addresses:
         if isinstance(address, dict) and (address.get("id") == primary or email is None):
             email = address.get("email_address")
             if address.get("id") == primary:

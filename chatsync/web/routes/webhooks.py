@@ -40,7 +40,7 @@ async def receive_clerk_webhook(request: Request, engine: EngineDep, settings: S
     from anyio import to_thread
     from svix.webhooks import Webhook, WebhookVerificationError
 
-    from chatsync.store.users import BadClerkUser, apply_clerk_event, first_delivery
+    from chatsync.store.users import BadClerkUser, apply_clerk_event, event_type, first_delivery
 
     if not settings.clerk_webhook_secret:
         raise ApiError(400, "webhook_not_configured", "CLERK_WEBHOOK_SIGNING_SECRET is not set")
@@ -59,9 +59,7 @@ async def receive_clerk_webhook(request: Request, engine: EngineDep, settings: S
 
     def store() -> str:
         with engine.begin() as connection:
-            if not first_delivery(
-                connection, headers.get("svix-id", "")[:128], str(event.get("type"))[:64], utcnow()
-            ):
+            if not first_delivery(connection, headers.get("svix-id", "")[:128], event_type(event), utcnow()):
                 return "duplicate"
             return apply_clerk_event(connection, event, utcnow())
 
