@@ -253,7 +253,7 @@ class ChatbaseV2Client(ChatbaseHTTP):
         if status == 403:
             hint = (
                 "API v2 needs a Chatbase plan with API access (Standard or higher): "
-                "upgrade the plan or set CHATBASE_API_VERSION=1"
+                "upgrade the plan, or sync through API v1 (--api 1, or CHATBASE_API_VERSION=1)"
             )
         elif status == 404 and agent and code == "AGENT_NOT_FOUND":
             hint = f"check CHATBASE_CHATBOT_ID: agent {unquote(agent.group(1))!r} was not found for this key"

@@ -7,7 +7,7 @@ import itertools
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import date
 from typing import Annotated, Any, TypeVar
@@ -495,7 +495,7 @@ def list_(
     """List stored conversations, newest first."""
     from chatsync import render
     from chatsync.store.queries import LIST_KEYS, ConversationFilter, iter_conversations
-    from chatsync.whatsapp import normalize_number
+    from chatsync.whatsapp import lookup_number
 
     settings = _ctx().settings(region=region)
     fmt = _format(output, ("table", "json", "csv", "ndjson"))
@@ -507,18 +507,28 @@ def list_(
         since=start,
         until=end,
         has_whatsapp=has_whatsapp,
-        number=normalize_number(number, settings.whatsapp) if number is not None else None,
+        number=lookup_number(number, settings.whatsapp) if number is not None else None,
         search=search or None,
     )
-    rows = iter_conversations(_ctx().engine(settings), filters, None if all_ else limit)
+    found = iter_conversations(_ctx().engine(settings), filters, None if all_ else limit)
+    written = 0
+
+    def rows() -> Iterator[dict[str, Any]]:
+        nonlocal written
+        for row in found:
+            written += 1
+            yield row
+
     if fmt == "table":
-        render.conversations_table(rows)
+        render.conversations_table(rows())
     elif fmt == "json":
-        render.write_json_array(rows)
+        render.write_json_array(rows())
     elif fmt == "ndjson":
-        render.write_ndjson(rows)
+        render.write_ndjson(rows())
     else:
-        render.write_csv(rows, LIST_KEYS)
+        render.write_csv(rows(), LIST_KEYS)
+    if not all_ and written == limit:  # (on stderr: what a script reads stays the rows alone)
+        render.info(f"the newest {limit} matches (--limit {limit}); --all for every match")
 
 
 @app.command()
@@ -1056,7 +1066,23 @@ def demo(
     with engine.connect() as connection:
         data = build_report(connection, ConversationFilter(), tz=settings.timezone)
     render.report(data)
-    render.info(f"explore it: chatsync --database-url {url} list --has-whatsapp")
+    render.info(f"explore it: {_as_invoked()} --database-url {url} list --has-whatsapp")
+
+
+def _as_invoked() -> str:
+    """How to run chatsync again as this run was started: ``chatsync`` when that is on PATH, else the path
+    it was started by (``.venv/bin/chatsync`` of the README's demo command), else ``python -m chatsync``."""
+    import shlex
+    import shutil
+    from pathlib import Path
+
+    started = Path(sys.argv[0])
+    on_path = shutil.which("chatsync")
+    if on_path and started.name == "chatsync" and Path(on_path).resolve() == started.resolve():
+        return "chatsync"
+    if started.name == "chatsync":
+        return shlex.quote(sys.argv[0])
+    return f"{shlex.quote(sys.executable)} -m chatsync"
 
 
 # ---------------------------------------------------------------------------------------------- HTTP API
@@ -1085,7 +1111,9 @@ def serve(
         from chatsync.web.auth import ClerkSettings
         from chatsync.web.logs import configure_logging
     except ImportError:
-        raise UsageError("the HTTP API needs the api extra: pip install 'chatbase-sync[api]'") from None
+        raise UsageError(
+            "the HTTP API needs the api extra: pip install 'chatbase-sync[api]', or from a checkout pip install '.[api]'"
+        ) from None
     settings = _ctx().settings(log_format=log_format)
     ClerkSettings.from_settings(settings)  # refuse to start without the Clerk settings
     engine = open_engine(settings.database_url, pool_size=WORKER_THREADS)

@@ -63,11 +63,18 @@ class InvalidDuration(UsageError):
 
 
 class InvalidNumber(UsageError):
-    def __init__(self, text: str, reason: str = "") -> None:
+    def __init__(
+        self, text: str, reason: str = "", country_codes: tuple[str, ...] = ("852", "853", "65")
+    ) -> None:
         detail = f" ({reason})" if reason else ""
+        codes = (
+            ", ".join(country_codes[:-1]) + f" or {country_codes[-1]}"
+            if len(country_codes) > 1
+            else country_codes[0]
+        )
         super().__init__(
             f"invalid WhatsApp number {text!r}{detail}: expected 8 digits, optionally with country code "
-            "852, 853 or 65, e.g. 9123 4567 or +852 9123 4567"
+            f"{codes} (CHATSYNC_ACCEPTED_REGIONS), e.g. 9123 4567 or +{country_codes[0]} 9123 4567"
         )
 
 

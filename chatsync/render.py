@@ -726,7 +726,11 @@ def report(data: dict[str, Any]) -> None:
             ]
         )
     )
-    console.print(_counts_table({f"{k} messages": v for k, v in data["length_histogram"].items()}, n))
+    console.print(
+        _counts_table(
+            {f"{k} message{'' if k == '1' else 's'}": v for k, v in data["length_histogram"].items()}, n
+        )
+    )
 
     _feedback_and_status(console, data)
 

@@ -449,14 +449,34 @@ def extract_reply(reply: str, rule: WhatsAppRule | None = None) -> ReplyResult:
 
 def normalize_number(text: str, rule: WhatsAppRule | None = None) -> str:
     """Read one WhatsApp number typed by a person or a form, by the extraction rule; E.164 or InvalidNumber."""
+    rule = rule or WhatsAppRule()
     result = extract_reply(text, rule)
     numbers = result.numbers
+    codes = tuple(_country_code(region) for region in rule.accepted_regions)
     if len(numbers) == 1:
         return numbers[0]
     if len(numbers) > 1:
-        raise InvalidNumber(text, "more than one number")
+        raise InvalidNumber(text, "more than one number", codes)
     reasons = [c.reason for c in result.candidates if c.reason]
-    raise InvalidNumber(text, reasons[0] if len(reasons) == 1 else "")
+    raise InvalidNumber(text, reasons[0] if len(reasons) == 1 else "", codes)
+
+
+_TYPED_INTERNATIONAL = re.compile(r"\+[0-9][0-9 .\-()]{5,24}")
+
+
+def lookup_number(text: str, rule: WhatsAppRule | None = None) -> str:
+    """The E.164 number to look conversations up by: what :func:`normalize_number` reads, or else any
+    number written with ``+`` and its country code (``+60 12-351 1338``), as a WhatsApp sender's number from
+    any country is stored. Only finds; never stores. Raises InvalidNumber as :func:`normalize_number`."""
+    try:
+        return normalize_number(text, rule)
+    except InvalidNumber:
+        stripped = text.strip()
+        if _TYPED_INTERNATIONAL.fullmatch(stripped):
+            number = channel_number("+" + re.sub(r"[^0-9]", "", stripped))
+            if number is not None:
+                return number
+        raise
 
 
 def form_number(value: object, rule: WhatsAppRule | None = None) -> str | None:

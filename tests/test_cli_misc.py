@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,12 @@ def test_demo_syncs_and_reports_with_no_account(cli: Any, tmp_path: Path) -> Non
     assert "sync ok" in result.stdout and "WhatsApp numbers" in result.stdout
     listed = cli("--database-url", f"sqlite:///{tmp_path / 'demo.db'}", "list", "--all", "--format", "json")
     assert len(json.loads(listed.stdout)) == 400
+    # the command it suggests runs as printed (chatsync need not be on PATH: the README never activates)
+    hint = next(line for line in result.stderr.splitlines() if line.startswith("explore it: "))
+    command = [*shlex.split(hint.removeprefix("explore it: ")), "--format", "json"]
+    explored = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert explored.returncode == 0, explored.stderr
+    assert json.loads(explored.stdout) and all(r["whatsapp_number"] for r in json.loads(explored.stdout))
 
 
 def test_extract_test_explains_each_candidate(cli: Any) -> None:

@@ -104,6 +104,17 @@ def test_every_filter_alone_and_combined(
     assert _ids(cli, seeded, *args) == expected
 
 
+def test_a_list_cut_by_its_limit_says_so_on_stderr_only(cli: Any, seeded: str) -> None:
+    cut = cli("--database-url", seeded, "list", "--limit", "2", "--format", "csv")
+    assert len(list(csv.reader(io.StringIO(cut.stdout)))) == 3  # the header and two rows, nothing else
+    assert "--all for every match" in cut.stderr
+    whole = cli("--database-url", seeded, "list", "--limit", "6", "--format", "csv")
+    every = cli("--database-url", seeded, "list", "--all", "--format", "csv")
+    assert whole.stdout == every.stdout and every.stderr == ""
+    assert "--all" in whole.stderr  # six of six: it cannot know without counting, so it says so
+    assert cli("--database-url", seeded, "list", "--limit", "7", "--format", "csv").stderr == ""
+
+
 def test_limit_and_newest_first_with_ties_broken_by_id(cli: Any, seeded: str) -> None:
     result = cli("--database-url", seeded, "list", "--format", "json", "--limit", "3")
     assert [r["id"] for r in json.loads(result.stdout)] == ["c6", "c5", "c4"]
@@ -340,3 +351,26 @@ def test_tables_show_control_characters_and_markup_as_text_never_act_on_them(cli
     assert unknown.exit_code != 0 and "\x1b" not in unknown.stderr and "\x07" not in unknown.stderr
     exact = json.loads(cli("list", "--format", "json", env=env).stdout)
     assert exact[0]["id"] == "c\x1b[2Jx" and exact[0]["customer"] == "[red]Eve\u202eevil"
+
+
+def test_a_senders_number_from_any_country_can_be_looked_up_but_is_set_by_the_rule(
+    cli: Any, engine: Any
+) -> None:
+    """Sync stores a WhatsApp sender's number from any country; support staff must find it by that number.
+    Setting one by hand still follows the rule (and its error names the setting that widens it)."""
+    raw = _conversation("my1", "2024-05-01T08:00:00Z", reply="no thanks", userId="+60123511338")
+    row = normalize_conversation(raw, "bot-a", WhatsAppRule())
+    assert (row["wa_channel"], row["auto_number"]) == ("+60123511338", "+60123511338")
+    with engine.begin() as connection:
+        writes.upsert_conversations(connection, [row], datetime.now(UTC))
+    env = {"CHATSYNC_DATABASE_URL": engine.url.render_as_string(hide_password=False)}
+    for written in ("+60123511338", "+60 12-351 1338", " +60 (12) 351 1338 "):
+        found = cli("list", "--number", written, "--format", "json", env=env)
+        assert found.exit_code == 0, found.stderr
+        assert [r["id"] for r in json.loads(found.stdout)] == ["my1"], written
+    for not_a_lookup in ("60123511338", "+60 12 351 1338 ext", "+999 1234 5678"):
+        refused = cli("list", "--number", not_a_lookup, env=env)
+        assert refused.exit_code == ExitCode.USAGE, not_a_lookup
+    manual = cli("set-whatsapp", "my1", "+60123511338", env=env)
+    assert manual.exit_code == ExitCode.USAGE
+    assert "CHATSYNC_ACCEPTED_REGIONS" in manual.stderr and "852, 853 or 65" in manual.stderr

@@ -72,7 +72,9 @@ def open_engine(url: str, pool_size: int | None = None, create: bool = True) -> 
         try:
             engine = create_engine(parsed, **kwargs)
         except ModuleNotFoundError:
-            raise ConfigError("PostgreSQL needs psycopg 3: pip install 'chatbase-sync[postgres]'") from None
+            raise ConfigError(
+                "PostgreSQL needs psycopg 3: pip install 'chatbase-sync[postgres]', or from a checkout pip install '.[postgres]'"
+            ) from None
         event.listen(engine, "handle_error", _without_row_values)
         return engine
     raise ConfigError(f"unsupported database {parsed.get_backend_name()!r}: use SQLite or PostgreSQL")

@@ -33,7 +33,7 @@ def conversation_filter(
 ) -> ConversationFilter:
     """The core's filter for a request, limited to what the caller may see."""
     from chatsync.sources import canonical_source
-    from chatsync.whatsapp import normalize_number
+    from chatsync.whatsapp import lookup_number
 
     return ConversationFilter(
         chatbot_ids=tuple(chatbot_id or ()),
@@ -41,7 +41,7 @@ def conversation_filter(
         since=since,
         until=until,
         has_whatsapp=has_whatsapp,
-        number=core(lambda: normalize_number(number, settings.whatsapp)) if number is not None else None,
+        number=core(lambda: lookup_number(number, settings.whatsapp)) if number is not None else None,
         search=search or None,
         visible_chatbot_ids=who.visible,
     )
