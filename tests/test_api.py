@@ -139,6 +139,9 @@ def test_each_caller_sees_only_their_chatbots(api: TestClient) -> None:
     assert ids(ADMIN) == ["b1", "a2", "a1"]
     assert ids(USER_A, chatbot_id="bot-b") == []  # asking for another's chatbot shows nothing
     assert ids(USER_A, number="+852 9123 4567") == ["a2", "a1"]
+    assert ids(USER_A, number="+60 12-351 1338") == []  # any country's number is a lookup, not an error
+    foreign = api.get("/api/conversations", headers=USER_A, params={"number": "60123511338"})
+    assert foreign.status_code == 422 and "CHATSYNC_ACCEPTED_REGIONS" in foreign.json()["error"]["message"]
 
     def conversations(headers: dict[str, str]) -> int:
         response = api.get("/api/analytics", headers=headers, params={"tz": "Asia/Hong_Kong"})
