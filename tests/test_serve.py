@@ -182,3 +182,68 @@ def test_text_logs_carry_the_request_id_on_every_line(engine: Any) -> None:
     lines = stream.getvalue().splitlines()
     assert any("INFO [req-text-1] chatsync.access: GET /api/conversations 200 " in line for line in lines)
     assert any(f"[{generated}] chatsync.access: GET /healthz 200" in line for line in lines)
+
+
+def test_the_docs_recipe_for_trying_serve_without_clerk_works_as_written(tmp_path: Path) -> None:
+    """docs/api.md's stand-in for a Clerk instance: its script, its settings, then a signed-in request."""
+    import re
+    import shlex
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    section = page.split("## Trying it without a Clerk instance", 1)[1].split("\n## ", 1)[0]
+    script, shell = re.findall(r"```(?:python|sh)\n(.*?)```", section, flags=re.DOTALL)
+    (tmp_path / "dev_clerk.py").write_text(script)
+    subprocess.run([sys.executable, "dev_clerk.py"], cwd=tmp_path, check=True, timeout=60)
+    assert "python dev_clerk.py" in shell
+    exports = "\n".join(line for line in shell.splitlines() if line.startswith("export "))
+    shown = subprocess.run(
+        ["bash", "-c", f"{exports}\nenv -0"], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout
+    settings = dict(
+        item.split("=", 1) for item in shown.split("\0") if item.startswith(("CLERK_", "CHATSYNC_"))
+    )
+    assert {"CLERK_JWT_KEY", "CLERK_ISSUER", "CLERK_AUTHORIZED_PARTIES", "CHATSYNC_ADMIN_USER_IDS"} <= set(
+        settings
+    )
+    serve_line = next(line for line in shell.splitlines() if " serve " in line)
+    assert "--port 8000" in serve_line and shlex.split(serve_line)[0] == "chatsync"
+
+    database_url = f"sqlite:///{tmp_path / 'demo.db'}"
+    engine = open_engine(database_url)
+    ensure_schema(engine)
+    row = normalize_conversation(conversation("d1", "demo-bot"), "demo-bot", WhatsAppRule())
+    with engine.begin() as connection:
+        writes.upsert_conversations(connection, [row], datetime.now(UTC))
+    engine.dispose()
+    environment = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("CHATSYNC_", "CLERK_", "CHATBASE_"))},
+        **settings,
+    }
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "chatsync", "--database-url", database_url, "serve", "--port", str(port)],
+        cwd=tmp_path,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None, server.stderr.read() if server.stderr else ""
+            assert time.monotonic() < deadline, "serve did not start"
+            time.sleep(0.2)
+        dev_token = (tmp_path / "dev-token").read_text().strip()
+        listed = httpx.get(f"{base}/api/conversations", headers={"Authorization": f"Bearer {dev_token}"})
+        assert listed.status_code == 200 and [c["id"] for c in listed.json()["data"]] == ["d1"]
+        assert httpx.get(f"{base}/api/conversations").status_code == 401
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
