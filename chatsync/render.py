@@ -667,7 +667,17 @@ def report(data: dict[str, Any]) -> None:
     """The report as a person reads it: window and coverage first, then volume, depth, WhatsApp, audience."""
     console = stdout_console()
     window = data["window"]
-    span = f"{window['since'] or 'first'} … {window['until'] or 'latest'} ({window['timezone']})"
+    since, until = window["since"], window["until"]
+    days = (
+        f"{since} … {until}"
+        if since and until
+        else f"from {since}"
+        if since
+        else f"until {until}"
+        if until
+        else "all time"
+    )
+    span = f"{days} ({window['timezone']})"
     console.print(Text("chatsync report", style="bold") + Text(f"  {span}", style="dim"))
     n = data["conversations"]
     if not n:
