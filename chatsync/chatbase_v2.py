@@ -99,17 +99,8 @@ class ChatbaseV2Client(ChatbaseHTTP):
                 raise PagingError(f"page {page} of {start}..{end} was asked out of order (next is {number})")
             if cursor is None:
                 return ConversationPage([], b'{"data": []}', last=True)  # the window has ended
-        params: dict[str, Any] = {"limit": size}
-        if cursor:
-            params["cursor"] = cursor
-        if start:
-            params["startDate"] = start.isoformat()
-        if end:
-            params["endDate"] = end.isoformat()
-        if sources:
-            params["source"] = ",".join(sources)
-        path = f"agents/{quote(agent_id, safe='')}/conversations/export"
-        answer = self.request(path, params, wanted=wanted, raw=True)
+        params = _export_params(start, end, sources, cursor, size)
+        answer = self.request(_export_path(agent_id), params, wanted=wanted, raw=True)
         if answer is None:
             return None
         body, content = answer
@@ -151,21 +142,12 @@ class ChatbaseV2Client(ChatbaseHTTP):
         """One page of the export, created on UTC days ``start``..``end`` (both inclusive), from
         ``sources`` (all when empty); ``summary`` leaves the messages out. Raises ChatbaseUnavailable
         when the answer is not an export page."""
-        params: dict[str, Any] = {"limit": limit}
-        if cursor:
-            params["cursor"] = cursor
-        if start:
-            params["startDate"] = start.isoformat()
-        if end:
-            params["endDate"] = end.isoformat()
-        if sources:
-            params["source"] = ",".join(sources)
+        params = _export_params(start, end, sources, cursor, limit)
         if conversation_id:
             params["conversationId"] = conversation_id
         if summary:
             params["include"] = "summary"
-        body = self.request(f"agents/{quote(agent_id, safe='')}/conversations/export", params)
-        return _cursor_page(body)
+        return _cursor_page(self.request(_export_path(agent_id), params))
 
     def iter_pages(
         self,
@@ -330,6 +312,26 @@ def _extrapolated_last_empty_day(counts: dict[date, int], lo: date, hi: date) ->
 
 
 # ---------------------------------------------------------------------------------------------- pages
+def _export_path(agent_id: str) -> str:
+    return f"agents/{quote(agent_id, safe='')}/conversations/export"  # the id as one path segment
+
+
+def _export_params(
+    start: date | None, end: date | None, sources: tuple[str, ...], cursor: str | None, limit: int
+) -> dict[str, Any]:
+    """The export's query for a window of UTC days (both inclusive), its sources and where to go on."""
+    params: dict[str, Any] = {"limit": limit}
+    if cursor:
+        params["cursor"] = cursor
+    if start:
+        params["startDate"] = start.isoformat()
+    if end:
+        params["endDate"] = end.isoformat()
+    if sources:
+        params["source"] = ",".join(sources)
+    return params
+
+
 def _cursor_page(body: object) -> CursorPage:
     """Read ``{data: [...], pagination: {cursor, hasMore, total}}``; anything else is a broken answer."""
     data = body.get("data") if isinstance(body, dict) else None

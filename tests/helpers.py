@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import re
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -142,3 +146,24 @@ def fake_sentry() -> Iterator[tuple[str, list[bytes]]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+KILL_DELAYS = (1.2, 1.9, 2.6, 3.3, 4.0)  # seconds after start: early, while paging, near the end
+
+
+def sync_killed_then_rerun(
+    env: dict[str, str], cwd: Any, final_timeout: float
+) -> tuple[list[int], subprocess.CompletedProcess[str]]:
+    """Start ``chatsync sync --json`` and SIGKILL it at each of KILL_DELAYS (unless it ended first), then
+    run it once to the end: the killed runs' exit codes, and the last run."""
+    command = [sys.executable, "-m", "chatsync", "sync", "--json"]
+    outcomes = []
+    for delay in KILL_DELAYS:
+        process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(delay)
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        outcomes.append(process.returncode)
+    final = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=final_timeout)
+    return outcomes, final

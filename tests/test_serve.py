@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,20 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _wait_until_serving(base: str, server: subprocess.Popen[Any], output: Callable[[], str]) -> None:
+    """Wait up to 60 s for ``/healthz`` to answer 200; fail with the server's ``output`` if it exits."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert server.poll() is None, output()
+        assert time.monotonic() < deadline, "serve did not start"
+        time.sleep(0.2)
 
 
 def _dotenv(path: Path, database_url: str, sentry_dsn: str = "http://public@127.0.0.1:9/1") -> None:
@@ -94,16 +109,7 @@ def test_serve_runs_from_dotenv_and_logs_a_500_with_its_request_id_and_no_token(
         )
         try:
             base = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert server.poll() is None, log_path.read_text()
-                assert time.monotonic() < deadline, "serve did not start"
-                time.sleep(0.2)
+            _wait_until_serving(base, server, log_path.read_text)
             with httpx.Client(base_url=base, timeout=10) as client:
                 listed = client.get(
                     "/api/conversations",
@@ -230,16 +236,7 @@ def test_the_docs_recipe_for_trying_serve_without_clerk_works_as_written(tmp_pat
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None, server.stderr.read() if server.stderr else ""
-            assert time.monotonic() < deadline, "serve did not start"
-            time.sleep(0.2)
+        _wait_until_serving(base, server, lambda: server.stderr.read() if server.stderr else "")
         dev_token = (tmp_path / "dev-token").read_text().strip()
         listed = httpx.get(f"{base}/api/conversations", headers={"Authorization": f"Bearer {dev_token}"})
         assert listed.status_code == 200 and [c["id"] for c in listed.json()["data"]] == ["d1"]

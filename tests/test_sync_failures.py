@@ -23,7 +23,7 @@ from chatsync.store.engine import ensure_schema, open_engine
 from chatsync.store.locks import chatbot_lock
 from chatsync.sync import Syncer, SyncRequest
 from tests.conftest import chatbase_env
-from tests.helpers import assert_exact
+from tests.helpers import assert_exact, sync_killed_then_rerun
 
 
 def _client(server: Any, **kwargs: Any) -> ChatbaseClient:
@@ -71,19 +71,8 @@ def test_sigkill_at_five_points_then_rerun_ends_exact(
     # no first-day probes, so it outran the kills with the 3,000 conversations this test once used.
     server = emulator_factory(conversations=12000, seed=23, latency_ms=120)
     env = {**os.environ, **chatbase_env(server, database_url), "CHATSYNC_CONCURRENCY": "4"}
-    command = [sys.executable, "-m", "chatsync", "sync", "--json"]
-    outcomes = []
-    for delay in (1.2, 1.9, 2.6, 3.3, 4.0):
-        process = subprocess.Popen(
-            command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        time.sleep(delay)
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-        outcomes.append(process.returncode)
+    outcomes, final = sync_killed_then_rerun(env, tmp_path, final_timeout=120)
     assert outcomes.count(-signal.SIGKILL) >= 3, outcomes  # most runs really were killed mid-way
-    final = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert final.returncode == 0, final.stderr
     assert json.loads(final.stdout)["status"] == "ok"
     assert_exact(database_url, server.emulator)

@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +20,7 @@ from chatsync.store.engine import ensure_schema, open_engine
 from chatsync.store.tables import quarantine, sync_days
 from chatsync.sync import Syncer, SyncRequest
 from tests.conftest import chatbase_env, chatbase_v2_env
-from tests.helpers import assert_exact, assert_exact_v2, stored_conversations
+from tests.helpers import assert_exact, assert_exact_v2, stored_conversations, sync_killed_then_rerun
 from tests.test_report_v2 import assert_v2_figures, expected_figures
 
 
@@ -199,19 +196,8 @@ def test_v2_sigkill_at_five_points_then_rerun_ends_exact(
 ) -> None:
     server = emulator_factory(conversations=4000, seed=23, latency_ms=60)
     env = {**os.environ, **chatbase_v2_env(server, database_url), "CHATSYNC_CONCURRENCY": "4"}
-    command = [sys.executable, "-m", "chatsync", "sync", "--json"]
-    outcomes = []
-    for delay in (1.2, 1.9, 2.6, 3.3, 4.0):
-        process = subprocess.Popen(
-            command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        time.sleep(delay)
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-        outcomes.append(process.returncode)
+    outcomes, final = sync_killed_then_rerun(env, tmp_path, final_timeout=180)
     assert outcomes.count(-signal.SIGKILL) >= 3, outcomes  # most runs really were killed mid-way
-    final = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert final.returncode == 0, final.stderr
     assert json.loads(final.stdout)["status"] == "ok"
     assert_exact_v2(database_url, server.emulator)
