@@ -380,11 +380,15 @@ def _check_window(records: list[Any], start: date | None, end: date | None) -> l
     A few outside, or any dated before 2020 or in the future, are records whose ``createdAt`` cannot be
     right (Chatbase filtered them into this window by its own): the sync quarantines them with the reason.
     """
+
+    def within(day: date) -> bool:
+        return (start is None or day >= start) and (end is None or day <= end)
+
     days = [day for day in (_created_day(r) for r in records) if day is not None]
-    inside = [d for d in days if (start is None or d >= start) and (end is None or d <= end)]
+    inside = [d for d in days if within(d)]
     # only a day Chatbase could have served is evidence: 1970 or year 50000 is one record's broken time
     latest = datetime.now(UTC).date() + timedelta(days=1)
-    outside = [d for d in days if d not in inside and HISTORY_FLOOR <= d <= latest]
+    outside = [d for d in days if not within(d) and HISTORY_FLOOR <= d <= latest]
     if outside and len(outside) * 2 > len(days):
         raise PagingError(
             f"Chatbase sent conversations created on {outside[0]}, outside the window {start}..{end}: "

@@ -183,9 +183,20 @@ def _has_surrogate(text: str) -> bool:
     return False
 
 
+def unstorable(text: str) -> bool:
+    """Whether ``text`` holds a character no database keeps: NUL (PostgreSQL text and JSONB refuse it) or a
+    lone UTF-16 surrogate (not UTF-8 at all)."""
+    return _UNSTORABLE.search(text) is not None
+
+
+def repaired_text(text: str) -> str:
+    """``text`` with every character no database keeps (see :func:`unstorable`) replaced by U+FFFD."""
+    return _UNSTORABLE.sub(REPLACEMENT_CHARACTER, text)
+
+
 def _repair(value: Any) -> Any:
     if isinstance(value, str):
-        return _UNSTORABLE.sub(REPLACEMENT_CHARACTER, value)
+        return repaired_text(value)
     if isinstance(value, list):
         return [_repair(item) for item in value]
     if isinstance(value, dict):
@@ -211,7 +222,7 @@ def normalize_conversation(raw: object, chatbot_id: str, rule: WhatsAppRule) -> 
         conversation_id = str(conversation_id)
     if not isinstance(conversation_id, str) or not conversation_id.strip():
         raise BadRecord("record has no id")
-    if _UNSTORABLE.search(conversation_id):
+    if unstorable(conversation_id):
         raise BadRecord("id holds characters no database can store (NUL or half an emoji)")
     form = storable(raw)
     record: dict[str, Any] = form.record
@@ -321,7 +332,7 @@ def stored_id(raw: object) -> str | None:
     value = raw.get("id")
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
-    if not isinstance(value, str) or not value.strip() or _UNSTORABLE.search(value):
+    if not isinstance(value, str) or not value.strip() or unstorable(value):
         return None
     return value if len(value) <= MAX_ID_CHARS else None
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import Connection, or_, select, update
 
+from chatsync.normalize import unstorable
 from chatsync.store.engine import insert_for
 from chatsync.store.tables import users, webhook_events
 
@@ -27,16 +28,11 @@ def _moment(epoch_ms: object) -> datetime | None:
     raise BadClerkUser(f"timestamp {str(epoch_ms)[:40]!r} is not epoch milliseconds")
 
 
-def _storable(value: str) -> bool:
-    """Whether a database can hold the text: no NUL, no lone surrogate (what Clerk never sends)."""
-    return "\x00" not in value and not any("\ud800" <= ch <= "\udfff" for ch in value)
-
-
 def _text(value: object, limit: int | None, name: str) -> str | None:
     """A string field as stored: text a database holds within the column's width, or None when absent."""
     if value is None:
         return None
-    if not isinstance(value, str) or not _storable(value) or (limit is not None and len(value) > limit):
+    if not isinstance(value, str) or unstorable(value) or (limit is not None and len(value) > limit):
         raise BadClerkUser(f"{name} is not text of at most {limit} characters")
     return value
 

@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import JSON, Connection, and_, bindparam, case, select, update
 
 from chatsync.jsonbody import UndecodableRecord, UnreadableNumber
+from chatsync.normalize import repaired_text
 from chatsync.store import audit, changes, leads, rollups
 from chatsync.store.engine import insert_for, lock_for_writing
 from chatsync.store.tables import chatbots, conversations, quarantine, sync_days, sync_runs
@@ -447,7 +448,7 @@ def record_id_text(record: object) -> str | None:
         value = record.id
     if isinstance(value, bool) or not isinstance(value, str | int) or not str(value).strip():
         return None
-    return "".join("\ufffd" if c == "\x00" or "\ud800" <= c <= "\udfff" else c for c in str(value))
+    return repaired_text(str(value))
 
 
 def remember_chatbot(

@@ -19,14 +19,15 @@ MAX_WEBHOOK_BYTES = 1_000_000  # a lead or a Clerk user is a few kB; more is ref
 async def _body(request: Request) -> bytes:
     """The raw body, at most MAX_WEBHOOK_BYTES: anyone can post to a webhook before its signature is
     checked, so what is read is bounded (413 past the bound, by ``Content-Length`` or by what arrives)."""
+    too_large = ApiError(413, "payload_too_large", f"a webhook body is at most {MAX_WEBHOOK_BYTES} bytes")
     declared_length = request.headers.get("content-length", "")
     if declared_length.isdigit() and int(declared_length) > MAX_WEBHOOK_BYTES:
-        raise ApiError(413, "payload_too_large", f"a webhook body is at most {MAX_WEBHOOK_BYTES} bytes")
+        raise too_large
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_WEBHOOK_BYTES:
-            raise ApiError(413, "payload_too_large", f"a webhook body is at most {MAX_WEBHOOK_BYTES} bytes")
+            raise too_large
     return bytes(body)
 
 
