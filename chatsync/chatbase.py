@@ -41,6 +41,7 @@ LEADS_PAGE_SIZE = 100  # get-leads documents no maximum; the last page is the fi
 MAX_PAGES_PER_WINDOW = 20_000
 HISTORY_FLOOR = date(2020, 1, 1)  # before Chatbase existed: the search for a chatbot's first day starts here
 MAX_WAIT_SECONDS = 60.0
+MAX_MARGIN_SECONDS = 1.0  # the most a window is stretched after 429s (see RateLimiter)
 
 
 class TransientError(Exception):
@@ -54,19 +55,25 @@ class TransientError(Exception):
 class RateLimiter:
     """Keeps requests under ``limit`` per sliding ``window`` seconds across threads, and obeys pauses.
 
-    Requests are spaced by their send time with a small margin, because Chatbase counts them on arrival.
+    Chatbase counts a request when it arrives, so each request is remembered by the moment it was sent
+    (:meth:`sent`, from the HTTP client's trace; the moment it was let go until then), and the next
+    window's first request waits ``margin`` seconds longer than the window: what a request's trip to
+    Chatbase may take longer than another's. A 429 that this limiter let through means the trips vary
+    more than that, so each one doubles the margin (up to ``MAX_MARGIN_SECONDS``).
     """
 
-    def __init__(self, limit: int = 100, window: float = 10.0, margin: float = 0.02) -> None:
+    def __init__(self, limit: int = 100, window: float = 10.0, margin: float = 0.05) -> None:
         self.limit = limit
-        self.window = window * (1 + margin)
-        self._sent: deque[float] = deque()
+        self.window = window
+        self.margin = margin
+        self._sent: deque[list[float]] = deque()  # one [monotonic time] a request, oldest first
         self._paused_until = 0.0
         self._lock = threading.Lock()
 
-    def acquire(self, stop: threading.Event | None = None, deadline: float | None = None) -> None:
-        """Wait until a request may go. ``deadline`` (monotonic): when a pause the server asked for lasts
-        past it, give up now (ChatbaseUnavailable) instead of waiting for nothing."""
+    def acquire(self, stop: threading.Event | None = None, deadline: float | None = None) -> list[float]:
+        """Wait until a request may go; returns its slot for :meth:`sent`. ``deadline`` (monotonic): when
+        a pause the server asked for lasts past it, give up now (ChatbaseUnavailable) instead of waiting
+        for nothing."""
         while True:
             with self._lock:
                 now = time.monotonic()
@@ -76,18 +83,30 @@ class RateLimiter:
                         "budget left; what was saved is kept and the next run continues",
                         last="rate limited",
                     )
-                while self._sent and self._sent[0] <= now - self.window:
+                span = self.window + self.margin
+                while self._sent and self._sent[0][0] <= now - span:
                     self._sent.popleft()
                 wait = self._paused_until - now
                 if len(self._sent) >= self.limit:
-                    wait = max(wait, self._sent[0] + self.window - now)
+                    wait = max(wait, self._sent[0][0] + span - now)
                 if wait <= 0:
-                    self._sent.append(now)
-                    return
+                    slot = [now]
+                    self._sent.append(slot)
+                    return slot
             if stop is not None and stop.wait(min(wait, 0.5)):
                 raise ChatbaseUnavailable("sync stopped")
             if stop is None:
                 time.sleep(wait)
+
+    def sent(self, slot: list[float]) -> None:
+        """The request of ``slot`` left now (its headers are written): count the window from here."""
+        with self._lock:
+            slot[0] = max(slot[0], time.monotonic())
+
+    def throttled(self) -> None:
+        """Chatbase refused a request this limiter let go (429): leave more room between windows."""
+        with self._lock:
+            self.margin = min(MAX_MARGIN_SECONDS, max(self.margin * 2, 0.05))
 
     def pause(self, seconds: float) -> None:
         """Hold every request for ``seconds`` (the server said Retry-After or its window resets then), at
@@ -98,7 +117,6 @@ class RateLimiter:
             self._paused_until = max(self._paused_until, time.monotonic() + wait)
 
 
-@dataclass
 class ClientStats:
     requests: int = 0
     retries: int = 0
@@ -271,12 +289,17 @@ class ChatbaseHTTP:
     ) -> Any:
         if self.stop.is_set():
             raise ChatbaseUnavailable("sync stopped")
-        self.limiter.acquire(self.stop, deadline)
+        slot = self.limiter.acquire(self.stop, deadline)
         if wanted is not None and not wanted():
             return None  # no longer needed by the time the rate limit let it go: not sent
         self._count("requests")
+
+        def trace(event: str, info: dict[str, Any]) -> None:
+            if event.endswith(".send_request_headers.complete"):  # http11 or http2: the request is out
+                self.limiter.sent(slot)
+
         try:
-            response = self._http.get(path, params=params)
+            response = self._http.get(path, params=params, extensions={"trace": trace})
         except httpx.TransportError as exc:
             raise TransientError(f"{type(exc).__name__}: {self._redact(str(exc)) or 'no answer'}") from None
         status = response.status_code
@@ -303,6 +326,7 @@ class ChatbaseHTTP:
             retry_after = _retry_after(response.headers)
             if status == 429:
                 self._count("throttled")
+                self.limiter.throttled()
                 log.info(
                     "Chatbase rate limit reached: holding every request for %.1f s",
                     max(1.0, retry_after or 1.0),

@@ -1278,6 +1278,7 @@ def leads_sync(chatbot_id: ChatbotOpt = None, since: SinceOpt = None, until: Unt
 
 def main() -> None:
     """Console-script entry point."""
+    import gc
     import signal
 
     if os.environ.get("NO_COLOR"):
@@ -1290,7 +1291,12 @@ def main() -> None:
             print(f"error: an argument is not valid UTF-8: {shown!r}", file=sys.stderr)
             sys.exit(int(ExitCode.USAGE))
     signal.signal(signal.SIGTERM, _terminate)
-    app(prog_name="chatsync")
+    try:
+        app(prog_name="chatsync")
+    finally:
+        # Everything the command made dies with the process: without this Python's collections at exit
+        # walk all of it (0.15 s after a sync, measured), which every cron run and script would wait for.
+        gc.freeze()
 
 
 def _terminate(signum: int, frame: Any) -> None:

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import vcr
 
-from chatsync.chatbase import ChatbaseClient, RateLimiter, _reset_seconds
+from chatsync.chatbase import MAX_MARGIN_SECONDS, ChatbaseClient, RateLimiter, _reset_seconds
 from chatsync.config import Secret, WhatsAppRule
 from chatsync.emulator import Emulator, EmulatorTransport
 from chatsync.errors import ChatbaseRejected, ChatbaseUnavailable, PagingError, UsageError
@@ -184,6 +184,46 @@ def test_rate_limiter_never_exceeds_its_window() -> None:
         sent.append(time.monotonic())
     for i in range(len(sent) - 5):
         assert sent[i + 5] - sent[i] >= 0.5 - 1e-3
+
+
+def test_the_rate_limit_window_counts_from_when_a_request_left() -> None:
+    """Chatbase counts a request on arrival: one that left late (a slow connect) opens its window late."""
+    limiter = RateLimiter(limit=2, window=0.4, margin=0.0)
+    first = limiter.acquire()
+    limiter.acquire()
+    time.sleep(0.2)
+    limiter.sent(first)  # its headers went out 0.2 s after it was let go
+    started = time.monotonic()
+    limiter.acquire()
+    assert time.monotonic() - started >= 0.4 - 1e-3
+
+
+def test_each_request_over_http_tells_the_limiter_when_it_left(emulator_factory: Any) -> None:
+    """The moment comes from the HTTP client's trace, so it needs a real connection (no test transport)."""
+
+    class Recording(RateLimiter):
+        def sent(self, slot: list[float]) -> None:
+            let_go = slot[0]
+            super().sent(slot)
+            moments.append((let_go, slot[0]))
+
+    moments: list[tuple[float, float]] = []
+    server = emulator_factory(conversations=30, chatbot_ids=("demo-bot",), latency_ms=50, api_key=KEY)
+    with ChatbaseClient(Secret(KEY), server.base_url, limiter=Recording()) as client:
+        for page in (1, 2, 3):
+            client.fetch_page("demo-bot", page, date(2020, 1, 1), date.today(), ())
+    assert len(moments) == 3
+    assert all(let_go <= left < let_go + 0.05 for let_go, left in moments)  # sent before the 50 ms answer
+
+
+def test_a_429_the_limiter_let_through_widens_its_margin_up_to_a_cap() -> None:
+    limiter = RateLimiter(margin=0.05)
+    margins = []
+    for _ in range(8):
+        limiter.throttled()
+        margins.append(limiter.margin)
+    assert margins[:3] == [0.1, 0.2, 0.4]
+    assert margins[-1] == MAX_MARGIN_SECONDS
 
 
 def test_rate_limit_reset_is_read_as_milliseconds_or_seconds() -> None:

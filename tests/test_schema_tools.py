@@ -6,11 +6,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
-from chatsync.store.engine import current_revision, head_revision, open_engine
+from chatsync.store.engine import (
+    HEAD_REVISION,
+    create_schema,
+    current_revision,
+    ensure_schema,
+    head_revision,
+    open_engine,
+    upgrade,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,3 +56,89 @@ def test_the_head_revision_chatsync_checks_without_alembic_is_alembics_head() ->
     from chatsync.store.engine import HEAD_REVISION
 
     assert head_revision() == HEAD_REVISION
+
+
+def _schema(engine: Any) -> dict[str, Any]:
+    """Every table as the database describes it: columns with types, keys, indexes and constraints."""
+    seen = inspect(engine)
+    dialect = engine.dialect
+    tables: dict[str, Any] = {}
+    for name in sorted(seen.get_table_names()):
+        tables[name] = {
+            # by name: a migration adds a column at the end, create_all where the table declares it
+            "columns": sorted(
+                (c["name"], c["type"].compile(dialect=dialect), c["nullable"], str(c.get("default")))
+                for c in seen.get_columns(name)
+            ),
+            "primary_key": seen.get_pk_constraint(name)["constrained_columns"],
+            "foreign_keys": sorted(
+                (tuple(f["constrained_columns"]), f["referred_table"], tuple(f["referred_columns"]))
+                for f in seen.get_foreign_keys(name)
+            ),
+            "indexes": sorted(
+                (i["name"], tuple(str(c) for c in i["column_names"]), bool(i["unique"]))
+                for i in seen.get_indexes(name)
+            ),
+            "unique": sorted(tuple(u["column_names"]) for u in seen.get_unique_constraints(name)),
+            "checks": sorted(" ".join(c["sqltext"].split()) for c in seen.get_check_constraints(name)),
+        }
+    return tables
+
+
+def _wipe(engine: Any, database_url: str) -> None:
+    if database_url.startswith("sqlite"):
+        engine.dispose()
+        Path(engine.url.database).unlink()
+        return
+    with engine.begin() as connection:
+        connection.execute(text("DROP SCHEMA public CASCADE"))
+        connection.execute(text("CREATE SCHEMA public"))
+
+
+def test_a_new_database_gets_the_tables_the_migrations_build_and_their_revision(database_url: str) -> None:
+    """A first run creates the head schema directly (Alembic's create_all-then-stamp recipe); it must be
+    table for table what running every migration builds, and later upgrades must start from it."""
+    engine = open_engine(database_url)
+    try:
+        upgrade(engine)
+        migrated = _schema(engine)
+        _wipe(engine, database_url)
+        ensure_schema(engine)
+        created = _schema(engine)
+        assert "conversations" in created
+        assert created == migrated
+        assert current_revision(engine) == HEAD_REVISION
+        assert create_schema(engine) is False  # a database with chatsync's tables is left to Alembic
+    finally:
+        engine.dispose()
+    checked = _alembic(database_url, "check")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "No new upgrade operations detected" in checked.stdout + checked.stderr
+
+
+def test_first_runs_at_the_same_time_create_the_schema_once(database_url: str) -> None:
+    engines = [open_engine(database_url) for _ in range(4)]
+    start = threading.Barrier(len(engines))
+    errors: list[BaseException] = []
+
+    def first_run(engine: Any) -> None:
+        start.wait()
+        try:
+            ensure_schema(engine)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=first_run, args=(e,)) for e in engines]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert errors == []
+        assert current_revision(engines[0]) == HEAD_REVISION
+        with engines[0].connect() as connection:
+            versions = connection.execute(text("SELECT count(*) FROM alembic_version")).scalar_one()
+        assert versions == 1
+    finally:
+        for engine in engines:
+            engine.dispose()

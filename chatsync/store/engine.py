@@ -8,7 +8,20 @@ import re
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, func, select, text
+from sqlalchemy import (
+    Column,
+    Connection,
+    Engine,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    create_engine,
+    event,
+    func,
+    select,
+    text,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.pool import NullPool
@@ -135,6 +148,14 @@ def head_revision() -> str:
 # Alembic lets a command on an up-to-date database skip Alembic's ~0.3 s of imports.
 HEAD_REVISION = "0007"
 
+# Alembic's version table, as Alembic itself creates it (alembic.runtime.migration), for create_schema.
+_ALEMBIC_VERSION = Table(
+    "alembic_version",
+    MetaData(),
+    Column("version_num", String(32), nullable=False),
+    PrimaryKeyConstraint("version_num", name="alembic_version_pkc"),
+)
+
 
 def current_revision(engine: Engine) -> str | None:
     """The revision the database was migrated to (``alembic_version``), None before the first upgrade."""
@@ -178,9 +199,38 @@ def ensure_schema(engine: Engine) -> None:
         raise DatabaseUnreachable(exc) from None
     if found == HEAD_REVISION:
         return
+    if found is None and create_schema(engine):
+        return
     if found is not None and found not in known_revisions():
         raise SchemaTooNew(found, head_revision())
     upgrade(engine)
+
+
+def create_schema(engine: Engine) -> bool:
+    """On a database that holds none of chatsync's tables, create them as they are at ``HEAD_REVISION``
+    and record that revision, in one transaction; False (nothing done) on any other database.
+
+    This is Alembic's own recipe for a new database ("create_all, then stamp head"): the same tables the
+    migrations build (a test compares the two on SQLite and PostgreSQL), without loading Alembic and
+    running every migration in turn, which is most of a first sync's start-up. Concurrent first runs
+    are serialised like upgrades (PostgreSQL's advisory lock, SQLite's write lock).
+    """
+    from sqlalchemy import inspect
+
+    from chatsync.store.tables import metadata
+
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _UPGRADE_LOCK})
+        else:
+            lock_for_writing(connection)
+        existing = set(inspect(connection).get_table_names())
+        if existing & ({_ALEMBIC_VERSION.name} | set(metadata.tables)):
+            return False  # someone else's first run won, or a schema to upgrade: Alembic decides
+        metadata.create_all(connection)
+        _ALEMBIC_VERSION.create(connection)
+        connection.execute(_ALEMBIC_VERSION.insert().values(version_num=HEAD_REVISION))
+    return True
 
 
 def table_counts(engine: Engine) -> dict[str, int]:

@@ -141,13 +141,23 @@ ROLLUP_COUNTERS = (
     "answers_rated_down",
 )
 
+# Counters added by migrations 0006 and 0007: they were added with DEFAULT 0 to fill the rows already
+# there, so a database created at the head revision declares the same default (create_schema).
+_ADDED_COUNTERS = frozenset(ROLLUP_COUNTERS[ROLLUP_COUNTERS.index("with_status") :]) | {
+    "from_channel",
+    "from_lead",
+}
+
 report_hours = Table(
     "report_hours",
     metadata,
     Column("chatbot_id", String(128), primary_key=True),
     Column("source", String(64), primary_key=True),
     Column("hour", Moment, primary_key=True, comment="UTC hour the conversations were created in"),
-    *[Column(name, Integer, nullable=False) for name in ROLLUP_COUNTERS],
+    *[
+        Column(name, Integer, nullable=False, server_default="0" if name in _ADDED_COUNTERS else None)
+        for name in ROLLUP_COUNTERS
+    ],
 )
 
 report_values = Table(
