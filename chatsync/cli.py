@@ -1294,8 +1294,12 @@ def main() -> None:
     try:
         app(prog_name="chatsync")
     finally:
-        # Everything the command made dies with the process: without this Python's collections at exit
-        # walk all of it (0.15 s after a sync, measured), which every cron run and script would wait for.
+        if "chatsync.store.engine" in sys.modules:
+            from chatsync.store.engine import close_engines
+
+            close_engines()  # SQLite's write-ahead log goes into the database file now, not at collection
+        # Everything else the command made dies with the process: without this Python's collections at
+        # exit walk all of it (0.15 s after a sync, measured), which every cron run and script waits for.
         gc.freeze()
 
 

@@ -200,12 +200,13 @@ def _end_with_parent() -> None:
 
 def _context() -> Any:
     """A fork server where the platform has one (Linux, macOS): workers start as clean processes with
-    this module already imported, whatever threads the sync runs; else the platform's default."""
+    this module already imported (:mod:`chatsync.worker_preload`), whatever threads the sync runs; else
+    the platform's default."""
     import multiprocessing
 
     try:
         context = multiprocessing.get_context("forkserver")
     except ValueError:
         return multiprocessing.get_context()
-    context.set_forkserver_preload([__name__])
+    context.set_forkserver_preload(["chatsync.worker_preload"])
     return context

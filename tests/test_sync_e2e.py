@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -184,3 +190,23 @@ def test_since_and_until_limit_to_whole_utc_days(cli: Any, emulator_factory: Any
         if since.isoformat() <= raw["created_at"][:10] <= until.isoformat()
     }
     assert stored and set(stored) == expected
+
+
+def test_the_sqlite_file_alone_holds_the_sync_once_the_command_has_exited(
+    emulator_factory: Any, tmp_path: Path
+) -> None:
+    """The command closes its connections before it exits (it skips the collections at exit), so SQLite
+    folds the write-ahead log into the file: a copy of the file alone has every conversation."""
+    server = emulator_factory(conversations=300, seed=5)
+    database = tmp_path / "chatsync.db"
+    env = {**os.environ, **chatbase_env(server, f"sqlite:///{database}")}
+    done = subprocess.run(
+        [sys.executable, "-m", "chatsync", "sync", "--json"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert not Path(f"{database}-wal").exists()
+    copy = tmp_path / "copy.db"
+    shutil.copyfile(database, copy)
+    with sqlite3.connect(copy) as connection:
+        assert connection.execute("SELECT count(*) FROM conversations").fetchone() == (300,)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,17 @@ POOLER_PORTS = (6543, 6432)
 _UPGRADE_LOCK = 0x63686174_73796E63  # "chatsync": serialises concurrent upgrades on PostgreSQL
 
 
+_OPENED: weakref.WeakSet[Engine] = weakref.WeakSet()  # every engine open_engine made that is still alive
+
+
+def close_engines() -> None:
+    """Close the pooled connections of every engine still alive, so SQLite folds its write-ahead log
+    into the database file, as it does when its last connection closes. A command calls this before it
+    exits, as the process's end would otherwise leave that to garbage collection."""
+    for engine in list(_OPENED):
+        engine.dispose()
+
+
 def open_engine(url: str, pool_size: int | None = None, create: bool = True) -> Engine:
     """An engine for a SQLite path/URL or a PostgreSQL URL (Supabase URLs work as given).
 
@@ -64,6 +76,7 @@ def open_engine(url: str, pool_size: int | None = None, create: bool = True) -> 
             parsed, connect_args={"timeout": 30}, json_serializer=_JSON, hide_parameters=True
         )
         event.listen(engine, "connect", _sqlite_pragmas)
+        _OPENED.add(engine)
         return engine
     if parsed.get_backend_name() == "postgresql":
         if parsed.drivername == "postgresql":
@@ -89,6 +102,7 @@ def open_engine(url: str, pool_size: int | None = None, create: bool = True) -> 
                 "PostgreSQL needs psycopg 3: pip install 'chatbase-sync[postgres]', or from a checkout pip install '.[postgres]'"
             ) from None
         event.listen(engine, "handle_error", _without_row_values)
+        _OPENED.add(engine)
         return engine
     raise ConfigError(f"unsupported database {parsed.get_backend_name()!r}: use SQLite or PostgreSQL")
 
