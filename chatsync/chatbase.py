@@ -21,8 +21,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import suppress
 from dataclasses import dataclass
-from datetime import UTC, date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, Self
 
 import httpx
@@ -68,51 +70,67 @@ class RateLimiter:
         self.margin = margin
         self._sent: deque[list[float]] = deque()  # one [monotonic time] a request, oldest first
         self._paused_until = 0.0
-        self._lock = threading.Lock()
+        self._waiting: deque[object] = deque()  # one token a waiting request, first come first
+        self._turn = threading.Condition()
 
     def acquire(self, stop: threading.Event | None = None, deadline: float | None = None) -> list[float]:
-        """Wait until a request may go; returns its slot for :meth:`sent`. ``deadline`` (monotonic): when
-        a pause the server asked for lasts past it, give up now (ChatbaseUnavailable) instead of waiting
-        for nothing."""
-        while True:
-            with self._lock:
-                now = time.monotonic()
-                if deadline is not None and self._paused_until > deadline:
-                    raise ChatbaseUnavailable(
-                        f"Chatbase asked to wait {self._paused_until - now:.0f} s, longer than the retry "
-                        "budget left; what was saved is kept and the next run continues",
-                        last="rate limited",
-                    )
-                span = self.window + self.margin
-                while self._sent and self._sent[0][0] <= now - span:
-                    self._sent.popleft()
-                wait = self._paused_until - now
-                if len(self._sent) >= self.limit:
-                    wait = max(wait, self._sent[0][0] + span - now)
-                if wait <= 0:
-                    slot = [now]
-                    self._sent.append(slot)
-                    return slot
-            if stop is not None and stop.wait(min(wait, 0.5)):
-                raise ChatbaseUnavailable("sync stopped")
-            if stop is None:
-                time.sleep(wait)
+        """Wait until a request may go; returns its slot for :meth:`sent`. Requests go in the order they
+        asked (a sync asks for its pages in order, so the page that ends a stream is not passed by the
+        pages after it). ``deadline`` (monotonic): when a pause the server asked for lasts past it, give
+        up now (ChatbaseUnavailable) instead of waiting for nothing; ``stop`` set: ChatbaseUnavailable."""
+        token = object()
+        with self._turn:
+            self._waiting.append(token)
+            try:
+                while True:
+                    now = time.monotonic()
+                    if deadline is not None and self._paused_until > deadline:
+                        raise ChatbaseUnavailable(
+                            f"Chatbase asked to wait {self._paused_until - now:.0f} s, longer than the "
+                            "retry budget left; what was saved is kept and the next run continues",
+                            last="rate limited",
+                        )
+                    if stop is not None and stop.is_set():
+                        raise ChatbaseUnavailable("sync stopped")
+                    wait = 0.1  # not this request's turn: woken when the one before it goes
+                    if self._waiting[0] is token:
+                        span = self.window + self.margin
+                        while self._sent and self._sent[0][0] <= now - span:
+                            self._sent.popleft()
+                        wait = self._paused_until - now
+                        if len(self._sent) >= self.limit:
+                            wait = max(wait, self._sent[0][0] + span - now)
+                        if wait <= 0:
+                            slot = [now]
+                            self._sent.append(slot)
+                            return slot
+                    self._turn.wait(min(wait, 0.1))  # short: a stop is seen within 0.1 s
+            finally:
+                self._waiting.remove(token)
+                self._turn.notify_all()
 
     def sent(self, slot: list[float]) -> None:
         """The request of ``slot`` left now (its headers are written): count the window from here."""
-        with self._lock:
+        with self._turn:
             slot[0] = max(slot[0], time.monotonic())
+
+    def unused(self, slot: list[float]) -> None:
+        """The request of ``slot`` was not sent after all: its place in the window is free again."""
+        with self._turn:
+            with suppress(ValueError):
+                self._sent.remove(slot)
+            self._turn.notify_all()
 
     def throttled(self) -> None:
         """Chatbase refused a request this limiter let go (429): leave more room between windows."""
-        with self._lock:
+        with self._turn:
             self.margin = min(MAX_MARGIN_SECONDS, max(self.margin * 2, 0.05))
 
     def pause(self, seconds: float) -> None:
         """Hold every request for ``seconds`` (the server said Retry-After or its window resets then), at
         most ``MAX_WAIT_SECONDS``: a hint of hours must not hold a sync (and its lock) past its retry
         budget; if the server still refuses after the wait, the retries and their budget decide."""
-        with self._lock:
+        with self._turn:
             wait = min(max(0.0, seconds), MAX_WAIT_SECONDS)
             self._paused_until = max(self._paused_until, time.monotonic() + wait)
 
@@ -291,6 +309,7 @@ class ChatbaseHTTP:
             raise ChatbaseUnavailable("sync stopped")
         slot = self.limiter.acquire(self.stop, deadline)
         if wanted is not None and not wanted():
+            self.limiter.unused(slot)
             return None  # no longer needed by the time the rate limit let it go: not sent
         self._count("requests")
 
@@ -591,6 +610,54 @@ class ChatbaseClient(ChatbaseHTTP):
             if last:
                 return
         raise PagingError(f"more than {MAX_PAGES_PER_WINDOW} pages of leads: stopped paging")
+
+
+class PageAhead:
+    """The first page of a sync's window of today, asked for before the sync has planned.
+
+    A sync spends its first half second importing its database stack, opening the database and planning;
+    every run's plan pages today's window from page 1 (today still grows, it is never settled), so that
+    request can leave first and its answer wait for the plan. That moves the start of Chatbase's first
+    rate-limit window, and with it the whole run, earlier. The sync takes the page where its plan asks
+    for exactly it (:meth:`take`); a plan that does not (a lock another sync holds, a failure first)
+    leaves it unused: one request.
+
+    ``fetched_at``: when the request left (UTC), which is what the sync records for the page.
+    """
+
+    def __init__(
+        self,
+        client: ConversationSource,
+        chatbot_id: str,
+        day: date,
+        sources: tuple[str, ...],
+        now: Callable[[], datetime],
+    ) -> None:
+        self.key = (chatbot_id, 1, day, day, sources)
+        self._client = client
+        self._answer: Future[ConversationPage | None] = Future()
+        self._taken = False
+        self._lock = threading.Lock()
+        self.fetched_at = now()
+        threading.Thread(target=self._fetch, name="chatsync-page-ahead", daemon=True).start()
+
+    def _fetch(self) -> None:
+        chatbot_id, page, start, end, sources = self.key
+        try:
+            self._answer.set_result(self._client.fetch_page(chatbot_id, page, start, end, sources))
+        except BaseException as exc:
+            self._answer.set_exception(exc)
+
+    def take(
+        self, chatbot_id: str, page: int, start: date, end: date, sources: tuple[str, ...]
+    ) -> Future[ConversationPage | None] | None:
+        """The answer (a future) when this is the page asked for ahead and nobody took it yet, else None.
+        The future raises what fetching it raised (after its retries, as :meth:`fetch_page` does)."""
+        with self._lock:
+            if self._taken or (chatbot_id, page, start, end, sources) != self.key:
+                return None
+            self._taken = True
+        return self._answer
 
 
 def chatbots_from(entries: list[Any]) -> list[Chatbot]:

@@ -308,9 +308,7 @@ def sync(
     ] = False,
 ) -> None:
     """Fetch conversations from Chatbase and upsert them (incremental after the first run)."""
-    from chatsync.sync import SyncSummary
-
-    run = _SyncRun(SyncSummary(chatbots=list(chatbot_id or [])), as_json)
+    run = _SyncRun(list(chatbot_id or []), as_json)
     try:
         settings = _ctx().settings(
             chatbot_ids=chatbot_id,
@@ -344,17 +342,19 @@ def sync(
 class _SyncRun:
     """One `chatsync sync`: its summary, how it ended, and where that is reported."""
 
-    summary: Any
+    chatbots: list[str]
     as_json: bool
     settings: Any = None
     error: BaseException | None = None
+    summary: Any = None  # the Syncer's SyncSummary, once there is one
 
     def report(self) -> None:
         """The summary on stdout (one JSON line with --json, whatever happened), then the heartbeat."""
         from chatsync import render
+        from chatsync.sync import SyncSummary
         from chatsync.timeutil import iso_z, utcnow
 
-        summary = self.summary
+        summary = self.summary or SyncSummary(chatbots=self.chatbots)
         now = iso_z(utcnow())
         summary.started_at = summary.started_at or now
         summary.finished_at = summary.finished_at or now
@@ -417,39 +417,46 @@ def _sync(
     all_chatbots: bool = False,
 ) -> None:
     from chatsync import render
-    from chatsync.chatbase import open_client
+    from chatsync.chatbase import PageAhead, open_client
     from chatsync.logs import configure_sentry
-    from chatsync.sync import Syncer, SyncRequest
+    from chatsync.timeutil import utcnow
 
     configure_sentry(settings.sentry_dsn.reveal() if settings.sentry_dsn else None)
     start, end = _day(since), _day(until)
     _window(start, end)
-    request = SyncRequest(
-        chatbot_ids=() if all_chatbots else settings.require_chatbot_ids(),
-        since=start,
-        until=end,
-        sources=_sources(source, settings.api_version),
-        lookback=settings.lookback,
-        full=full,
-        share=all_chatbots,
-    )
-    run.summary.chatbots = list(request.chatbot_ids)
+    chatbot_ids = () if all_chatbots else settings.require_chatbot_ids()
+    sources = _sources(source, settings.api_version)
+    run.chatbots = list(chatbot_ids)
     settings.require_api_key()
-    engine = _ctx().engine(settings)
-    with (
-        open_client(settings, max_connections=settings.concurrency * 2) as client,
-        render.sync_progress(not run.as_json and not dry_run) as hook,
-    ):
+    with open_client(settings, max_connections=settings.concurrency * 2) as client:
+        ahead = None
+        today = utcnow().date()
+        if chatbot_ids and not dry_run and not client.cursor_paged and (end is None or end >= today):
+            # every such run pages today from page 1: ask for it now, while the database is opened
+            ahead = PageAhead(client, chatbot_ids[0], today, sources, utcnow)
+        from chatsync.sync import Syncer, SyncRequest
+
+        request = SyncRequest(
+            chatbot_ids=chatbot_ids,
+            since=start,
+            until=end,
+            sources=sources,
+            lookback=settings.lookback,
+            full=full,
+            share=all_chatbots,
+        )
+        engine = _ctx().engine(settings)
         if all_chatbots:
             found = tuple(bot.id for bot in client.list_chatbots())
             request = replace(request, chatbot_ids=found)
-        syncer = Syncer(engine, client, settings.whatsapp, settings.concurrency, hook)
-        run.summary = syncer.summary
-        if dry_run:
-            plans = syncer.plan(request)
-            render.sync_plan([p.as_dict() for p in plans], client.stats.requests, run.as_json)
-            return
-        syncer.run(request)
+        with render.sync_progress(not run.as_json and not dry_run) as hook:
+            syncer = Syncer(engine, client, settings.whatsapp, settings.concurrency, hook, ahead=ahead)
+            run.summary = syncer.summary
+            if dry_run:
+                plans = syncer.plan(request)
+                render.sync_plan([p.as_dict() for p in plans], client.stats.requests, run.as_json)
+                return
+            syncer.run(request)
 
 
 # ---------------------------------------------------------------------------------------- list, show, set

@@ -41,7 +41,13 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from chatsync.chatbase import HISTORY_FLOOR, MAX_PAGES_PER_WINDOW, PAGE_SIZE, ConversationSource
+from chatsync.chatbase import (
+    HISTORY_FLOOR,
+    MAX_PAGES_PER_WINDOW,
+    PAGE_SIZE,
+    ConversationSource,
+    PageAhead,
+)
 from chatsync.config import WhatsAppRule
 from chatsync.errors import (
     BadRecord,
@@ -502,8 +508,10 @@ class Syncer:
         progress: ProgressHook | None = None,
         now: Callable[[], datetime] = utcnow,
         workers: int | None = None,
+        ahead: PageAhead | None = None,
     ) -> None:
         self.engine = engine
+        self.ahead = ahead
         self.client = client
         self.rule = rule
         self.concurrency = max(1, concurrency)
@@ -790,14 +798,21 @@ class Syncer:
                             schedule.arrived(stream, number, None)
                             return
                     fetched_at = self.now()
-                    page = self.client.fetch_page(
-                        chatbot_id,
-                        number,
-                        stream.window.start,
-                        stream.window.end,
-                        sources,
-                        wanted=lambda: stream.wants(number),  # noqa: B023 (called before the loop moves on)
+                    window = stream.window
+                    taken = self.ahead and self.ahead.take(
+                        chatbot_id, number, window.start, window.end, sources
                     )
+                    if self.ahead and taken:  # asked for before the plan (PageAhead)
+                        page, fetched_at = taken.result(), self.ahead.fetched_at
+                    else:
+                        page = self.client.fetch_page(
+                            chatbot_id,
+                            number,
+                            window.start,
+                            window.end,
+                            sources,
+                            wanted=lambda: stream.wants(number),  # noqa: B023 (called before the loop moves on)
+                        )
                     schedule.arrived(
                         stream, number, page.records if page else None, page.last if page else None
                     )

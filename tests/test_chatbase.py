@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from datetime import date, timedelta
 from pathlib import Path
@@ -214,6 +215,37 @@ def test_each_request_over_http_tells_the_limiter_when_it_left(emulator_factory:
             client.fetch_page("demo-bot", page, date(2020, 1, 1), date.today(), ())
     assert len(moments) == 3
     assert all(let_go <= left < let_go + 0.05 for let_go, left in moments)  # sent before the 50 ms answer
+
+
+def test_requests_waiting_for_the_window_go_in_the_order_they_asked() -> None:
+    """A sync asks for its pages in order; the page that ends a stream must not wait behind later ones."""
+    limiter = RateLimiter(limit=2, window=0.3, margin=0.0)
+    limiter.acquire()
+    limiter.acquire()
+    slots: dict[int, list[float]] = {}
+    threads = []
+    for turn in range(6):
+        thread = threading.Thread(target=lambda t=turn: slots.__setitem__(t, limiter.acquire()))
+        thread.start()
+        threads.append(thread)
+        time.sleep(0.01)  # each asks after the one before
+    for thread in threads:
+        thread.join()
+    let_go = [slots[t][0] for t in range(6)]
+    assert let_go == sorted(let_go)
+
+
+def test_a_slot_not_used_frees_its_place_and_a_stop_ends_the_wait() -> None:
+    limiter = RateLimiter(limit=1, window=30.0)
+    limiter.unused(limiter.acquire())
+    started = time.monotonic()
+    limiter.acquire()  # the unused slot took no place in the window
+    assert time.monotonic() - started < 0.1
+    stop = threading.Event()
+    threading.Timer(0.1, stop.set).start()
+    with pytest.raises(ChatbaseUnavailable, match="stopped"):
+        limiter.acquire(stop)
+    assert time.monotonic() - started < 1.0
 
 
 def test_a_429_the_limiter_let_through_widens_its_margin_up_to_a_cap() -> None:

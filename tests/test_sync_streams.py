@@ -13,15 +13,17 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import select
 
-from chatsync.chatbase import ChatbaseClient
+from chatsync.chatbase import ChatbaseClient, PageAhead
 from chatsync.config import Secret, WhatsAppRule
 from chatsync.errors import ExitCode
 from chatsync.store.engine import ensure_schema, open_engine
 from chatsync.store.tables import chatbots, sync_days
 from chatsync.sync import Stream, Syncer, SyncRequest, Window
+from chatsync.timeutil import utcnow
 from tests.conftest import chatbase_env
 from tests.helpers import assert_exact, stored_conversations
 
@@ -237,3 +239,42 @@ def stored_rows(database_url: str) -> dict[str, Any]:
         return stored_conversations(database_url)
     except Exception:
         return {}  # not created yet
+
+
+class _Recording(httpx.HTTPTransport):
+    """A real HTTP transport that also notes each request's query (what Chatbase was asked)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[dict[str, str]] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.asked.append(dict(request.url.params))
+        return super().handle_request(request)
+
+
+def _today_page_1(asked: list[dict[str, str]], today: date) -> int:
+    day = today.isoformat()
+    return sum(1 for q in asked if (q.get("startDate"), q.get("endDate"), q.get("page")) == (day, day, "1"))
+
+
+@pytest.mark.parametrize("ahead_of", ["today", "another day"])
+def test_a_page_asked_for_before_the_plan_is_used_once_or_left(
+    emulator_factory: Any, database_url: str, ahead_of: str
+) -> None:
+    """The CLI asks for today's first page while the database opens (PageAhead): the sync takes it where
+    its plan pages today and never asks for it again; a page the plan does not ask for is left unused."""
+    server = emulator_factory(conversations=900, seed=31)
+    engine = open_engine(database_url)
+    ensure_schema(engine)
+    today = utcnow().date()
+    day = today if ahead_of == "today" else today - timedelta(days=1)
+    transport = _Recording()
+    with ChatbaseClient(Secret("demo-key"), server.base_url, transport=transport) as client:
+        ahead = PageAhead(client, "demo-bot", day, (), utcnow)
+        summary = Syncer(engine, client, WhatsAppRule(), ahead=ahead).run(SyncRequest(("demo-bot",)))
+    assert summary.status == "ok"
+    assert_exact(database_url, server.emulator)
+    assert _today_page_1(transport.asked, today) == 1
+    assert transport.asked[0]["startDate"] == day.isoformat()  # it went first
+    engine.dispose()
