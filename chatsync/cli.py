@@ -5,9 +5,11 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import date
 from typing import Annotated, Any, TypeVar
@@ -347,14 +349,18 @@ class _SyncRun:
     settings: Any = None
     error: BaseException | None = None
     summary: Any = None  # the Syncer's SyncSummary, once there is one
+    client_stats: Any = None  # the Chatbase client's, once there is one
 
     def report(self) -> None:
         """The summary on stdout (one JSON line with --json, whatever happened), then the heartbeat."""
-        from chatsync import render
-        from chatsync.sync import SyncSummary
-        from chatsync.timeutil import iso_z, utcnow
+        with _signals_deferred():
+            from chatsync import render
+            from chatsync.sync import SyncSummary
+            from chatsync.timeutil import iso_z, utcnow
 
         summary = self.summary or SyncSummary(chatbots=self.chatbots)
+        if self.client_stats is not None:  # requests made before the sync began count too
+            summary.requests = max(summary.requests, self.client_stats.requests)
         now = iso_z(utcnow())
         summary.started_at = summary.started_at or now
         summary.finished_at = summary.finished_at or now
@@ -379,6 +385,23 @@ class _SyncRun:
             from chatsync.logs import capture
 
             capture(self.error)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends: an interrupt that lands inside an ``import`` leaves
+    half-imported modules behind, and the run could then not even say how it ended. The signal is
+    handled as soon as the block ends (it is kept pending, not lost). Threads started inside the block
+    keep them held for good, so the main thread is the one that takes them."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX: nothing to hold
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _exit_code(error: BaseException | None) -> int:
@@ -416,10 +439,11 @@ def _sync(
     dry_run: bool,
     all_chatbots: bool = False,
 ) -> None:
-    from chatsync import render
-    from chatsync.chatbase import PageAhead, open_client
-    from chatsync.logs import configure_sentry
-    from chatsync.timeutil import utcnow
+    with _signals_deferred():
+        from chatsync import render
+        from chatsync.chatbase import PageAhead, open_client
+        from chatsync.logs import configure_sentry
+        from chatsync.timeutil import utcnow
 
     configure_sentry(settings.sentry_dsn.reveal() if settings.sentry_dsn else None)
     start, end = _day(since), _day(until)
@@ -429,12 +453,19 @@ def _sync(
     run.chatbots = list(chatbot_ids)
     settings.require_api_key()
     with open_client(settings, max_connections=settings.concurrency * 2) as client:
-        ahead = None
-        today = utcnow().date()
-        if chatbot_ids and not dry_run and not client.cursor_paged and (end is None or end >= today):
-            # every such run pages today from page 1: ask for it now, while the database is opened
-            ahead = PageAhead(client, chatbot_ids[0], today, sources, utcnow)
-        from chatsync.sync import Syncer, SyncRequest
+        run.client_stats = client.stats
+        with _signals_deferred():
+            today = utcnow().date()
+            ahead = None
+            if (
+                chatbot_ids
+                and not dry_run
+                and not client.cursor_paged
+                and (start or today) <= today <= (end or today)
+            ):
+                # every such run pages today from page 1: ask for it now, while the database is opened
+                ahead = PageAhead(client, chatbot_ids[0], today, sources, utcnow)
+            from chatsync.sync import Syncer, SyncRequest
 
         request = SyncRequest(
             chatbot_ids=chatbot_ids,
@@ -1286,7 +1317,6 @@ def leads_sync(chatbot_id: ChatbotOpt = None, since: SinceOpt = None, until: Unt
 def main() -> None:
     """Console-script entry point."""
     import gc
-    import signal
 
     if os.environ.get("NO_COLOR"):
         os.environ.setdefault("TERM", "dumb")
@@ -1300,6 +1330,9 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         app(prog_name="chatsync")
+    except Terminated:  # before a command took over (a command says how it ended itself)
+        print("error: terminated (SIGTERM)", file=sys.stderr)
+        sys.exit(143)
     finally:
         if "chatsync.store.engine" in sys.modules:
             from chatsync.store.engine import close_engines

@@ -799,10 +799,12 @@ class Syncer:
                             return
                     fetched_at = self.now()
                     window = stream.window
-                    taken = self.ahead and self.ahead.take(
-                        chatbot_id, number, window.start, window.end, sources
-                    )
-                    if self.ahead and taken:  # asked for before the plan (PageAhead)
+                    taken = None
+                    if self.ahead is not None and window.start == window.end == today:
+                        # asked for before the plan (PageAhead); only today's, which is never recorded
+                        # as fetched: a day that ended meanwhile must be fetched after it ended
+                        taken = self.ahead.take(chatbot_id, number, window.start, window.end, sources)
+                    if taken is not None and self.ahead is not None:
                         page, fetched_at = taken.result(), self.ahead.fetched_at
                     else:
                         page = self.client.fetch_page(

@@ -165,7 +165,7 @@ class ReaderPool:
             return done
         if self._executor is None:
             self._executor = ProcessPoolExecutor(
-                self.workers, mp_context=_context(), initializer=_end_with_parent
+                self.workers, mp_context=_context(), initializer=_start_worker
             )
         return self._executor.submit(read_page, task)
 
@@ -179,6 +179,16 @@ class ReaderPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _start_worker() -> None:
+    """In a worker, first: leave Ctrl-C to the sync (a terminal sends SIGINT to the whole process group;
+    a worker interrupted while it writes a result to the pool's pipe leaves the pool waiting for the
+    rest of it forever), and end with the sync."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _end_with_parent()
 
 
 def _end_with_parent() -> None:

@@ -56,6 +56,15 @@ def test_a_schema_newer_than_the_code_is_refused(cli: Any, database_url: str) ->
     assert "newer than this chatsync knows" in result.stderr
 
 
+def test_a_sqlite_path_that_cannot_be_made_is_one_line(cli: Any, tmp_path: Path) -> None:
+    """A file where the database's folder should be: one line naming it, not 'unexpected FileExistsError'."""
+    (tmp_path / "taken").write_text("not a folder")
+    result = cli("list", env={"CHATSYNC_DATABASE_URL": f"sqlite:///{tmp_path / 'taken' / 'chatsync.db'}"})
+    assert result.exit_code == ExitCode.ERROR
+    assert result.stderr.startswith("error: cannot open the database:") and "taken" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
 def test_demo_syncs_and_reports_with_no_account(cli: Any, tmp_path: Path) -> None:
     result = cli("demo", "--conversations", "400", "--path", str(tmp_path / "demo.db"))
     assert result.exit_code == 0, result.stderr

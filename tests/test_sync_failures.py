@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -293,3 +294,38 @@ def test_bad_values_and_bytes_on_the_command_line_exit_2_with_one_line(cli: Any,
     )  # fmt: skip
     assert broken.returncode == ExitCode.USAGE and broken.stdout == ""
     assert broken.stderr.strip() == "error: an argument is not valid UTF-8: b'caf\\xe9'"
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM to the sync", "Ctrl-C to its process group"])
+def test_a_stop_at_any_moment_of_the_start_ends_with_its_code_and_no_traceback(
+    emulator_factory: Any, sqlite_url: str, tmp_path: Path, stop: str
+) -> None:
+    """The start imports the database stack beside the first request (PageAhead): a signal inside an
+    import once left half-imported modules and an 'unexpected NameError'; a Ctrl-C that reached a
+    worker as it wrote its result left the run waiting forever."""
+    server = emulator_factory(conversations=3000, seed=26, latency_ms=20)
+    env = {**os.environ, **chatbase_env(server, sqlite_url)}
+    command = [sys.executable, "-m", "chatsync", "sync", "--json"]
+    moments = random.Random(7)
+    for attempt in range(8):
+        process = subprocess.Popen(
+            command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        time.sleep(moments.uniform(0.05, 0.5) if stop.startswith("SIGTERM") else moments.uniform(0.3, 1.5))
+        if stop.startswith("SIGTERM"):
+            process.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(process.pid, signal.SIGINT)
+        out, err = process.communicate(timeout=60)  # a hang fails here
+        if process.returncode in (0, -signal.SIGTERM):
+            continue  # it finished first, or was stopped before Python ran chatsync (nothing begun)
+        assert process.returncode == (143 if stop.startswith("SIGTERM") else 130), (attempt, err)
+        assert "unexpected" not in err, (attempt, err)
+        if stop.startswith("SIGTERM"):
+            assert "Traceback" not in err, (attempt, err)
+        # (Ctrl-C also reaches a worker process that is still starting: multiprocessing itself may print
+        # its traceback when the sync it starts for is already gone; the sync's own line comes first.)
+        assert err.startswith("error: "), (attempt, err)
+        if out:
+            assert json.loads(out)["exit_code"] == process.returncode

@@ -253,28 +253,35 @@ class _Recording(httpx.HTTPTransport):
         return super().handle_request(request)
 
 
-def _today_page_1(asked: list[dict[str, str]], today: date) -> int:
-    day = today.isoformat()
-    return sum(1 for q in asked if (q.get("startDate"), q.get("endDate"), q.get("page")) == (day, day, "1"))
+def _page_1_of(asked: list[dict[str, str]], day: date) -> int:
+    one = day.isoformat()
+    return sum(1 for q in asked if (q.get("startDate"), q.get("endDate"), q.get("page")) == (one, one, "1"))
 
 
-@pytest.mark.parametrize("ahead_of", ["today", "another day"])
+@pytest.mark.parametrize("ahead_of", ["today", "another day", "a day that ended"])
 def test_a_page_asked_for_before_the_plan_is_used_once_or_left(
     emulator_factory: Any, database_url: str, ahead_of: str
 ) -> None:
     """The CLI asks for today's first page while the database opens (PageAhead): the sync takes it where
-    its plan pages today and never asks for it again; a page the plan does not ask for is left unused."""
+    its plan pages today and never asks for it again; a page the plan does not ask for is left unused.
+    So is one of a day that ended before the plan (asked just before midnight): that day's pages must
+    all be fetched after it ended, as the day is then recorded as fetched."""
     server = emulator_factory(conversations=900, seed=31)
     engine = open_engine(database_url)
     ensure_schema(engine)
     today = utcnow().date()
     day = today if ahead_of == "today" else today - timedelta(days=1)
+    since = day if ahead_of == "a day that ended" else None  # the plan then pages (day, day) too
     transport = _Recording()
     with ChatbaseClient(Secret("demo-key"), server.base_url, transport=transport) as client:
         ahead = PageAhead(client, "demo-bot", day, (), utcnow)
-        summary = Syncer(engine, client, WhatsAppRule(), ahead=ahead).run(SyncRequest(("demo-bot",)))
+        syncer = Syncer(engine, client, WhatsAppRule(), ahead=ahead)
+        summary = syncer.run(SyncRequest(("demo-bot",), since=since))
     assert summary.status == "ok"
-    assert_exact(database_url, server.emulator)
-    assert _today_page_1(transport.asked, today) == 1
     assert transport.asked[0]["startDate"] == day.isoformat()  # it went first
+    assert _page_1_of(transport.asked, today) == 1
+    if ahead_of == "a day that ended":
+        assert _page_1_of(transport.asked, day) == 2  # the plan asked for it again
+    else:
+        assert_exact(database_url, server.emulator)
     engine.dispose()

@@ -69,7 +69,10 @@ def open_engine(url: str, pool_size: int | None = None, create: bool = True) -> 
             path = Path(database).expanduser()
             parsed = parsed.set(database=str(path))
             if create:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:  # a file where the folder should be, a read-only place, …
+                    raise DatabaseUnreachable(exc) from None
             elif not path.is_file():
                 raise DatabaseUnreachable(FileNotFoundError(f"no database file at {path}"))
         engine = create_engine(
