@@ -1043,8 +1043,9 @@ def emulator(
     root = f"http://{server.server_address[0]!s}:{server.server_address[1]}/api"
     render.info(
         f"Chatbase emulator: chatbots {', '.join(emu.datasets)}, key {api_key!r}; Ctrl-C to stop. Point chatsync "
-        f"at it with\n  export CHATBASE_API_KEY={api_key} CHATBASE_CHATBOT_ID={','.join(emu.datasets)}\n"
-        f"  export CHATBASE_BASE_URL={root}/v1 CHATBASE_API_URL={root}/v2   # API v1, API v2 (sync --api 2)"
+        "at it with these lines (in a shell, or in .env without 'export'; the last is API v2, sync --api 2):\n"
+        f"  export CHATBASE_API_KEY={api_key}\n  export CHATBASE_CHATBOT_ID={','.join(emu.datasets)}\n"
+        f"  export CHATBASE_BASE_URL={root}/v1\n  export CHATBASE_API_URL={root}/v2"
     )
     try:
         server.serve_forever()

@@ -267,6 +267,7 @@ def run_checks(settings: Any, check_chatbase: bool = True) -> list[Check]:
     checks: list[Check] = []
     url = mask_url(settings.database_url)
     engine = None
+    current = False  # the schema is this chatsync's: its lock table is there to check
     missing = _missing_sqlite_file(settings.database_url)
     try:
         if missing is not None:
@@ -277,7 +278,8 @@ def run_checks(settings: Any, check_chatbase: bool = True) -> list[Check]:
         except Exception as exc:
             raise DatabaseUnreachable(exc) from None
         head = head_revision()
-        if found == head:
+        current = found == head
+        if current:
             checks.append(Check("database", True, f"{url} answers, schema {found} (current)"))
         elif found is None or found in known_revisions():
             checks.append(
@@ -325,7 +327,8 @@ def run_checks(settings: Any, check_chatbase: bool = True) -> list[Check]:
     if check_chatbase:
         checks.extend(_chatbase_checks(settings, ids))
     if engine is not None:
-        checks.extend(_lock_checks(engine, ids))
+        if current:  # an empty or older schema has no lock to check (and doctor never upgrades it)
+            checks.extend(_lock_checks(engine, ids))
         engine.dispose()
     return checks
 

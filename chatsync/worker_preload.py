@@ -7,12 +7,7 @@ exits without walking that heap (it held the sync's output pipe open ~0.1 s long
 """
 
 import gc
-import signal
 
-# Ctrl-C reaches the whole process group: the fork server ignores it once it serves (multiprocessing
-# does that after the preload), and an interrupt during this import would only print a traceback.
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-import chatsync.workers  # noqa: E402, F401  (imported for the workers it forks)
+import chatsync.workers  # noqa: F401  (imported for the workers it forks)
 
 gc.freeze()

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import traceback
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
 from typing import Any, Literal
@@ -167,6 +170,13 @@ class ReaderPool:
             self._executor = ProcessPoolExecutor(
                 self.workers, mp_context=_context(), initializer=_start_worker
             )
+            # The first task starts the fork server. A process inherits the signals its parent holds,
+            # so started while this thread holds Ctrl-C, the server and every worker it forks never take
+            # it (a terminal sends it to the whole process group: it once stopped the server in its
+            # start-up, or a worker as it wrote a result, which left the pool waiting forever). The sync
+            # itself takes it as ever, once this returns.
+            with _sigint_held():
+                return self._executor.submit(read_page, task)
         return self._executor.submit(read_page, task)
 
     def close(self) -> None:
@@ -181,12 +191,22 @@ class ReaderPool:
         self.close()
 
 
-def _start_worker() -> None:
-    """In a worker, first: leave Ctrl-C to the sync (a terminal sends SIGINT to the whole process group;
-    a worker interrupted while it writes a result to the pool's pipe leaves the pool waiting for the
-    rest of it forever), and end with the sync."""
-    import signal
+@contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Hold SIGINT in this thread for the block (POSIX; elsewhere nothing): it stays pending, not lost."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
+
+def _start_worker() -> None:
+    """In a worker, first: leave Ctrl-C to the sync (see :meth:`ReaderPool.submit`; also where the fork
+    server was started by something else), and end with the sync."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _end_with_parent()
 

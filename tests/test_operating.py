@@ -159,7 +159,10 @@ def test_a_text_log_line_shows_control_characters_and_stays_one_line() -> None:
     assert "repaired ev2-␛[2J\ufffd[red]y␊INFO chatsync.sync: forged" in written
 
 
-def test_the_emulator_prints_the_settings_to_paste_on_lines_of_their_own() -> None:
+def test_the_emulator_prints_settings_that_paste_into_a_shell_or_a_dotenv_file(
+    cli: Any, tmp_path: Path
+) -> None:
+    """One setting a line: pasted into .env (without 'export'), two on one line once became one value."""
     process = subprocess.Popen(
         [sys.executable, "-m", "chatsync", "emulator", "--port", "0", "--conversations", "10"],
         stdout=subprocess.PIPE,
@@ -168,15 +171,20 @@ def test_the_emulator_prints_the_settings_to_paste_on_lines_of_their_own() -> No
     )
     try:
         assert process.stderr is not None
-        lines = [process.stderr.readline() for _ in range(3)]
+        lines = [process.stderr.readline() for _ in range(6)]
     finally:
         process.terminate()
         process.wait(timeout=10)
-    assert lines[1].startswith("  export CHATBASE_API_KEY=demo-key CHATBASE_CHATBOT_ID=demo-bot"), lines
-    assert lines[2].startswith("  export CHATBASE_BASE_URL=http://127.0.0.1:") and "/api/v2" in lines[2], (
-        lines
-    )
     assert process.returncode == 0  # a stop asked for is no failure
+    settings = [line.strip().removeprefix("export ") for line in lines if line.startswith("  export ")]
+    assert len(settings) == 4, lines
+    (tmp_path / ".env").write_text("\n".join(settings) + "\n")
+    shown = cli("config", "show", "--json", env={"CHATBASE_CHATBOT_ID": "", "CHATBASE_BASE_URL": ""})
+    assert shown.exit_code == 0, shown.stderr
+    rows = {r["variables"][0]: r for r in json.loads(shown.stdout)["settings"]}
+    assert rows["CHATBASE_CHATBOT_ID"]["value"] == "demo-bot"
+    assert rows["CHATBASE_BASE_URL"]["value"].endswith("/api/v1")
+    assert rows["CHATBASE_API_URL"]["value"].endswith("/api/v2")
 
 
 def test_json_log_format_writes_one_object_a_line(cli: Any, emulator_factory: Any, sqlite_url: str) -> None:
@@ -579,6 +587,26 @@ def test_config_show_doctor_and_db_info_hide_passwords_in_any_url(cli: Any, tmp_
     masked = mask_url("postgresql://u:pw-1@db/x?sslmode=require&password=pw-2&sslpassword=pw-3")
     assert "pw-" not in masked and "sslmode=require" in masked
     assert mask_url("sqlite:////var/lib/chatsync/x.db") == "sqlite:////var/lib/chatsync/x.db"
+
+
+def test_doctor_on_an_empty_database_warns_and_changes_nothing(
+    cli: Any, emulator_factory: Any, database_url: str
+) -> None:
+    """What a user runs first against a new Supabase database: it once crashed on the missing lock table."""
+    from sqlalchemy import inspect
+
+    from chatsync.store.engine import open_engine
+
+    engine = open_engine(database_url)
+    with engine.begin():
+        pass  # (SQLite: the file exists and is empty)
+    server = emulator_factory(conversations=5, seed=59)
+    code, checks = _doctor(cli, chatbase_env(server, database_url))
+    assert code == 0, checks
+    assert checks["database"]["warning"] and "schema empty" in checks["database"]["detail"]
+    assert not any(name.startswith("lock") for name in checks)
+    assert inspect(engine).get_table_names() == []
+    engine.dispose()
 
 
 def test_doctor_never_creates_a_database_it_checks(cli: Any, emulator_factory: Any, tmp_path: Any) -> None:

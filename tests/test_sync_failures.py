@@ -324,8 +324,8 @@ def test_a_stop_at_any_moment_of_the_start_ends_with_its_code_and_no_traceback(
         assert "unexpected" not in err, (attempt, err)
         if stop.startswith("SIGTERM"):
             assert "Traceback" not in err, (attempt, err)
-        # (Ctrl-C also reaches a worker process that is still starting: multiprocessing itself may print
-        # its traceback when the sync it starts for is already gone; the sync's own line comes first.)
-        assert err.startswith("error: "), (attempt, err)
+        # (a worker that was still starting when the sync ended may print multiprocessing's traceback)
+        assert ("error: terminated" if stop.startswith("SIGTERM") else "error: interrupted") in err, err
+        assert "Fatal Python error" not in err, (attempt, err)  # the fork server never takes Ctrl-C
         if out:
             assert json.loads(out)["exit_code"] == process.returncode
