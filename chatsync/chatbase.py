@@ -135,6 +135,7 @@ class RateLimiter:
             self._paused_until = max(self._paused_until, time.monotonic() + wait)
 
 
+@dataclass
 class ClientStats:
     requests: int = 0
     retries: int = 0
