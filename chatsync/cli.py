@@ -9,7 +9,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from datetime import date
 from typing import Annotated, Any, TypeVar
@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from chatsync.errors import ChatsyncError, ExitCode, LockHeld, Terminated, UsageError
+from chatsync.signals import held
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -387,21 +388,12 @@ class _SyncRun:
             capture(self.error)
 
 
-@contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block ends: an interrupt that lands inside an ``import`` leaves
+def _signals_deferred() -> AbstractContextManager[None]:
+    """Hold SIGINT and SIGTERM for a block: an interrupt that lands inside an ``import`` leaves
     half-imported modules behind, and the run could then not even say how it ended. The signal is
-    handled as soon as the block ends (it is kept pending, not lost). Threads started inside the block
-    keep them held for good, so the main thread is the one that takes them."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    if not hasattr(signal, "pthread_sigmask"):  # not POSIX: nothing to hold
-        yield
-        return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+    handled as soon as the block ends. Threads started inside the block keep them held for good, so the
+    main thread is the one that takes them."""
+    return held(signal.SIGINT, signal.SIGTERM)
 
 
 def _exit_code(error: BaseException | None) -> int:

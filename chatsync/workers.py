@@ -18,9 +18,7 @@ import logging
 import os
 import signal
 import traceback
-from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
 from typing import Any, Literal
@@ -30,6 +28,7 @@ from chatsync.config import WhatsAppRule
 from chatsync.errors import BadRecord
 from chatsync.jsonbody import UndecodableRecord, decode_body
 from chatsync.normalize import content_hash, normalize_conversation, storable, stored_id
+from chatsync.signals import held
 from chatsync.store.writes import encode_json, quarantine_text, record_id_text
 from chatsync.timeutil import parse_timestamp
 
@@ -175,7 +174,7 @@ class ReaderPool:
             # it (a terminal sends it to the whole process group: it once stopped the server in its
             # start-up, or a worker as it wrote a result, which left the pool waiting forever). The sync
             # itself takes it as ever, once this returns.
-            with _sigint_held():
+            with held(signal.SIGINT):
                 return self._executor.submit(read_page, task)
         return self._executor.submit(read_page, task)
 
@@ -189,19 +188,6 @@ class ReaderPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-@contextmanager
-def _sigint_held() -> Iterator[None]:
-    """Hold SIGINT in this thread for the block (POSIX; elsewhere nothing): it stays pending, not lost."""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _start_worker() -> None:
