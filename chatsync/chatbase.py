@@ -651,14 +651,15 @@ class PageAhead:
 
     def take(
         self, chatbot_id: str, page: int, start: date, end: date, sources: tuple[str, ...]
-    ) -> Future[ConversationPage | None] | None:
-        """The answer (a future) when this is the page asked for ahead and nobody took it yet, else None.
-        The future raises what fetching it raised (after its retries, as :meth:`fetch_page` does)."""
+    ) -> tuple[ConversationPage | None, datetime] | None:
+        """The page and ``fetched_at`` once it came back, when this is the page asked for ahead and nobody
+        took it yet; else None at once. Raises what fetching it raised (after its retries, as
+        :meth:`fetch_page` does)."""
         with self._lock:
             if self._taken or (chatbot_id, page, start, end, sources) != self.key:
                 return None
             self._taken = True
-        return self._answer
+        return self._answer.result(), self.fetched_at
 
 
 def chatbots_from(entries: list[Any]) -> list[Chatbot]:

@@ -804,8 +804,8 @@ class Syncer:
                         # asked for before the plan (PageAhead); only today's, which is never recorded
                         # as fetched: a day that ended meanwhile must be fetched after it ended
                         taken = self.ahead.take(chatbot_id, number, window.start, window.end, sources)
-                    if taken is not None and self.ahead is not None:
-                        page, fetched_at = taken.result(), self.ahead.fetched_at
+                    if taken is not None:
+                        page, fetched_at = taken
                     else:
                         page = self.client.fetch_page(
                             chatbot_id,
