@@ -463,20 +463,8 @@ class ChatbaseClient(ChatbaseHTTP):
         sources: tuple[str, ...] = (),
         size: int = PAGE_SIZE,
     ) -> list[dict[str, Any]]:
-        params: dict[str, Any] = {"chatbotId": chatbot_id, "page": page, "size": size}
-        if start:
-            params["startDate"] = start.isoformat()
-        if end:
-            params["endDate"] = end.isoformat()
-        if sources:
-            params["filteredSources"] = ",".join(sources)
-        body = self.request("get-conversations", params)
-        data = body.get("data") if isinstance(body, dict) else None
-        if not isinstance(data, list):
-            raise ChatbaseUnavailable(
-                "Chatbase answered without a 'data' list; nothing of this page was saved"
-            )
-        return data
+        params = _conversations_params(chatbot_id, page, start, end, sources, size)
+        return _data_list(self.request("get-conversations", params))
 
     def fetch_page(
         self,
@@ -490,23 +478,12 @@ class ChatbaseClient(ChatbaseHTTP):
     ) -> ConversationPage | None:
         """One page of ``get-conversations`` with the body as sent; None when ``wanted`` said no by the
         time the rate limit let the request go (nothing was sent)."""
-        params: dict[str, Any] = {"chatbotId": chatbot_id, "page": page, "size": size}
-        if start:
-            params["startDate"] = start.isoformat()
-        if end:
-            params["endDate"] = end.isoformat()
-        if sources:
-            params["filteredSources"] = ",".join(sources)
+        params = _conversations_params(chatbot_id, page, start, end, sources, size)
         answer = self.request("get-conversations", params, wanted=wanted, raw=True)
         if answer is None:
             return None
         body, content = answer
-        data = body.get("data") if isinstance(body, dict) else None
-        if not isinstance(data, list):
-            raise ChatbaseUnavailable(
-                "Chatbase answered without a 'data' list; nothing of this page was saved"
-            )
-        return ConversationPage(data, content)
+        return ConversationPage(_data_list(body), content)
 
     def iter_pages(
         self,
@@ -611,6 +588,33 @@ class ChatbaseClient(ChatbaseHTTP):
             if last:
                 return
         raise PagingError(f"more than {MAX_PAGES_PER_WINDOW} pages of leads: stopped paging")
+
+
+def _conversations_params(
+    chatbot_id: str,
+    page: int,
+    start: date | None,
+    end: date | None,
+    sources: tuple[str, ...],
+    size: int,
+) -> dict[str, Any]:
+    """get-conversations' query for one page of a window of UTC days (both inclusive) and its sources."""
+    params: dict[str, Any] = {"chatbotId": chatbot_id, "page": page, "size": size}
+    if start:
+        params["startDate"] = start.isoformat()
+    if end:
+        params["endDate"] = end.isoformat()
+    if sources:
+        params["filteredSources"] = ",".join(sources)
+    return params
+
+
+def _data_list(body: object) -> list[Any]:
+    """The records of a get-conversations answer; ChatbaseUnavailable when it has no ``data`` list."""
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, list):
+        raise ChatbaseUnavailable("Chatbase answered without a 'data' list; nothing of this page was saved")
+    return data
 
 
 class PageAhead:
