@@ -86,8 +86,8 @@ class RateLimiter:
                     now = time.monotonic()
                     if deadline is not None and self._paused_until > deadline:
                         raise ChatbaseUnavailable(
-                            f"Chatbase asked to wait {self._paused_until - now:.0f} s, longer than the "
-                            "retry budget left; what was saved is kept and the next run continues",
+                            f"rate limited: Chatbase asked to wait {self._paused_until - now:.1f} s, longer "
+                            "than the retry budget left",
                             last="rate limited",
                         )
                     if stop is not None and stop.is_set():
@@ -394,11 +394,18 @@ class ChatbaseHTTP:
         try:
             return retrying(self._send, path, params, wanted, raw, deadline)
         except TransientError as exc:
-            raise ChatbaseUnavailable(
-                f"Chatbase at {mask_url(self.base_url)} kept failing for {self.retry_budget:.0f}s (last: {exc}); "
-                f"what was saved is kept and the next run continues (if Chatbase is up, check {self.url_setting})",
-                last=str(exc),
-            ) from None
+            raise self._budget_spent(str(exc)) from None
+        except ChatbaseUnavailable as exc:
+            if exc.last != "rate limited":
+                raise  # (the sync was stopped)
+            raise self._budget_spent(str(exc)) from None  # a pause the server asked for outlasts it
+
+    def _budget_spent(self, last: str) -> ChatbaseUnavailable:
+        return ChatbaseUnavailable(
+            f"Chatbase at {mask_url(self.base_url)} kept failing for {self.retry_budget:.0f}s (last: {last}); "
+            f"what was saved is kept and the next run continues (if Chatbase is up, check {self.url_setting})",
+            last=last,
+        )
 
     def _before_retry(self, state: RetryCallState) -> None:
         with self._stats_lock:
