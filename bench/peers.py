@@ -73,11 +73,8 @@ def dlt_seconds(base_url: str, database_url: str) -> tuple[float, int]:
         started = time.perf_counter()
         info = pipeline.run(source)
         seconds = time.perf_counter() - started
-        rows = (
-            pipeline.last_trace.last_normalize_info.row_counts.get("conversations", 0)
-            if pipeline.last_trace
-            else 0
-        )
+        normalized = pipeline.last_trace.last_normalize_info if pipeline.last_trace else None
+        rows = normalized.row_counts.get("conversations", 0) if normalized else 0
         del info
         return seconds, int(rows)
     finally:

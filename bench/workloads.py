@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from bench.common import emulator, free_port, fresh_database, run_sync
+from bench.common import Timed, emulator, free_port, fresh_database, run_sync
 from bench.peers import dlt_seconds, floor_seconds
 
 PAGE = {"v1": 100, "v2": 20}  # conversations a page: get-conversations' maximum, the export's
@@ -63,18 +63,40 @@ def s1_rate_limit(size: int, kind: str, workdir: Path, api: str = "v1") -> dict[
     }
 
 
-def s2_s4_speed(size: int, small: int, kind: str, workdir: Path) -> dict[str, Any]:
+def s2_s4_speed(size: int, small: int, kinds: list[str], workdir: Path) -> dict[str, dict[str, Any]]:
     """Raw speed from empty against the floor and dlt; the time per conversation at ``small`` and at
-    ``size``; then an incremental run with nothing changed."""
-    with emulator(small) as emu, fresh_database(kind, workdir) as url:
-        early = run_sync(url, emu.base_url, workdir, unlimited=True)
+    ``size``; then an incremental run with nothing changed. One emulator of each size serves every
+    database (there is no rate limit to share), and the floor, which touches no database, is measured
+    once on it. Returns {database: {"S2": figures, "S4": figures}}."""
+    early: dict[str, Timed] = {}
+    with emulator(small) as emu:
+        for kind in kinds:
+            with fresh_database(kind, workdir) as url:
+                early[kind] = run_sync(url, emu.base_url, workdir, unlimited=True)
+    out: dict[str, dict[str, Any]] = {}
     with emulator(size) as emu:
         floor, fetched = floor_seconds(emu.base_url)
-        with fresh_database(kind, workdir) as url:
-            first = run_sync(url, emu.base_url, workdir, unlimited=True)
-            again = run_sync(url, emu.base_url, workdir, unlimited=True)
-        with fresh_database(kind, workdir) as url:
-            peer, loaded = dlt_seconds(emu.base_url, url)
+        for kind in kinds:
+            with fresh_database(kind, workdir) as url:
+                first = run_sync(url, emu.base_url, workdir, unlimited=True)
+                again = run_sync(url, emu.base_url, workdir, unlimited=True)
+            with fresh_database(kind, workdir) as url:
+                peer, loaded = dlt_seconds(emu.base_url, url)
+            out[kind] = _s2_s4_figures(size, small, floor, fetched, early[kind], first, again, peer, loaded)
+    return out
+
+
+def _s2_s4_figures(
+    size: int,
+    small: int,
+    floor: float,
+    fetched: int,
+    early: Timed,
+    first: Timed,
+    again: Timed,
+    peer: float,
+    loaded: int,
+) -> dict[str, Any]:
     return {
         "S2": {
             "conversations": size,
@@ -102,46 +124,64 @@ def s2_s4_speed(size: int, small: int, kind: str, workdir: Path) -> dict[str, An
     }
 
 
-def s3_memory(small: int, large: int, kind: str, workdir: Path) -> dict[str, Any]:
+def s3_memory(small: int, large: int, kinds: list[str], workdir: Path) -> dict[str, dict[str, Any]]:
     """Peak memory of a sync from empty at two history sizes: the sync process and its reading workers
-    together (summed PSS), and the sync process alone (its RSS high-water mark)."""
-    runs = {}
+    together (summed PSS), and the sync process alone (its RSS high-water mark). One emulator of each
+    size serves every database. Returns {database: figures}."""
+    runs: dict[str, dict[int, Timed]] = {kind: {} for kind in kinds}
     for size in (small, large):
-        with emulator(size) as emu, fresh_database(kind, workdir) as url:
-            runs[size] = run_sync(url, emu.base_url, workdir, unlimited=True)
+        with emulator(size) as emu:
+            for kind in kinds:
+                with fresh_database(kind, workdir) as url:
+                    runs[kind][size] = run_sync(url, emu.base_url, workdir, unlimited=True)
     return {
-        "small": small,
-        "large": large,
-        "peak_rss_mb_small": round(runs[small].peak_tree_mb, 1),
-        "peak_rss_mb_large": round(runs[large].peak_tree_mb, 1),
-        "growth": round(runs[large].peak_tree_mb / runs[small].peak_tree_mb, 3),
-        "main_process_rss_mb_small": round(runs[small].peak_rss_mb, 1),
-        "main_process_rss_mb_large": round(runs[large].peak_rss_mb, 1),
+        kind: {
+            "small": small,
+            "large": large,
+            "peak_rss_mb_small": round(by_size[small].peak_tree_mb, 1),
+            "peak_rss_mb_large": round(by_size[large].peak_tree_mb, 1),
+            "growth": round(by_size[large].peak_tree_mb / by_size[small].peak_tree_mb, 3),
+            "main_process_rss_mb_small": round(by_size[small].peak_rss_mb, 1),
+            "main_process_rss_mb_large": round(by_size[large].peak_rss_mb, 1),
+        }
+        for kind, by_size in runs.items()
     }
 
 
 # ------------------------------------------------------------------------------------- 1M conversations
-def seed(url: str, count: int) -> dict[str, Any]:
-    """Write ``count`` realistic conversations straight through the storage layer.
-
-    5,000 emulator conversations are normalised once and cloned with new ids and start times spread
-    over two years: the rows are what a sync would have stored, without paying for a sync. Each clone
-    of a conversation with a customer gets its own customer, so the data has as many users as a real
-    account of that size rather than the templates' few thousand.
-    """
+def seed_templates(count: int = 5000) -> list[dict[str, Any]]:
+    """``count`` emulator conversations as a sync stores them (normalised, their JSON columns encoded the
+    way the sync's workers hand them to the writer): what :func:`seed` clones, built once for every
+    database."""
     from chatsync.config import WhatsAppRule
     from chatsync.emulator.data import Dataset
     from chatsync.normalize import normalize_conversation
+    from chatsync.store.writes import encode_json
+
+    end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    dataset = Dataset("bench-bot", count, 11, end, 60)
+    templates = []
+    for i in range(count):
+        row = normalize_conversation(dataset.conversation(i)[0], "bench-bot", WhatsAppRule())
+        row["messages"], row["raw"] = encode_json(row["messages"]), encode_json(row["raw"])
+        templates.append(row)
+    return templates
+
+
+def seed(url: str, count: int, templates: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write ``count`` realistic conversations straight through the storage layer.
+
+    The ``templates`` (:func:`seed_templates`) are cloned with new ids and start times spread over two
+    years: the rows are what a sync would have stored, without paying for a sync. Each clone of a
+    conversation with a customer gets its own customer, so the data has as many users as a real account
+    of that size rather than the templates' few thousand.
+    """
     from chatsync.store.engine import ensure_schema, open_engine
     from chatsync.store.writes import upsert_conversations
 
     engine = open_engine(url)
     ensure_schema(engine)
     end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
-    dataset = Dataset("bench-bot", 5000, 11, end, 60)
-    templates = [
-        normalize_conversation(dataset.conversation(i)[0], "bench-bot", WhatsAppRule()) for i in range(5000)
-    ]
     span = timedelta(days=730).total_seconds()
     started = time.perf_counter()
     batch: list[dict[str, Any]] = []
@@ -210,7 +250,7 @@ def s5_s6_queries(url: str) -> dict[str, Any]:
             .where(conversations.c.whatsapp_number.is_not(None))
             .limit(1)
         ).scalar()
-        some_id = connection.execute(select(conversations.c.id).offset(12345).limit(1)).scalar()
+        some_id = connection.execute(select(conversations.c.id).offset(12345).limit(1)).scalar_one()
 
     def timed_ms(call: Any) -> float:
         samples = []
