@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import sqlite3
 import weakref
 from pathlib import Path
 from typing import Any
@@ -136,11 +137,40 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # case-insensitive search in every script (SQLite's own lower() folds ASCII only)
     dbapi_connection.create_function("chatsync_casefold", 1, _casefold, deterministic=True)
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.OperationalError as exc:
+        if "locked" not in str(exc):
+            raise
+        _into_wal_when_free(cursor)
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def _into_wal_when_free(cursor: Any) -> None:
+    """Switch a new SQLite file to WAL while other connections open it too.
+
+    The switch needs the file to itself, and SQLite answers "database is locked" at once, without
+    waiting out the busy timeout, when another connection is making the same switch: first runs started
+    together (cron and a person, or a service's workers) saw it. Retried here for up to the busy
+    timeout; a file already in WAL never gets here.
+    """
+    from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_exponential
+
+    @retry(
+        retry=retry_if_exception(
+            lambda exc: isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+        ),
+        wait=wait_random_exponential(multiplier=0.01, max=0.5),
+        stop=stop_after_delay(30),
+        reraise=True,
+    )
+    def switch() -> None:
+        cursor.execute("PRAGMA journal_mode=WAL")
+
+    switch()
 
 
 def _alembic_config(connection: Any) -> Any:
