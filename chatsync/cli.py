@@ -16,7 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from chatsync.errors import ChatsyncError, ExitCode, LockHeld, Terminated, UsageError
+from chatsync.errors import ChatsyncError, DatabaseUnreachable, ExitCode, LockHeld, Terminated, UsageError
 from chatsync.signals import held
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -1077,7 +1077,10 @@ def demo(
     if path and database.exists():
         # Never replace a file the user named: it may be a real database (the default demo.db is ours).
         raise UsageError(f"{database} already exists: give --path a new file, or remove it first")
-    database.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        database.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where the folder should be, a read-only place, …
+        raise DatabaseUnreachable(exc) from None
     for suffix in ("", "-wal", "-shm", "-journal"):  # the demo's own file and SQLite's companions, only
         database.with_name(database.name + suffix).unlink(missing_ok=True)
     url = f"sqlite:///{database}"

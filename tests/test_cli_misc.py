@@ -217,6 +217,16 @@ def test_demo_never_deletes_files_beside_the_one_it_creates(cli: Any, tmp_path: 
     assert (tmp_path / "chatsync.db").read_text() == "precious"
 
 
+def test_demo_where_no_folder_can_be_made_says_it_cannot_open_the_database(cli: Any, tmp_path: Path) -> None:
+    """A newcomer's typo in --path (a file where the folder should be) once read as an "unexpected"
+    FileExistsError; it is the same one line every other command gives."""
+    (tmp_path / "a-file").write_text("not a folder")
+    result = cli("demo", "--conversations", "20", "--path", str(tmp_path / "a-file" / "demo.db"))
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: cannot open the database:"), result.stderr
+    assert "unexpected" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     "args",
     [
