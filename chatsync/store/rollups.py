@@ -143,36 +143,37 @@ class Contributions:
 
 
 def _add(connection: Connection, table: Any, rows: list[list[Any]]) -> None:
-    """Add rows of (key…, counts…) to a rollup in one statement; a key already there gets the sums.
+    """Add rows of (key…, counts…) to a rollup; a key already there gets the sums.
 
-    A page's ~400 rollup rows travel as one JSON parameter rather than an executemany: a third of the
-    time on SQLite and a quarter on PostgreSQL, which sums every page of a sync.
+    A page of a sync brings ~430 rollup rows (measured on the emulator's data: ~325 distribution values,
+    ~85 user keys, ~25 hours). PostgreSQL takes them as one JSON parameter in one statement: half the
+    time of psycopg's ``executemany``. SQLite takes them as one ``executemany`` of plain tuples handed
+    straight to the driver: two thirds of the time of the JSON statement, which re-reads each row's JSON
+    once per column.
     """
     if not rows:
         return
     keys = [column.name for column in table.primary_key]
     names = [column.name for column in table.columns]
     counts = [name for name in names if name not in keys]
-    encode: Callable[[Any], Any] | None
-    if connection.dialect.name == "postgresql":
-        types = {
-            name: "timestamptz" if name == "hour" else "int" if name in counts else "text" for name in names
-        }
-        picks = ", ".join(f"CAST(r->>{i} AS {types[name]})" for i, name in enumerate(names))
-        source = "jsonb_array_elements(CAST(:rows AS jsonb)) AS r"
-        encode = _iso
-    else:
-        picks = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(names)))
-        source = "json_each(:rows) WHERE true"  # SQLite needs a WHERE before ON CONFLICT here
+    sums = ", ".join(f"{name} = {table.name}.{name} + excluded.{name}" for name in counts)
+    upsert = f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {sums}"
+    if connection.dialect.name != "postgresql":
         # the text SQLAlchemy itself stores for a DateTime, so keys and range filters match
         encode = _sqlite_datetime(connection) if "hour" in names else None
-    if encode is not None:
-        rows = [[encode(v) if isinstance(v, datetime) else v for v in row] for row in rows]
-    sums = ", ".join(f"{name} = {table.name}.{name} + excluded.{name}" for name in counts)
+        marks = ", ".join("?" for _ in names)
+        connection.exec_driver_sql(
+            f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({marks}) {upsert}",
+            [tuple(encode(v) if encode and isinstance(v, datetime) else v for v in row) for row in rows],
+        )
+        return
+    types = {name: "timestamptz" if name == "hour" else "int" if name in counts else "text" for name in names}
+    picks = ", ".join(f"CAST(r->>{i} AS {types[name]})" for i, name in enumerate(names))
     statement = text(
-        f"INSERT INTO {table.name} ({', '.join(names)}) SELECT {picks} FROM {source} "
-        f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {sums}"
+        f"INSERT INTO {table.name} ({', '.join(names)}) SELECT {picks} "
+        f"FROM jsonb_array_elements(CAST(:rows AS jsonb)) AS r {upsert}"
     )
+    rows = [[_iso(v) if isinstance(v, datetime) else v for v in row] for row in rows]
     for start in range(0, len(rows), _ROWS_PER_STATEMENT):
         connection.execute(statement, {"rows": json.dumps(rows[start : start + _ROWS_PER_STATEMENT])})
 
