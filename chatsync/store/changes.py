@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, select, text
+from sqlalchemy import Connection, and_, bindparam, func, select, text
 
 from chatsync.store.tables import changes, sync_runs
 
@@ -51,31 +51,47 @@ class Change:
         return [self.chatbot_id] if self.chatbot_id else []
 
 
-def _append(connection: Connection, rows: list[dict[str, Any]]) -> None:
-    if not rows:
+def _append(connection: Connection, kind: str, items: list[tuple[str, str | None]], at: datetime) -> None:
+    """Append one change of ``kind`` per ``(subject, chatbot id)``, in that order, all made ``at``.
+
+    On PostgreSQL the rows travel as two arrays in one ``INSERT … SELECT FROM unnest``: a sync page's 100
+    rows took a fifth of the writer's time as a pipelined ``executemany`` of 100 statements.
+    """
+    if not items:
         return
     if connection.dialect.name == "postgresql":
         connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _APPEND_LOCK})
-        connection.execute(changes.insert(), rows)
+        connection.execute(
+            text(
+                "INSERT INTO changes (kind, subject, chatbot_id, at) SELECT :kind, s, b, :at "
+                "FROM unnest(CAST(:subjects AS text[]), CAST(:chatbots AS text[])) AS u(s, b)"
+            ).bindparams(bindparam("at", type_=changes.c.at.type)),
+            {
+                "kind": kind,
+                "at": at,
+                "subjects": [subject for subject, _ in items],
+                "chatbots": [chatbot for _, chatbot in items],
+            },
+        )
         connection.execute(text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
     else:
-        connection.execute(changes.insert(), rows)
+        connection.execute(
+            changes.insert(),
+            [
+                {"kind": kind, "subject": subject, "chatbot_id": chatbot, "at": at}
+                for subject, chatbot in items
+            ],
+        )
 
 
 def record_conversations(connection: Connection, items: Iterable[tuple[str, str]], now: datetime) -> None:
     """Log that these ``(conversation id, chatbot id)`` were written; call it last in the transaction."""
-    _append(
-        connection,
-        [
-            {"kind": CONVERSATION_UPSERTED, "subject": cid, "chatbot_id": bot, "at": now}
-            for cid, bot in dict.fromkeys(items)
-        ],
-    )
+    _append(connection, CONVERSATION_UPSERTED, list(dict.fromkeys(items)), now)
 
 
 def record_sync_finished(connection: Connection, run_id: str, now: datetime) -> None:
     """Log that a sync run ended (its row in ``sync_runs`` says how); call it last in the transaction."""
-    _append(connection, [{"kind": SYNC_FINISHED, "subject": run_id, "chatbot_id": None, "at": now}])
+    _append(connection, SYNC_FINISHED, [(run_id, None)], now)
 
 
 def read_changes(connection: Connection, after: int, limit: int) -> list[Change]:
