@@ -18,6 +18,8 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     String,
     Table,
+    any_,
+    bindparam,
     create_engine,
     event,
     func,
@@ -294,6 +296,18 @@ def insert_for(connection: Connection, table: Any) -> Any:
     """INSERT with ON CONFLICT support for the connection's dialect."""
     module = postgresql if connection.dialect.name == "postgresql" else sqlite
     return module.insert(table)
+
+
+def is_among(connection: Connection, column: Any, values: list[Any]) -> Any:
+    """``column IN (values)`` in the form the connection's database runs fastest.
+
+    PostgreSQL gets ``column = ANY(:array)``: one parameter however many values (a sync page's 100 ids
+    were 100 parameters, each processed by SQLAlchemy and sent on its own), still served by the column's
+    index. SQLite keeps ``IN``.
+    """
+    if connection.dialect.name == "postgresql":
+        return column == any_(bindparam(None, list(values), type_=postgresql.ARRAY(column.type)))
+    return column.in_(values)
 
 
 def lock_for_writing(connection: Connection) -> None:

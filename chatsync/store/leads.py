@@ -26,7 +26,7 @@ from sqlalchemy import Connection, and_, bindparam, false, func, select, text, u
 from sqlalchemy.sql import ColumnElement
 
 from chatsync.store import audit, changes, rollups
-from chatsync.store.engine import lock_for_writing
+from chatsync.store.engine import is_among, lock_for_writing
 from chatsync.store.queries import ConversationFilter
 from chatsync.store.tables import conversations as c
 from chatsync.store.tables import leads
@@ -250,7 +250,7 @@ def _lead_numbers(connection: Connection, conversation_ids: list[str]) -> dict[s
     rows = connection.execute(
         select(
             leads.c.conversation_id, leads.c.chatbot_id, leads.c.number, leads.c.submitted_at, leads.c.id
-        ).where(leads.c.conversation_id.in_(conversation_ids), leads.c.number.is_not(None))
+        ).where(is_among(connection, leads.c.conversation_id, conversation_ids), leads.c.number.is_not(None))
     ).all()
     found: dict[str, list[_Entry]] = {}
     for conversation_id, chatbot_id, number, submitted_at, row_id in rows:

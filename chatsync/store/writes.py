@@ -21,7 +21,7 @@ from sqlalchemy import JSON, Connection, and_, bindparam, case, select, update
 from chatsync.jsonbody import UndecodableRecord, UnreadableNumber
 from chatsync.normalize import repaired_text
 from chatsync.store import audit, changes, leads, rollups
-from chatsync.store.engine import insert_for, lock_for_writing
+from chatsync.store.engine import insert_for, is_among, lock_for_writing
 from chatsync.store.tables import chatbots, conversations, quarantine, sync_days, sync_runs
 from chatsync.whatsapp import number_in_force, region_of
 
@@ -376,7 +376,7 @@ def release_from_quarantine(connection: Connection, chatbot_id: str, conversatio
     if keys:
         connection.execute(
             quarantine.delete().where(
-                quarantine.c.chatbot_id == chatbot_id, quarantine.c.record_key.in_(keys)
+                quarantine.c.chatbot_id == chatbot_id, is_among(connection, quarantine.c.record_key, keys)
             )
         )
 
