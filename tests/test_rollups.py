@@ -226,6 +226,27 @@ def test_rollups_follow_v2_status_and_feedback_changes(engine: Any) -> None:
     assert after["feedback"]["answers"] == before["feedback"]["answers"]
 
 
+def test_a_conversation_chatbase_moves_to_another_hour_leaves_no_empty_hour_behind(engine: Any) -> None:
+    """Chatbase corrects a conversation's creation time: its old hour's counters fall to zero and that
+    hour's row goes (the same rollups a rebuild gives), on SQLite's and PostgreSQL's own write paths."""
+    emulator = Emulator(conversations=200, seed=61, days=30, rate_limit=None)
+    rows = [
+        normalize_conversation(r, "demo-bot", WhatsAppRule()) for r in emulator.all_conversations("demo-bot")
+    ]
+    with engine.begin() as connection:
+        upsert_conversations(connection, rows, datetime.now(UTC))
+    hours_before = {row[2] for row in _snapshot(engine)["report_hours"]}
+    moved = dict(rows[0])
+    moved["created_at"] = moved["created_at"] - timedelta(days=400)  # an hour no other conversation has
+    moved["content_hash"] = "moved"
+    with engine.begin() as connection:
+        upsert_conversations(connection, [moved], datetime.now(UTC))
+    _agree_everywhere(engine)
+    hours_after = {row[2] for row in _snapshot(engine)["report_hours"]}
+    assert len(hours_after) == len(hours_before)  # one hour gone, one new
+    assert hours_after != hours_before
+
+
 def test_an_empty_database_reports_zeros_from_the_rollups(engine: Any) -> None:
     data = _both_ways(engine, ConversationFilter(), "UTC")
     assert data["conversations"] == 0 and data["by_day"] == [] and data["users"] == 0

@@ -159,12 +159,15 @@ def _add(connection: Connection, table: Any, rows: list[list[Any]]) -> None:
     sums = ", ".join(f"{name} = {table.name}.{name} + excluded.{name}" for name in counts)
     upsert = f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {sums}"
     if connection.dialect.name != "postgresql":
-        # the text SQLAlchemy itself stores for a DateTime, so keys and range filters match
-        encode = _sqlite_datetime(connection) if "hour" in names else None
+        values = [tuple(row) for row in rows]
+        if "hour" in names:
+            # the text SQLAlchemy itself stores for a DateTime, so keys and range filters match
+            at, encode = names.index("hour"), _sqlite_datetime(connection)
+            assert encode is not None
+            values = [(*row[:at], encode(row[at]), *row[at + 1 :]) for row in values]
         marks = ", ".join("?" for _ in names)
         connection.exec_driver_sql(
-            f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({marks}) {upsert}",
-            [tuple(encode(v) if encode and isinstance(v, datetime) else v for v in row) for row in rows],
+            f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({marks}) {upsert}", values
         )
         return
     types = {name: "timestamptz" if name == "hour" else "int" if name in counts else "text" for name in names}
