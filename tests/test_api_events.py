@@ -286,3 +286,74 @@ def test_postgres_notify_wakes_the_feed_before_the_next_poll(postgres_url: str) 
         assert app.state.feed.notifications >= 1  # woken by NOTIFY, not by the minute's poll
     finally:
         engine.dispose()
+
+
+def test_a_reader_following_seq_never_skips_a_change_appended_by_concurrent_writers(
+    postgres_url: str,
+) -> None:
+    """PostgreSQL draws ``seq`` when a row is inserted, not when it commits: without the append lock held
+    to the commit, a writer that drew a smaller ``seq`` and commits later is passed over by a reader that
+    already moved its cursor beyond it. Four writers append and dawdle before committing while a reader
+    follows the cursor; the reader must see every change that was committed."""
+    import random
+    import threading
+
+    from sqlalchemy import func, select
+
+    from chatsync.store import changes
+    from chatsync.store.engine import ensure_schema, open_engine
+    from chatsync.store.tables import changes as changes_table
+
+    engine = open_engine(postgres_url)
+    ensure_schema(engine)
+    with engine.connect() as connection:
+        start = connection.execute(select(func.coalesce(func.max(changes_table.c.seq), 0))).scalar_one()
+    writing = threading.Barrier(4)
+    done = threading.Event()
+    seen: list[int] = []
+
+    def writer(number: int) -> None:
+        pick = random.Random(number)
+        writing.wait()
+        for batch in range(40):
+            with engine.begin() as connection:
+                items = [(f"w{number}-{batch}-{i}", "bot-a") for i in range(pick.randint(1, 3))]
+                changes.record_conversations(connection, items, datetime.now(UTC))
+                time.sleep(pick.random() * 0.004)  # commit a little later, as a page's commit does
+
+    def reader() -> None:
+        cursor = start
+        while True:
+            finished = done.is_set()
+            with engine.connect() as connection:
+                batch = changes.read_changes(connection, cursor, 1000)
+            seen.extend(change.seq for change in batch)
+            if batch:
+                cursor = batch[-1].seq
+            elif finished:
+                return
+
+    try:
+        following = threading.Thread(target=reader)
+        following.start()
+        writers = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+        for thread in writers:
+            thread.start()
+        for thread in writers:
+            thread.join()
+        done.set()
+        following.join()
+        with engine.connect() as connection:
+            stored = (
+                connection.execute(
+                    select(changes_table.c.seq)
+                    .where(changes_table.c.seq > start)
+                    .order_by(changes_table.c.seq)
+                )
+                .scalars()
+                .all()
+            )
+        assert len(stored) >= 4 * 40
+        assert seen == list(stored)  # each once, in order, none passed over
+    finally:
+        engine.dispose()
