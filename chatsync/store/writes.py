@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -178,8 +179,7 @@ def insert_conversations(connection: Connection, rows: list[dict[str, Any]]) -> 
     """
     if not rows:
         return
-    encoders = _encoders(connection)
-    values = [tuple([encode(row[name]) for name, encode in encoders]) for row in rows]
+    values = _insert_values(connection, rows)
     names = ", ".join(INSERT_COLUMNS)
     if connection.dialect.name == "postgresql":
         # COPY, the fastest bulk load PostgreSQL offers, straight into the table: the rows are new, and a
@@ -197,23 +197,27 @@ def insert_conversations(connection: Connection, rows: list[dict[str, Any]]) -> 
     connection.exec_driver_sql(f"INSERT INTO conversations ({names}) VALUES ({marks})", values)
 
 
-def _encoders(connection: Connection) -> list[tuple[str, Callable[[Any], Any]]]:
-    """For each of INSERT_COLUMNS, the function that turns a row's value into what the driver is given:
-    JSON as text (None stays NULL), and whatever SQLAlchemy's own type would do for the rest (SQLite's
-    datetime text, so keys and range filters match rows written through SQLAlchemy)."""
+def _insert_values(connection: Connection, rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """Each row's values in INSERT_COLUMNS order as the driver is given them: JSON as text (None stays
+    NULL), and whatever SQLAlchemy's own type would do for the rest (SQLite's datetime text, so keys and
+    range filters match rows written through SQLAlchemy). The values are picked in one C call a row, and
+    only the few columns that need it are converted."""
     dialect = connection.dialect
-    out: list[tuple[str, Callable[[Any], Any]]] = []
-    for name in INSERT_COLUMNS:
+    convert: list[tuple[int, Callable[[Any], Any]]] = []
+    for at, name in enumerate(INSERT_COLUMNS):
         if name in _JSON_COLUMNS:
-            out.append((name, _json_value))
-            continue
-        column_type = conversations.c[name].type
-        process = (
-            None
-            if dialect.name == "postgresql"
-            else column_type.dialect_impl(dialect).bind_processor(dialect)
-        )
-        out.append((name, process or _same))
+            convert.append((at, _json_value))
+        elif dialect.name != "postgresql":
+            process = conversations.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+            if process is not None:
+                convert.append((at, process))
+    pick = operator.itemgetter(*INSERT_COLUMNS)
+    out = []
+    for row in rows:
+        value = list(pick(row))
+        for at, encode in convert:
+            value[at] = encode(value[at])
+        out.append(tuple(value))
     return out
 
 
@@ -221,10 +225,6 @@ def _json_value(value: Any) -> str | None:
     if value is None:
         return None
     return value if isinstance(value, JsonText) else encode_json(value)
-
-
-def _same(value: Any) -> Any:
-    return value
 
 
 def stored_fingerprints(connection: Connection, ids: list[str]) -> dict[str, tuple[str, bool]]:
