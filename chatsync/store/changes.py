@@ -78,12 +78,11 @@ def _append(connection: Connection, kind: str, items: list[tuple[str, str | None
             },
         )
     else:
-        connection.execute(
-            changes.insert(),
-            [
-                {"kind": kind, "subject": subject, "chatbot_id": chatbot, "at": at}
-                for subject, chatbot in items
-            ],
+        encode = changes.c.at.type.dialect_impl(connection.dialect).bind_processor(connection.dialect)
+        stamp = encode(at) if encode is not None else at  # the text SQLAlchemy itself stores
+        connection.exec_driver_sql(
+            "INSERT INTO changes (kind, subject, chatbot_id, at) VALUES (?, ?, ?, ?)",
+            [(kind, subject, chatbot, stamp) for subject, chatbot in items],
         )
 
 

@@ -23,6 +23,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    literal_column,
     select,
     text,
 )
@@ -301,13 +302,16 @@ def insert_for(connection: Connection, table: Any) -> Any:
 def is_among(connection: Connection, column: Any, values: list[Any]) -> Any:
     """``column IN (values)`` in the form the connection's database runs fastest.
 
-    PostgreSQL gets ``column = ANY(:array)``: one parameter however many values (a sync page's 100 ids
-    were 100 parameters, each processed by SQLAlchemy and sent on its own), still served by the column's
-    index. SQLite keeps ``IN``.
+    One parameter however many values (a sync page's 100 ids were 100 parameters, each processed by
+    SQLAlchemy on its own), still served by the column's index: PostgreSQL gets ``column = ANY(:array)``,
+    SQLite ``column IN (SELECT value FROM json_each(:array))``.
     """
     if connection.dialect.name == "postgresql":
         return column == any_(bindparam(None, list(values), type_=postgresql.ARRAY(column.type)))
-    return column.in_(values)
+    listed: Any = select(literal_column("value")).select_from(
+        func.json_each(bindparam(None, json.dumps(values)))
+    )
+    return column.in_(listed.scalar_subquery())
 
 
 def lock_for_writing(connection: Connection) -> None:
