@@ -174,3 +174,42 @@ def test_first_runs_on_a_new_sqlite_file_all_open_it(tmp_path: Path) -> None:
         finally:
             for engine in engines:
                 engine.dispose()
+
+
+def test_runs_started_together_after_an_update_of_chatsync_upgrade_the_schema_once(database_url: str) -> None:
+    """After an update of chatsync, cron's sync and the API start together on a database one migration
+    behind: the first takes the upgrade, the others wait for it and find the schema current. On SQLite
+    each used to run the migrations itself ("table leads already exists")."""
+    from alembic import command
+
+    from chatsync.store.engine import _alembic_config
+
+    for round_number in range(5):
+        setup = open_engine(database_url)
+        with setup.begin() as connection:
+            command.upgrade(_alembic_config(connection), "0005")
+        setup.dispose()
+        engines = [open_engine(database_url) for _ in range(4)]
+        start = threading.Barrier(len(engines))
+        errors: list[BaseException] = []
+
+        def run(engine: Any, start: threading.Barrier = start, errors: list[BaseException] = errors) -> None:
+            start.wait()
+            try:
+                ensure_schema(engine)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(e,)) for e in engines]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        try:
+            assert errors == [], f"round {round_number}"
+            assert current_revision(engines[0]) == HEAD_REVISION
+            with engines[0].begin() as connection:
+                command.downgrade(_alembic_config(connection), "base")  # the next round starts from 0005
+        finally:
+            for engine in engines:
+                engine.dispose()

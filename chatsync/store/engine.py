@@ -229,8 +229,13 @@ def upgrade(engine: Engine) -> str:
     from alembic import command
 
     with engine.begin() as connection:
+        # One upgrade at a time (cron's sync and the API started together after an upgrade of chatsync):
+        # the others wait here, then find the schema current. SQLite: its write lock, taken before the
+        # revision is read.
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _UPGRADE_LOCK})
+        else:
+            lock_for_writing(connection)
         from alembic.runtime.migration import MigrationContext
 
         found = MigrationContext.configure(connection).get_current_revision()
