@@ -390,3 +390,45 @@ def test_any_page_syncs_with_every_record_stored_exactly_or_quarantined(database
         check()
     finally:
         engine.dispose()
+
+
+def test_ids_that_repair_alike_are_quarantined_apart_and_apart_from_the_stored_conversation(
+    database_url: str,
+) -> None:
+    """Ids no database keeps (a lone surrogate, NUL) are repaired to U+FFFD only for display: the
+    quarantine must keep each such record on its own row, and not on the row a stored conversation whose
+    id is the repaired text releases. Two such records once shared a row (one was lost), and a good
+    conversation "x\ufffdy" reset the quarantined "x\x00y" on every run."""
+    engine = open_engine(database_url)
+    ensure_schema(engine)
+    records = [
+        _conversation("\ud800dup", "9123 4567", 1),
+        _conversation("\udc00dup", "9123 4568", 2),
+        _conversation("x\x00y", "9123 4569", 3),
+        _conversation("x\ufffdy", "9123 4560", 4),
+    ]
+    body = ('{"data": [' + ", ".join(json.dumps(r) for r in records) + "]}").encode()
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body if request.url.params["page"] == "1" else b'{"data": []}')
+
+    try:
+        for _ in range(2):
+            with ChatbaseClient(
+                Secret("k"), "http://chatbase.test/api/v1", transport=httpx.MockTransport(answer)
+            ) as client:
+                summary = Syncer(engine, client, WhatsAppRule()).run(
+                    SyncRequest(("bot",), since=DAY, until=DAY, full=True)
+                )
+            assert summary.status == "ok"
+            assert summary.quarantined == 3 and summary.inserted + summary.unchanged == 1, summary
+        with engine.connect() as connection:
+            held = connection.execute(select(quarantine.c.record_key, quarantine.c.raw)).all()
+            stored = connection.execute(select(conversations.c.id)).scalars().all()
+        assert stored == ["x\ufffdy"]
+        assert len(held) == 3 and len({key for key, _ in held}) == 3
+        assert "x\ufffdy" not in {key for key, _ in held}
+        kept = sorted(json.loads(raw)["id"] for _, raw in held)
+        assert kept == sorted(["\ud800dup", "\udc00dup", "x\x00y"])  # each exactly as Chatbase sent it
+    finally:
+        engine.dispose()
