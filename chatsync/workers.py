@@ -29,7 +29,7 @@ from chatsync.errors import BadRecord
 from chatsync.jsonbody import UndecodableRecord, decode_body
 from chatsync.normalize import content_hash, normalize_conversation, storable, stored_id
 from chatsync.signals import held
-from chatsync.store.writes import encode_json, quarantine_text
+from chatsync.store.writes import encode_json, id_as_sent, quarantine_text
 from chatsync.timeutil import parse_timestamp
 
 log = logging.getLogger("chatsync.sync")
@@ -129,17 +129,7 @@ def _bad(index: int, record: Any, reason: str, fault: str | None = None) -> Outc
 
 def bad_record(record: Any, reason: str) -> UndecodableRecord:
     """A record as the quarantine keeps it: its JSON text (cut when huge), the reason and its id."""
-    return UndecodableRecord(quarantine_text(record), reason, _id_as_sent(record))
-
-
-def _id_as_sent(record: Any) -> str | None:
-    """The record's id exactly as Chatbase sent it, unstorable characters and all: the quarantine keys a
-    record whose id it must repair by a hash of this, so two ids that repair alike (lone surrogates,
-    NUL) never share a row, nor take the row of a stored conversation whose id is the repaired text."""
-    if isinstance(record, UndecodableRecord):
-        return record.id
-    value = record.get("id") if isinstance(record, dict) else None
-    return str(value) if isinstance(value, str | int) and not isinstance(value, bool) else None
+    return UndecodableRecord(quarantine_text(record), reason, id_as_sent(record))
 
 
 def describe(exc: BaseException) -> str:

@@ -2,8 +2,8 @@
 
 New conversations are bulk-loaded the fastest way each database offers: ``COPY`` on PostgreSQL, one
 ``executemany`` on SQLite, with the values already in the form the database stores (JSON as text, SQLite's
-datetime text), so no per-value work is left to SQLAlchemy. Every write function runs in the caller's transaction, so a page of a sync and whatever else
-the caller adds to that transaction commit together.
+datetime text), so no per-value work is left to SQLAlchemy. Every write function runs in the caller's
+transaction, so a page of a sync and whatever else the caller adds to that transaction commit together.
 """
 
 from __future__ import annotations
@@ -434,12 +434,27 @@ def quarantine_text(record: object) -> str:
 
 def record_id_text(record: object) -> str | None:
     """A record's id as text with unstorable characters replaced, for the quarantine's key."""
-    value = record.get("id") if isinstance(record, dict) else None
-    if isinstance(record, UndecodableRecord):
-        value = record.id
+    sent = id_as_sent(record)
+    return None if sent is None else repaired_text(sent)
+
+
+def id_as_sent(record: object) -> str | None:
+    """A record's id as text exactly as Chatbase sent it, unstorable characters and all; None when it has
+    no usable id (missing, blank, not a string or an integer).
+
+    The quarantine keys a record whose id it must repair by a hash of this, so two ids that repair alike
+    (lone surrogates, NUL) never share a row, nor take the row of a stored conversation whose id is the
+    repaired text."""
+    value = (
+        record.id
+        if isinstance(record, UndecodableRecord)
+        else record.get("id")
+        if isinstance(record, dict)
+        else None
+    )
     if isinstance(value, bool) or not isinstance(value, str | int) or not str(value).strip():
         return None
-    return repaired_text(str(value))
+    return str(value)
 
 
 def remember_chatbot(
