@@ -159,12 +159,13 @@ def _add(connection: Connection, table: Any, rows: list[list[Any]]) -> None:
     sums = ", ".join(f"{name} = {table.name}.{name} + excluded.{name}" for name in counts)
     upsert = f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {sums}"
     if connection.dialect.name != "postgresql":
-        values = [tuple(row) for row in rows]
         if "hour" in names:
             # the text SQLAlchemy itself stores for a DateTime, so keys and range filters match
             at, encode = names.index("hour"), _sqlite_datetime(connection)
             assert encode is not None
-            values = [(*row[:at], encode(row[at]), *row[at + 1 :]) for row in values]
+            values = [(*row[:at], encode(row[at]), *row[at + 1 :]) for row in rows]
+        else:
+            values = [tuple(row) for row in rows]
         marks = ", ".join("?" for _ in names)
         connection.exec_driver_sql(
             f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({marks}) {upsert}", values
