@@ -116,23 +116,29 @@ def test_a_new_database_gets_the_tables_the_migrations_build_and_their_revision(
     assert "No new upgrade operations detected" in checked.stdout + checked.stderr
 
 
-def test_first_runs_at_the_same_time_create_the_schema_once(database_url: str) -> None:
-    engines = [open_engine(database_url) for _ in range(4)]
+def _ensure_schema_together(engines: list[Any]) -> list[BaseException]:
+    """``ensure_schema`` on each engine from its own thread, all released at once; what they raised."""
     start = threading.Barrier(len(engines))
     errors: list[BaseException] = []
 
-    def first_run(engine: Any) -> None:
+    def run(engine: Any) -> None:
         start.wait()
         try:
             ensure_schema(engine)
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=first_run, args=(e,)) for e in engines]
+    threads = [threading.Thread(target=run, args=(e,)) for e in engines]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    return errors
+
+
+def test_first_runs_at_the_same_time_create_the_schema_once(database_url: str) -> None:
+    engines = [open_engine(database_url) for _ in range(4)]
+    errors = _ensure_schema_together(engines)
     try:
         assert errors == []
         assert current_revision(engines[0]) == HEAD_REVISION
@@ -151,23 +157,7 @@ def test_first_runs_on_a_new_sqlite_file_all_open_it(tmp_path: Path) -> None:
     for round_number in range(20):
         url = f"sqlite:///{tmp_path / f'round-{round_number}.db'}"
         engines = [open_engine(url) for _ in range(4)]
-        start = threading.Barrier(len(engines))
-        errors: list[BaseException] = []
-
-        def first_run(
-            engine: Any, start: threading.Barrier = start, errors: list[BaseException] = errors
-        ) -> None:
-            start.wait()
-            try:
-                ensure_schema(engine)
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=first_run, args=(e,)) for e in engines]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        errors = _ensure_schema_together(engines)
         try:
             assert errors == [], f"round {round_number}"
             assert current_revision(engines[0]) == HEAD_REVISION
@@ -190,21 +180,7 @@ def test_runs_started_together_after_an_update_of_chatsync_upgrade_the_schema_on
             command.upgrade(_alembic_config(connection), "0005")
         setup.dispose()
         engines = [open_engine(database_url) for _ in range(4)]
-        start = threading.Barrier(len(engines))
-        errors: list[BaseException] = []
-
-        def run(engine: Any, start: threading.Barrier = start, errors: list[BaseException] = errors) -> None:
-            start.wait()
-            try:
-                ensure_schema(engine)
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=run, args=(e,)) for e in engines]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        errors = _ensure_schema_together(engines)
         try:
             assert errors == [], f"round {round_number}"
             assert current_revision(engines[0]) == HEAD_REVISION
