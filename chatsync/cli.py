@@ -17,7 +17,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from chatsync.errors import ChatsyncError, DatabaseUnreachable, ExitCode, LockHeld, Terminated, UsageError
-from chatsync.signals import held
+from chatsync.signals import deferrable, held
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -1323,7 +1323,9 @@ def main() -> None:
             shown = argument.encode("utf-8", "surrogateescape")
             print(f"error: an argument is not valid UTF-8: {shown!r}", file=sys.stderr)
             sys.exit(int(ExitCode.USAGE))
-    signal.signal(signal.SIGTERM, _terminate)
+    # Both wait while a block holds them (chatsync.signals.held), whichever thread the signal reached.
+    signal.signal(signal.SIGTERM, deferrable(_terminate))
+    signal.signal(signal.SIGINT, deferrable(signal.default_int_handler))
     try:
         app(prog_name="chatsync")
     except Terminated:  # before a command took over (a command says how it ended itself)

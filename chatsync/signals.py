@@ -3,20 +3,58 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
+
+Handler = Callable[[int, Any], Any]
+
+_lock = threading.Lock()
+_holding = 0  # blocks being run under held(), in any thread
+_pending: list[int] = []  # signals whose handler waits for the last of them to end
 
 
 @contextmanager
 def held(*signals: signal.Signals) -> Iterator[None]:
-    """Hold ``signals`` in this thread until the block ends: one that arrives stays pending (it is not
-    lost) and is taken as the block ends. Threads and processes started inside the block inherit the
-    hold, and keep it. Not POSIX: nothing is held."""
+    """Hold ``signals`` until the block ends: one that arrives stays pending (it is not lost) and is taken
+    as the block ends. Threads and processes started inside the block inherit the hold, and keep it.
+
+    The operating system holds them for this thread; a handler installed with :func:`deferrable` also
+    waits, wherever the signal landed (Python runs every handler in the main thread, so a signal another
+    thread took would otherwise run it in the middle of the block). Not POSIX: nothing is held.
+    """
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return
+    global _holding
     before = signal.pthread_sigmask(signal.SIG_BLOCK, set(signals))
+    with _lock:
+        _holding += 1
+    waiting: list[int] = []
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        try:
+            with _lock:
+                _holding -= 1
+                if not _holding and _pending:
+                    waiting = _pending[:1]
+                    _pending.clear()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        for signum in waiting:
+            signal.raise_signal(signum)  # its handler runs now, outside every held block
+
+
+def deferrable(handler: Handler) -> Handler:
+    """``handler`` as a signal handler that waits while any :func:`held` block runs (see there)."""
+
+    def handle(signum: int, frame: Any) -> Any:
+        # (no lock here: this runs in the main thread between two bytecodes, maybe inside held's own)
+        if _holding:
+            _pending.append(signum)
+            return None
+        return handler(signum, frame)
+
+    return handle

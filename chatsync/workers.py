@@ -165,18 +165,21 @@ class ReaderPool:
             except Exception as exc:
                 done.set_exception(exc)
             return done
-        if self._executor is None:
-            self._executor = ProcessPoolExecutor(
-                self.workers, mp_context=_context(), initializer=_start_worker
-            )
-            # The first task starts the fork server. A process inherits the signals its parent holds,
-            # so started while this thread holds Ctrl-C, the server and every worker it forks never take
-            # it (a terminal sends it to the whole process group: it once stopped the server in its
-            # start-up, or a worker as it wrote a result, which left the pool waiting forever). The sync
-            # itself takes it as ever, once this returns.
-            with held(signal.SIGINT):
-                return self._executor.submit(read_page, task)
-        return self._executor.submit(read_page, task)
+        # A task may start a worker, and the first one starts the fork server. Both are held off Ctrl-C
+        # and SIGTERM meanwhile, which the sync takes as ever once this returns:
+        # - a process inherits the signals its parent holds, so started while this thread holds Ctrl-C, the
+        #   server and every worker it forks never take it (a terminal sends it to the whole process group:
+        #   it once stopped the server in its start-up, or a worker as it wrote a result, which left the
+        #   pool waiting forever); a worker takes SIGTERM again first thing (_start_worker);
+        # - a signal taken in the middle of starting a worker left one the pool did not know of: the sync
+        #   ended without waiting for it, and it printed a traceback as it found the sync's queues gone
+        #   (a SIGTERM in a sync's first second, seen on a loaded machine).
+        with held(signal.SIGINT, signal.SIGTERM):
+            if self._executor is None:
+                self._executor = ProcessPoolExecutor(
+                    self.workers, mp_context=_context(), initializer=_start_worker
+                )
+            return self._executor.submit(read_page, task)
 
     def close(self) -> None:
         if self._executor is not None:
@@ -192,8 +195,11 @@ class ReaderPool:
 
 def _start_worker() -> None:
     """In a worker, first: leave Ctrl-C to the sync (see :meth:`ReaderPool.submit`; also where the fork
-    server was started by something else), and end with the sync."""
+    server was started by something else), take SIGTERM (held while the server started), and end with the
+    sync."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     _end_with_parent()
 
 

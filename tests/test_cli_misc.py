@@ -253,3 +253,38 @@ def test_ids_too_long_for_their_columns_are_refused_the_same_on_every_database(
 def test_a_quarantine_id_out_of_range_is_not_found(cli: Any, sqlite_url: str) -> None:
     result = cli("quarantine", "show", "99999999999999999999", env={"CHATSYNC_DATABASE_URL": sqlite_url})
     assert result.exit_code == ExitCode.ERROR and "not found" in result.stderr
+
+
+def test_a_signal_another_thread_takes_waits_for_the_held_block() -> None:
+    """Python runs every handler in the main thread, even for a signal another thread took from the
+    system: holding it in the main thread alone once let SIGTERM end a sync in the middle of starting a
+    worker, which then printed a traceback as it found the sync gone. A deferrable handler waits."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from chatsync.signals import deferrable, held
+
+    seen: list[bool] = []
+    inside = [False]
+    previous = signal.signal(signal.SIGUSR1, deferrable(lambda signum, frame: seen.append(inside[0])))
+    try:
+        go = threading.Event()
+        # started before the block, so the system may hand the signal to it (one started inside holds it)
+        sender = threading.Thread(target=lambda: go.wait() and os.kill(os.getpid(), signal.SIGUSR1))
+        sender.start()
+        with held(signal.SIGUSR1):
+            inside[0] = True
+            go.set()
+            sender.join()
+            deadline = time.monotonic() + 0.2
+            while time.monotonic() < deadline:  # bytecodes, where a handler would run
+                pass
+            inside[0] = False
+        deadline = time.monotonic() + 2
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert seen == [False]
