@@ -8,7 +8,8 @@ How a run never loses or duplicates a conversation, and wastes no request:
   does not look for the chatbot's first day: it pages back from the history floor, and the last page
   shows the first day. Today, which still grows, is a stream of its own, paged in order.
 * Worker processes read the pages (the WhatsApp rule, the canonical JSON and its hash); one writer
-  thread saves them, each page in its own transaction.
+  thread saves them, each page whole in one transaction (pages already read when it is free share
+  one, up to ``PAGES_PER_TRANSACTION``).
 * As pages are saved, the days they complete are cut into windows, and a window's days are recorded
   as fetched in the same transaction as the page that completes it. A run killed at any moment leaves
   only whole pages behind, and days it had not finished are fetched again next time. Upserts are
@@ -82,6 +83,12 @@ from chatsync.workers import (
 )
 
 MAX_WINDOW_DAYS = 31
+# Pages already read when the writer is free go to the database together: one commit, one round of the
+# per-transaction statements and rollup rows merged, for up to this many pages. Measured on two cores,
+# 20,000 conversations into SQLite: the writer's CPU 5.8 s -> 5.0-5.4 s in a sync (1.7 pages a
+# transaction on average), 6.8 s -> 5.3 s writing the same pages back to back. A run killed mid-batch
+# loses at most these pages, which the next run fetches again.
+PAGES_PER_TRANSACTION = 4
 # Hosts of one cron round do not start at the same instant (a busy host starts seconds late): a chatbot
 # whose sync finished this long before a shared run began was synced in this round.
 ROUND_GRACE = timedelta(seconds=10)
@@ -315,7 +322,7 @@ class Stream:
     def completes(self, page: int, days: list[date]) -> tuple[list[Window], bool]:
         """Windows that saving ``page`` (whose records were created on ``days``, in page order) completes,
         and whether it ends the stream; its records are claimed first. Call :meth:`commit` with the same
-        arguments once the page is saved."""
+        arguments once the page is saved, or as it goes into one transaction with the pages after it."""
         state = self._advance(page, days)
         return state[0], state[1]
 
@@ -490,6 +497,26 @@ class _Reading:
 
     def done(self) -> bool:
         return self.future is None or self.future.done()
+
+    def read_well(self) -> bool:
+        """Read, and not lost with a worker."""
+        return self.future is None or (self.future.done() and self.future.exception() is None)
+
+
+@dataclass
+class _Prepared:
+    """A read page as the writer writes it (see :meth:`Syncer._prepare`)."""
+
+    reading: _Reading
+    rows: list[dict[str, Any]]
+    bad: list[tuple[object, str]]  # (record as quarantined, reason)
+    claimed: list[str]  # ids stored or found unchanged now
+    unchanged: int
+    captured: int  # of the unchanged, those with a number found by the rule
+    days_of_page: list[date]  # its records' days of creation, in page order
+    windows: list[Window]  # completed by saving it
+    finished: bool  # it ends its stream
+    days: list[date]  # to record as fetched
 
 
 _READY = object()  # a page's records have been read
@@ -778,7 +805,8 @@ class Syncer:
         status: Progress,
     ) -> None:
         """Fetch the streams' pages with ``concurrency`` threads, read them in the worker processes, and save
-        them one page a transaction in this thread, in the order they arrive."""
+        them in this thread in the order they arrive, the pages already read together (up to
+        ``PAGES_PER_TRANSACTION`` a transaction)."""
         events: queue.Queue[object] = queue.Queue()
         # Pages fetched and not yet saved: bounds memory (a page's body is ~150 kB, decoded ~1.5 MB).
         depth = max(2, 2 * self.workers)
@@ -840,15 +868,18 @@ class Syncer:
             try:
                 while running or pending:
                     while pending and (pending[0].done() or len(pending) > depth or not running):
-                        reading = pending.popleft()
+                        batch = [pending.popleft()]
+                        while pending and len(batch) < PAGES_PER_TRANSACTION and pending[0].read_well():
+                            batch.append(pending.popleft())
                         try:
                             if first_error is None:
-                                self._save(chatbot_id, scope, reading, today, status)
+                                self._save(chatbot_id, scope, batch, today, status)
                         except (DatabaseUnavailable, BrokenProcessPool) as exc:
                             first_error = _crashed(exc) if isinstance(exc, BrokenProcessPool) else exc
                             stop.set()  # no new requests; nothing more is saved
                         finally:
-                            held.release()
+                            for _ in batch:
+                                held.release()
                     if not running:
                         continue
                     item = events.get()
@@ -920,19 +951,63 @@ class Syncer:
             future.add_done_callback(lambda _: events.put(_READY))
         return _Reading(fetched, known, outcomes, future)
 
-    def _save(self, chatbot_id: str, scope: str, reading: _Reading, today: date, status: Progress) -> None:
-        """Save one page in one transaction, with the windows of days it completes.
+    def _save(
+        self, chatbot_id: str, scope: str, readings: list[_Reading], today: date, status: Progress
+    ) -> None:
+        """Save pages (in the order fetched) in one transaction, with the windows of days they complete.
 
         Whatever goes wrong with one record (reading, repairing, hashing, the rule, the database refusing
         it) is that record's problem: it is quarantined with the reason and the rest of the page is saved.
         """
+        now = self.now()
+        pages = []
+        for reading in readings:
+            page = self._prepare(chatbot_id, reading, today)
+            # the next page of the stream completes windows counting this one (saved with it, or not at all)
+            reading.fetched.stream.commit(reading.fetched.page, page.days_of_page)
+            pages.append(page)
+        counts = self._write(chatbot_id, scope, pages, now)
+        summary = self.summary
+        bad = [b for page in pages for b in page.bad]
+        for reason in {reason for _, reason in bad}:
+            log.info("quarantined %d record(s) of chatbot %s: %s", _count(bad, reason), chatbot_id, reason)
+        repaired = counts.repaired
+        if repaired:
+            log.info(
+                "replaced text no database can hold (NUL, lone surrogates) with U+FFFD in %s",
+                ", ".join(repaired),
+            )
+        unchanged = sum(page.unchanged for page in pages)
+        summary.inserted += counts.inserted
+        summary.updated += counts.updated
+        summary.unchanged += counts.unchanged + unchanged
+        summary.whatsapp_captured += counts.captured + sum(page.captured for page in pages)
+        summary.quarantined += len(bad)
+        summary.repaired += len(repaired)
+        summary.fetched += counts.inserted + counts.updated + counts.unchanged + unchanged + len(bad)
+        for page in pages:
+            status.conversations += len(page.reading.fetched.records)
+            for window in page.windows:
+                self._windows_done += 1
+                log.info(
+                    "chatbot %s: %s..%s done (window %d of %d)",
+                    chatbot_id,
+                    window.start,
+                    window.end,
+                    self._windows_done,
+                    max(self._windows_total, self._windows_done),
+                )
+            if page.finished:
+                status.windows_done += 1
+        self._report(status)
+
+    def _prepare(self, chatbot_id: str, reading: _Reading, today: date) -> _Prepared:
+        """A read page as what to write: rows to store, records to quarantine, ids claimed, days done."""
         fetched, stream = reading.fetched, reading.fetched.stream
         outcomes = list(reading.outcomes)
         if reading.future is not None:
             outcomes += reading.future.result()
         outcomes.sort(key=lambda o: o.index)
-        summary = self.summary
-        now = self.now()
         rows: list[dict[str, Any]] = []
         bad: list[tuple[object, str]] = []
         claimed: list[str] = []  # conversations of this page stored (or found unchanged) now
@@ -970,51 +1045,39 @@ class Syncer:
         days_of_page = [o.created for o in outcomes if o.created is not None]
         windows, finished = stream.completes(fetched.page, days_of_page)
         days = [d for w in windows for d in w.days if d < today]
-        stored = {conversation_id: fingerprint[0] for conversation_id, fingerprint in reading.known.items()}
+        return _Prepared(
+            reading, rows, bad, claimed, unchanged, captured, days_of_page, windows, finished, days
+        )
+
+    def _write(
+        self, chatbot_id: str, scope: str, pages: list[_Prepared], now: datetime
+    ) -> writes.UpsertCounts:
+        """Write prepared pages in one transaction. A batch the database refuses as a whole (not a lost
+        connection, which _db turns into DatabaseUnavailable) is written a page at a time, and a page it
+        refuses row by row, quarantining what it does not accept."""
+        rows = [row for page in pages for row in page.rows]
+        stored = {i: fingerprint[0] for page in pages for i, fingerprint in page.reading.known.items()}
         try:
             with self._db() as connection:
                 counts = writes.upsert_conversations(connection, rows, now, stored)
-                self._record_page(connection, chatbot_id, scope, bad, claimed, days, fetched.fetched_at, now)
+                for page in pages:
+                    self._record_page(connection, chatbot_id, scope, page, page.claimed, now)
+            return counts
         except DatabaseUnavailable:
             raise
         except Exception:
-            # The page as a whole was refused (not a lost connection, which _db turns into
-            # DatabaseUnavailable): store what is accepted row by row, quarantine the rest.
-            counts = self._save_one_by_one(rows, bad, now)
-            refused = {r.get("id") for r, _ in bad if isinstance(r, dict)}
-            good = [i for i in claimed if i not in refused]
-            with self._db() as connection:
-                self._record_page(connection, chatbot_id, scope, bad, good, days, fetched.fetched_at, now)
-        stream.commit(fetched.page, days_of_page)
-        for reason in {reason for _, reason in bad}:
-            log.info("quarantined %d record(s) of chatbot %s: %s", _count(bad, reason), chatbot_id, reason)
-        repaired = counts.repaired
-        if repaired:
-            log.info(
-                "replaced text no database can hold (NUL, lone surrogates) with U+FFFD in %s",
-                ", ".join(repaired),
-            )
-        summary.inserted += counts.inserted
-        summary.updated += counts.updated
-        summary.unchanged += counts.unchanged + unchanged
-        summary.whatsapp_captured += counts.captured + captured
-        summary.quarantined += len(bad)
-        summary.repaired += len(repaired)
-        summary.fetched += counts.inserted + counts.updated + counts.unchanged + unchanged + len(bad)
-        status.conversations += len(fetched.records)
-        for window in windows:
-            self._windows_done += 1
-            log.info(
-                "chatbot %s: %s..%s done (window %d of %d)",
-                chatbot_id,
-                window.start,
-                window.end,
-                self._windows_done,
-                max(self._windows_total, self._windows_done),
-            )
-        if finished:
-            status.windows_done += 1
-        self._report(status)
+            if len(pages) > 1:
+                counts = writes.UpsertCounts()
+                for page in pages:
+                    counts.add(self._write(chatbot_id, scope, [page], now))
+                return counts
+        page = pages[0]
+        counts = self._save_one_by_one(page.rows, page.bad, now)
+        refused = {r.get("id") for r, _ in page.bad if isinstance(r, dict)}
+        good = [i for i in page.claimed if i not in refused]
+        with self._db() as connection:
+            self._record_page(connection, chatbot_id, scope, page, good, now)
+        return counts
 
     def _keep_other_api_fields(
         self, chatbot_id: str, rows: list[dict[str, Any]], known: dict[str, tuple[str, bool]]
@@ -1061,7 +1124,7 @@ class Syncer:
         hashes = {i: fingerprint[0] for i, fingerprint in known.items()}
         outcomes = [read_record(n, r, hashes, chatbot_id, self.rule) for n, r in enumerate(records)]
         fetched = _Fetched(stream, 1, records, b"", page.fetched_at)
-        self._save(chatbot_id, scope, _Reading(fetched, known, outcomes, None), today, Progress(chatbot_id))
+        self._save(chatbot_id, scope, [_Reading(fetched, known, outcomes, None)], today, Progress(chatbot_id))
         seen.update(i for d in stream.seen.values() for i in d)
 
     def _fingerprints(self, ids: list[str]) -> dict[str, tuple[str, bool]]:
@@ -1072,22 +1135,15 @@ class Syncer:
             raise _unavailable(exc) from None
 
     def _record_page(
-        self,
-        connection: Any,
-        chatbot_id: str,
-        scope: str,
-        bad: list[tuple[object, str]],
-        good: list[str],
-        days: list[date],
-        fetched_at: datetime,
-        now: datetime,
+        self, connection: Any, chatbot_id: str, scope: str, page: _Prepared, good: list[str], now: datetime
     ) -> None:
         """The page's quarantine, in its transaction: new bad records in, and out any older quarantined copy
-        of a conversation stored now (it is no longer the latest Chatbase sent); its days as fetched."""
+        of a conversation stored now (``good``: it is no longer the latest Chatbase sent); its days as
+        fetched."""
         writes.release_from_quarantine(connection, chatbot_id, good)
-        for record, reason in bad:
+        for record, reason in page.bad:
             writes.quarantine_record(connection, chatbot_id, record, reason, self.run_id, now)
-        writes.mark_days_fetched(connection, chatbot_id, scope, days, fetched_at)
+        writes.mark_days_fetched(connection, chatbot_id, scope, page.days, page.reading.fetched.fetched_at)
 
     def _save_one_by_one(
         self, rows: list[dict[str, Any]], bad: list[tuple[object, str]], now: datetime

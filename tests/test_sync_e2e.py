@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from chatsync.store.engine import open_engine
+from chatsync.store.engine import ensure_schema, open_engine
 from chatsync.store.tables import quarantine
 from tests.conftest import chatbase_env
 from tests.helpers import assert_exact, stored_conversations
@@ -210,3 +210,50 @@ def test_the_sqlite_file_alone_holds_the_sync_once_the_command_has_exited(
     shutil.copyfile(database, copy)
     with sqlite3.connect(copy) as connection:
         assert connection.execute("SELECT count(*) FROM conversations").fetchone() == (300,)
+
+
+def test_rows_the_database_refuses_are_quarantined_and_every_other_page_of_their_batch_is_saved(
+    cli: Any, emulator_factory: Any, database_url: str
+) -> None:
+    """The writer saves the pages already read together, in one transaction. When the database refuses
+    a row (here a constraint of the operator's own), the batch is written again a page at a time and the
+    refusing page row by row: the refused conversations are quarantined with the database's reason,
+    every other conversation is stored once, and the days are recorded (a rerun fetches only the
+    lookback, and the refused ones are still refused and still quarantined, once each)."""
+    server = emulator_factory(conversations=3000, seed=11)
+    ids = [raw["id"] for raw in server.emulator.all_conversations("demo-bot")]
+    refused = {ids[150], ids[1500], ids[1501], ids[2950]}  # pages far apart, and two on one page
+    engine = open_engine(database_url)
+    try:
+        ensure_schema(engine)
+        listed = ", ".join(f"'{i}'" for i in sorted(refused))
+        with engine.begin() as connection:
+            if engine.dialect.name == "postgresql":
+                connection.exec_driver_sql(
+                    f"ALTER TABLE conversations ADD CONSTRAINT refused_for_the_test CHECK (id NOT IN ({listed}))"
+                )
+            else:
+                connection.exec_driver_sql(
+                    "CREATE TRIGGER refused_for_the_test BEFORE INSERT ON conversations "
+                    f"WHEN NEW.id IN ({listed}) BEGIN SELECT RAISE(ABORT, 'refused for the test'); END"
+                )
+    finally:
+        engine.dispose()
+    env = chatbase_env(server, database_url)
+    first = cli("sync", "--json", env=env)
+    assert first.exit_code == 0, first.stderr
+    summary = _summary(first)
+    assert (summary["inserted"], summary["quarantined"]) == (3000 - len(refused), len(refused))
+    stored = stored_conversations(database_url)
+    assert set(stored) == set(ids) - refused
+    engine = open_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            kept = connection.execute(select(quarantine.c.record_key, quarantine.c.reason)).all()
+    finally:
+        engine.dispose()
+    assert sorted(key for key, _ in kept) == sorted(refused)
+    assert all(reason.startswith("database refused it: ") for _, reason in kept)
+    second = _summary(cli("sync", "--json", env=env))
+    assert second["requests"] < summary["requests"] / 5  # the days were recorded as fetched
+    assert set(stored_conversations(database_url)) == set(ids) - refused
