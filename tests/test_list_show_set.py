@@ -331,7 +331,8 @@ def test_tables_show_control_characters_and_markup_as_text_never_act_on_them(cli
     row = normalize_conversation(hostile, "bot-a", WhatsAppRule())
     with engine.begin() as connection:
         writes.upsert_conversations(connection, [row], datetime.now(UTC))
-    env = {"CHATSYNC_DATABASE_URL": engine.url.render_as_string(hide_password=False)}
+    # wide enough for every column whole, whatever terminal (or none) the tests run under
+    env = {"CHATSYNC_DATABASE_URL": engine.url.render_as_string(hide_password=False), "COLUMNS": "200"}
     outputs = {
         "list": cli("list", "--format", "table", env=env),
         "show": cli("show", "c\x1b[2Jx", "--format", "table", env=env),

@@ -256,18 +256,28 @@ def test_sigterm_ends_a_sync_with_its_json_line_its_run_recorded_and_its_lock_re
     process = subprocess.Popen(
         command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    time.sleep(2.5)
+    from sqlalchemy import select
+
+    from chatsync.store.tables import sync_runs
+
+    engine = open_engine(database_url)
+    # mid-run: once the run is recorded (its schema made), however slow the machine is to get there
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with engine.connect() as connection:
+                if connection.execute(select(sync_runs.c.status)).first() is not None:
+                    break
+        except Exception:
+            pass  # no schema yet
+        time.sleep(0.1)
+    time.sleep(0.5)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 143, err
     line = json.loads(out)
     assert (line["exit_code"], line["status"]) == (143, "failed") and "SIGTERM" in line["error"]
     assert err.strip().splitlines()[-1] == "error: terminated (SIGTERM); what was committed is kept"
-    from sqlalchemy import select
-
-    from chatsync.store.tables import sync_runs
-
-    engine = open_engine(database_url)
     with engine.connect() as connection:
         assert [r.status for r in connection.execute(select(sync_runs.c.status))] == ["failed"]
     engine.dispose()
