@@ -174,6 +174,8 @@ class ReaderPool:
         # - a signal taken in the middle of starting a worker left one the pool did not know of: the sync
         #   ended without waiting for it, and it printed a traceback as it found the sync's queues gone
         #   (a SIGTERM in a sync's first second, seen on a loaded machine).
+        if self._executor is None:
+            _start_resource_tracker()
         with held(signal.SIGINT, signal.SIGTERM):
             if self._executor is None:
                 self._executor = ProcessPoolExecutor(
@@ -191,6 +193,18 @@ class ReaderPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (POSIX) before the pool's first task, outside the block
+    that holds Ctrl-C: starting it turns SIGINT and SIGTERM back on in the calling thread (Python 3.11),
+    so started inside, it let the fork server start up taking Ctrl-C, and an early Ctrl-C printed the
+    server's KeyboardInterrupt traceback (10 of 15 runs on PostgreSQL, found by a helper breaking it)."""
+    try:
+        from multiprocessing import resource_tracker
+    except ImportError:  # (not POSIX)
+        return
+    resource_tracker.ensure_running()
 
 
 def _start_worker() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -288,3 +289,28 @@ def test_a_signal_another_thread_takes_waits_for_the_held_block() -> None:
     finally:
         signal.signal(signal.SIGUSR1, previous)
     assert seen == [False]
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/status").exists(), reason="reads the fork server's signal mask in /proc"
+)
+def test_the_worker_pool_starts_its_fork_server_holding_ctrl_c() -> None:
+    """A terminal sends Ctrl-C to the whole process group: the fork server (and the workers it forks)
+    must be started holding it, or an early Ctrl-C prints the server's KeyboardInterrupt traceback above
+    the sync's one line. Starting multiprocessing's resource tracker inside the held block turned the
+    signals back on (Python 3.11), so the server started taking Ctrl-C."""
+    code = """
+import signal
+from multiprocessing import forkserver
+from chatsync.config import WhatsAppRule
+from chatsync.workers import PageTask, ReaderPool
+with ReaderPool(1) as pool:
+    pool.submit(PageTask(b'{"data": []}', None, {}, "bot", WhatsAppRule())).result()
+    pid = forkserver._forkserver._forkserver_pid
+    status = open(f"/proc/{pid}/status").read().splitlines()
+    blocked = int(next(line for line in status if line.startswith("SigBlk")).split()[1], 16)
+    print(bool(blocked & (1 << (signal.SIGINT - 1))))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"
