@@ -140,7 +140,7 @@ def test_a_first_run_killed_mid_stream_keeps_whole_days_and_the_rerun_resumes(
     process = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         # more days than the lookback (3 days), which every run fetches again anyway
-        _wait_until(lambda: len(_recorded_days(database_url)) >= 8, "some days are recorded as fetched")
+        _wait_until(lambda: len(_recorded_days(database_url)) >= 12, "some days are recorded as fetched")
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
@@ -162,8 +162,11 @@ def test_a_first_run_killed_mid_stream_keeps_whole_days_and_the_rerun_resumes(
     rerun = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert rerun.returncode == 0, rerun.stderr
     assert json.loads(rerun.stdout)["status"] == "ok"
-    # it went on from the recorded days instead of starting again (a restart needs 3000 // 100 + 1)
-    assert server.emulator.requests - asked <= 3000 // 100 + 1 - 3
+    # it went on from the recorded days instead of starting again (a restart needs 3000 // 100 + 1): about
+    # a page a day here, so the days not recorded, the lookback's again (3 days and today) and the
+    # streams' ends, however many days the kill left recorded (a fixed bound failed when it left few)
+    asked_again = server.emulator.requests - asked
+    assert asked_again <= len(by_day) - len(recorded) + 4 + 3 < 3000 // 100 + 1, (asked_again, len(recorded))
     assert_exact(database_url, server.emulator)
 
 
