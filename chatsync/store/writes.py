@@ -378,13 +378,7 @@ def quarantine_record(
     """Keep a record Chatbase sent that cannot be stored, with the reason, once per record."""
     text = quarantine_text(record)
     conversation_id = record_id_text(record)
-    raw_id = (
-        record.id
-        if isinstance(record, UndecodableRecord)
-        else record.get("id")
-        if isinstance(record, dict)
-        else None
-    )
+    raw_id = _sent_id(record)
     if conversation_id is not None and len(conversation_id) <= 128 and conversation_id == str(raw_id):
         key = conversation_id
     else:  # no id, a long one, or one holding characters no database keeps: two must never share a key
@@ -445,16 +439,17 @@ def id_as_sent(record: object) -> str | None:
     The quarantine keys a record whose id it must repair by a hash of this, so two ids that repair alike
     (lone surrogates, NUL) never share a row, nor take the row of a stored conversation whose id is the
     repaired text."""
-    value = (
-        record.id
-        if isinstance(record, UndecodableRecord)
-        else record.get("id")
-        if isinstance(record, dict)
-        else None
-    )
+    value = _sent_id(record)
     if isinstance(value, bool) or not isinstance(value, str | int) or not str(value).strip():
         return None
     return str(value)
+
+
+def _sent_id(record: object) -> object:
+    """The ``id`` field of a record (or of one that could not be decoded) as decoded, any type; else None."""
+    if isinstance(record, UndecodableRecord):
+        return record.id
+    return record.get("id") if isinstance(record, dict) else None
 
 
 def remember_chatbot(
