@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import orjson
+
 from chatsync.config import WhatsAppRule
 from chatsync.errors import BadRecord
 from chatsync.jsonbody import UndecodableRecord
@@ -133,7 +135,8 @@ def find_whatsapp(raw_messages: list[Any], record: Mapping[str, Any], rule: What
 
 
 def canonical_json(obj: Any) -> str:
-    """The one JSON text of a record: sorted keys, UTF-8 characters as they are, no spaces.
+    """The one JSON text of a record as the standard library writes it: sorted keys, UTF-8 characters as
+    they are, no spaces (lead deliveries are named by it; conversation hashes before v2 were of it).
 
     Raises ValueError for a number JSON cannot write (NaN, infinities: ``1e400`` decodes to one),
     TypeError for a value that is not JSON, RecursionError for nesting deeper than Python's limit.
@@ -141,17 +144,35 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
-def content_hash(canonical: str) -> str:
-    """The fingerprint that tells an unchanged conversation from a changed one (of the stored form)."""
-    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+# The content hash names its algorithm: "v2" and 30 hex digits of SHA-256 over the record's canonical JSON
+# as orjson writes it (sorted keys, no spaces; about ten times faster than the standard library, which was
+# 15 % of a reading worker's time). A hash written before (32 hex digits, over :func:`canonical_json`) is
+# compared by its own algorithm (:func:`same_content`), so upgrading rewrites nothing that did not change.
+HASH_VERSION = "v2"
+
+
+def content_hash(canonical: bytes) -> str:
+    """The fingerprint that tells an unchanged conversation from a changed one: of the stored form's
+    canonical JSON (UTF-8 bytes, :attr:`Storable.canonical`), 32 characters."""
+    return HASH_VERSION + hashlib.sha256(canonical).hexdigest()[:30]
+
+
+def same_content(form: Storable, stored_hash: str) -> bool:
+    """Whether ``stored_hash`` (a conversation's stored ``content_hash``) is the hash of ``form``, by the
+    algorithm that wrote it: :func:`content_hash`, or for a hash written before v2, 32 hex digits of
+    SHA-256 over :func:`canonical_json`."""
+    if stored_hash.startswith(HASH_VERSION):
+        return content_hash(form.canonical) == stored_hash
+    return hashlib.sha256(canonical_json(form.record).encode()).hexdigest()[:32] == stored_hash
 
 
 @dataclass(frozen=True)
 class Storable:
-    """A record in the form chatsync stores, its canonical JSON and whether text had to be repaired."""
+    """A record in the form chatsync stores, its canonical JSON (UTF-8) and whether text had to be
+    repaired."""
 
     record: Any
-    canonical: str
+    canonical: bytes
     repaired: bool
 
 
@@ -161,26 +182,41 @@ def storable(raw: Any) -> Storable:
     Everything else is kept exactly. Raises BadRecord when the record cannot be written as JSON at all
     (a non-finite or over-long number, nesting deeper than Python can follow).
     """
-    try:
-        text = canonical_json(raw)
-    except RecursionError:
-        raise BadRecord("nested too deeply to store") from None
-    except ValueError:
-        raise BadRecord("holds a number that is not finite (NaN, Infinity or beyond 1e308)") from None
-    except TypeError:
-        raise BadRecord("holds an integer too long to store exactly (over 4,300 digits)") from None
-    if "\\u0000" not in text and not _has_surrogate(text):
+    text = _canonical(raw)
+    if text is not None and b"\\u0000" not in text:
         return Storable(raw, text, False)
     repaired = _repair(raw)
-    return Storable(repaired, canonical_json(repaired), True)
+    text = _canonical(repaired)
+    if text is None:  # (cannot happen: the repair replaced every lone surrogate)
+        raise BadRecord("holds text that cannot be written as UTF-8")
+    return Storable(repaired, text, True)
 
 
-def _has_surrogate(text: str) -> bool:
+def _canonical(obj: Any) -> bytes | None:
+    """The record's canonical JSON as UTF-8: as orjson writes it with sorted keys, or where orjson cannot
+    (integers beyond 64 bits, nesting deeper than 255 levels, lone surrogates) as the standard library
+    does. None when it holds a lone surrogate (not UTF-8 at all); BadRecord when it is not JSON."""
     try:
-        text.encode()
-    except UnicodeEncodeError:
-        return True
-    return False
+        text: bytes | None = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # (orjson.JSONEncodeError is one)
+        text = None
+    # orjson writes NaN and the infinities as null: where a null appears, the standard library, which
+    # refuses them, says whether one is a number after all.
+    if text is None or b"null" in text:
+        try:
+            standard = canonical_json(obj)
+        except RecursionError:
+            raise BadRecord("nested too deeply to store") from None
+        except ValueError:
+            raise BadRecord("holds a number that is not finite (NaN, Infinity or beyond 1e308)") from None
+        except TypeError:
+            raise BadRecord("holds an integer too long to store exactly (over 4,300 digits)") from None
+        if text is None:
+            try:
+                text = standard.encode()
+            except UnicodeEncodeError:
+                return None
+    return text
 
 
 def unstorable(text: str) -> bool:

@@ -27,7 +27,7 @@ from chatsync.chatbase_records import record_from_export
 from chatsync.config import WhatsAppRule
 from chatsync.errors import BadRecord
 from chatsync.jsonbody import UndecodableRecord, decode_body
-from chatsync.normalize import content_hash, normalize_conversation, storable, stored_id
+from chatsync.normalize import normalize_conversation, same_content, storable, stored_id
 from chatsync.signals import held
 from chatsync.store.writes import encode_json, id_as_sent, quarantine_text
 from chatsync.timeutil import parse_timestamp
@@ -114,7 +114,7 @@ def unchanged_outcome(index: int, record: Any, known: dict[str, str]) -> Outcome
     conversation_id = stored_id(record)
     if conversation_id is None or conversation_id not in known:
         return None
-    if content_hash(storable(record).canonical) != known[conversation_id]:
+    if not same_content(storable(record), known[conversation_id]):
         return None
     try:
         created = parse_timestamp(record.get("created_at")).date()

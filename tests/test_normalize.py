@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 
 from chatsync.config import WhatsAppRule
 from chatsync.errors import BadRecord
-from chatsync.normalize import customer_label, normalize_conversation, transcript
+from chatsync.normalize import (
+    customer_label,
+    normalize_conversation,
+    same_content,
+    storable,
+    transcript,
+)
 
 
 def _raw(**fields: object) -> dict[str, object]:
@@ -65,6 +74,42 @@ def test_unknown_fields_are_kept_and_the_hash_tracks_content() -> None:
     second = normalize_conversation(_raw(brand_new_field={"x": 2}), "bot", WhatsAppRule())
     assert first["raw"]["brand_new_field"] == {"x": 1}
     assert first["content_hash"] != second["content_hash"]
+
+
+def test_the_content_hash_is_versioned_and_stable_for_what_orjson_cannot_write() -> None:
+    rule = WhatsAppRule()
+    row = normalize_conversation(_raw(score=0.00001), "bot", rule)
+    assert row["content_hash"].startswith("v2") and len(row["content_hash"]) == 32
+    assert normalize_conversation(_raw(score=0.00001), "bot", rule)["content_hash"] == row["content_hash"]
+    # Integers beyond 64 bits are hashed through the standard library: still one hash per content.
+    big = normalize_conversation(_raw(extra=2**70), "bot", rule)["content_hash"]
+    assert big == normalize_conversation(_raw(extra=2**70), "bot", rule)["content_hash"]
+    assert big != normalize_conversation(_raw(extra=2**70 + 1), "bot", rule)["content_hash"]
+    form = storable(_raw(score=0.00001))
+    assert same_content(form, row["content_hash"])
+    # A hash written before v2: the standard library's compact sorted JSON, SHA-256, 32 hex digits.
+    text = json.dumps(_raw(score=0.00001), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    legacy = hashlib.sha256(text.encode()).hexdigest()[:32]
+    assert same_content(form, legacy)
+    assert not same_content(storable(_raw(score=0.00002)), legacy)
+    assert not same_content(storable(_raw(score=0.00002)), row["content_hash"])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_number_that_is_not_finite_is_refused_beside_nulls_and_without_them(value: float) -> None:
+    # (orjson writes these as null; the standard library says which null was one)
+    for record in (_raw(extra=value), _raw(extra=[None, value], other=None), _raw(note="null", x=value)):
+        with pytest.raises(BadRecord, match="not finite"):
+            normalize_conversation(record, "bot", WhatsAppRule())
+    assert normalize_conversation(_raw(extra=None), "bot", WhatsAppRule())["raw"]["extra"] is None
+
+
+def test_lone_surrogates_and_nul_are_repaired_and_hashed_as_repaired() -> None:
+    damaged = normalize_conversation(_raw(note="a\ud83d b\x00"), "bot", WhatsAppRule())
+    clean = normalize_conversation(_raw(note="a\ufffd b\ufffd"), "bot", WhatsAppRule())
+    assert damaged["text_repaired"] and not clean["text_repaired"]
+    assert damaged["raw"]["note"] == "a\ufffd b\ufffd"
+    assert damaged["content_hash"] == clean["content_hash"]
 
 
 def test_customer_label_rules() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -13,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from chatsync.store.engine import ensure_schema, open_engine
-from chatsync.store.tables import quarantine
+from chatsync.store.tables import conversations, quarantine
 from tests.conftest import chatbase_env
 from tests.helpers import assert_exact, stored_conversations
 
@@ -47,6 +48,54 @@ def test_sync_stores_exactly_what_chatbase_serves_and_a_rerun_changes_nothing(
     assert second["unchanged"] == second["fetched"] > 0
     # the rerun fetches only the lookback (3 days and today), not the history
     assert second["requests"] < summary["requests"] / 5
+
+
+def test_hashes_written_before_v2_still_tell_unchanged_conversations_from_changed_ones(
+    cli: Any, emulator_factory: Any, database_url: str
+) -> None:
+    """A database synced by a chatsync older than the v2 content hash: its hashes are compared by their own
+    algorithm, so the first sync after an upgrade rewrites only what changed."""
+    server = emulator_factory(conversations=800, seed=11)
+    env = chatbase_env(server, database_url)
+    assert _summary(cli("sync", "--json", env=env))["inserted"] == 800
+    engine = open_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            rows = connection.execute(
+                select(conversations.c.id, conversations.c.raw, conversations.c.messages)
+            )
+            legacy = {}
+            for row in rows:
+                # The pre-v2 hash, written here from its definition: the standard library's sorted compact
+                # JSON of the stored record, SHA-256, the first 32 hex digits.
+                text = json.dumps(
+                    {**row.raw, "messages": row.messages},
+                    sort_keys=True,
+                    ensure_ascii=False,
+                    separators=(",", ":"),
+                )
+                legacy[row.id] = hashlib.sha256(text.encode()).hexdigest()[:32]
+            newest = connection.execute(
+                select(conversations.c.id).order_by(conversations.c.created_at.desc()).limit(1)
+            ).scalar_one()
+            legacy[newest] = "0" * 32  # a hash no content has: this one must be rewritten
+            for conversation_id, digest in legacy.items():
+                connection.execute(
+                    update(conversations)
+                    .where(conversations.c.id == conversation_id)
+                    .values(content_hash=digest)
+                )
+    finally:
+        engine.dispose()
+
+    again = _summary(cli("sync", "--json", env=env))
+    assert again["fetched"] > 1
+    assert (again["inserted"], again["updated"]) == (0, 1)
+    assert again["unchanged"] == again["fetched"] - 1
+    stored = stored_conversations(database_url)
+    assert stored[newest]["content_hash"].startswith("v2")
+    assert sum(1 for r in stored.values() if r["content_hash"] == legacy[r["id"]]) == 799
+    assert_exact(database_url, server.emulator)
 
 
 def test_messages_appended_within_the_lookback_are_picked_up(
