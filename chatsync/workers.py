@@ -29,7 +29,7 @@ from chatsync.errors import BadRecord
 from chatsync.jsonbody import UndecodableRecord, decode_body
 from chatsync.normalize import normalize_conversation, same_content, storable, stored_id
 from chatsync.signals import held
-from chatsync.store.writes import encode_json, id_as_sent, quarantine_text
+from chatsync.store.writes import JsonText, encode_json, id_as_sent, quarantine_text
 from chatsync.timeutil import parse_timestamp
 
 log = logging.getLogger("chatsync.sync")
@@ -70,6 +70,25 @@ class Outcome:
     reason: str | None = None
     kept: UndecodableRecord | None = None
     fault: str | None = None
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickled for the trip from a worker with the row's encoded JSON as plain text: a ``JsonText``
+        (a str subclass) costs pickle a Python call each way, which was half of a page's transfer (3.9 of
+        6.4 ms a page, sending and receiving)."""
+        row = self.row
+        if row is not None:
+            row = {**row, "messages": str(row["messages"]), "raw": str(row["raw"])}
+        fields = (self.conversation_id, self.created, row, self.reason, self.kept, self.fault)
+        return (_received, (self.index, self.kind, *fields))
+
+
+def _received(index: int, kind: Literal["row", "unchanged", "bad"], *fields: Any) -> Outcome:
+    """An :class:`Outcome` as it arrives from a worker (see :meth:`Outcome.__reduce__`)."""
+    outcome = Outcome(index, kind, *fields)
+    if outcome.row is not None:
+        outcome.row["messages"] = JsonText(outcome.row["messages"])
+        outcome.row["raw"] = JsonText(outcome.row["raw"])
+    return outcome
 
 
 def read_page(task: PageTask) -> list[Outcome]:
