@@ -211,6 +211,23 @@ def seed(url: str, count: int, templates: list[dict[str, Any]]) -> dict[str, Any
     return {"conversations": count, "seed_seconds": round(time.perf_counter() - started, 1)}
 
 
+def seed_in_parallel(urls: dict[str, str], count: int) -> dict[str, Any]:
+    """:func:`seed` ``count`` conversations into each database at once, each in its own process (seeding
+    is the writer's Python work: one core each). Returns {database: figures}."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # (spawn: the benchmark runs threads beside this, which a forked child must not inherit mid-lock)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(len(urls), mp_context=context) as pool:
+        futures = {db: pool.submit(_seed_from_scratch, url, count) for db, url in urls.items()}
+        return {db: future.result() for db, future in futures.items()}
+
+
+def _seed_from_scratch(url: str, count: int) -> dict[str, Any]:
+    return seed(url, count, seed_templates())
+
+
 def _best(call: Any, repeat: int) -> float:
     times = []
     for _ in range(repeat):
