@@ -144,18 +144,32 @@ def _compiled_extra(patterns: tuple[str, ...]) -> tuple[re.Pattern[str], ...]:
     return tuple(re.compile(p, re.IGNORECASE) for p in patterns)
 
 
+# Bots repeat themselves (a greeting, the prompt they were told to send), so the verdicts on the last
+# messages asked about are kept: up to 1,024 messages of up to 1,000 characters (a few MB at most).
+_REMEMBERED_PROMPT_CHARS = 1000
+
+
 def is_prompt(message: str, rule: WhatsAppRule | None = None) -> bool:
     """Is this assistant message the bot asking for the user's WhatsApp number?"""
     rule = rule or WhatsAppRule()
-    norm = normalize_text(message)
-    text = norm.text.lower()
-    if any(p.search(norm.text) for p in _compiled_extra(rule.extra_prompt_patterns)):
+    if len(message) > _REMEMBERED_PROMPT_CHARS:
+        return _is_prompt(message, rule)
+    return _remembered_is_prompt(message, rule)
+
+
+def _is_prompt(message: str, rule: WhatsAppRule) -> bool:
+    text = message if message.isascii() else normalize_text(message).text  # (ASCII: already normal)
+    lowered = text.lower()
+    if any(p.search(text) for p in _compiled_extra(rule.extra_prompt_patterns)):
         return True
-    if not (_WHATSAPP_WORD.search(text) and _NUMBER_WORD.search(text) and _REQUEST_CUE.search(text)):
+    if not (_WHATSAPP_WORD.search(lowered) and _NUMBER_WORD.search(lowered) and _REQUEST_CUE.search(lowered)):
         return False
     # A bot message carrying a long number of its own and not addressing the user is an advertisement.
-    advertises = any(c.digit_count >= 8 for c in _cut(norm.text))
-    return not (advertises and not _SECOND_PERSON.search(text))
+    advertises = any(c.digit_count >= 8 for c in _cut(text))
+    return not (advertises and not _SECOND_PERSON.search(lowered))
+
+
+_remembered_is_prompt = lru_cache(maxsize=1024)(_is_prompt)
 
 
 # ----------------------------------------------------------------------------------------------- candidates
