@@ -148,6 +148,8 @@ def canonical_json(obj: Any) -> str:
 # as orjson writes it (sorted keys, no spaces; about ten times faster than the standard library, which was
 # 15 % of a reading worker's time). A hash written before (32 hex digits, over :func:`canonical_json`) is
 # compared by its own algorithm (:func:`same_content`), so upgrading rewrites nothing that did not change.
+# orjson's text is part of the definition: 3.11.7 began writing 1e+16 where 3.11.6 wrote 1e16, so the
+# dependency is pinned from 3.11.7 and a test holds orjson to the form (a change means a new version here).
 HASH_VERSION = "v2"
 
 

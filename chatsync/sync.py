@@ -79,7 +79,6 @@ from chatsync.workers import (
     default_workers,
     describe,
     read_record,
-    unchanged_outcome,
 )
 
 MAX_WINDOW_DAYS = 31
@@ -916,39 +915,29 @@ class Syncer:
     def _read(
         self, chatbot_id: str, fetched: _Fetched, pool: ReaderPool, events: queue.Queue[object]
     ) -> _Reading:
-        """Start reading a page: stored conversations that Chatbase sends unchanged are found here (the cron
-        path is mostly them); the rest go to a worker."""
+        """Start reading a page in a worker, with the stored hashes of its conversations that are stored
+        (the cron path is mostly conversations Chatbase sends unchanged, which the worker finds). The
+        worker decodes the page exactly: this thread's fast decoding reads an integer beyond 64 bits as a
+        float, which could make a changed conversation look unchanged."""
         records = fetched.records
         ids = [stored_id(r) for r in records]
         # A range with nothing stored when the run began holds only what this run stores (one sync per
         # chatbot; a repeat within the stream is not claimed twice): no need to ask the database.
         looked_up = fetched.stream.stored != 0
         known = self._fingerprints([i for i in ids if i is not None]) if looked_up else {}
-        outcomes: list[Outcome] = []
-        rest: list[int] = []
-        for index, (record, conversation_id) in enumerate(zip(records, ids, strict=True)):
-            outcome = None
-            if conversation_id is not None and conversation_id in known:
-                try:
-                    outcome = unchanged_outcome(index, record, {conversation_id: known[conversation_id][0]})
-                except Exception:
-                    outcome = None  # the worker reads it exactly and says what is wrong
-            if outcome is None:
-                rest.append(index)
-            else:
-                outcomes.append(outcome)
         future = None
-        if rest:
+        if records:
             task = PageTask(
                 fetched.body,
-                None if len(rest) == len(records) else tuple(rest),
-                {i: known[i][0] for i in (ids[k] for k in rest) if i is not None and i in known},
+                None,
+                {i: fingerprint[0] for i, fingerprint in known.items()},
                 chatbot_id,
                 self.rule,
                 export=self.client.api == "v2",
             )
             future = pool.submit(task)
             future.add_done_callback(lambda _: events.put(_READY))
+        outcomes: list[Outcome] = []
         return _Reading(fetched, known, outcomes, future)
 
     def _save(

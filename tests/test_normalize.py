@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import orjson
 import pytest
 
 from chatsync.config import WhatsAppRule
@@ -93,6 +94,25 @@ def test_the_content_hash_is_versioned_and_stable_for_what_orjson_cannot_write()
     assert same_content(form, legacy)
     assert not same_content(storable(_raw(score=0.00002)), legacy)
     assert not same_content(storable(_raw(score=0.00002)), row["content_hash"])
+
+
+def test_orjson_writes_the_form_the_v2_hash_is_defined_on() -> None:
+    """The v2 content hash is of orjson's text. An orjson that wrote these differently (3.11.6 wrote 1e16)
+    would make stored hashes stale: rewrites and announced changes for content that did not change. If
+    this fails after an upgrade, the hash needs a new version (chatsync.normalize.HASH_VERSION)."""
+    values = [1e16, 1e-05, 0.1, 1.5e300, -0.0, 123.0, 2**64 - 1, -(2**63), "é😀\u2028\x7f\x00\n"]
+    assert orjson.dumps({"b": values, "a": None}, option=orjson.OPT_SORT_KEYS) == (
+        b'{"a":null,"b":[1e+16,0.00001,0.1,1.5e+300,-0.0,123.0,18446744073709551615,'
+        b'-9223372036854775808,"\xc3\xa9\xf0\x9f\x98\x80\xe2\x80\xa8\x7f\\u0000\\n"]}'
+    )
+    nested: object = 1
+    for _ in range(254):
+        nested = [nested]
+    orjson.dumps(nested)
+    # What orjson refuses is hashed through the standard library instead.
+    for refused in (2**64, -(2**63) - 1, [nested], "\ud800"):
+        with pytest.raises(TypeError):
+            orjson.dumps(refused)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
