@@ -153,6 +153,22 @@ def test_conversations_with_nul_or_lone_surrogates_are_stored_repaired_by_a_full
     assert (second["unchanged"], second["updated"], second["quarantined"]) == (398, 0, 2)
 
 
+def test_a_number_that_becomes_an_integer_beyond_64_bits_is_a_change(cli: Any, database_url: str) -> None:
+    """2**64 as a float, then as the integer: a fast decoder reads both as the same float, and the
+    conversation must not be taken for unchanged (found by a helper breaking the v2 content hash)."""
+    before = json.dumps({**_conversation("c-n", "9123 4567"), "n": 1.8446744073709552e19})
+    after = json.dumps({**_conversation("c-n", "9123 4567"), "n": 2**64})
+    args = ("sync", "--json", "--since", "2024-05-01", "--until", "2024-05-01", "--full")
+    with serving(_page(before)) as base_url:
+        first = cli(*args, env=_env(base_url, database_url))
+    assert json.loads(first.stdout)["inserted"] == 1, first.stderr
+    with serving(_page(after)) as base_url:
+        second = cli(*args, env=_env(base_url, database_url))
+    summary = json.loads(second.stdout)
+    assert (summary["updated"], summary["unchanged"]) == (1, 0), second.stderr
+    assert _stored(database_url)["c-n"].raw["n"] == 2**64
+
+
 def test_records_python_cannot_decode_are_quarantined_and_the_rest_of_the_page_stored(
     cli: Any, database_url: str
 ) -> None:
