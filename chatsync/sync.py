@@ -78,7 +78,6 @@ from chatsync.workers import (
     bad_record,
     default_workers,
     describe,
-    read_record,
 )
 
 MAX_WINDOW_DAYS = 31
@@ -466,16 +465,6 @@ def _created(record: Any) -> datetime | None:
 
 
 # -------------------------------------------------------------------------------------------------- running
-@dataclass
-class _Page:
-    """A page of a window's records, as :meth:`Syncer._save_page` takes it."""
-
-    window: Window
-    records: list[Any]
-    last: bool
-    fetched_at: datetime
-
-
 @dataclass
 class _Fetched:
     stream: Stream
@@ -1102,19 +1091,6 @@ class Syncer:
             )
             out.append(kept)
         return out
-
-    def _save_page(self, chatbot_id: str, scope: str, page: _Page, today: date, seen: set[str]) -> None:
-        """Save one page of a window's records, read in this thread (no worker, no fetch): the window's
-        last page also records its days. ``seen``: ids already claimed in the window, passed over."""
-        stream = Stream(page.window, windows=[page.window], last_page=1 if page.last else None)
-        records = [r for r in page.records if stored_id(r) is None or stored_id(r) not in seen]
-        ids = [i for i in map(stored_id, records) if i is not None]
-        known = self._fingerprints(ids)
-        hashes = {i: fingerprint[0] for i, fingerprint in known.items()}
-        outcomes = [read_record(n, r, hashes, chatbot_id, self.rule) for n, r in enumerate(records)]
-        fetched = _Fetched(stream, 1, records, b"", page.fetched_at)
-        self._save(chatbot_id, scope, [_Reading(fetched, known, outcomes, None)], today, Progress(chatbot_id))
-        seen.update(i for d in stream.seen.values() for i in d)
 
     def _fingerprints(self, ids: list[str]) -> dict[str, tuple[str, bool]]:
         try:

@@ -156,26 +156,29 @@ def test_transcript_keeps_times_where_chatbase_sent_them() -> None:
 def test_a_record_whose_id_is_not_text_is_quarantined_not_crashed_on(engine: object) -> None:
     from datetime import UTC, datetime
 
-    from chatsync.chatbase import ChatbaseClient
-    from chatsync.config import Secret
-    from chatsync.emulator import Emulator, EmulatorTransport
-    from chatsync.sync import Syncer, SyncRequest
-
-    emulator = Emulator(conversations=20, seed=9, rate_limit=None)
-    client = ChatbaseClient(
-        Secret("demo-key"), "http://emulator/api/v1", transport=EmulatorTransport(emulator)
-    )
-    syncer = Syncer(engine, client, WhatsAppRule())  # type: ignore[arg-type]
-    first = syncer.run(SyncRequest(("demo-bot",)))
-    assert first.inserted == 20
-    odd = {"id": ["not", "text"], "created_at": datetime.now(UTC).isoformat(), "messages": []}
+    import httpx
     from sqlalchemy import select
 
+    from chatsync.chatbase import ChatbaseClient
+    from chatsync.config import Secret
     from chatsync.store.tables import quarantine
-    from chatsync.sync import Window, _Page
+    from chatsync.sync import Syncer, SyncRequest
 
-    page = _Page(Window(datetime.now(UTC).date(), datetime.now(UTC).date()), [odd], False, datetime.now(UTC))
-    syncer._save_page("demo-bot", "*", page, datetime.now(UTC).date(), set())
+    today = datetime.now(UTC).date()
+    odd = {"id": ["not", "text"], "created_at": datetime.now(UTC).isoformat(), "messages": []}
+    good = {"id": "c-1", "created_at": datetime.now(UTC).isoformat(), "messages": []}
+    body = json.dumps({"data": [odd, good]}).encode()
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        page = int(request.url.params["page"])
+        return httpx.Response(200, content=body if page == 1 else b'{"data": []}')
+
+    client = ChatbaseClient(Secret("k"), "http://chatbase.test/api/v1", transport=httpx.MockTransport(answer))
+    with client:
+        summary = Syncer(engine, client, WhatsAppRule()).run(  # type: ignore[arg-type]
+            SyncRequest(("bot",), since=today, until=today)
+        )
+    assert (summary.status, summary.inserted, summary.quarantined) == ("ok", 1, 1)
     with engine.connect() as connection:  # type: ignore[attr-defined]
         reasons = list(connection.execute(select(quarantine.c.reason)).scalars())
     assert reasons == ["record has no id"]
