@@ -476,11 +476,10 @@ class _Fetched:
 
 @dataclass
 class _Reading:
-    """A fetched page while its records are read: outcomes found by the writer, and the rest's future."""
+    """A fetched page while a worker reads its records (``future``: None for a page without any)."""
 
     fetched: _Fetched
     known: dict[str, tuple[str, bool]]
-    outcomes: list[Outcome]
     future: Future[list[Outcome]] | None
 
     def done(self) -> bool:
@@ -918,7 +917,6 @@ class Syncer:
         if records:
             task = PageTask(
                 fetched.body,
-                None,
                 {i: fingerprint[0] for i, fingerprint in known.items()},
                 chatbot_id,
                 self.rule,
@@ -926,8 +924,7 @@ class Syncer:
             )
             future = pool.submit(task)
             future.add_done_callback(lambda _: events.put(_READY))
-        outcomes: list[Outcome] = []
-        return _Reading(fetched, known, outcomes, future)
+        return _Reading(fetched, known, future)
 
     def _save(
         self, chatbot_id: str, scope: str, readings: list[_Reading], today: date, status: Progress
@@ -982,10 +979,7 @@ class Syncer:
     def _prepare(self, chatbot_id: str, reading: _Reading, today: date) -> _Prepared:
         """A read page as what to write: rows to store, records to quarantine, ids claimed, days done."""
         fetched, stream = reading.fetched, reading.fetched.stream
-        outcomes = list(reading.outcomes)
-        if reading.future is not None:
-            outcomes += reading.future.result()
-        outcomes.sort(key=lambda o: o.index)
+        outcomes = reading.future.result() if reading.future is not None else []  # (in page order)
         rows: list[dict[str, Any]] = []
         bad: list[tuple[object, str]] = []
         claimed: list[str] = []  # conversations of this page stored (or found unchanged) now

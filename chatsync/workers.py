@@ -37,16 +37,15 @@ log = logging.getLogger("chatsync.sync")
 
 @dataclass(frozen=True)
 class PageTask:
-    """One page for a worker: the body as Chatbase sent it and which of its records to read.
+    """One page for a worker: the body as Chatbase sent it, every record of which it reads.
 
-    ``indices``: positions in the page's ``data`` to read (None: all). ``known``: the stored content hash
-    of those records that are stored already, so an unchanged one skips the rule. ``export``: the body is
+    ``known``: the stored content hash of the page's conversations that are stored already, so an
+    unchanged one skips the rule. ``export``: the body is
     an API v2 export page, whose records are first put in the record shape chatsync reads
     (:func:`chatsync.chatbase_records.record_from_export`).
     """
 
     body: bytes
-    indices: tuple[int, ...] | None
     known: dict[str, str]
     chatbot_id: str
     rule: WhatsAppRule
@@ -92,15 +91,17 @@ def _received(index: int, kind: Literal["row", "unchanged", "bad"], *fields: Any
 
 
 def read_page(task: PageTask) -> list[Outcome]:
-    """Decode a page exactly and read the asked records: unchanged, a row to store, or bad (never raises
-    for a record). Raises ValueError only when the body is not JSON at all."""
+    """Decode a page exactly and read its records, in page order: unchanged, a row to store, or bad (never
+    raises for a record). Raises ValueError only when the body is not JSON at all."""
     body = decode_body(task.body)
     records = body.get("data") if isinstance(body, dict) else None
     if not isinstance(records, list):
         raise ValueError("the page has no 'data' list")
-    indices = range(len(records)) if task.indices is None else task.indices
     read = record_from_export if task.export else _as_sent
-    return [read_record(i, read(records[i]), task.known, task.chatbot_id, task.rule) for i in indices]
+    return [
+        read_record(i, read(record), task.known, task.chatbot_id, task.rule)
+        for i, record in enumerate(records)
+    ]
 
 
 def _as_sent(record: object) -> object:

@@ -305,7 +305,7 @@ from multiprocessing import forkserver
 from chatsync.config import WhatsAppRule
 from chatsync.workers import PageTask, ReaderPool
 with ReaderPool(1) as pool:
-    pool.submit(PageTask(b'{"data": []}', None, {}, "bot", WhatsAppRule())).result()
+    pool.submit(PageTask(b'{"data": []}', {}, "bot", WhatsAppRule())).result()
     pid = forkserver._forkserver._forkserver_pid
     status = open(f"/proc/{pid}/status").read().splitlines()
     blocked = int(next(line for line in status if line.startswith("SigBlk")).split()[1], 16)
