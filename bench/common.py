@@ -116,7 +116,7 @@ _MEASURED = (
     "            sys.stderr.write('\\nPEAK_RSS_KB=%d\\n' % int(line.split()[1]))\n"
     "atexit.register(_peak)\n"
     "sys.argv = ['chatsync', *sys.argv[1:]]\n"
-    "from chatsync.cli import main\n"
+    "from chatsync.__main__ import main\n"
     "main()\n"
 )
 

@@ -17,7 +17,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from chatsync.errors import ChatsyncError, DatabaseUnreachable, ExitCode, LockHeld, Terminated, UsageError
-from chatsync.signals import deferrable, held
+from chatsync.signals import begin, held
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -69,14 +69,26 @@ class Context:
 
 
 def handle_errors(command: F) -> F:
-    """Turn chatsync's exceptions into one line on stderr and the contract's exit code."""
+    """Turn chatsync's exceptions into one line on stderr and the contract's exit code. Ctrl-C and SIGTERM
+    held since start-up (:func:`main`) are taken as the command begins, and reported the same way."""
+    return _handling_errors(command, begins=True)
 
+
+def handle_errors_begun_by_command(command: F) -> F:
+    """:func:`handle_errors` for a command that takes the signals held since start-up itself
+    (:func:`chatsync.signals.begin`), where it can still report how it ended its own way."""
+    return _handling_errors(command, begins=False)
+
+
+def _handling_errors(command: F, begins: bool) -> F:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from chatsync import render
 
         debug = _ctx().debug
         try:
+            if begins:
+                begin()
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
@@ -245,7 +257,7 @@ RegionOpt = Annotated[
 
 # ---------------------------------------------------------------------------------------------------- sync
 @app.command()
-@handle_errors
+@handle_errors_begun_by_command
 def sync(
     chatbot_id: ChatbotOpt = None,
     since: SinceOpt = None,
@@ -313,6 +325,7 @@ def sync(
     """Fetch conversations from Chatbase and upsert them (incremental after the first run)."""
     run = _SyncRun(list(chatbot_id or []), as_json)
     try:
+        begin()  # a Ctrl-C or SIGTERM since start-up ends the run here, with its line (--json)
         settings = _ctx().settings(
             chatbot_ids=chatbot_id,
             api_key=api_key,
@@ -1311,7 +1324,9 @@ def leads_sync(chatbot_id: ChatbotOpt = None, since: SinceOpt = None, until: Unt
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Run the command line (``sys.argv``) and exit with the contract's code. The ``chatsync`` command enters
+    through :func:`chatsync.__main__.main`, which holds Ctrl-C and SIGTERM before this module loads; they are
+    taken as the command begins (:func:`handle_errors`), or at the end if none did (``--help``)."""
     import gc
 
     if os.environ.get("NO_COLOR"):
@@ -1323,12 +1338,15 @@ def main() -> None:
             shown = argument.encode("utf-8", "surrogateescape")
             print(f"error: an argument is not valid UTF-8: {shown!r}", file=sys.stderr)
             sys.exit(int(ExitCode.USAGE))
-    # Both wait while a block holds them (chatsync.signals.held), whichever thread the signal reached.
-    signal.signal(signal.SIGTERM, deferrable(_terminate))
-    signal.signal(signal.SIGINT, deferrable(signal.default_int_handler))
     try:
-        app(prog_name="chatsync")
-    except Terminated:  # before a command took over (a command says how it ended itself)
+        try:
+            app(prog_name="chatsync")
+        finally:
+            begin()  # no command began (--help, a usage error): a signal held meanwhile is taken now
+    except KeyboardInterrupt:  # before a command took over (a command says how it ended itself)
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Terminated:
         print("error: terminated (SIGTERM)", file=sys.stderr)
         sys.exit(143)
     finally:
@@ -1339,10 +1357,6 @@ def main() -> None:
         # Everything else the command made dies with the process: without this Python's collections at
         # exit walk all of it (0.15 s after a sync, measured), which every cron run and script waits for.
         gc.freeze()
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    raise Terminated()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 Handler = Callable[[int, Any], Any]
@@ -58,3 +58,19 @@ def deferrable(handler: Handler) -> Handler:
         return handler(signum, frame)
 
     return handle
+
+
+_start = ExitStack()  # the hold from the process's start until its command begins (hold_start, begin)
+
+
+def hold_start(*signals: signal.Signals) -> None:
+    """Hold ``signals`` (as :func:`held` does) from now until :func:`begin`: the command line's start-up
+    (imports, building and parsing the command) is not where a Ctrl-C or SIGTERM can be told apart and
+    reported, so one arriving then waits for the command, which says how it ended."""
+    _start.enter_context(held(*signals))
+
+
+def begin() -> None:
+    """End the hold of :func:`hold_start`, if any: a signal that arrived meanwhile has its handler run here
+    (KeyboardInterrupt, or whatever the handler raises, comes out of this call). Later calls do nothing."""
+    _start.close()

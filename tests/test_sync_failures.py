@@ -339,3 +339,49 @@ def test_a_stop_at_any_moment_of_the_start_ends_with_its_code_and_no_traceback(
         assert "Fatal Python error" not in err, (attempt, err)  # the fork server never takes Ctrl-C
         if out:
             assert json.loads(out)["exit_code"] == process.returncode
+
+
+# The child sends itself the signal at a chosen moment of its start-up: an audit hook (a Python feature,
+# no chatsync code replaced) fires as a module is first imported.
+_SIGNAL_AT_IMPORT = """
+import os, signal, sys
+module, signum, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+def hook(event, args):
+    if event == "import" and args[0] == module and module not in sys.modules and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signum)
+sys.addaudithook(hook)
+sys.argv = ["chatsync", "sync", "--json"]
+from chatsync.__main__ import main
+main()
+"""
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        "typer",  # the command line's modules loading
+        "chatsync.logs",  # Typer parsing: the global options' callback imports it
+    ],
+)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
+def test_a_signal_during_start_up_waits_for_the_command_which_reports_it(
+    emulator_factory: Any, sqlite_url: str, tmp_path: Path, moment: str, signum: int
+) -> None:
+    """Before the command begins, a Ctrl-C once printed a traceback (inside an import) or ended the run
+    with 130 and nothing on stdout or stderr (Typer turns KeyboardInterrupt inside its parsing into that).
+    Held from the first moment, it reaches the sync, which stops before any request and says so, with
+    its JSON line."""
+    server = emulator_factory(conversations=50, seed=3)
+    marker = tmp_path / "signalled"
+    command = [sys.executable, "-c", _SIGNAL_AT_IMPORT, moment, str(int(signum)), str(marker)]
+    env = {**os.environ, **chatbase_env(server, sqlite_url)}
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert marker.exists()  # the signal was sent, at that moment
+    interrupted = signum == signal.SIGINT
+    assert done.returncode == (130 if interrupted else 143), done.stderr
+    assert "Traceback" not in done.stderr
+    first = "error: interrupted" if interrupted else "error: terminated (SIGTERM)"
+    assert done.stderr.startswith(first), done.stderr
+    line = json.loads(done.stdout)
+    assert (line["status"], line["exit_code"], line["requests"]) == ("failed", done.returncode, 0)
