@@ -16,8 +16,9 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from chatsync import signals
 from chatsync.errors import ChatsyncError, DatabaseUnreachable, ExitCode, LockHeld, Terminated, UsageError
-from chatsync.signals import begin, held
+from chatsync.signals import begin, deferrable, held
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -87,9 +88,14 @@ def _handling_errors(command: F, begins: bool) -> F:
 
         debug = _ctx().debug
         try:
-            if begins:
-                begin()
-            return command(*args, **kwargs)
+            try:
+                if begins:
+                    begin()
+                return command(*args, **kwargs)
+            finally:
+                # The command's outcome is decided (returned or raised): a stop signal from here on
+                # changes nothing (Typer would turn a Ctrl-C after this point into a silent exit 130).
+                _settle()
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except ChatsyncError as exc:
@@ -340,6 +346,7 @@ def sync(
         if all_chatbots and chatbot_id:
             raise UsageError("give --all-chatbots or --chatbot-id, not both")
         _sync(run, settings, since, until, source, full, dry_run, all_chatbots)
+        _settle()  # it succeeded: a signal from here on does not make its line say otherwise
     except LockHeld as exc:
         run.error = exc
         if as_json:  # the previous run still going is no failure: its JSON line says so, stderr stays empty
@@ -367,6 +374,7 @@ class _SyncRun:
 
     def report(self) -> None:
         """The summary on stdout (one JSON line with --json, whatever happened), then the heartbeat."""
+        _settle()  # how the run ended is what run.error says: no stop signal cuts the line short now
         with _signals_deferred():
             from chatsync import render
             from chatsync.sync import SyncSummary
@@ -1326,7 +1334,9 @@ def leads_sync(chatbot_id: ChatbotOpt = None, since: SinceOpt = None, until: Unt
 def main() -> None:
     """Run the command line (``sys.argv``) and exit with the contract's code. The ``chatsync`` command enters
     through :func:`chatsync.__main__.main`, which holds Ctrl-C and SIGTERM before this module loads; they are
-    taken as the command begins (:func:`handle_errors`), or at the end if none did (``--help``)."""
+    taken as the command begins (:func:`handle_errors`), or at the end if none did (``--help``). The first
+    stop decides how the command ends; later ones, and any after the command's outcome is decided, do
+    nothing (:func:`chatsync.signals.deferrable`)."""
     import gc
 
     if os.environ.get("NO_COLOR"):
@@ -1338,11 +1348,18 @@ def main() -> None:
             shown = argument.encode("utf-8", "surrogateescape")
             print(f"error: an argument is not valid UTF-8: {shown!r}", file=sys.stderr)
             sys.exit(int(ExitCode.USAGE))
+    # Both wait while a block holds them (chatsync.signals.held), whichever thread the signal reached.
+    # (Already held at the OS level since chatsync.__main__ began, if it did: none is lost meanwhile.)
+    global _stop_handlers_installed
+    signal.signal(signal.SIGTERM, deferrable(_terminate))
+    signal.signal(signal.SIGINT, deferrable(signal.default_int_handler))
+    _stop_handlers_installed = True
     try:
         try:
             app(prog_name="chatsync")
         finally:
             begin()  # no command began (--help, a usage error): a signal held meanwhile is taken now
+            _settle()
     except KeyboardInterrupt:  # before a command took over (a command says how it ended itself)
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
@@ -1357,6 +1374,21 @@ def main() -> None:
         # Everything else the command made dies with the process: without this Python's collections at
         # exit walk all of it (0.15 s after a sync, measured), which every cron run and script waits for.
         gc.freeze()
+
+
+_stop_handlers_installed = False  # by main(): this process is a chatsync command, not a host running one
+
+
+def _settle() -> None:
+    """The command's outcome is decided: chatsync's stop handlers, where main() installed them, do nothing
+    from now on (:func:`chatsync.signals.settle`). A command run inside another program (tests, Typer's
+    runner) leaves that program's handlers alone."""
+    if _stop_handlers_installed:
+        signals.settle()
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 if __name__ == "__main__":  # pragma: no cover

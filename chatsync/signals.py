@@ -1,18 +1,27 @@
-"""Holding signals for a block of code: what the CLI and the worker pool share (stdlib only, cheap to import)."""
+"""Holding and settling stop signals (Ctrl-C, SIGTERM): what the CLI and the worker pool share.
+
+Stdlib only and cheap to import (no ``typing`` at run time): the ``chatsync`` command imports this first
+thing, before it can hold anything (:mod:`chatsync.__main__`).
+"""
 
 from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any
 
-Handler = Callable[[int, Any], Any]
+TYPE_CHECKING = False  # (typing itself takes 5 ms to import; type checkers read this as True)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from typing import Any
+
+    Handler = Callable[[int, Any], Any]
 
 _lock = threading.Lock()
 _holding = 0  # blocks being run under held(), in any thread
 _pending: list[int] = []  # signals whose handler waits for the last of them to end
+_settled = False  # how the command ends is decided: deferrable handlers do nothing any more
 
 
 @contextmanager
@@ -48,16 +57,32 @@ def held(*signals: signal.Signals) -> Iterator[None]:
 
 
 def deferrable(handler: Handler) -> Handler:
-    """``handler`` as a signal handler that waits while any :func:`held` block runs (see there)."""
+    """``handler`` as a stop signal's handler: it waits while any :func:`held` block runs (see there),
+    and only the first stop runs at all. Whatever it raises decides how the command ends, so a second
+    signal (a second Ctrl-C, SIGTERM after Ctrl-C, both released together by a block) does nothing,
+    rather than land in the middle of the first one's reporting; likewise once :func:`settle` was called.
+    """
 
     def handle(signum: int, frame: Any) -> Any:
         # (no lock here: this runs in the main thread between two bytecodes, maybe inside held's own)
+        global _settled
+        if _settled:
+            return None
         if _holding:
             _pending.append(signum)
             return None
+        _settled = True
         return handler(signum, frame)
 
     return handle
+
+
+def settle() -> None:
+    """How the command ends is decided (it returned, or its outcome is being reported): from now on the
+    handlers of :func:`deferrable` do nothing. A stop signal arriving later cannot tell a finished run
+    that it was interrupted, nor cut its report short; SIGKILL still ends the process at once."""
+    global _settled
+    _settled = True
 
 
 _start = ExitStack()  # the hold from the process's start until its command begins (hold_start, begin)

@@ -341,47 +341,99 @@ def test_a_stop_at_any_moment_of_the_start_ends_with_its_code_and_no_traceback(
             assert json.loads(out)["exit_code"] == process.returncode
 
 
-# The child sends itself the signal at a chosen moment of its start-up: an audit hook (a Python feature,
-# no chatsync code replaced) fires as a module is first imported.
-_SIGNAL_AT_IMPORT = """
+# The child sends itself signals at a chosen moment: as a module is first imported (an audit hook), or
+# as a function of that name is called (a profile hook); Python features, no chatsync code replaced.
+_SIGNALS_AT = """
 import os, signal, sys
-module, signum, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-def hook(event, args):
-    if event == "import" and args[0] == module and module not in sys.modules and not os.path.exists(marker):
+moment, signums, marker, *args = sys.argv[1:]
+kind, _, name = moment.partition(":")
+def send():
+    if not os.path.exists(marker):
         open(marker, "w").close()
-        os.kill(os.getpid(), signum)
-sys.addaudithook(hook)
-sys.argv = ["chatsync", "sync", "--json"]
+        for signum in signums.split(","):
+            os.kill(os.getpid(), int(signum))
+def audit(event, details):
+    if kind == "import" and event == "import" and details[0] == name and name not in sys.modules:
+        send()
+def profile(frame, event, arg):
+    if event == "call" and frame.f_code.co_name == name:
+        send()
+sys.addaudithook(audit)
+if kind == "call":
+    sys.setprofile(profile)
+sys.argv = ["chatsync", *args]
 from chatsync.__main__ import main
 main()
 """
 
 
+def _signalled(moment: str, signums: list[int], args: list[str], cwd: Path, env: dict[str, str]) -> Any:
+    marker = cwd / "signalled"
+    marker.unlink(missing_ok=True)
+    codes = ",".join(str(int(s)) for s in signums)
+    command = [sys.executable, "-c", _SIGNALS_AT, moment, codes, str(marker), *args]
+    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert marker.exists()  # the signals were sent, at that moment
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+    return done
+
+
+_STOPPED = {130: "error: interrupted", 143: "error: terminated (SIGTERM)"}
+
+
 @pytest.mark.parametrize(
     "moment",
     [
-        "typer",  # the command line's modules loading
-        "chatsync.logs",  # Typer parsing: the global options' callback imports it
+        "import:typer",  # the command line's modules loading
+        "import:chatsync.logs",  # Typer parsing: the global options' callback imports it
     ],
 )
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
+@pytest.mark.parametrize(
+    "signums",
+    [[signal.SIGINT], [signal.SIGTERM], [signal.SIGINT, signal.SIGTERM], [signal.SIGTERM, signal.SIGINT]],
+    ids=["Ctrl-C", "SIGTERM", "Ctrl-C then SIGTERM", "SIGTERM then Ctrl-C"],
+)
 def test_a_signal_during_start_up_waits_for_the_command_which_reports_it(
-    emulator_factory: Any, sqlite_url: str, tmp_path: Path, moment: str, signum: int
+    emulator_factory: Any, sqlite_url: str, tmp_path: Path, moment: str, signums: list[int]
 ) -> None:
     """Before the command begins, a Ctrl-C once printed a traceback (inside an import) or ended the run
     with 130 and nothing on stdout or stderr (Typer turns KeyboardInterrupt inside its parsing into that).
     Held from the first moment, it reaches the sync, which stops before any request and says so, with
-    its JSON line."""
+    its JSON line. Two at once: the first the process takes decides, the second does nothing (it once
+    cut the JSON line short)."""
     server = emulator_factory(conversations=50, seed=3)
-    marker = tmp_path / "signalled"
-    command = [sys.executable, "-c", _SIGNAL_AT_IMPORT, moment, str(int(signum)), str(marker)]
     env = {**os.environ, **chatbase_env(server, sqlite_url)}
-    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert marker.exists()  # the signal was sent, at that moment
-    interrupted = signum == signal.SIGINT
-    assert done.returncode == (130 if interrupted else 143), done.stderr
-    assert "Traceback" not in done.stderr
-    first = "error: interrupted" if interrupted else "error: terminated (SIGTERM)"
-    assert done.stderr.startswith(first), done.stderr
+    done = _signalled(moment, signums, ["sync", "--json"], tmp_path, env)
+    expected = {130} if signums == [signal.SIGINT] else {143} if signums == [signal.SIGTERM] else {130, 143}
+    assert done.returncode in expected, done.stderr
+    assert done.stderr.startswith(_STOPPED[done.returncode]) and done.stderr.count("error:") == 1, done.stderr
     line = json.loads(done.stdout)
     assert (line["status"], line["exit_code"], line["requests"]) == ("failed", done.returncode, 0)
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["sync", "--concurrency", "abc"], ["list"]])
+def test_two_signals_during_start_up_end_any_command_with_one_line(
+    sqlite_url: str, tmp_path: Path, args: list[str]
+) -> None:
+    """Ctrl-C and SIGTERM together before the command began once gave `--help` two tracebacks and exit 1:
+    the second ran its handler inside the first one's message."""
+    env = {**os.environ, "CHATSYNC_DATABASE_URL": sqlite_url}
+    done = _signalled("import:typer", [signal.SIGINT, signal.SIGTERM], args, tmp_path, env)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.count("error:") == 1 and "error: interrupted" in done.stderr, done.stderr
+
+
+def test_a_signal_once_the_sync_has_succeeded_does_not_turn_it_into_a_failure(
+    emulator_factory: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    """A Ctrl-C as the JSON line of a finished sync is written once ended the process with 130 and no
+    line, or 130 beside a line saying "ok". The outcome is decided once the sync returned: the line says
+    ok, and the exit code agrees."""
+    server = emulator_factory(conversations=50, seed=3)
+    env = {**os.environ, **chatbase_env(server, sqlite_url)}
+    for moment in ("call:write_json_line", "call:close_engines"):
+        done = _signalled(moment, [signal.SIGINT, signal.SIGTERM], ["sync", "--json"], tmp_path, env)
+        assert done.returncode == 0 and done.stderr == "", (moment, done.stderr)
+        line = json.loads(done.stdout)
+        assert line["status"] == "ok" and "exit_code" not in line, moment
+    assert_exact(sqlite_url, server.emulator)
