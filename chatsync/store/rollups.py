@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, and_, bindparam, delete, select, text
@@ -48,6 +49,7 @@ REPORT_COLUMNS = (
 )
 REPLIED = ("captured", "not_found", "ambiguous")  # outcomes with a user reply after the prompt
 TAKEN_OVER = "taken_over"  # the Chatbase status of a conversation a person took over from the bot
+_in_counter_order = operator.itemgetter(*ROLLUP_COUNTERS)
 _ROWS_PER_STATEMENT = 10_000  # a rebuild adds up to a row per conversation; keep each statement modest
 
 
@@ -110,10 +112,17 @@ class Contributions:
             "answers_rated_up": row["answers_rated_up"] or 0,
             "answers_rated_down": row["answers_rated_down"] or 0,
         }
-        hour = as_utc(row["created_at"]).replace(minute=0, second=0, microsecond=0)
-        counters = self.hours.setdefault((chatbot, source, hour), [0] * len(ROLLUP_COUNTERS))
-        for i, name in enumerate(ROLLUP_COUNTERS):
-            counters[i] += sign * int(figures[name])
+        created = row["created_at"]
+        hour = (created if created.tzinfo is UTC else as_utc(created)).replace(
+            minute=0, second=0, microsecond=0
+        )
+        key_of_hour = (chatbot, source, hour)
+        counters = self.hours.get(key_of_hour)
+        if counters is None:
+            counters = self.hours[key_of_hour] = [0] * len(ROLLUP_COUNTERS)
+        # (bools count as 0 and 1; one C call picks the figures in the counters' order)
+        step = _in_counter_order(figures)
+        counters[:] = map(operator.add if sign > 0 else operator.sub, counters, step)
         values = self.values
         values[(chatbot, source, "length", str(row["message_count"]))] += sign
         country = row["country"]
