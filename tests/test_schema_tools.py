@@ -81,8 +81,18 @@ def _schema(engine: Any) -> dict[str, Any]:
             ),
             "unique": sorted(tuple(u["column_names"]) for u in seen.get_unique_constraints(name)),
             "checks": sorted(" ".join(c["sqltext"].split()) for c in seen.get_check_constraints(name)),
+            "without_rowid": _without_rowid(engine, name),
         }
     return tables
+
+
+def _without_rowid(engine: Any, table: str) -> bool:
+    """SQLite: whether the table is WITHOUT ROWID (SQLAlchemy's inspector does not say)."""
+    if engine.dialect.name != "sqlite":
+        return False
+    with engine.connect() as connection:
+        sql = connection.execute(text("SELECT sql FROM sqlite_master WHERE name = :t"), {"t": table}).scalar()
+    return "WITHOUT ROWID" in " ".join(str(sql).upper().split())
 
 
 def _wipe(engine: Any, database_url: str) -> None:
@@ -107,6 +117,8 @@ def test_a_new_database_gets_the_tables_the_migrations_build_and_their_revision(
         created = _schema(engine)
         assert "conversations" in created
         assert created == migrated
+        rollups = ("report_hours", "report_values", "report_users")
+        assert all(created[t]["without_rowid"] for t in rollups) == (engine.dialect.name == "sqlite")
         assert current_revision(engine) == HEAD_REVISION
         assert create_schema(engine) is False  # a database with chatsync's tables is left to Alembic
     finally:
@@ -189,3 +201,31 @@ def test_runs_started_together_after_an_update_of_chatsync_upgrade_the_schema_on
         finally:
             for engine in engines:
                 engine.dispose()
+
+
+def test_the_rollups_keep_their_rows_through_migration_0008_down_and_up(sqlite_url: str) -> None:
+    """0008 rebuilds SQLite's three rollup tables WITHOUT ROWID (and back, downgraded), copying every row."""
+    engine = open_engine(sqlite_url)
+    try:
+        ensure_schema(engine)
+        with engine.begin() as connection:
+            connection.execute(
+                text("INSERT INTO report_values VALUES ('bot', '', 'country', 'Hong Kong', 3)")
+            )
+            connection.execute(text("INSERT INTO report_users VALUES ('bot', '', 'k1', 2)"))
+        shapes = []
+        for step in (("downgrade", "0007"), ("upgrade", "head")):
+            done = _alembic(sqlite_url, *step)
+            assert done.returncode == 0, done.stderr
+            with engine.connect() as connection:
+                rows = (
+                    connection.execute(text("SELECT * FROM report_values")).all(),
+                    connection.execute(text("SELECT * FROM report_users")).all(),
+                )
+            assert rows == ([("bot", "", "country", "Hong Kong", 3)], [("bot", "", "k1", 2)])
+            shapes.append(
+                [_without_rowid(engine, t) for t in ("report_hours", "report_values", "report_users")]
+            )
+        assert shapes == [[False] * 3, [True] * 3]
+    finally:
+        engine.dispose()

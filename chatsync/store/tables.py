@@ -158,6 +158,7 @@ report_hours = Table(
         Column(name, Integer, nullable=False, server_default="0" if name in _ADDED_COUNTERS else None)
         for name in ROLLUP_COUNTERS
     ],
+    sqlite_with_rowid=False,  # one b-tree by the key, not a table and its key (migration 0008)
 )
 
 report_values = Table(
@@ -173,6 +174,7 @@ report_values = Table(
     ),
     Column("value", String(64), primary_key=True),
     Column("n", Integer, nullable=False),
+    sqlite_with_rowid=False,  # one b-tree by the key, not a table and its key (migration 0008)
 )
 
 report_users = Table(
@@ -182,6 +184,7 @@ report_users = Table(
     Column("source", String(64), primary_key=True),
     Column("user_key", String(32), primary_key=True, comment="hash of the WhatsApp number or customer"),
     Column("n", Integer, nullable=False, comment="conversations with this key"),
+    sqlite_with_rowid=False,  # one b-tree by the key, not a table and its key (migration 0008)
 )
 
 whatsapp_audit = Table(
