@@ -1351,8 +1351,8 @@ def main() -> None:
     # Both wait while a block holds them (chatsync.signals.held), whichever thread the signal reached.
     # (Already held at the OS level since chatsync.__main__ began, if it did: none is lost meanwhile.)
     global _stop_handlers_installed
-    signal.signal(signal.SIGTERM, deferrable(_terminate))
-    signal.signal(signal.SIGINT, deferrable(signal.default_int_handler))
+    signal.signal(signal.SIGTERM, deferrable(_terminate, _stop_at_once))
+    signal.signal(signal.SIGINT, deferrable(signal.default_int_handler, _stop_at_once))
     _stop_handlers_installed = True
     try:
         try:
@@ -1389,6 +1389,14 @@ def _settle() -> None:
 
 def _terminate(signum: int, frame: Any) -> None:
     raise Terminated()
+
+
+def _stop_at_once(signum: int) -> None:
+    """A second Ctrl-C or SIGTERM while the command is still ending after the first: end the process now,
+    as SIGKILL would (what was committed is kept; a sync's lock goes with the process, and the next run
+    continues where the last commit left off), with the exit code of the signal."""
+    os.write(2, b"error: stopped at once (signalled again while ending); what was committed is kept\n")
+    os._exit(128 + signum)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from contextlib import ExitStack, contextmanager
 
 TYPE_CHECKING = False  # (typing itself takes 5 ms to import; type checkers read this as True)
@@ -17,11 +18,14 @@ if TYPE_CHECKING:
     from typing import Any
 
     Handler = Callable[[int, Any], Any]
+    AtOnce = Callable[[int], None]
 
 _lock = threading.Lock()
 _holding = 0  # blocks being run under held(), in any thread
 _pending: list[int] = []  # signals whose handler waits for the last of them to end
 _settled = False  # how the command ends is decided: deferrable handlers do nothing any more
+_stopping_since: float | None = None  # monotonic time the first stop signal's handler ran
+AGAIN_SECONDS = 1.0  # a stop repeated this long after the first is a person insisting, not an echo
 
 
 @contextmanager
@@ -56,22 +60,29 @@ def held(*signals: signal.Signals) -> Iterator[None]:
             signal.raise_signal(signum)  # its handler runs now, outside every held block
 
 
-def deferrable(handler: Handler) -> Handler:
+def deferrable(handler: Handler, at_once: AtOnce | None = None) -> Handler:
     """``handler`` as a stop signal's handler: it waits while any :func:`held` block runs (see there),
-    and only the first stop runs at all. Whatever it raises decides how the command ends, so a second
-    signal (a second Ctrl-C, SIGTERM after Ctrl-C, both released together by a block) does nothing,
-    rather than land in the middle of the first one's reporting; likewise once :func:`settle` was called.
+    and only the first stop runs it. Whatever it raises decides how the command ends, so a second signal
+    that comes with it (a second Ctrl-C, SIGTERM after Ctrl-C, both released together by a block) does
+    nothing, rather than land in the middle of the first one's reporting; likewise once :func:`settle`
+    was called. One repeated :data:`AGAIN_SECONDS` or more after the first, while the command is still
+    ending (a request that takes long to answer), calls ``at_once`` with the signal: stop now.
     """
 
     def handle(signum: int, frame: Any) -> Any:
         # (no lock here: this runs in the main thread between two bytecodes, maybe inside held's own)
-        global _settled
+        global _settled, _stopping_since
+        if _stopping_since is not None:
+            if at_once is not None and time.monotonic() - _stopping_since >= AGAIN_SECONDS:
+                at_once(signum)
+            return None
         if _settled:
             return None
         if _holding:
             _pending.append(signum)
             return None
         _settled = True
+        _stopping_since = time.monotonic()
         return handler(signum, frame)
 
     return handle

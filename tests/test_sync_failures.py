@@ -437,3 +437,32 @@ def test_a_signal_once_the_sync_has_succeeded_does_not_turn_it_into_a_failure(
         line = json.loads(done.stdout)
         assert line["status"] == "ok" and "exit_code" not in line, moment
     assert_exact(sqlite_url, server.emulator)
+
+
+def test_a_second_ctrl_c_while_a_sync_is_still_ending_stops_it_at_once(
+    emulator_factory: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    """One Ctrl-C ends a sync cleanly, which waits for the requests in flight (here 20 s each). The first
+    stop decides how the run ends and a signal that comes with it does nothing, but a person pressing
+    Ctrl-C again a moment later wants out now: the process ends at once, as SIGKILL would, and the next
+    run stores everything exactly."""
+    slow = emulator_factory(conversations=300, seed=31, latency_ms=20_000)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "chatsync", "sync", "--json"], env={**os.environ, **chatbase_env(slow, sqlite_url)},
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    time.sleep(3)  # its first requests are out, answered in 20 s
+    os.killpg(process.pid, signal.SIGINT)
+    time.sleep(1.5)
+    assert process.poll() is None  # still ending: waiting for those answers
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=10)  # not the 20 s of the answers it waited for
+    assert process.returncode == 130 and "Traceback" not in err, err
+    assert "error: stopped at once" in err
+    fast = emulator_factory(conversations=300, seed=31)
+    rerun = subprocess.run(
+        [sys.executable, "-m", "chatsync", "sync", "--json"], env={**os.environ, **chatbase_env(fast, sqlite_url)},
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr
+    assert_exact(sqlite_url, fast.emulator)
