@@ -97,16 +97,25 @@ def settle() -> None:
 
 
 _start = ExitStack()  # the hold from the process's start until its command begins (hold_start, begin)
+_start_held = False
 
 
 def hold_start(*signals: signal.Signals) -> None:
     """Hold ``signals`` (as :func:`held` does) from now until :func:`begin`: the command line's start-up
     (imports, building and parsing the command) is not where a Ctrl-C or SIGTERM can be told apart and
-    reported, so one arriving then waits for the command, which says how it ended."""
-    _start.enter_context(held(*signals))
+    reported, so one arriving then waits for the command, which says how it ended. Called again while
+    the hold lasts, it does nothing."""
+    global _start_held
+    if not _start_held:
+        _start.enter_context(held(*signals))
+        _start_held = True
 
 
 def begin() -> None:
     """End the hold of :func:`hold_start`, if any: a signal that arrived meanwhile has its handler run here
-    (KeyboardInterrupt, or whatever the handler raises, comes out of this call). Later calls do nothing."""
+    (KeyboardInterrupt, or whatever the handler raises, comes out of this call). Of two that arrived
+    while held, the system hands over Ctrl-C (SIGINT) before SIGTERM, whatever their order. Later calls
+    do nothing."""
+    global _start_held
+    _start_held = False
     _start.close()
