@@ -60,6 +60,7 @@ from chatsync.errors import (
     LockLost,
     NormalizerCrashed,
     PagingError,
+    Terminated,
 )
 from chatsync.normalize import (
     V1_ONLY_FIELDS,
@@ -657,7 +658,7 @@ class Syncer:
                     self.run_id,
                     status,
                     summary.as_dict(),
-                    str(error) if error else None,
+                    None if error is None else _reason(error),
                     self.now(),
                 )
         except DBAPIError:
@@ -1185,3 +1186,13 @@ def _unavailable(exc: DBAPIError) -> DatabaseUnavailable:
         f"the database went away mid-run ({first[0] if first else type(exc).__name__}); "
         "what was committed is kept and the next run continues"
     )
+
+
+def _reason(error: BaseException) -> str:
+    """Why a run failed, as ``chatsync status`` shows it: the error's message, else what stopped it (an
+    interrupt's message is empty, which once left a Ctrl-C looking like an unexplained failure)."""
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted (Ctrl-C); what was committed is kept"
+    if isinstance(error, Terminated):
+        return "terminated (SIGTERM); what was committed is kept"
+    return str(error) or type(error).__name__

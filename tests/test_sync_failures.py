@@ -475,3 +475,23 @@ def test_a_second_ctrl_c_while_a_sync_is_still_ending_stops_it_at_once(
     )  # fmt: skip
     assert rerun.returncode == 0, rerun.stderr
     assert_exact(sqlite_url, fast.emulator)
+
+
+def test_status_says_a_run_was_interrupted(emulator_factory: Any, sqlite_url: str, tmp_path: Path) -> None:
+    """A Ctrl-C's message is empty: the run was once stored failed with no reason, and `chatsync status`
+    could not tell it from a real failure (found by a newcomer helper)."""
+    slow = emulator_factory(conversations=300, seed=32, latency_ms=2_000)
+    env = {**os.environ, **chatbase_env(slow, sqlite_url)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "chatsync", "sync"], env=env, cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    time.sleep(3)  # the run has begun: its first requests are out
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    status = subprocess.run(
+        [sys.executable, "-m", "chatsync", "status", "--json"], env=env, cwd=tmp_path,
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert "interrupted (Ctrl-C)" in status.stdout, status.stdout
