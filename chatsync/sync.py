@@ -28,6 +28,7 @@ import logging
 import math
 import queue
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -88,6 +89,7 @@ MAX_WINDOW_DAYS = 31
 # transaction on average), 6.8 s -> 5.3 s writing the same pages back to back. A run killed mid-batch
 # loses at most these pages, which the next run fetches again.
 PAGES_PER_TRANSACTION = 4
+STOP_PATIENCE_SECONDS = 1.0  # how long a Ctrl-C or SIGTERM waits for requests in flight
 # Hosts of one cron round do not start at the same instant (a busy host starts seconds late): a chatbot
 # whose sync finished this long before a shared run began was synced in this round.
 ROUND_GRACE = timedelta(seconds=10)
@@ -848,6 +850,7 @@ class Syncer:
             for i in range(self.concurrency)
         ]
         first_error: BaseException | None = None
+        patience: float | None = None  # (monotonic) when a stop stops waiting for the fetchers
         pending: deque[_Reading] = deque()
         running = len(fetchers)
         with ReaderPool(self.workers) as pool:
@@ -887,14 +890,19 @@ class Syncer:
                             first_error = _crashed(exc) if isinstance(exc, BrokenProcessPool) else exc
                             stop.set()
                             held.release()
-            except BaseException:
+            except BaseException as exc:
                 # The writer itself failed: stop fetching and let the fetchers end.
                 stop.set()
+                if isinstance(exc, KeyboardInterrupt | Terminated):
+                    # Asked to stop: a request in flight may take its whole timeout to answer (30 s a
+                    # read; a server trickling bytes, for ever), and its page would not be saved. The
+                    # fetchers (daemon threads) are given a moment, then left to end with their request.
+                    patience = time.monotonic() + STOP_PATIENCE_SECONDS
                 raise
             finally:
                 stop.set() if first_error is not None else None
                 for thread in fetchers:
-                    thread.join()
+                    thread.join(None if patience is None else max(0.0, patience - time.monotonic()))
         if first_error is not None:
             raise first_error
         unfinished = [s for s in streams if not s.finished]
