@@ -17,7 +17,15 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from chatsync import signals
-from chatsync.errors import ChatsyncError, DatabaseUnreachable, ExitCode, LockHeld, Terminated, UsageError
+from chatsync.errors import (
+    ChatsyncError,
+    DatabaseUnreachable,
+    ExitCode,
+    LockHeld,
+    Terminated,
+    UsageError,
+    stop_message,
+)
 from chatsync.signals import begin, deferrable, held
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -103,12 +111,9 @@ def _handling_errors(command: F, begins: bool) -> F:
                 traceback.print_exc()
             render.error(str(exc))
             raise typer.Exit(int(exc.exit_code)) from None
-        except KeyboardInterrupt:
-            render.error("interrupted; what was committed is kept")
-            raise typer.Exit(130) from None
-        except Terminated:
-            render.error("terminated (SIGTERM); what was committed is kept")
-            raise typer.Exit(143) from None
+        except (KeyboardInterrupt, Terminated) as exc:
+            render.error(_one_line(exc))
+            raise typer.Exit(_exit_code(exc)) from None
         except BrokenPipeError:
             # The reader stopped reading (`chatsync list --all | head`): not an error worth a message.
             # Point stdout at devnull so the interpreter's final flush stays quiet, and end as SIGPIPE would.
@@ -434,10 +439,9 @@ def _exit_code(error: BaseException | None) -> int:
 def _one_line(error: BaseException) -> str:
     if isinstance(error, ChatsyncError):
         return str(error)
-    if isinstance(error, KeyboardInterrupt):
-        return "interrupted; what was committed is kept"
-    if isinstance(error, Terminated):
-        return "terminated (SIGTERM); what was committed is kept"
+    stopped = stop_message(error)
+    if stopped is not None:
+        return stopped
     first = str(error).strip().splitlines()
     return f"unexpected {type(error).__name__}: {first[0] if first else ''}".strip()
 

@@ -175,6 +175,17 @@ class Terminated(BaseException):
     A BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it."""
 
 
+def stop_message(error: BaseException) -> str | None:
+    """The one line for a run stopped by Ctrl-C or SIGTERM (``error`` KeyboardInterrupt or
+    :class:`Terminated`, whose own messages are empty), as stderr, ``--json`` and ``chatsync status`` give
+    it; None for any other error."""
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted; what was committed is kept"
+    if isinstance(error, Terminated):
+        return "terminated (SIGTERM); what was committed is kept"
+    return None
+
+
 class BadRecord(Exception):
     """A Chatbase record that cannot be stored; carries the reason it is quarantined with."""
 

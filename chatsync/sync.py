@@ -62,6 +62,7 @@ from chatsync.errors import (
     NormalizerCrashed,
     PagingError,
     Terminated,
+    stop_message,
 )
 from chatsync.normalize import (
     V1_ONLY_FIELDS,
@@ -1197,10 +1198,6 @@ def _unavailable(exc: DBAPIError) -> DatabaseUnavailable:
 
 
 def _reason(error: BaseException) -> str:
-    """Why a run failed, as ``chatsync status`` shows it: the error's message, else what stopped it (an
-    interrupt's message is empty, which once left a Ctrl-C looking like an unexplained failure)."""
-    if isinstance(error, KeyboardInterrupt):
-        return "interrupted (Ctrl-C); what was committed is kept"
-    if isinstance(error, Terminated):
-        return "terminated (SIGTERM); what was committed is kept"
-    return str(error) or type(error).__name__
+    """Why a run failed, as ``chatsync status`` shows it: what stopped it (an interrupt's own message is
+    empty, which once left a Ctrl-C looking like an unexplained failure), else the error's message."""
+    return stop_message(error) or str(error) or type(error).__name__

@@ -532,4 +532,4 @@ def test_status_says_a_run_was_interrupted(emulator_factory: Any, sqlite_url: st
         [sys.executable, "-m", "chatsync", "status", "--json"], env=env, cwd=tmp_path,
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert "interrupted (Ctrl-C)" in status.stdout, status.stdout
+    assert "interrupted; what was committed is kept" in status.stdout, status.stdout
