@@ -89,6 +89,8 @@ def iso_z(moment: datetime | None) -> str | None:
 
 def as_utc(moment: datetime) -> datetime:
     """Attach UTC to a naive datetime read back from SQLite; convert an aware one."""
+    if moment.tzinfo is UTC:  # already (most moments chatsync makes): no conversion to pay for
+        return moment
     if moment.tzinfo is None:
         return moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC)

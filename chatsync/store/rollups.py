@@ -15,7 +15,7 @@ import operator
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, and_, bindparam, delete, select, text
@@ -112,10 +112,7 @@ class Contributions:
             "answers_rated_up": row["answers_rated_up"] or 0,
             "answers_rated_down": row["answers_rated_down"] or 0,
         }
-        created = row["created_at"]
-        hour = (created if created.tzinfo is UTC else as_utc(created)).replace(
-            minute=0, second=0, microsecond=0
-        )
+        hour = as_utc(row["created_at"]).replace(minute=0, second=0, microsecond=0)
         key_of_hour = (chatbot, source, hour)
         counters = self.hours.get(key_of_hour)
         if counters is None:
