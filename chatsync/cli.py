@@ -583,7 +583,8 @@ def list_(
     else:
         render.write_csv(rows(), LIST_KEYS)
     if not all_ and written == limit:  # (on stderr: what a script reads stays the rows alone)
-        render.info(f"the newest {limit} matches (--limit {limit}); --all for every match")
+        shown = "the newest match" if limit == 1 else f"the newest {limit} matches"
+        render.info(f"{shown} (--limit {limit}); --all for every match")
 
 
 @app.command()
@@ -1362,6 +1363,9 @@ def main() -> None:
     try:
         try:
             app(prog_name="chatsync")
+        except SystemExit as exit:
+            _usage_error_line(exit)
+            raise
         finally:
             begin()  # no command began (--help, a usage error): a signal held meanwhile is taken now
             _settle()
@@ -1384,6 +1388,23 @@ def main() -> None:
         # 10-30 ms after an "ok" line end 3 of 10 syncs with -15); ignored signals stay ignored.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _usage_error_line(exit: SystemExit) -> None:
+    """``sync --json`` that Typer refused before the command began (an unknown option, a missing value):
+    its one JSON line all the same, so a cron log holds a line for every run. Typer has printed the usage
+    error on stderr and exits with its ``exit`` (2); the error is the exception that exit is handling."""
+    refused = exit.__context__
+    arguments = sys.argv[1:]
+    # (Typer carries its own copy of Click, whose UsageError is no importable name: a usage error is the
+    # Click exception that exits with 2)
+    usage = getattr(refused, "exit_code", None) == ExitCode.USAGE and hasattr(refused, "format_message")
+    if not (usage and "sync" in arguments and "--json" in arguments):
+        return
+    message = refused.format_message().strip().splitlines()  # type: ignore[union-attr]
+    _SyncRun(
+        chatbots=[], as_json=True, error=UsageError(f"bad usage: {message[0] if message else ''}")
+    ).report()
 
 
 _stop_handlers_installed = False  # by main(): this process is a chatsync command, not a host running one

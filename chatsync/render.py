@@ -220,7 +220,7 @@ def progress(description: str, total: int | None) -> Iterator[Callable[[int], No
 
 def sync_summary(summary: SyncSummary) -> None:
     console = stdout_console()
-    table = Table(title=f"sync {summary.status}", show_header=False, title_justify="left")
+    table = Table(title=f"sync {summary.status}", show_header=False, title_justify="default")
     table.add_column(style="bold")
     table.add_column(justify="right")
     for key in (
@@ -255,7 +255,7 @@ def sync_plan(plans: list[dict[str, Any]], requests_made: int, as_json: bool) ->
         write_json_line({"dry_run": True, "planning_requests": requests_made, "chatbots": plans})
         return
     console = stdout_console()
-    table = Table(title="sync plan (nothing fetched or stored)", title_justify="left", header_style="bold")
+    table = Table(title="sync plan (nothing fetched or stored)", title_justify="default", header_style="bold")
     for header in ("chatbot", "first day", "last day", "days", "windows", "stored", "≈ requests"):
         table.add_column(
             header,
@@ -430,7 +430,7 @@ def quarantined_record(record: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------- db info
 def db_info(url: str, revision: str | None, head: str, counts: dict[str, int]) -> None:
     console = stdout_console()
-    table = Table(show_header=False, title="database", title_justify="left")
+    table = Table(show_header=False, title="database", title_justify="default")
     table.add_column(style="bold")
     table.add_column()
     table.add_row("url", url)
@@ -580,7 +580,7 @@ def conversation(detail: dict[str, Any]) -> None:
     if detail["whatsapp_audit"]:
         console.print()
         audit = Table(
-            title="WhatsApp changes", title_justify="left", header_style="bold", box=box.SIMPLE_HEAD
+            title="WhatsApp changes", title_justify="default", header_style="bold", box=box.SIMPLE_HEAD
         )
         for column in ("at (UTC)", "by", "old", "new"):
             audit.add_column(column)

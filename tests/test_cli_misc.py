@@ -70,6 +70,8 @@ def test_demo_syncs_and_reports_with_no_account(cli: Any, tmp_path: Path) -> Non
     result = cli("demo", "--conversations", "400", "--path", str(tmp_path / "demo.db"))
     assert result.exit_code == 0, result.stderr
     assert "sync ok" in result.stdout and "WhatsApp numbers" in result.stdout
+    # piped into a file or a mail from cron, the titles end where their words end
+    assert "sync ok\n" in result.stdout
     listed = cli("--database-url", f"sqlite:///{tmp_path / 'demo.db'}", "list", "--all", "--format", "json")
     assert len(json.loads(listed.stdout)) == 400
     # the command it suggests runs as printed (chatsync need not be on PATH: the README never activates)
@@ -314,3 +316,42 @@ with ReaderPool(1) as pool:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("sync", "--json", "--bogus"),
+        ("sync", "--json", "--lookback"),  # no value
+        ("sync", "--bogus"),  # no --json: the usage error alone
+        ("sync", "--concurrency", "many", "--json"),  # refused by chatsync itself: still one line, not two
+    ],
+)
+def test_sync_json_prints_its_line_when_the_command_line_itself_is_refused(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    """A cron line with a typo: Typer refuses it before the command begins, and the log still gets the run's
+    one JSON line (status failed, exit code 2) beside the usage error on stderr."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "CHATSYNC_DATABASE_URL": f"sqlite:///{tmp_path / 'c.db'}",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "chatsync", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert done.returncode == ExitCode.USAGE, done.stderr
+    wants_line = "--json" in args
+    lines = done.stdout.splitlines()
+    assert len(lines) == (1 if wants_line else 0), done.stdout
+    if wants_line:
+        line = json.loads(lines[0])
+        assert line["status"] == "failed" and line["exit_code"] == 2 and line["fetched"] == 0
+        assert line["error"].startswith(("bad usage: ", "--concurrency: invalid")), line["error"]
+    assert "rror" in done.stderr
+    assert not (tmp_path / "c.db").exists()  # refused: nothing was done

@@ -118,6 +118,9 @@ def test_a_list_cut_by_its_limit_says_so_on_stderr_only(cli: Any, seeded: str) -
 def test_limit_and_newest_first_with_ties_broken_by_id(cli: Any, seeded: str) -> None:
     result = cli("--database-url", seeded, "list", "--format", "json", "--limit", "3")
     assert [r["id"] for r in json.loads(result.stdout)] == ["c6", "c5", "c4"]
+    assert result.stderr == "the newest 3 matches (--limit 3); --all for every match\n"
+    one = cli("--database-url", seeded, "list", "--format", "json", "--limit", "1")
+    assert one.stderr == "the newest match (--limit 1); --all for every match\n"
 
 
 def test_keyset_pages_cover_everything_once(engine: Any, seeded: str) -> None:
