@@ -1399,12 +1399,23 @@ def _usage_error_line(exit: SystemExit) -> None:
     # (Typer carries its own copy of Click, whose UsageError is no importable name: a usage error is the
     # Click exception that exits with 2)
     usage = getattr(refused, "exit_code", None) == ExitCode.USAGE and hasattr(refused, "format_message")
-    if not (usage and "sync" in arguments and "--json" in arguments):
+    context = getattr(refused, "ctx", None)  # the command whose command line was refused
+    command = getattr(getattr(context, "command", None), "name", None) or _first_command(arguments)
+    if not (usage and command == "sync" and "--json" in arguments):
         return
     message = refused.format_message().strip().splitlines()  # type: ignore[union-attr]
     _SyncRun(
         chatbots=[], as_json=True, error=UsageError(f"bad usage: {message[0] if message else ''}")
     ).report()
+
+
+def _first_command(arguments: list[str]) -> str | None:
+    """The first of chatsync's command names among ``arguments`` (for a usage error that names none)."""
+    from typer.main import get_command_name
+
+    names = {c.name or get_command_name(c.callback.__name__) for c in app.registered_commands if c.callback}
+    names |= {g.name for g in app.registered_groups if g.name}
+    return next((argument for argument in arguments if argument in names), None)
 
 
 _stop_handlers_installed = False  # by main(): this process is a chatsync command, not a host running one

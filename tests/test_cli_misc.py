@@ -319,16 +319,17 @@ with ReaderPool(1) as pool:
 
 
 @pytest.mark.parametrize(
-    "args",
+    ("args", "wants_line"),
     [
-        ("sync", "--json", "--bogus"),
-        ("sync", "--json", "--lookback"),  # no value
-        ("sync", "--bogus"),  # no --json: the usage error alone
-        ("sync", "--concurrency", "many", "--json"),  # refused by chatsync itself: still one line, not two
+        (("sync", "--json", "--bogus"), True),
+        (("sync", "--json", "--lookback"), True),  # no value
+        (("sync", "--bogus"), False),  # no --json: the usage error alone
+        (("status", "--json", "sync"), False),  # another command's line refused: no sync line
+        (("sync", "--concurrency", "many", "--json"), True),  # refused by chatsync itself: one line, not two
     ],
 )
 def test_sync_json_prints_its_line_when_the_command_line_itself_is_refused(
-    tmp_path: Path, args: tuple[str, ...]
+    tmp_path: Path, args: tuple[str, ...], wants_line: bool
 ) -> None:
     """A cron line with a typo: Typer refuses it before the command begins, and the log still gets the run's
     one JSON line (status failed, exit code 2) beside the usage error on stderr."""
@@ -346,7 +347,6 @@ def test_sync_json_prints_its_line_when_the_command_line_itself_is_refused(
         timeout=60,
     )
     assert done.returncode == ExitCode.USAGE, done.stderr
-    wants_line = "--json" in args
     lines = done.stdout.splitlines()
     assert len(lines) == (1 if wants_line else 0), done.stdout
     if wants_line:
