@@ -113,6 +113,9 @@ def _s2_s4_figures(
             "ms_per_conversation": round(first.seconds / size * 1000, 4),
             "growth_per_conversation": round((first.seconds / size) / (early.seconds / small), 3),
             "peak_tree_mb": round(first.peak_tree_mb, 1),
+            "peak_tree_mb_small": round(early.peak_tree_mb, 1),
+            "peak_rss_mb": round(first.peak_rss_mb, 1),
+            "peak_rss_mb_small": round(early.peak_rss_mb, 1),
         },
         "S4": {
             "seconds": round(again.seconds, 2),
@@ -145,6 +148,24 @@ def s3_memory(small: int, large: int, kinds: list[str], workdir: Path) -> dict[s
             "main_process_rss_mb_large": round(by_size[large].peak_rss_mb, 1),
         }
         for kind, by_size in runs.items()
+    }
+
+
+def s3_from_s2(s2: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """S3's figures from S2's own syncs from empty (``--quick``: its two sizes, a tenfold history as S3's
+    are, cost no syncs of their own). Returns {database: figures} as :func:`s3_memory`."""
+    return {
+        kind: {
+            "small": f["small"],
+            "large": f["conversations"],
+            "peak_rss_mb_small": f["peak_tree_mb_small"],
+            "peak_rss_mb_large": f["peak_tree_mb"],
+            "growth": round(f["peak_tree_mb"] / f["peak_tree_mb_small"], 3),
+            "main_process_rss_mb_small": f["peak_rss_mb_small"],
+            "main_process_rss_mb_large": f["peak_rss_mb"],
+            "from_S2": True,
+        }
+        for kind, f in s2.items()
     }
 
 

@@ -73,11 +73,18 @@ class RateLimiter:
         self._waiting: deque[object] = deque()  # one token a waiting request, first come first
         self._turn = threading.Condition()
 
-    def acquire(self, stop: threading.Event | None = None, deadline: float | None = None) -> list[float]:
+    def acquire(
+        self,
+        stop: threading.Event | None = None,
+        deadline: float | None = None,
+        wanted: Callable[[], bool] | None = None,
+    ) -> list[float] | None:
         """Wait until a request may go; returns its slot for :meth:`sent`. Requests go in the order they
         asked (a sync asks for its pages in order, so the page that ends a stream is not passed by the
         pages after it). ``deadline`` (monotonic): when a pause the server asked for lasts past it, give
-        up now (ChatbaseUnavailable) instead of waiting for nothing; ``stop`` set: ChatbaseUnavailable."""
+        up now (ChatbaseUnavailable) instead of waiting for nothing; ``stop`` set: ChatbaseUnavailable.
+        ``wanted`` returning False while the request waits (a page found past the end of its stream):
+        None at once, no slot taken, rather than at the moment the window would have let it go."""
         token = object()
         with self._turn:
             self._waiting.append(token)
@@ -92,6 +99,8 @@ class RateLimiter:
                         )
                     if stop is not None and stop.is_set():
                         raise ChatbaseUnavailable("sync stopped")
+                    if wanted is not None and not wanted():
+                        return None
                     wait = 0.1  # not this request's turn: woken when the one before it goes
                     if self._waiting[0] is token:
                         span = self.window + self.margin
@@ -108,6 +117,12 @@ class RateLimiter:
             finally:
                 self._waiting.remove(token)
                 self._turn.notify_all()
+
+    def reconsider(self) -> None:
+        """Something a waiting request's ``wanted`` reads has changed (a stream learnt its end): every
+        waiting request asks it again now, not at its next look (up to 0.1 s later)."""
+        with self._turn:
+            self._turn.notify_all()
 
     def sent(self, slot: list[float]) -> None:
         """The request of ``slot`` left now (its headers are written): count the window from here."""
@@ -308,7 +323,9 @@ class ChatbaseHTTP:
     ) -> Any:
         if self.stop.is_set():
             raise ChatbaseUnavailable("sync stopped")
-        slot = self.limiter.acquire(self.stop, deadline)
+        slot = self.limiter.acquire(self.stop, deadline, wanted)
+        if slot is None:
+            return None  # no longer needed while it waited for the rate limit: not sent
         if wanted is not None and not wanted():
             self.limiter.unused(slot)
             return None  # no longer needed by the time the rate limit let it go: not sent

@@ -834,9 +834,13 @@ class Syncer:
                             sources,
                             wanted=lambda: stream.wants(number),  # noqa: B023 (called before the loop moves on)
                         )
+                    ended = stream.last_page
                     schedule.arrived(
                         stream, number, page.records if page else None, page.last if page else None
                     )
+                    if stream.last_page != ended:
+                        # pages past the new end that wait for the rate limit give up now, not at their slot
+                        self.client.limiter.reconsider()
                     if page is None or (not page.records and not stream.wants(number)):
                         held.release()  # not sent, or an empty page past the end
                         continue

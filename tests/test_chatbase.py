@@ -248,6 +248,25 @@ def test_a_slot_not_used_frees_its_place_and_a_stop_ends_the_wait() -> None:
     assert time.monotonic() - started < 1.0
 
 
+def test_a_request_no_longer_wanted_leaves_the_queue_without_waiting_for_its_slot() -> None:
+    """A page found past the end of its stream while it waited for the window: the sync's last page must
+    not wait for that page's slot (up to a whole window) before the run can end."""
+    limiter = RateLimiter(limit=1, window=30.0)
+    limiter.acquire()  # the window is full for 30 s
+    still_wanted = threading.Event()
+    still_wanted.set()
+    got: list[object] = []
+    waiting = threading.Thread(target=lambda: got.append(limiter.acquire(wanted=still_wanted.is_set)))
+    waiting.start()
+    time.sleep(0.2)
+    assert waiting.is_alive()  # wanted: it waits for the window
+    still_wanted.clear()
+    limiter.reconsider()
+    waiting.join(timeout=5)  # (the window would have let it go only after 30 s)
+    assert not waiting.is_alive() and got == [None]
+    assert len(limiter._sent) == 1  # it took no place in the window
+
+
 def test_a_429_the_limiter_let_through_widens_its_margin_up_to_a_cap() -> None:
     limiter = RateLimiter(margin=0.05)
     margins = []
