@@ -286,6 +286,37 @@ def test_sigterm_ends_a_sync_with_its_json_line_its_run_recorded_and_its_lock_re
     assert_exact(database_url, server.emulator)
 
 
+def test_a_stop_inside_the_pre_ping_stays_a_stop_and_the_connection_is_thrown_away(postgres_url: str) -> None:
+    """CI saw a SIGTERM end a sync as "the database went away" (exit 3): it landed inside SQLAlchemy's
+    pre-ping, whose clean-up ("can't change 'autocommit' now") took the stop's place. Here the pooled
+    connection's server process is frozen (SIGSTOP), so the next checkout's ping waits on it, and the
+    stop arrives right there."""
+    from sqlalchemy import text
+
+    from chatsync.errors import Terminated
+
+    engine = open_engine(postgres_url)
+    with engine.connect() as connection:
+        frozen = connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    before = signal.signal(signal.SIGALRM, terminate)
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with pytest.raises(Terminated), engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+        os.kill(frozen, signal.SIGCONT)
+    with engine.connect() as connection:  # a new connection: the one stopped mid-ping was not pooled again
+        assert connection.execute(text("SELECT pg_backend_pid()")).scalar_one() != frozen
+    engine.dispose()
+
+
 def test_bad_values_and_bytes_on_the_command_line_exit_2_with_one_line(cli: Any, tmp_path: Path) -> None:
     for args in (("sync", "--json", "--concurrency", "abc"), ("sync", "--json", "--concurrency", "0")):
         result = cli(*args, env={"CHATBASE_API_KEY": "k", "CHATBASE_CHATBOT_ID": "b"})

@@ -32,7 +32,7 @@ from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.pool import NullPool
 
 from chatsync.config import normalize_database_url
-from chatsync.errors import ConfigError, DatabaseUnreachable, SchemaTooNew
+from chatsync.errors import ConfigError, DatabaseUnreachable, SchemaTooNew, Terminated
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 # Compact UTF-8 JSON: the default escapes every CJK character, which is slower and stores more bytes.
@@ -83,6 +83,7 @@ def open_engine(url: str, pool_size: int | None = None, create: bool = True) -> 
             parsed, connect_args={"timeout": 30}, json_serializer=_JSON, hide_parameters=True
         )
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "handle_error", _stop_kept)
         _OPENED.add(engine)
         return engine
     if parsed.get_backend_name() == "postgresql":
@@ -109,6 +110,7 @@ def open_engine(url: str, pool_size: int | None = None, create: bool = True) -> 
                 "PostgreSQL needs psycopg 3: pip install 'chatbase-sync[postgres]', or from a checkout pip install '.[postgres]'"
             ) from None
         event.listen(engine, "handle_error", _without_row_values)
+        event.listen(engine, "handle_error", _stop_kept)
         _OPENED.add(engine)
         return engine
     raise ConfigError(f"unsupported database {parsed.get_backend_name()!r}: use SQLite or PostgreSQL")
@@ -130,6 +132,26 @@ def _without_row_values(context: ExceptionContext) -> None:
             and "\nDETAIL:" in error.args[0]
         ):
             error.args = (_DETAIL.sub("", error.args[0]), *error.args[1:])
+
+
+def _stop_kept(context: ExceptionContext) -> BaseException | None:
+    """A Ctrl-C or SIGTERM (:class:`~chatsync.errors.Terminated`) that lands inside the driver can be
+    replaced by the error of its own clean-up: SQLAlchemy's pre-ping on PostgreSQL, stopped inside its
+    ``SELECT 1``, sets ``autocommit`` back in a ``finally`` and gets "can't change 'autocommit' now:
+    connection in transaction status ACTIVE". The run then ended as "the database went away" (exit 3)
+    and was recorded so, not as stopped (130/143). Returns the stop for SQLAlchemy to raise in that
+    error's place, with the connection (in an unknown state mid-protocol) thrown away, not pooled.
+    Every other error passes unchanged (None)."""
+    error: BaseException | None = context.original_exception
+    seen = 0
+    while error is not None and seen < 16:  # (a chain is short; the bound only guards against a cycle)
+        if isinstance(error, (KeyboardInterrupt, Terminated)):
+            context.is_disconnect = True
+            context.invalidate_pool_on_disconnect = False  # the other pooled connections are fine
+            return error
+        error = error.__context__
+        seen += 1
+    return None
 
 
 def _casefold(value: object) -> str | None:
