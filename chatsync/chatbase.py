@@ -44,6 +44,7 @@ MAX_PAGES_PER_WINDOW = 20_000
 HISTORY_FLOOR = date(2020, 1, 1)  # before Chatbase existed: the search for a chatbot's first day starts here
 MAX_WAIT_SECONDS = 60.0
 MAX_MARGIN_SECONDS = 1.0  # the most a window is stretched after 429s (see RateLimiter)
+_JITTER = random.Random()  # the backoff's own: waits never draw from (or move) the program's global random
 
 
 class TransientError(Exception):
@@ -384,7 +385,7 @@ class ChatbaseHTTP:
         if hinted is not None:
             return min(max(1.0, hinted), MAX_WAIT_SECONDS)  # 0 or tiny still means wait at least 1 s
         base, cap = self.backoff
-        return min(cap, base * 2 ** (state.attempt_number - 1)) * random.uniform(0.5, 1.0)
+        return min(cap, base * 2 ** (state.attempt_number - 1)) * _JITTER.uniform(0.5, 1.0)
 
     def request(
         self,
