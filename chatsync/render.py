@@ -39,6 +39,15 @@ def visible(value: object, lines: bool = False, style: str = "") -> Text:
     return Text(shown(str(value), lines), style=style)
 
 
+class _Console(Console):
+    """rich's Console, except when the reader stops reading (``chatsync status | head -1``): rich ends the
+    process with exit 1 itself, which a monitor reads as "stale" or "failed". Raised as BrokenPipeError
+    instead, the command ends as any other does on a closed pipe: quietly, with 141 (as SIGPIPE would)."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError
+
+
 def stdout_console() -> Console:
     """Where tables go: stdout in its own encoding, a character it cannot show printed as ``?``."""
     import os
@@ -46,7 +55,7 @@ def stdout_console() -> Console:
     _reconfigure(sys.stdout, errors="replace")
     piped = not sys.stdout.isatty() and not os.environ.get("COLUMNS")
     # markup=False: Chatbase's text ("jane[/]doe", "[bold red]SYSTEM") is shown as it is, never as styles
-    return Console(soft_wrap=False, width=PIPE_WIDTH if piped else None, markup=False)
+    return _Console(soft_wrap=False, width=PIPE_WIDTH if piped else None, markup=False)
 
 
 def machine_stdout() -> IO[str]:
@@ -66,7 +75,7 @@ def _reconfigure(stream: IO[str], **options: str) -> None:
 
 
 def stderr_console() -> Console:
-    return Console(stderr=True, markup=False)
+    return _Console(stderr=True, markup=False)
 
 
 def error(message: str) -> None:

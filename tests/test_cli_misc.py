@@ -207,6 +207,37 @@ def test_a_reader_that_stops_early_gets_no_error_message(cli: Any, tmp_path: Pat
     assert process.returncode == 141  # ~90 kB is more than the pipe holds: the pipe really broke
 
 
+@pytest.mark.parametrize(
+    "args",
+    [("report", "--format", "table"), ("status",), ("status", "--max-age", "2h"), ("list", "--limit", "5")],
+    ids=["report-table", "status", "status-max-age", "list-table"],
+)
+def test_tables_to_a_reader_that_stopped_reading_end_with_141_not_1(
+    cli: Any, tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    """rich ended the process with 1 on a closed pipe, which `status --max-age … | head -1` under
+    pipefail reads as "stale" (a helper saw it 5 times in 6). Here the pipe is closed before the first
+    write, so it breaks every time."""
+    import os
+    import subprocess
+    import sys
+
+    database = tmp_path / "demo.db"
+    assert cli("demo", "--conversations", "100", "--path", str(database)).exit_code == 0
+    env = {**os.environ, "CHATSYNC_DATABASE_URL": f"sqlite:///{database}", "CHATBASE_CHATBOT_ID": "demo-bot"}
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before chatsync writes anything
+    try:
+        process = subprocess.run(
+            [sys.executable, "-m", "chatsync", *args, *(["--format", "table"] if args[0] == "list" else [])],
+            stdout=write, stderr=subprocess.PIPE, env=env, timeout=60,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    assert process.stderr == b""
+    assert process.returncode == 141
+
+
 def test_demo_never_deletes_files_beside_the_one_it_creates(cli: Any, tmp_path: Path) -> None:
     """``--path ./c`` once removed every file starting with "c": chatsync.db, contracts.pdf, …"""
     keep = ["chatsync.db", "chatsync.db-wal", "config.yaml", "contracts.pdf", "c.txt"]
