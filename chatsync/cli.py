@@ -1362,10 +1362,24 @@ def main() -> None:
     _stop_handlers_installed = True
     try:
         try:
-            app(prog_name="chatsync")
-        except SystemExit as exit:
-            _usage_error_line(exit)
-            raise
+            # not standalone: a command line Typer refuses comes back here, to be told in one line
+            code = app(prog_name="chatsync", standalone_mode=False)
+            sys.exit(code if isinstance(code, int) else 0)  # (a command's typer.Exit comes back as its code)
+        except Exception as exc:
+            exit_code = getattr(exc, "exit_code", None)
+            if not (hasattr(exc, "format_message") and isinstance(exit_code, int)):
+                raise
+            # (Typer carries its own copy of Click, whose exceptions are no importable names: these are
+            # the Click exceptions, which say what was wrong and exit with their code; 2 for bad usage)
+            if exit_code == ExitCode.USAGE and type(exc).__name__ != "NoArgsIsHelpError":  # (its help)
+                print(f"error: {_usage_message(exc)}", file=sys.stderr)
+                _usage_error_line(exc)
+            else:
+                exc.show()  # type: ignore[attr-defined]
+            sys.exit(exit_code)
+        except typer.Abort:
+            print("Aborted!", file=sys.stderr)
+            sys.exit(1)
         finally:
             begin()  # no command began (--help, a usage error): a signal held meanwhile is taken now
             _settle()
@@ -1390,23 +1404,36 @@ def main() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _usage_error_line(exit: SystemExit) -> None:
+def _usage_message(refused: Any) -> str:
+    """Typer's refusal of a command line as chatsync's one line: what was wrong, then where help is (Typer
+    itself prints its usage, a hint and the error on four lines). A global option given after the command
+    (``chatsync sync --database-url …``) says where it goes instead of suggesting a look-alike option."""
+    message = " ".join(line.strip() for line in refused.format_message().strip().splitlines() if line.strip())
+    context = getattr(refused, "ctx", None)
+    if context is None:
+        return message
+    option = getattr(refused, "option_name", None)
+    root = context.find_root()
+    if option and context is not root:
+        for param in root.command.params:
+            if option in param.opts:
+                flag = getattr(param, "is_flag", False) or getattr(param, "count", False)
+                value = "" if flag else f" {param.metavar or (param.name or 'value').upper()}"
+                command = context.command_path[len(root.command_path) :].strip()  # "sync", "db info"
+                return f"{option} goes before the command: chatsync {option}{value} {command} …"
+    return f"{message} (see '{context.command_path} --help')"
+
+
+def _usage_error_line(refused: Any) -> None:
     """``sync --json`` that Typer refused before the command began (an unknown option, a missing value):
-    its one JSON line all the same, so a cron log holds a line for every run. Typer has printed the usage
-    error on stderr and exits with its ``exit`` (2); the error is the exception that exit is handling."""
-    refused = exit.__context__
+    its one JSON line all the same, so a cron log holds a line for every run. ``refused`` is the Click
+    exception (exit code 2) that says what was wrong."""
     arguments = sys.argv[1:]
-    # (Typer carries its own copy of Click, whose UsageError is no importable name: a usage error is the
-    # Click exception that exits with 2)
-    usage = getattr(refused, "exit_code", None) == ExitCode.USAGE and hasattr(refused, "format_message")
     context = getattr(refused, "ctx", None)  # the command whose command line was refused
     command = getattr(getattr(context, "command", None), "name", None) or _first_command(arguments)
-    if not (usage and command == "sync" and "--json" in arguments):
+    if not (command == "sync" and "--json" in arguments):
         return
-    message = refused.format_message().strip().splitlines()  # type: ignore[union-attr]
-    _SyncRun(
-        chatbots=[], as_json=True, error=UsageError(f"bad usage: {message[0] if message else ''}")
-    ).report()
+    _SyncRun(chatbots=[], as_json=True, error=UsageError(f"bad usage: {_usage_message(refused)}")).report()
 
 
 def _first_command(arguments: list[str]) -> str | None:

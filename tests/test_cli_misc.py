@@ -384,5 +384,35 @@ def test_sync_json_prints_its_line_when_the_command_line_itself_is_refused(
         line = json.loads(lines[0])
         assert line["status"] == "failed" and line["exit_code"] == 2 and line["fetched"] == 0
         assert line["error"].startswith(("bad usage: ", "--concurrency: invalid")), line["error"]
-    assert "rror" in done.stderr
+    assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith("error: "), done.stderr
     assert not (tmp_path / "c.db").exists()  # refused: nothing was done
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (("sync", "--json", "--database-url", "sqlite:///x.db"), "chatsync --database-url URL sync …"),
+        (("list", "-q"), "chatsync -q list …"),
+        (("db", "info", "--debug"), "chatsync --debug db info …"),
+        (("list", "--bogus"), "No such option: --bogus (see 'chatsync list --help')"),
+        (("show",), "Missing argument 'ID'. (see 'chatsync show --help')"),
+    ],
+)
+def test_a_refused_command_line_is_one_line_saying_what_to_do(
+    tmp_path: Path, args: tuple[str, ...], said: str
+) -> None:
+    """Typer printed four lines (usage, hint, blank, error), and for chatsync's own options given after the
+    command suggested a look-alike (`--database-url` → "Possible options: --base-url")."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "chatsync", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert done.returncode == ExitCode.USAGE
+    assert done.stderr.splitlines() == [f"error: {done.stderr[7:].strip()}"] and said in done.stderr, (
+        done.stderr
+    )
