@@ -1057,13 +1057,23 @@ def emulator(
         damaged_records=damaged_records,
         v2_plan=v2_plan,
     )
-    server = make_server(emu, host, port)
+    try:
+        server = make_server(emu, host, port)
+    except OSError as exc:  # the port is taken (an emulator left running), or the address is not ours
+        raise UsageError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; another emulator may be running there: "
+            "stop it, or give another --port"
+        ) from None
     root = f"http://{server.server_address[0]!s}:{server.server_address[1]}/api"
     render.info(
         f"Chatbase emulator: chatbots {', '.join(emu.datasets)}, key {api_key!r}; Ctrl-C to stop. Point chatsync "
-        "at it with these lines (in a shell, or in .env without 'export'; the last is API v2, sync --api 2):\n"
-        f"  export CHATBASE_API_KEY={api_key}\n  export CHATBASE_CHATBOT_ID={','.join(emu.datasets)}\n"
-        f"  export CHATBASE_BASE_URL={root}/v1\n  export CHATBASE_API_URL={root}/v2"
+        "at it with the lines on stdout (in a shell, or in .env without 'export'; the last is API v2, sync --api 2)"
+    )
+    # on stdout, so `chatsync emulator … > emulator.env &` then `. ./emulator.env` sets them
+    print(
+        f"export CHATBASE_API_KEY={api_key}\nexport CHATBASE_CHATBOT_ID={','.join(emu.datasets)}\n"
+        f"export CHATBASE_BASE_URL={root}/v1\nexport CHATBASE_API_URL={root}/v2",
+        flush=True,
     )
     try:
         server.serve_forever()

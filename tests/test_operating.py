@@ -173,10 +173,11 @@ def test_the_emulator_prints_settings_that_paste_into_a_shell_or_a_dotenv_file(
         process.communicate(timeout=2)  # it prints the settings, then serves until stopped
     except subprocess.TimeoutExpired:
         process.terminate()
-    _, err = process.communicate(timeout=10)
-    lines = err.splitlines()
+    out, err = process.communicate(timeout=10)
+    lines = out.splitlines()
     assert process.returncode == 0  # a stop asked for is no failure
-    settings = [line.strip().removeprefix("export ") for line in lines if line.startswith("  export ")]
+    assert all(line.startswith("export ") for line in lines) and "Ctrl-C to stop" in err, (out, err)
+    settings = [line.removeprefix("export ") for line in lines]  # stdout: `> emulator.env` keeps just these
     assert len(settings) == 4, lines
     (tmp_path / ".env").write_text("\n".join(settings) + "\n")
     shown = cli("config", "show", "--json", env={"CHATBASE_CHATBOT_ID": "", "CHATBASE_BASE_URL": ""})
@@ -185,6 +186,25 @@ def test_the_emulator_prints_settings_that_paste_into_a_shell_or_a_dotenv_file(
     assert rows["CHATBASE_CHATBOT_ID"]["value"] == "demo-bot"
     assert rows["CHATBASE_BASE_URL"]["value"].endswith("/api/v1")
     assert rows["CHATBASE_API_URL"]["value"].endswith("/api/v2")
+
+
+def test_an_emulator_on_a_port_in_use_says_so_in_one_line(tmp_path: Path) -> None:
+    """A newcomer's second emulator on 8765 ended with "unexpected OSError" (exit 1), like a crash."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "chatsync", "emulator", "--port", str(port), "--conversations", "10"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use; another emulator may be running "
+        "there: stop it, or give another --port"
+    ]
 
 
 def test_json_log_format_writes_one_object_a_line(cli: Any, emulator_factory: Any, sqlite_url: str) -> None:
