@@ -1136,7 +1136,7 @@ def demo(
     with engine.connect() as connection:
         data = build_report(connection, ConversationFilter(), tz=settings.timezone)
     render.report(data)
-    render.info(f"explore it: {_as_invoked()} --database-url {url} list --has-whatsapp")
+    render.info(f"explore it: {_as_invoked()} --database-url {url} list --has-whatsapp", wrap=False)
 
 
 def _as_invoked() -> str:

@@ -102,10 +102,12 @@ def version_line(version: str) -> None:
     print(f"chatsync {version}")
 
 
-def info(message: str) -> None:
+def info(message: str, wrap: bool = True) -> None:
+    """A line for the person at the terminal, on stderr. ``wrap=False`` for one holding a command to copy:
+    the terminal folds it, rich does not break it into two lines that each paste as a command."""
     console = stderr_console()
     if console.is_terminal:
-        console.print(visible(message, lines=True, style="dim"), highlight=False)
+        console.print(visible(message, lines=True, style="dim"), highlight=False, soft_wrap=not wrap)
     else:
         print(visible(message, lines=True).plain, file=sys.stderr)
 

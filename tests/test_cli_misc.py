@@ -416,3 +416,34 @@ def test_a_refused_command_line_is_one_line_saying_what_to_do(
     assert done.stderr.splitlines() == [f"error: {done.stderr[7:].strip()}"] and said in done.stderr, (
         done.stderr
     )
+
+
+def test_the_demo_command_to_copy_stays_one_line_on_a_narrow_terminal(tmp_path: Path) -> None:
+    """At 80 columns rich broke "explore it: … --database-url sqlite:///… list" into two lines, each of which
+    a newcomer pasted as a command. In a real terminal (a pty) 60 columns wide it is one line now."""
+    import os
+    import re
+
+    primary, secondary = os.openpty()
+    env = {**os.environ, "COLUMNS": "60", "LINES": "40", "TERM": "xterm"}
+    env.pop("NO_COLOR", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "chatsync", "demo", "--conversations", "40", "--path", str(tmp_path / "d.db")],
+        stdin=secondary, stdout=secondary, stderr=secondary, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    os.close(secondary)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(primary)
+    assert process.wait(timeout=60) == 0
+    lines = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output.decode()).replace("\r", "").splitlines()
+    explore = [line for line in lines if line.startswith("explore it: ")]
+    assert len(explore) == 1, lines[-5:]
+    assert explore[0].endswith(f"--database-url sqlite:///{tmp_path / 'd.db'} list --has-whatsapp"), explore
