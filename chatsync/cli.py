@@ -31,6 +31,7 @@ from chatsync.signals import begin, deferrable, held
 F = TypeVar("F", bound=Callable[..., Any])
 
 HELP = {"help_option_names": ["-h", "--help"]}
+LIST_LIMIT = 20  # conversations `list` shows without --limit
 app = typer.Typer(
     name="chatsync",
     help="Sync Chatbase conversations into your database, find the WhatsApp numbers users type, and report.",
@@ -542,7 +543,12 @@ def list_(
     search: Annotated[
         str | None, typer.Option("--search", metavar="TEXT", help="Case-insensitive text in any message.")
     ] = None,
-    limit: Annotated[int, typer.Option("--limit", metavar="N", min=1, help="How many, newest first.")] = 20,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            "--limit", metavar="N", min=1, help="How many, newest first.  [default: 20]", show_default=False
+        ),
+    ] = None,
     all_: Annotated[bool, typer.Option("--all", help="Stream every match.")] = False,
     output: FormatOpt = None,
     region: RegionOpt = None,
@@ -552,6 +558,9 @@ def list_(
     from chatsync.store.queries import LIST_KEYS, ConversationFilter, iter_conversations
     from chatsync.whatsapp import lookup_number
 
+    if all_ and limit is not None:
+        raise UsageError("give --limit or --all, not both")
+    limit = limit or LIST_LIMIT
     settings = _ctx().settings(region=region)
     fmt = _format(output, ("table", "json", "csv", "ndjson"))
     start, end = _day(since), _day(until)
@@ -565,7 +574,8 @@ def list_(
         number=lookup_number(number, settings.whatsapp) if number is not None else None,
         search=search or None,
     )
-    found = iter_conversations(_ctx().engine(settings), filters, None if all_ else limit)
+    engine = _ctx().engine(settings)
+    found = iter_conversations(engine, filters, None if all_ else limit)
     written = 0
 
     def rows() -> Iterator[dict[str, Any]]:
@@ -585,6 +595,8 @@ def list_(
     if not all_ and written == limit:  # (on stderr: what a script reads stays the rows alone)
         shown = "the newest match" if limit == 1 else f"the newest {limit} matches"
         render.info(f"{shown} (--limit {limit}); --all for every match")
+    if not written:
+        _say_if_nothing_synced(engine, settings)
 
 
 @app.command()
@@ -763,12 +775,32 @@ def report(
     start, end = _day(since), _day(until)
     _window(start, end)
     filters = ConversationFilter(chatbot_ids=tuple(chatbot_id or ()), sources=_sources(source))
-    with _ctx().engine(settings).connect() as connection:
+    engine = _ctx().engine(settings)
+    with engine.connect() as connection:
         data = build_report(connection, filters, start, end, settings.timezone)
     if fmt == "json":
         render.write_json(data)
     else:
         render.report(data)
+    if not data["conversations"]:
+        _say_if_nothing_synced(engine, settings)
+
+
+def _say_if_nothing_synced(engine: Any, settings: Any) -> None:
+    """Nothing matched: if that is because the database holds no conversation at all, say which database
+    it is and how to fill it (on stderr: a script's JSON stays as it is). After the demo, plain ``list``
+    reads the default database, not the demo's file, and answered only "no conversations match"."""
+    from chatsync import render
+    from chatsync.config import mask_url
+    from chatsync.store.queries import holds_conversations
+
+    with engine.connect() as connection:
+        if holds_conversations(connection):
+            return
+    render.info(
+        f"no conversation is stored in {mask_url(settings.database_url)} yet: run chatsync sync, or give "
+        "the database to read before the command (chatsync --database-url URL list; the demo's last line names its own)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ operating

@@ -115,6 +115,43 @@ def test_a_list_cut_by_its_limit_says_so_on_stderr_only(cli: Any, seeded: str) -
     assert cli("--database-url", seeded, "list", "--limit", "7", "--format", "csv").stderr == ""
 
 
+def test_limit_and_all_together_are_refused(cli: Any, seeded: str) -> None:
+    """`--limit 5 --all` printed every row: the limit was silently dropped."""
+    result = cli("--database-url", seeded, "list", "--limit", "5", "--all", "--format", "json")
+    assert result.exit_code == ExitCode.USAGE and result.stdout == ""
+    assert result.stderr == "error: give --limit or --all, not both\n"
+
+
+def test_an_empty_database_says_so_where_no_match_would_not(cli: Any, seeded: str, tmp_path: Any) -> None:
+    """After the demo a newcomer ran plain `list` on the default (empty) database and got only "no
+    conversations match": now stderr names the database and how to fill it; stdout stays the rows alone."""
+    empty = f"sqlite:///{tmp_path / 'empty.db'}"
+    for args in (("list", "--format", "json"), ("report", "--format", "json")):
+        result = cli("--database-url", empty, *args)
+        assert result.exit_code == 0
+        assert result.stderr.startswith(f"no conversation is stored in {empty} yet: run chatsync sync"), (
+            result.stderr
+        )
+        assert len(result.stderr.splitlines()) == 1
+    nothing = cli("--database-url", seeded, "list", "--search", "no such words anywhere", "--format", "json")
+    assert (nothing.stdout, nothing.stderr) == (
+        "[]\n",
+        "",
+    )  # a database with data: nothing matched, that is all
+    window = cli(
+        "--database-url",
+        seeded,
+        "report",
+        "--since",
+        "2001-01-01",
+        "--until",
+        "2001-01-02",
+        "--format",
+        "json",
+    )
+    assert window.exit_code == 0 and window.stderr == ""
+
+
 def test_limit_and_newest_first_with_ties_broken_by_id(cli: Any, seeded: str) -> None:
     result = cli("--database-url", seeded, "list", "--format", "json", "--limit", "3")
     assert [r["id"] for r in json.loads(result.stdout)] == ["c6", "c5", "c4"]

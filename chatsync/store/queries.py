@@ -181,6 +181,12 @@ def iter_conversations(
             return
 
 
+def holds_conversations(connection: Connection) -> bool:
+    """Whether any conversation is stored at all (one index probe): tells "nothing matches" from "nothing
+    synced into this database yet"."""
+    return connection.execute(select(c.c.id).limit(1)).first() is not None
+
+
 # ------------------------------------------------------------------------------------------------------ show
 def get_conversation(
     connection: Connection,
