@@ -267,11 +267,9 @@ def sync_plan(plans: list[dict[str, Any]], requests_made: int, as_json: bool) ->
         return
     console = stdout_console()
     table = Table(title="sync plan (nothing fetched or stored)", title_justify="default", header_style="bold")
-    for header in ("chatbot", "first day", "last day", "days", "windows", "stored", "≈ requests"):
+    for header in ("chatbot", "from", "to", "days to fetch", "windows", "stored now", "≈ requests"):
         table.add_column(
-            header,
-            no_wrap=True,
-            justify="left" if header in ("chatbot", "first day", "last day") else "right",
+            header, no_wrap=True, justify="left" if header in ("chatbot", "from", "to") else "right"
         )
     for plan in plans:
         table.add_row(
@@ -285,8 +283,9 @@ def sync_plan(plans: list[dict[str, Any]], requests_made: int, as_json: bool) ->
         )
     console.print(table)
     info(
-        f"planning took {requests_made} request(s); '≈ requests' counts one per page of what is stored "
-        "and one last page per window: conversations not stored yet add pages"
+        f"planning took {requests_made} request(s); 'from'..'to' are the days the sync would fetch, cut into "
+        "'windows' fetched side by side; '≈ requests' counts one per page of what is stored now and one last "
+        "page per window: conversations not stored yet add pages"
     )
 
 

@@ -53,6 +53,7 @@ from chatsync.chatbase import (
 from chatsync.config import WhatsAppRule
 from chatsync.errors import (
     BadRecord,
+    ChatbaseRejected,
     ChatbaseUnavailable,
     ChatsyncError,
     DatabaseUnavailable,
@@ -741,6 +742,16 @@ class Syncer:
         today = self.now().date()
         with self._db() as connection:
             writes.remember_chatbot(connection, chatbot_id)
+        try:
+            self._sync_known_chatbot(chatbot_id, request, today)
+        except ChatbaseRejected as exc:
+            if exc.status == 404:
+                # a mistyped id: `status` must not list it (and `--max-age` fail on it) for ever after
+                with self._db() as connection:
+                    writes.forget_chatbot_if_empty(connection, chatbot_id)
+            raise
+
+    def _sync_known_chatbot(self, chatbot_id: str, request: SyncRequest, today: date) -> None:
         plan = self._plan_chatbot(chatbot_id, request, today)
         open_start = any(s.open_start for s in plan.streams)
         if plan.first_day is None and not open_start:

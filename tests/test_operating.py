@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from chatsync.errors import ExitCode
-from tests.conftest import chatbase_env
+from tests.conftest import chatbase_env, chatbase_v2_env
 from tests.test_cli_misc import _commands
 
 
@@ -340,6 +340,29 @@ def test_a_narrow_sync_does_not_count_as_a_complete_one_for_status(
     )
     assert cli("sync", "--json", env=env).exit_code == 0
     assert cli("status", "--json", "--max-age", "2h", env=env).exit_code == 0
+
+
+@pytest.mark.parametrize("api", ["v1", "v2"])
+def test_a_mistyped_chatbot_id_fails_once_and_does_not_stay_in_status(
+    cli: Any, emulator_factory: Any, database_url: str, api: str
+) -> None:
+    server = emulator_factory(conversations=40, seed=58, chatbot_ids=("bot-a", "bot-b"))
+    env = (chatbase_env if api == "v1" else chatbase_v2_env)(server, database_url, CHATBASE_CHATBOT_ID="")
+    assert cli("sync", "--json", "--chatbot-id", "bot-a", "--chatbot-id", "bot-b", env=env).exit_code == 0
+
+    typo = cli("sync", "--json", "--chatbot-id", "bot-c", env=env)
+    assert typo.exit_code == ExitCode.CONFIG and "'bot-c' was not found" in typo.stderr
+    listed = cli("status", "--json", "--max-age", "2h", env=env)
+    assert listed.exit_code == 0, listed.stdout + listed.stderr
+    assert [c["chatbot_id"] for c in json.loads(listed.stdout)["chatbots"]] == ["bot-a", "bot-b"]
+
+    # a chatbot chatsync holds conversations of stays, whatever Chatbase says of it now
+    del server.emulator.datasets["bot-b"]
+    gone = cli("sync", "--json", "--chatbot-id", "bot-b", env=env)
+    assert gone.exit_code == ExitCode.CONFIG
+    kept = json.loads(cli("status", "--json", env=env).stdout)["chatbots"]
+    assert [(c["chatbot_id"], c["conversations"]) for c in kept] == [("bot-a", 40), ("bot-b", 40)]
+    assert kept[1]["last_run"]["status"] == "failed"
 
 
 def test_status_refuses_a_bad_max_age_with_one_line(cli: Any, sqlite_url: str) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Connection, and_, bindparam, case, select, update
+from sqlalchemy import JSON, Connection, and_, bindparam, case, delete, select, update
 
 from chatsync.jsonbody import UndecodableRecord, UnreadableNumber
 from chatsync.normalize import repaired_text
@@ -467,6 +467,26 @@ def remember_chatbot(
     else:
         statement = statement.on_conflict_do_nothing(index_elements=["id"])
     connection.execute(statement)
+
+
+def forget_chatbot_if_empty(connection: Connection, chatbot_id: str) -> bool:
+    """Delete the chatbot's row when nothing was ever stored or synced for it (no conversation, no
+    quarantined record, no first day, no complete sync): what a sync of a mistyped id leaves. True when
+    deleted. Its runs stay in ``sync_runs``, the history of what was tried."""
+    holds = (
+        select(conversations.c.id).where(conversations.c.chatbot_id == chatbot_id).limit(1).exists()
+        | select(quarantine.c.id).where(quarantine.c.chatbot_id == chatbot_id).limit(1).exists()
+        | select(sync_days.c.chatbot_id).where(sync_days.c.chatbot_id == chatbot_id).limit(1).exists()
+    )
+    deleted = connection.execute(
+        delete(chatbots).where(
+            chatbots.c.id == chatbot_id,
+            chatbots.c.first_day.is_(None),
+            chatbots.c.last_synced_at.is_(None),
+            ~holds,
+        )
+    )
+    return bool(deleted.rowcount)
 
 
 def chatbot_first_day(connection: Connection, chatbot_id: str) -> date | None:
