@@ -470,6 +470,10 @@ def _sync(
     sources = _sources(source, settings.api_version)
     run.chatbots = list(chatbot_ids)
     settings.require_api_key()
+    if not dry_run:
+        from chatsync.worker_server import start_early
+
+        start_early()  # the workers' fork server preloads on the other core while this process goes on
     with open_client(settings, max_connections=settings.concurrency * 2) as client:
         run.client_stats = client.stats
         with _signals_deferred():

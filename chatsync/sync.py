@@ -75,12 +75,12 @@ from chatsync.normalize import (
 from chatsync.store import writes
 from chatsync.store.locks import chatbot_lock
 from chatsync.timeutil import day_end, day_start, iso_z, parse_timestamp, utcnow
+from chatsync.worker_server import default_workers
 from chatsync.workers import (
     Outcome,
     PageTask,
     ReaderPool,
     bad_record,
-    default_workers,
     describe,
 )
 

@@ -1,4 +1,4 @@
-"""What the reading workers' fork server imports before it forks any worker (see workers._context).
+"""What the reading workers' fork server imports before it forks any worker (see chatsync.worker_server).
 
 The fork server imports :mod:`chatsync.workers` once for every worker, then freezes its heap: as Python's
 ``gc.freeze`` documentation advises before ``fork()``, so the workers' collections never touch (and so

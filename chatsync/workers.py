@@ -31,6 +31,7 @@ from chatsync.normalize import normalize_conversation, same_content, storable, s
 from chatsync.signals import held
 from chatsync.store.writes import JsonText, encode_json, id_as_sent, quarantine_text
 from chatsync.timeutil import parse_timestamp
+from chatsync.worker_server import context, start_resource_tracker
 
 log = logging.getLogger("chatsync.sync")
 
@@ -160,12 +161,6 @@ def describe(exc: BaseException) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ the pool
-def default_workers() -> int:
-    """Worker processes for a sync: one per core up to four; none on a single core (read in the writer)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return 0 if cores < 2 else min(cores, 4)
-
-
 class ReaderPool:
     """Runs :func:`read_page` in ``workers`` processes (0: in the calling thread).
 
@@ -195,11 +190,11 @@ class ReaderPool:
         #   ended without waiting for it, and it printed a traceback as it found the sync's queues gone
         #   (a SIGTERM in a sync's first second, seen on a loaded machine).
         if self._executor is None:
-            _start_resource_tracker()
+            start_resource_tracker()
         with held(signal.SIGINT, signal.SIGTERM):
             if self._executor is None:
                 self._executor = ProcessPoolExecutor(
-                    self.workers, mp_context=_context(), initializer=_start_worker
+                    self.workers, mp_context=context(), initializer=_start_worker
                 )
             return self._executor.submit(read_page, task)
 
@@ -213,18 +208,6 @@ class ReaderPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _start_resource_tracker() -> None:
-    """Start multiprocessing's resource tracker (POSIX) before the pool's first task, outside the block
-    that holds Ctrl-C: starting it turns SIGINT and SIGTERM back on in the calling thread (Python 3.11),
-    so started inside, it let the fork server start up taking Ctrl-C, and an early Ctrl-C printed the
-    server's KeyboardInterrupt traceback (10 of 15 runs on PostgreSQL, found by a helper breaking it)."""
-    try:
-        from multiprocessing import resource_tracker
-    except ImportError:  # (not POSIX)
-        return
-    resource_tracker.ensure_running()
 
 
 def _start_worker() -> None:
@@ -252,17 +235,3 @@ def _end_with_parent() -> None:
         os._exit(0)
 
     threading.Thread(target=watch, name="chatsync-worker-watch", daemon=True).start()
-
-
-def _context() -> Any:
-    """A fork server where the platform has one (Linux, macOS): workers start as clean processes with
-    this module already imported (:mod:`chatsync.worker_preload`), whatever threads the sync runs; else
-    the platform's default."""
-    import multiprocessing
-
-    try:
-        context = multiprocessing.get_context("forkserver")
-    except ValueError:
-        return multiprocessing.get_context()
-    context.set_forkserver_preload(["chatsync.worker_preload"])
-    return context

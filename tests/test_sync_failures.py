@@ -546,6 +546,24 @@ def test_a_second_ctrl_c_while_a_run_is_still_ending_stops_it_at_once(
         monitor.server_close()
 
 
+def _wait_for_a_running_run(database: Path, process: subprocess.Popen[str], timeout: float = 60) -> None:
+    """Until the sync has recorded its run (a loaded machine takes seconds to get there: a fixed sleep
+    once stopped it before, and status then rightly showed no run at all)."""
+    import sqlite3
+    from contextlib import closing
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as connection:
+                if connection.execute("SELECT 1 FROM sync_runs WHERE status = 'running'").fetchone():
+                    return
+        except sqlite3.OperationalError:  # not created or not migrated yet
+            pass
+        time.sleep(0.05)
+    raise AssertionError("the sync never recorded its run")
+
+
 def test_status_says_a_run_was_interrupted(emulator_factory: Any, sqlite_url: str, tmp_path: Path) -> None:
     """A Ctrl-C's message is empty: the run was once stored failed with no reason, and `chatsync status`
     could not tell it from a real failure (found by a newcomer helper)."""
@@ -555,7 +573,7 @@ def test_status_says_a_run_was_interrupted(emulator_factory: Any, sqlite_url: st
         [sys.executable, "-m", "chatsync", "sync"], env=env, cwd=tmp_path,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
-    time.sleep(3)  # the run has begun: its first requests are out
+    _wait_for_a_running_run(Path(sqlite_url.removeprefix("sqlite:///")), process)
     os.killpg(process.pid, signal.SIGINT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130, err
