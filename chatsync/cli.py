@@ -19,6 +19,7 @@ import typer
 from chatsync import signals
 from chatsync.errors import (
     ChatsyncError,
+    ConversationNotFound,
     DatabaseUnreachable,
     ExitCode,
     LockHeld,
@@ -110,7 +111,10 @@ def _handling_errors(command: F, begins: bool) -> F:
         except ChatsyncError as exc:
             if debug:
                 traceback.print_exc()
-            render.error(str(exc))
+            if isinstance(exc, ConversationNotFound):
+                render.error(f"{exc}: give the whole id, as `chatsync list` prints it")
+            else:
+                render.error(str(exc))
             raise typer.Exit(int(exc.exit_code)) from None
         except (KeyboardInterrupt, Terminated) as exc:
             render.error(_one_line(exc))

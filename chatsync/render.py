@@ -229,6 +229,10 @@ def progress(description: str, total: int | None) -> Iterator[Callable[[int], No
         yield lambda done: bar.update(task, completed=done)
 
 
+# what a person reads for a summary field whose name alone misleads (the JSON keeps the field names)
+_SUMMARY_LABELS = {"whatsapp_captured": "with a number found (new or not)"}
+
+
 def sync_summary(summary: SyncSummary) -> None:
     console = stdout_console()
     table = Table(title=f"sync {summary.status}", show_header=False, title_justify="default")
@@ -250,7 +254,7 @@ def sync_summary(summary: SyncSummary) -> None:
     ):
         value = getattr(summary, key)
         table.add_row(
-            key.replace("_", " "),
+            _SUMMARY_LABELS.get(key, key.replace("_", " ")),
             ", ".join(value)
             if isinstance(value, list)
             else f"{value:,}"
@@ -728,8 +732,8 @@ def report(data: dict[str, Any]) -> None:
             rows = [(row["date"], row["conversations"]) for row in days]
             shares = [row["rated_up_share"] for row in days]
         rated = any(share is not None for share in shares)  # the trend of answers rated up, per day
-        if rated:
-            console.print(Text(f"{'answers rated up':>74}", style="dim"), highlight=False)
+        per = "conversations started per week" if len(days) > 31 else "conversations started per day"
+        console.print(Text(f"{per:<66}{'answers rated up' if rated else ''}", style="dim"), highlight=False)
         top = max(v for _, v in rows)
         for i, (label, value) in enumerate(rows):
             bar = f"{label:>18} {value:>7,} {_bar(value, top, 38 if rated else 46)}"
@@ -742,7 +746,7 @@ def report(data: dict[str, Any]) -> None:
             [
                 ("messages per conversation", f"mean {_num(per['mean'])} · median {_num(per['median'])}"),
                 ("engaged (2+ user messages)", _pct(data["engagement_rate"])),
-                ("left with a bot question", _pct(data["unanswered_rate"])),
+                ("ended on a bot question", _pct(data["unanswered_rate"])),
             ]
         )
     )
@@ -796,6 +800,11 @@ def report(data: dict[str, Any]) -> None:
     for name, row in zip(("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"), grid, strict=True):
         cells = "".join(_SHADES[min(4, math.ceil(v / top * 4))] * 2 if top else "  " for v in row)
         console.print(f"{name:>4}  {cells}", highlight=False)
+    if top:
+        # shades are shares of the busiest hour: with few conversations a light cell may be chance
+        quarters = " ".join(f"{_SHADES[i]} ≤{i * 25}%" for i in range(1, 4))
+        legend = f"share of the busiest hour ({top:,} starts): {quarters} {_SHADES[4]} >75%"
+        console.print(Text(f"      {legend}", style="dim"), highlight=False)
 
     timing = data["response_time_seconds"]
     first = data["first_response_time_seconds"]

@@ -18,6 +18,8 @@ from typer.testing import CliRunner
 
 from chatsync.emulator import Emulator, RunningEmulator, serve_in_thread
 
+# CI=true (GitHub Actions, GitLab and most others set it so); CI=false or CI= is a laptop
+UNDER_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 POSTGRES_ADMIN_URL = os.environ.get("CHATSYNC_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 _postgres_problem: str | None = None
 _postgres_checked = False
@@ -41,7 +43,7 @@ def _postgres_available() -> str | None:
 def _require_postgres() -> None:
     problem = _postgres_available()
     if problem:
-        if os.environ.get("CI"):
+        if UNDER_CI:
             pytest.fail(f"{problem}; CI must run the PostgreSQL tests")
         pytest.skip(f"{problem}; set CHATSYNC_TEST_POSTGRES_URL to run them")
 
@@ -226,7 +228,7 @@ def pgbouncer() -> Iterator[Pooler]:
         (p for p in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.path.exists(p)), None
     )
     if binary is None:
-        if os.environ.get("CI"):
+        if UNDER_CI:
             pytest.fail(
                 "pgbouncer is not installed; CI must run the pooler tests (apt-get install pgbouncer)"
             )

@@ -25,6 +25,7 @@ from chatsync.normalize import normalize_conversation
 from chatsync.store import writes
 from chatsync.web.app import create_app
 from tests.api_helpers import api_settings, conversation, running_server, token
+from tests.conftest import UNDER_CI
 
 PAGES = Path(__file__).parent / "browser"
 CHROMIUM = os.environ.get("CHATSYNC_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -46,7 +47,7 @@ def _browser_or_skip() -> Any:
     if problem is None and not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
         problem = f"no Chromium at {CHROMIUM} (apt-get install chromium)"
     if problem:
-        if os.environ.get("CI"):
+        if UNDER_CI:
             pytest.fail(f"{problem}; CI must run the browser test")
         pytest.skip(problem)
     return sync_playwright

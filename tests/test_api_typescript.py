@@ -8,7 +8,6 @@ installs them (``.ci/run`` does). Without them the test skips, except under CI.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 
 from chatsync.web.app import create_app
 from tests.api_helpers import api_settings
+from tests.conftest import UNDER_CI
 
 PROJECT = Path(__file__).parent / "typescript"
 BIN = PROJECT / "node_modules" / ".bin"
@@ -26,7 +26,7 @@ def _tools() -> tuple[Path, Path]:
     generate, tsc = BIN / "openapi-typescript", BIN / "tsc"
     if not (shutil.which("node") and generate.exists() and tsc.exists()):
         reason = "node and the pinned npm packages are needed: npm ci --prefix tests/typescript"
-        if os.environ.get("CI"):
+        if UNDER_CI:
             pytest.fail(f"{reason} (CI must run this test)")
         pytest.skip(reason)
     return generate, tsc

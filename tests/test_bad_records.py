@@ -31,6 +31,7 @@ from chatsync.jsonbody import decode_body
 from chatsync.store.engine import ensure_schema, open_engine
 from chatsync.store.tables import conversations, metadata, quarantine
 from chatsync.sync import Syncer, SyncRequest
+from tests.conftest import UNDER_CI
 from tests.helpers import as_stored
 
 DAY = date(2024, 5, 1)
@@ -326,7 +327,7 @@ def _created_elsewhere(record: dict[str, Any]) -> bool:
 _settings = settings(
     max_examples=int(os.environ.get("CHATSYNC_PROPERTY_EXAMPLES", "60")),
     deadline=None,
-    derandomize=bool(os.environ.get("CI")),
+    derandomize=UNDER_CI,
     suppress_health_check=[
         HealthCheck.function_scoped_fixture,
         HealthCheck.too_slow,

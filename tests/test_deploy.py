@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -15,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import chatbase_env
+from tests.conftest import UNDER_CI, chatbase_env
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTALLED = "/opt/chatsync/.venv/bin/chatsync"
@@ -24,7 +23,7 @@ INSTALLED = "/opt/chatsync/.venv/bin/chatsync"
 def _require(tool: str) -> str:
     found = shutil.which(tool)
     if found is None:
-        if os.environ.get("CI"):
+        if UNDER_CI:
             pytest.fail(f"{tool} is missing: .ci/run must install it")
         pytest.skip(f"{tool} is not installed")
     return found

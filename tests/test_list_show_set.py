@@ -249,7 +249,9 @@ def test_set_whatsapp_refuses_what_is_not_a_number_and_changes_nothing(
 def test_set_whatsapp_on_an_unknown_id_exits_1(cli: Any, seeded: str) -> None:
     result = cli("--database-url", seeded, "set-whatsapp", "nope", "91234567")
     assert result.exit_code == ExitCode.ERROR
-    assert result.stderr.strip() == "error: conversation 'nope' not found"
+    assert result.stderr.strip() == (
+        "error: conversation 'nope' not found: give the whole id, as `chatsync list` prints it"
+    )
     shown = cli("--database-url", seeded, "show", "nope")
     assert shown.exit_code == ExitCode.ERROR and "conversation 'nope' not found" in shown.stderr
 

@@ -379,3 +379,10 @@ def test_report_json_on_the_command_line_is_the_same_object(cli: Any, synced: tu
     table = cli("--database-url", url, "report", "--format", "table")
     assert table.exit_code == 0 and "WhatsApp numbers" in table.stdout
     assert max(len(line) for line in table.stdout.splitlines()) <= 80
+    # the bars say what they count, and the grid's shades what they are a share of (newcomer helper)
+    with engine.connect() as connection:
+        data = report(connection, ConversationFilter())
+    per = "week" if len(data["by_day"]) > 31 else "day"
+    assert f"conversations started per {per}" in table.stdout
+    busiest = max(v for row in data["by_weekday_hour"] for v in row)
+    assert f"share of the busiest hour ({busiest:,} starts)" in table.stdout

@@ -75,7 +75,10 @@ class ClerkSettings:
             if not present
         ]
         if missing:
-            raise ConfigError(f"the API needs {', '.join(missing)}: set them from your Clerk instance")
+            raise ConfigError(
+                f"the API needs {', '.join(missing)}: set them from your Clerk instance (to try it without one, "
+                "see docs/api.md, 'Trying it without a Clerk instance')"
+            )
         return cls(
             issuer=settings.clerk_issuer or "",
             authorized_parties=settings.clerk_authorized_parties,
