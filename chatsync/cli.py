@@ -1177,6 +1177,10 @@ def demo(
         data = build_report(connection, ConversationFilter(), tz=settings.timezone)
     render.report(data)
     render.info(f"explore it: {_as_invoked()} --database-url {url} list --has-whatsapp", wrap=False)
+    render.info(
+        "then, with the same start: show ID (an id from that list), set-whatsapp ID NUMBER, "
+        "report --since YYYY-MM-DD --until YYYY-MM-DD; --help lists every command"
+    )
 
 
 def _as_invoked() -> str:
