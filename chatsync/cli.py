@@ -44,18 +44,30 @@ app = typer.Typer(
 )
 
 
-def _group(name: str, help: str) -> typer.Typer:
+def _group(name: str, help: str, short_help: str | None = None) -> typer.Typer:
     group = typer.Typer(help=help, no_args_is_help=True, context_settings=HELP)
-    app.add_typer(group, name=name)
+    app.add_typer(group, name=name, short_help=short_help)
     return group
 
 
 db_app = _group("db", "Database schema and status.")
-quarantine_app = _group("quarantine", "Records Chatbase sent that could not be stored: list, show, retry.")
+quarantine_app = _group(
+    "quarantine",
+    "Records Chatbase sent that could not be stored: list, show, retry.",
+    "Records Chatbase sent that could not be stored.",
+)
 config_app = _group("config", "chatsync's settings and where they come from.")
-access_app = _group("access", "Which Clerk users and organizations may see which chatbot (HTTP API).")
+access_app = _group(
+    "access",
+    "Which Clerk users and organizations may see which chatbot (HTTP API).",
+    "Who may see which chatbot through the HTTP API.",
+)
 users_app = _group("users", "Clerk users known to chatsync (HTTP API).")
-leads_app = _group("leads", "Chatbase lead forms (the HTTP API's webhook stores them as they are sent).")
+leads_app = _group(
+    "leads",
+    "Chatbase lead forms (the HTTP API's webhook stores them as they are sent).",
+    "Chatbase lead forms: backfill them from get-leads.",
+)
 
 
 @dataclass
@@ -272,7 +284,7 @@ RegionOpt = Annotated[
 
 
 # ---------------------------------------------------------------------------------------------------- sync
-@app.command()
+@app.command(short_help="Fetch conversations from Chatbase and upsert them.")
 @handle_errors_begun_by_command
 def sync(
     chatbot_id: ChatbotOpt = None,
@@ -607,7 +619,7 @@ def list_(
         _say_if_nothing_synced(engine, settings)
 
 
-@app.command()
+@app.command(short_help="One conversation: transcript, number, audit trail.")
 @handle_errors
 def show(
     conversation_id: Annotated[str, typer.Argument(metavar="ID", help="Conversation id.")],
@@ -630,7 +642,7 @@ def show(
         render.conversation(detail)
 
 
-@app.command("set-whatsapp")
+@app.command("set-whatsapp", short_help="Set or clear a conversation's WhatsApp number by hand.")
 @handle_errors
 def set_whatsapp(
     conversation_id: Annotated[str, typer.Argument(metavar="ID", help="Conversation id.")],
@@ -683,7 +695,7 @@ def _format(value: str | None, allowed: tuple[str, ...]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ whatsapp
-@app.command("extract-test")
+@app.command("extract-test", short_help="Show how the WhatsApp rule reads a reply.")
 @handle_errors
 def extract_test(
     text: Annotated[
@@ -724,7 +736,7 @@ def extract_test(
         render.extraction(text, result)
 
 
-@app.command()
+@app.command(short_help="Apply the WhatsApp rule again to stored conversations.")
 @handle_errors
 def reextract(
     chatbot_id: ChatbotOpt = None,
@@ -747,7 +759,7 @@ def reextract(
 
 
 # -------------------------------------------------------------------------------------------------- report
-@app.command()
+@app.command(short_help="Analytics over stored conversations.")
 @handle_errors
 def report(
     chatbot_id: ChatbotOpt = None,
@@ -812,7 +824,7 @@ def _say_if_nothing_synced(engine: Any, settings: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ operating
-@app.command()
+@app.command(short_help="Per chatbot: last run, last good sync, quarantine.")
 @handle_errors
 def status(
     chatbot_id: ChatbotOpt = None,
@@ -844,7 +856,7 @@ def status(
         raise typer.Exit(int(ExitCode.ERROR))
 
 
-@app.command()
+@app.command(short_help="Check the setup, one line per check.")
 @handle_errors
 def doctor(
     chatbot_id: ChatbotOpt = None,
@@ -1027,7 +1039,7 @@ def db_rebuild_rollups() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ emulator
-@app.command()
+@app.command(short_help="Serve the Chatbase-compatible emulator.")
 @handle_errors
 def emulator(
     host: Annotated[str, typer.Option(metavar="HOST", help="Interface to listen on.")] = "127.0.0.1",
@@ -1123,7 +1135,7 @@ def emulator(
         server.server_close()
 
 
-@app.command()
+@app.command(short_help="The whole job, no account: emulator → SQLite → report.")
 @handle_errors
 def demo(
     conversations: Annotated[
@@ -1200,7 +1212,7 @@ def _as_invoked() -> str:
 
 
 # ---------------------------------------------------------------------------------------------- HTTP API
-@app.command()
+@app.command(short_help="Serve the HTTP API for the frontend.")
 @handle_errors
 def serve(
     host: Annotated[str, typer.Option(metavar="HOST", help="Interface to listen on.")] = "127.0.0.1",

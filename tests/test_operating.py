@@ -68,6 +68,13 @@ def test_help_shows_readable_placeholders_never_python_types(cli: Any) -> None:
         assert placeholder in sync_help
 
 
+def test_the_command_list_is_not_cut_short_at_80_columns(cli: Any) -> None:
+    """Click cuts a command's first sentence with "..." to fit: a newcomer read half-sentences."""
+    text = cli("--help", env={"COLUMNS": "80"}).stdout
+    commands = text[text.index("Commands:") :].splitlines()[1:]
+    assert len(commands) >= 15 and not [line for line in commands if line.rstrip().endswith("...")], commands
+
+
 def test_shell_completion_script_is_available(tmp_path: Path) -> None:
     # As a user types it in bash: the shell is found among the command's parent processes, so the test
     # runs it from a bash that stays its parent (`; true` keeps bash from exec-ing it)
