@@ -1003,7 +1003,9 @@ def db_upgrade() -> None:
 
 @db_app.command("info")
 @handle_errors
-def db_info() -> None:
+def db_info(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
     """Show the database URL (password masked), schema revision and row counts."""
     from chatsync import render
     from chatsync.config import mask_url
@@ -1012,7 +1014,11 @@ def db_info() -> None:
     settings = _ctx().settings()
     engine = _ctx().engine(settings)
     render.db_info(
-        mask_url(settings.database_url), current_revision(engine), head_revision(), table_counts(engine)
+        mask_url(settings.database_url),
+        current_revision(engine),
+        head_revision(),
+        table_counts(engine),
+        as_json,
     )
 
 

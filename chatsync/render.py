@@ -442,7 +442,12 @@ def quarantined_record(record: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- db info
-def db_info(url: str, revision: str | None, head: str, counts: dict[str, int]) -> None:
+def db_info(url: str, revision: str | None, head: str, counts: dict[str, int], as_json: bool) -> None:
+    """``chatsync db info``: a table, or one JSON object (``url`` masked, ``schema``, ``schema_head``,
+    ``rows`` per table)."""
+    if as_json:
+        write_json({"url": url, "schema": revision, "schema_head": head, "rows": counts})
+        return
     console = stdout_console()
     table = Table(show_header=False, title="database", title_justify="default")
     table.add_column(style="bold")
