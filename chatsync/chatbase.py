@@ -31,7 +31,7 @@ import httpx
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_before_delay
 
 from chatsync.config import Secret, Settings, mask_url
-from chatsync.errors import ChatbaseRejected, ChatbaseUnavailable, ChatsyncError, PagingError
+from chatsync.errors import ChatbaseRejected, ChatbaseUnavailable, ChatsyncError, ConfigError, PagingError
 from chatsync.jsonbody import decode_body, read_body
 
 if TYPE_CHECKING:
@@ -308,7 +308,12 @@ class ChatbaseHTTP:
         """``text`` with the key taken out (a server may echo it). A key of a few characters cannot be a
         real one and would turn every such letter into ``***``."""
         key = self._key.reveal()
-        return text.replace(key, "***") if len(key) >= 6 else text
+        if len(key) < 6:
+            return text
+        # as sent, and as an error may quote it: escaped as in a str's or a bytes' repr
+        for form in (key, repr(key)[1:-1], repr(key.encode("utf-8", "replace"))[2:-1]):
+            text = text.replace(form, "***")
+        return text
 
     def _count(self, field: str) -> None:
         with self._stats_lock:
@@ -338,6 +343,13 @@ class ChatbaseHTTP:
 
         try:
             response = self._http.get(path, params=params, extensions={"trace": trace})
+        except (httpx.UnsupportedProtocol, httpx.LocalProtocolError) as exc:
+            # this request cannot be sent at all (not an http(s) root, a header no server would take):
+            # retrying for the whole budget would only hide it
+            raise ConfigError(
+                f"cannot send a request to Chatbase ({type(exc).__name__}: {self._redact(str(exc))}): "
+                "check CHATBASE_BASE_URL / CHATBASE_API_URL and CHATBASE_API_KEY"
+            ) from None
         except httpx.TransportError as exc:
             raise TransientError(f"{type(exc).__name__}: {self._redact(str(exc)) or 'no answer'}") from None
         status = response.status_code

@@ -285,6 +285,48 @@ def _secret(value: object) -> Secret:
     return value if isinstance(value, Secret) else Secret(str(value))
 
 
+def api_key(value: object) -> Secret:
+    """A Chatbase key as an HTTP header carries it: the whitespace around it dropped (a secrets file's
+    final newline or CR), then printable ASCII only. A UsageError otherwise, which never shows the key
+    (an illegal header once printed it, escaped, past the masking, into errors and sync_runs)."""
+    text = value.reveal() if isinstance(value, Secret) else str(value)
+    text = text.strip(" \t\r\n\f\v")
+    bad = next((c for c in text if not "!" <= c <= "~"), None)
+    if bad is not None:
+        kind = (
+            "a space"
+            if bad == " "
+            else "a control character"
+            if ord(bad) < 32 or ord(bad) == 127
+            else "a non-ASCII character"
+        )
+        raise UsageError(
+            f"the Chatbase key holds {kind} (not shown here), which no key has: copy the key again"
+        )
+    return Secret(text)
+
+
+def http_url(what: str, example: str) -> Callable[[object], str]:
+    """A parser for an http(s) URL setting, without its final ``/``; a UsageError naming ``what``
+    otherwise (the URL shown with any password masked): a scheme httpx cannot send to was once taken
+    for an outage and retried for the whole retry budget."""
+
+    def parse(value: object) -> str:
+        from urllib.parse import urlsplit
+
+        text = str(value).strip().rstrip("/")
+        try:
+            parts = urlsplit(text)
+            fine = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+        except ValueError:  # e.g. an unclosed [ of an IPv6 address
+            fine = False
+        if not fine:
+            raise UsageError(f"invalid {what} {mask_url(text)!r}: expected an http(s) URL such as {example}")
+        return text
+
+    return parse
+
+
 # ---------------------------------------------------------------------------------------- declarations
 @dataclass(frozen=True)
 class Setting:
@@ -312,7 +354,7 @@ SETTINGS: tuple[Setting, ...] = (
         "--database-url",
         lambda v: normalize_database_url(str(v).strip()),
     ),
-    Setting("api_key", ("CHATBASE_API_KEY",), "Chatbase secret key", "--api-key", _secret, secret=True),
+    Setting("api_key", ("CHATBASE_API_KEY",), "Chatbase secret key", "--api-key", api_key, secret=True),
     Setting(
         "chatbot_ids",
         ("CHATBASE_CHATBOT_ID",),
@@ -321,7 +363,11 @@ SETTINGS: tuple[Setting, ...] = (
         lambda v: tuple(map(chatbot_id, _split_list(v))),
     ),
     Setting(
-        "base_url", ("CHATBASE_BASE_URL",), "Chatbase API root", "--base-url", lambda v: str(v).rstrip("/")
+        "base_url",
+        ("CHATBASE_BASE_URL",),
+        "Chatbase API root",
+        "--base-url",
+        http_url("Chatbase API root", DEFAULT_BASE_URL),
     ),
     Setting(
         "api_version",
@@ -330,7 +376,12 @@ SETTINGS: tuple[Setting, ...] = (
         "--api",
         api_version,
     ),
-    Setting("api_url", ("CHATBASE_API_URL",), "Chatbase API v2 root", parse=lambda v: str(v).rstrip("/")),
+    Setting(
+        "api_url",
+        ("CHATBASE_API_URL",),
+        "Chatbase API v2 root",
+        parse=http_url("Chatbase API v2 root", DEFAULT_API_URL),
+    ),
     Setting(
         "region",
         ("CHATSYNC_DEFAULT_REGION",),

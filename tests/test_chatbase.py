@@ -16,7 +16,7 @@ import vcr
 from chatsync.chatbase import MAX_MARGIN_SECONDS, ChatbaseClient, RateLimiter, _reset_seconds
 from chatsync.config import Secret, WhatsAppRule
 from chatsync.emulator import Emulator, EmulatorTransport
-from chatsync.errors import ChatbaseRejected, ChatbaseUnavailable, PagingError, UsageError
+from chatsync.errors import ChatbaseRejected, ChatbaseUnavailable, ConfigError, PagingError, UsageError
 from chatsync.normalize import normalize_conversation
 from chatsync.sources import canonical_source
 
@@ -63,6 +63,21 @@ def test_bad_key_fails_fast_and_never_repeats_the_key() -> None:
     assert raised.value.status == 401
     assert KEY not in str(raised.value)
     assert "CHATBASE_API_KEY" in str(raised.value)
+
+
+@pytest.mark.parametrize(("key", "root"), [(KEY + "\r", None), (KEY, "ftp://127.0.0.1/api/v1")])
+def test_a_request_that_cannot_be_sent_fails_at_once_and_never_shows_the_key(
+    emulator_factory: Any, key: str, root: str | None
+) -> None:
+    """A key with a CR (a secrets file from Windows) made an illegal header: httpx's error quoted it
+    escaped, past the masking, and the sync retried it for the whole budget (found by a breaking helper).
+    The settings now refuse such a key; a client made without them still fails at once, key unseen."""
+    server = emulator_factory(conversations=5)
+    client = ChatbaseClient(Secret(key), root or server.base_url, backoff=(0.01, 0.05))
+    with client, pytest.raises(ConfigError) as raised:
+        client.get_conversations(next(iter(server.emulator.datasets)), 1)
+    assert client.stats.retries == 0 and server.emulator.requests == 0
+    assert "sk-live" not in str(raised.value) and "cannot send a request to Chatbase" in str(raised.value)
 
 
 def test_unknown_chatbot_names_the_setting_to_fix() -> None:

@@ -69,6 +69,50 @@ def test_the_key_never_shows_itself() -> None:
     assert "sk-very-secret" not in repr(load_settings({"api_key": "sk-very-secret"}, env={}))
 
 
+@pytest.mark.parametrize("sent", ["sk-secret42\n", "sk-secret42\r\n", "  sk-secret42\r", "\tsk-secret42 "])
+def test_a_key_from_a_secrets_file_loses_its_line_ending(tmp_path: Path, sent: str) -> None:
+    settings = load_settings({}, env={"CHATBASE_API_KEY": sent}, dotenv_path=tmp_path / "none")
+    assert settings.api_key is not None and settings.api_key.reveal() == "sk-secret42"
+
+
+@pytest.mark.parametrize(
+    ("sent", "kind"),
+    [("sk-sec\rret42", "a control character"), ("sk-sec ret42", "a space"), ("sk-sécret42", "a non-ASCII")],
+)
+def test_a_key_no_header_can_carry_is_refused_without_showing_it(
+    tmp_path: Path, sent: str, kind: str
+) -> None:
+    with pytest.raises(UsageError) as raised:
+        load_settings({}, env={"CHATBASE_API_KEY": sent}, dotenv_path=tmp_path / "none")
+    message = str(raised.value)
+    assert message.startswith("CHATBASE_API_KEY: ") and kind in message
+    assert "sec" not in message.replace("secrets", "") and "42" not in message
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("CHATBASE_BASE_URL", "ftp://x"),
+        ("CHATBASE_BASE_URL", "notaurl"),
+        ("CHATBASE_BASE_URL", "http://"),
+        ("CHATBASE_API_URL", "https://[::1"),
+        ("CHATBASE_API_URL", "file:///etc/passwd"),
+    ],
+)
+def test_an_api_root_that_is_not_an_http_url_is_refused(tmp_path: Path, variable: str, value: str) -> None:
+    with pytest.raises(UsageError, match=f"^{variable}: invalid Chatbase API .*expected an http"):
+        load_settings({}, env={variable: value}, dotenv_path=tmp_path / "none")
+    masked = load_settings(
+        {}, env={variable: "https://u:pw@x.example/api/v1/"}, dotenv_path=tmp_path / "none"
+    )
+    assert (
+        masked.base_url if variable == "CHATBASE_BASE_URL" else masked.api_url
+    ) == "https://u:pw@x.example/api/v1"
+    with pytest.raises(UsageError) as raised:
+        load_settings({}, env={variable: "ftp://u:pw@x.example"}, dotenv_path=tmp_path / "none")
+    assert "pw" not in str(raised.value)
+
+
 def test_supabase_urls_work_as_given() -> None:
     assert normalize_database_url("postgres://a:b@h:5432/d") == "postgresql+psycopg://a:b@h:5432/d"
     assert (

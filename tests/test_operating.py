@@ -127,6 +127,21 @@ def test_sync_json_prints_one_line_with_the_error_and_exit_code_when_it_fails(
     assert "wrong-key" not in result.stdout + result.stderr
 
 
+def test_a_key_with_a_line_ending_syncs_and_one_no_header_carries_is_refused_unseen(
+    cli: Any, emulator_factory: Any, sqlite_url: str
+) -> None:
+    server = emulator_factory(conversations=30, seed=44)
+    crlf = cli("sync", "--json", env=chatbase_env(server, sqlite_url, CHATBASE_API_KEY="demo-key\r\n"))
+    assert crlf.exit_code == 0 and json.loads(crlf.stdout)["inserted"] == 30, crlf.stderr
+    requests = server.emulator.requests
+    broken = cli("sync", "--json", env=chatbase_env(server, sqlite_url, CHATBASE_API_KEY="demo\x01key"))
+    assert broken.exit_code == ExitCode.USAGE and server.emulator.requests == requests
+    assert "demo" not in broken.stdout + broken.stderr and broken.stderr.count("\n") == 1
+    assert "CHATBASE_API_KEY: the Chatbase key holds a control character" in broken.stderr
+    ftp = cli("sync", "--json", "--base-url", "ftp://127.0.0.1/api/v1", env=chatbase_env(server, sqlite_url))
+    assert ftp.exit_code == ExitCode.USAGE and "--base-url: invalid Chatbase API root" in ftp.stderr
+
+
 # ---------------------------------------------------------------------------------------------- logs
 def test_verbose_sync_logs_its_plan_windows_and_summary(
     cli: Any, emulator_factory: Any, sqlite_url: str
