@@ -83,10 +83,13 @@ class Context:
 
         return load_settings({"database_url": self.database_url, **flags})
 
-    def engine(self, settings: Any) -> Any:
+    def engine(self, settings: Any, create: bool = True) -> Any:
+        """The database of ``settings``, migrated. ``create=False`` for a command that only reads or
+        changes what is stored: a SQLite file that does not exist is an error, not a new empty database
+        (a mistyped path once made its folders and an empty file, and the command said all was well)."""
         from chatsync.store.engine import ensure_schema, open_engine
 
-        engine = open_engine(settings.database_url)
+        engine = open_engine(settings.database_url, create=create)
         ensure_schema(engine)
         return engine
 
@@ -594,7 +597,7 @@ def list_(
         number=lookup_number(number, settings.whatsapp) if number is not None else None,
         search=search or None,
     )
-    engine = _ctx().engine(settings)
+    engine = _ctx().engine(settings, create=False)
     found = iter_conversations(engine, filters, None if all_ else limit)
     written = 0
 
@@ -634,7 +637,7 @@ def show(
 
     fmt = _format(output, ("table", "json"))
     settings = _ctx().settings()
-    with _ctx().engine(settings).connect() as connection:
+    with _ctx().engine(settings, create=False).connect() as connection:
         detail = get_conversation(connection, conversation_id, with_finding=fmt == "table")
     if fmt == "json":
         render.write_json(detail)
@@ -670,7 +673,7 @@ def set_whatsapp(
         raise UsageError("give exactly one of NUMBER, --clear or --auto")
     settings = _ctx().settings(region=region)
     e164 = normalize_number(number, settings.whatsapp) if number is not None else None
-    with _ctx().engine(settings).begin() as connection:
+    with _ctx().engine(settings, create=False).begin() as connection:
         change = store_number(
             connection, conversation_id, number=e164, auto=auto, by=by or _os_user(), now=utcnow()
         )
@@ -748,7 +751,7 @@ def reextract(
     from chatsync.reextract import reextract as run
 
     settings = _ctx().settings(region=region)
-    engine = _ctx().engine(settings)
+    engine = _ctx().engine(settings, create=False)
     bots = tuple(chatbot_id or ())
     with render.progress("re-extracting", count_conversations(engine, bots)) as done:
         counts = run(engine, settings.whatsapp, bots, progress=lambda c: done(c.examined))
@@ -795,7 +798,7 @@ def report(
     start, end = _day(since), _day(until)
     _window(start, end)
     filters = ConversationFilter(chatbot_ids=tuple(chatbot_id or ()), sources=_sources(source))
-    engine = _ctx().engine(settings)
+    engine = _ctx().engine(settings, create=False)
     with engine.connect() as connection:
         data = build_report(connection, filters, start, end, settings.timezone)
     if fmt == "json":
@@ -846,7 +849,7 @@ def status(
     settings = _ctx().settings(chatbot_ids=chatbot_id)
     age = parse_duration(max_age) if max_age is not None else None
     now = utcnow()
-    with _ctx().engine(settings).connect() as connection:
+    with _ctx().engine(settings, create=False).connect() as connection:
         statuses = chatbot_statuses(connection, settings.chatbot_ids, now, age)
     data = {"checked_at": now, "max_age_seconds": age.total_seconds() if age else None}
     render.status([s.as_dict(now) for s in statuses], data, as_json)
@@ -918,7 +921,7 @@ def quarantine_list(chatbot_id: ChatbotOpt = None, output: FormatOpt = None) -> 
     from chatsync.operations import QUARANTINE_KEYS, list_quarantined
 
     fmt = _format(output, ("table", "json", "csv", "ndjson"))
-    with _ctx().engine(_ctx().settings()).connect() as connection:
+    with _ctx().engine(_ctx().settings(), create=False).connect() as connection:
         rows = list(list_quarantined(connection, tuple(chatbot_id or ())))
     if fmt == "table":
         render.quarantined(rows)
@@ -944,7 +947,7 @@ def quarantine_show(
     from chatsync.operations import get_quarantined
 
     fmt = _format(output, ("table", "json"))
-    with _ctx().engine(_ctx().settings()).connect() as connection:
+    with _ctx().engine(_ctx().settings(), create=False).connect() as connection:
         record = get_quarantined(connection, quarantine_id)
     if fmt == "json":
         render.write_json(record)
@@ -970,7 +973,10 @@ def quarantine_retry(
 
     settings = _ctx().settings(region=region)
     counts = retry_quarantined(
-        _ctx().engine(settings), settings.whatsapp, tuple(chatbot_id or ()), tuple(quarantine_id or ())
+        _ctx().engine(settings, create=False),
+        settings.whatsapp,
+        tuple(chatbot_id or ()),
+        tuple(quarantine_id or ()),
     )
     if as_json:
         render.write_json_line(asdict(counts))
@@ -1012,7 +1018,7 @@ def db_info(
     from chatsync.store.engine import current_revision, head_revision, table_counts
 
     settings = _ctx().settings()
-    engine = _ctx().engine(settings)
+    engine = _ctx().engine(settings, create=False)
     render.db_info(
         mask_url(settings.database_url),
         current_revision(engine),
@@ -1036,7 +1042,7 @@ def db_rebuild_rollups() -> None:
     from chatsync.store.tables import conversations
 
     settings = _ctx().settings()
-    engine = _ctx().engine(settings)
+    engine = _ctx().engine(settings, create=False)
     with engine.connect() as connection:
         total = connection.execute(select(func.count()).select_from(conversations)).scalar_one()
     with render.progress("rebuilding rollups", total) as done, engine.begin() as connection:
@@ -1322,7 +1328,7 @@ def access_revoke(
     from chatsync.store.access import revoke
 
     kind, principal = _principal(user, org)
-    with _ctx().engine(_ctx().settings()).begin() as connection:
+    with _ctx().engine(_ctx().settings(), create=False).begin() as connection:
         removed = revoke(connection, chatbot_id, kind, principal)
     render.info(
         f"{kind} {principal} {'no longer sees' if removed else 'had no grant for'} chatbot {chatbot_id}"
@@ -1339,7 +1345,7 @@ def access_list(
     from chatsync.store.access import list_grants
 
     fmt = _format(output, ("table", "json"))
-    with _ctx().engine(_ctx().settings()).connect() as connection:
+    with _ctx().engine(_ctx().settings(), create=False).connect() as connection:
         grants = [{**g, "granted_at": iso_z_text(g["granted_at"])} for g in list_grants(connection)]
     if fmt == "json":
         render.write_json(grants)

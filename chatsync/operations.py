@@ -142,11 +142,14 @@ def list_quarantined(connection: Connection, chatbot_ids: tuple[str, ...] = ()) 
         yield _quarantine_row(row)
 
 
+QUARANTINE_ID_LIMIT = 2**31  # quarantine.id is a 32-bit integer on PostgreSQL
+
+
 def get_quarantined(connection: Connection, quarantine_id: int) -> dict[str, Any]:
     """One quarantined record with its raw JSON as received (``raw``: text). Raises NotFound."""
     row = (
         connection.execute(select(quarantine).where(quarantine.c.id == quarantine_id)).mappings().first()
-        if 0 < quarantine_id < 2**31  # the column's range: a larger id is simply not there
+        if 0 < quarantine_id < QUARANTINE_ID_LIMIT  # the column's range: a larger id is simply not there
         else None
     )
     if row is None:
@@ -188,7 +191,8 @@ def retry_quarantined(
     if chatbot_ids:
         where.append(quarantine.c.chatbot_id.in_(chatbot_ids))
     if quarantine_ids:
-        where.append(quarantine.c.id.in_(quarantine_ids))
+        # ids past the column's range are simply not there (the driver would refuse them as parameters)
+        where.append(quarantine.c.id.in_([i for i in quarantine_ids if 0 < i < QUARANTINE_ID_LIMIT]))
     with engine.connect() as connection:
         targets = connection.execute(
             select(quarantine.c.chatbot_id, func.count())
@@ -196,7 +200,10 @@ def retry_quarantined(
             .group_by(quarantine.c.chatbot_id)
         ).all()
         if quarantine_ids and not targets:
-            raise NotFound(f"no quarantined record with id {', '.join(map(str, quarantine_ids))}")
+            raise NotFound(
+                f"quarantined record {', '.join(map(str, quarantine_ids))} not found: "
+                "`chatsync quarantine list` shows them"
+            )
     for chatbot_id, _ in targets:
         try:
             with chatbot_lock(engine, chatbot_id):

@@ -166,6 +166,7 @@ def test_today_is_never_recorded_as_fetched(cli: Any, emulator_factory: Any, sql
 
 @pytest.mark.parametrize("fmt", ["json", "ndjson", "csv"])
 def test_machine_formats_print_nothing_else_on_an_empty_database(cli: Any, sqlite_url: str, fmt: str) -> None:
+    assert cli("--database-url", sqlite_url, "db", "upgrade").exit_code == 0
     result = cli("--database-url", sqlite_url, "list", "--format", fmt)
     assert result.exit_code == 0
     assert result.stdout in (
@@ -186,6 +187,7 @@ def test_machine_formats_print_nothing_else_on_an_empty_database(cli: Any, sqlit
 def test_out_of_range_input_exits_2_with_one_line(
     cli: Any, sqlite_url: str, args: tuple[str, ...], fragment: str
 ) -> None:
+    assert cli("--database-url", sqlite_url, "db", "upgrade").exit_code == 0
     result = cli("--database-url", sqlite_url, *args)
     assert result.exit_code == ExitCode.USAGE, result.output
     assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1
@@ -287,9 +289,14 @@ def test_ids_too_long_for_their_columns_are_refused_the_same_on_every_database(
     assert "expected up to" in result.stderr
 
 
-def test_a_quarantine_id_out_of_range_is_not_found(cli: Any, sqlite_url: str) -> None:
-    result = cli("quarantine", "show", "99999999999999999999", env={"CHATSYNC_DATABASE_URL": sqlite_url})
-    assert result.exit_code == ExitCode.ERROR and "not found" in result.stderr
+@pytest.mark.parametrize("big", ["9999999999", "99999999999999999999"])  # past PostgreSQL's integer, SQLite's
+def test_a_quarantine_id_out_of_range_is_not_found(cli: Any, database_url: str, big: str) -> None:
+    env = {"CHATSYNC_DATABASE_URL": database_url}
+    assert cli("db", "upgrade", env=env).exit_code == 0
+    for command in ("show", "retry"):
+        result = cli("quarantine", command, big, env=env)
+        assert result.exit_code == ExitCode.ERROR and "not found" in result.stderr, result.stderr
+        assert "unexpected" not in result.stderr
 
 
 def test_a_signal_another_thread_takes_waits_for_the_held_block() -> None:

@@ -122,10 +122,39 @@ def test_limit_and_all_together_are_refused(cli: Any, seeded: str) -> None:
     assert result.stderr == "error: give --limit or --all, not both\n"
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("list",),
+        ("show", "c-1"),
+        ("report",),
+        ("status",),
+        ("set-whatsapp", "c-1", "91234567"),
+        ("quarantine", "list"),
+        ("db", "info"),
+        ("access", "list"),
+    ],
+)
+def test_a_command_on_a_sqlite_file_that_does_not_exist_says_so_and_creates_nothing(
+    cli: Any, tmp_path: Any, args: tuple[str, ...]
+) -> None:
+    """A mistyped path once made its folders and an empty database, and the command said all was well
+    (found by a breaking helper). Only the commands that fill a database (sync, db upgrade, …) make one."""
+    missing = tmp_path / "typo" / "chatsync.db"
+    result = cli("--database-url", f"sqlite:///{missing}", *args)
+    assert result.exit_code == ExitCode.ERROR and result.stdout == ""
+    assert result.stderr == (
+        f"error: cannot open the database: no database file at {missing}: check the URL, or run chatsync "
+        "sync to make one\n"
+    )
+    assert not (tmp_path / "typo").exists()
+
+
 def test_an_empty_database_says_so_where_no_match_would_not(cli: Any, seeded: str, tmp_path: Any) -> None:
     """After the demo a newcomer ran plain `list` on the default (empty) database and got only "no
     conversations match": now stderr names the database and how to fill it; stdout stays the rows alone."""
     empty = f"sqlite:///{tmp_path / 'empty.db'}"
+    assert cli("--database-url", empty, "db", "upgrade").exit_code == 0
     for args in (("list", "--format", "json"), ("report", "--format", "json")):
         result = cli("--database-url", empty, *args)
         assert result.exit_code == 0

@@ -78,7 +78,11 @@ def open_engine(url: str, pool_size: int | None = None, create: bool = True) -> 
                 except OSError as exc:  # a file where the folder should be, a read-only place, …
                     raise DatabaseUnreachable(exc) from None
             elif not path.is_file():
-                raise DatabaseUnreachable(FileNotFoundError(f"no database file at {path}"))
+                raise DatabaseUnreachable(
+                    FileNotFoundError(
+                        f"no database file at {path}: check the URL, or run chatsync sync to make one"
+                    )
+                )
         engine = create_engine(
             parsed, connect_args={"timeout": 30}, json_serializer=_JSON, hide_parameters=True
         )
