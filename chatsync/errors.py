@@ -108,7 +108,9 @@ class ChatbaseRejected(ConfigError):
 class SchemaTooNew(ChatsyncError):
     def __init__(self, found: str, known: str) -> None:
         super().__init__(
-            f"database schema {found!r} is newer than this chatsync knows ({known!r}): upgrade chatsync"
+            f"database schema {found!r} is not one this chatsync knows (its newest is {known!r}): if a newer "
+            "chatsync made it, upgrade chatsync; if the database is another application's (its own Alembic "
+            "version), give chatsync a database of its own"
         )
 
 

@@ -267,6 +267,8 @@ def upgrade(engine: Engine) -> str:
         found = MigrationContext.configure(connection).get_current_revision()
         if found is not None and found not in known_revisions():
             raise SchemaTooNew(found, head_revision())
+        if found is None:
+            _refuse_foreign_tables(connection)
         if found != head_revision():
             command.upgrade(_alembic_config(connection), "head")
     return head_revision()
@@ -285,6 +287,22 @@ def ensure_schema(engine: Engine) -> None:
     if found is not None and found not in known_revisions():
         raise SchemaTooNew(found, head_revision())
     upgrade(engine)
+
+
+def _refuse_foreign_tables(connection: Connection) -> None:
+    """ConfigError when the database holds tables named as chatsync's but no chatsync version (another
+    application's, or made by hand): migrating would fail half-way on 'table … already exists'."""
+    from sqlalchemy import inspect
+
+    from chatsync.store.tables import metadata
+
+    taken = sorted(set(inspect(connection).get_table_names()) & set(metadata.tables))
+    if taken:
+        raise ConfigError(
+            f"the database already holds tables chatsync would make ({', '.join(taken[:3])}"
+            f"{', …' if len(taken) > 3 else ''}) but no chatsync schema version: it is another "
+            "application's, or was made by hand; give chatsync a database of its own"
+        )
 
 
 def create_schema(engine: Engine) -> bool:
