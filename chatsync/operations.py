@@ -75,6 +75,16 @@ def chatbot_statuses(
         connection, ids, select(quarantine.c.chatbot_id, func.count()).group_by(quarantine.c.chatbot_id)
     )
     runs = _last_runs(connection, set(ids))
+    from chatsync.store.locks import sync_held
+
+    for chatbot_id, run in runs.items():
+        if run["status"] == "running" and sync_held(connection.engine, chatbot_id) is False:
+            # its lock is free: the process ended without writing how (SIGKILL, a power cut); the
+            # next sync records it so
+            run["status"] = "interrupted"
+            run["error"] = (
+                run["error"] or "the sync ended without recording how (killed?); the next sync continues"
+            )
     out = []
     for chatbot_id in ids:
         row = known.get(chatbot_id)
@@ -416,17 +426,14 @@ def _chatbase_checks(settings: Any, ids: tuple[str, ...]) -> list[Check]:
 
 
 def _lock_checks(engine: Engine, ids: tuple[str, ...]) -> list[Check]:
-    from chatsync.store.locks import chatbot_lock
+    from chatsync.store.locks import sync_held
 
     out = []
     for chatbot_id in ids:
-        try:
-            with chatbot_lock(engine, chatbot_id):
-                pass
-        except LockHeld:
+        if sync_held(engine, chatbot_id):
             out.append(
                 Check(f"lock {chatbot_id}", True, "held: a sync of this chatbot is running now", warning=True)
             )
-            continue
-        out.append(Check(f"lock {chatbot_id}", True, "free"))
+        else:
+            out.append(Check(f"lock {chatbot_id}", True, "free"))
     return out

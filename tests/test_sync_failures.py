@@ -546,6 +546,51 @@ def test_a_second_ctrl_c_while_a_run_is_still_ending_stops_it_at_once(
         monitor.server_close()
 
 
+def test_status_tells_a_killed_run_from_a_running_one(
+    emulator_factory: Any, database_url: str, tmp_path: Path
+) -> None:
+    """A SIGKILLed sync leaves its run marked running; status said "running" until the next sync (found by
+    a breaking helper). It now looks at the chatbot's sync lock, without taking it."""
+    slow = emulator_factory(conversations=300, seed=33, latency_ms=1_500)
+    env = {**os.environ, **chatbase_env(slow, database_url)}
+
+    def status() -> dict[str, Any]:
+        shown = subprocess.run(
+            [sys.executable, "-m", "chatsync", "status", "--json"], env=env, cwd=tmp_path,
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert shown.returncode == 0, shown.stderr
+        run: dict[str, Any] = json.loads(shown.stdout)["chatbots"][0]["last_run"]
+        return run
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "chatsync", "sync"], env=env, cwd=tmp_path,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    engine = open_engine(database_url)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with engine.connect() as connection:
+                try:
+                    if connection.exec_driver_sql("SELECT 1 FROM sync_runs WHERE status = 'running'").first():
+                        break
+                except Exception:  # the schema is not made yet
+                    pass
+            time.sleep(0.05)
+        assert status()["status"] == "running"  # it is: its lock is held
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+        killed = status()
+        assert killed["status"] == "interrupted" and "ended without recording how" in killed["error"]
+        with engine.connect() as connection:  # status changed nothing: the next sync records it
+            assert connection.exec_driver_sql("SELECT status FROM sync_runs").scalar_one() == "running"
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        engine.dispose()
+
+
 def _wait_for_a_running_run(database: Path, process: subprocess.Popen[str], timeout: float = 60) -> None:
     """Until the sync has recorded its run (a loaded machine takes seconds to get there: a fixed sleep
     once stopped it before, and status then rightly showed no run at all)."""

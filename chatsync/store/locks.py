@@ -83,6 +83,46 @@ def chatbot_lock(
         yield
 
 
+def sync_held(engine: Engine, chatbot_id: str) -> bool | None:
+    """Whether a process holds the chatbot's sync lock now, without taking it; None when this process
+    cannot tell (in-memory SQLite). For ``status``: a run still marked running whose lock is free was
+    ended without recording how (SIGKILL, a power cut).
+
+    PostgreSQL: a lease row that has not expired and whose holder, if on this host, still lives. SQLite
+    file: the lock file's ``flock`` probed with a shared lock for an instant (a sync taking its lock in
+    that instant tries again: :func:`_file_lock`).
+    """
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as connection:
+            row = connection.execute(
+                select(
+                    sync_leases.c.holder,
+                    sync_leases.c.pid_namespace,
+                    sync_leases.c.pid,
+                    sync_leases.c.process_start,
+                ).where(sync_leases.c.chatbot_id == chatbot_id, sync_leases.c.expires_at > func.now())
+            ).first()
+        return row is not None and not _holder_is_gone(
+            row.holder, row.pid_namespace, row.pid, row.process_start, _this_process()
+        )
+    database = engine.url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    import fcntl
+
+    try:
+        fd = os.open(_lock_path(Path(database), chatbot_id), os.O_RDONLY)
+    except FileNotFoundError:
+        return False  # no sync of it ever ran here
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # (closing releases the shared lock when it was taken)
+    return False
+
+
 # ----------------------------------------------------------------------------------------- the holder
 @dataclass(frozen=True)
 class _Process:
@@ -265,19 +305,31 @@ class _Lease:
 
 
 # ---------------------------------------------------------------------------------------- SQLite locks
+_TAKE_ATTEMPTS = 4  # over 60 ms
+
+
+def _lock_path(database: Path, chatbot_id: str) -> Path:
+    digest = hashlib.sha256(chatbot_id.encode()).hexdigest()[:16]
+    return database.with_name(f"{database.name}.sync-{digest}.lock")
+
+
 @contextmanager
 def _file_lock(database: Path, chatbot_id: str) -> Iterator[None]:
     import fcntl
 
-    digest = hashlib.sha256(chatbot_id.encode()).hexdigest()[:16]
-    path = database.with_name(f"{database.name}.sync-{digest}.lock")
+    path = _lock_path(database, chatbot_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LockHeld(chatbot_id) from None
+        for attempt in range(_TAKE_ATTEMPTS):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                # a sync holds it, or `status`/`doctor` probes it for an instant: look again shortly
+                if attempt == _TAKE_ATTEMPTS - 1:
+                    raise LockHeld(chatbot_id) from None
+                time.sleep(0.02)
         try:
             yield
         finally:
