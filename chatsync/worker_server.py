@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 PRELOAD = "chatsync.worker_preload"
+_QUIET_TRACKER = "ignore:resource_tracker:UserWarning"
 
 
 def default_workers() -> int:
@@ -53,6 +54,13 @@ def start_resource_tracker() -> None:
         from multiprocessing import resource_tracker
     except ImportError:  # (not POSIX)
         return
+    # The tracker outlives a SIGKILLed sync and then warns of the pool's "leaked semaphore objects" on
+    # the sync's stderr, which cron mails; it cleans them up all the same. It is started with the
+    # interpreter's -W options: this one keeps it quiet about that alone.
+    import sys
+
+    if _QUIET_TRACKER not in sys.warnoptions:
+        sys.warnoptions.append(_QUIET_TRACKER)
     resource_tracker.ensure_running()
 
 

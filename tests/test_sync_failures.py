@@ -591,6 +591,24 @@ def test_status_tells_a_killed_run_from_a_running_one(
         engine.dispose()
 
 
+def test_a_sigkill_of_the_sync_alone_leaves_stderr_empty(
+    emulator_factory: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    """kill -9 of the sync's process (not its group) left multiprocessing's resource tracker warning of
+    "leaked semaphore objects" on the sync's stderr, which cron mails (found by a breaking helper)."""
+    slow = emulator_factory(conversations=300, seed=34, latency_ms=1_000)
+    env = {**os.environ, **chatbase_env(slow, sqlite_url)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "chatsync", "sync"], env=env, cwd=tmp_path,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    _wait_for_a_running_run(Path(sqlite_url.removeprefix("sqlite:///")), process)
+    time.sleep(1.5)  # pages are being read: the worker pool and its semaphores exist
+    process.kill()
+    _, err = process.communicate(timeout=60)  # until every process holding its stderr has ended
+    assert process.returncode == -signal.SIGKILL and err == "", err
+
+
 def _wait_for_a_running_run(database: Path, process: subprocess.Popen[str], timeout: float = 60) -> None:
     """Until the sync has recorded its run (a loaded machine takes seconds to get there: a fixed sleep
     once stopped it before, and status then rightly showed no run at all)."""
