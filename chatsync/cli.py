@@ -1458,6 +1458,12 @@ def main() -> None:
         except typer.Abort:
             print("Aborted!", file=sys.stderr)
             sys.exit(1)
+        except SystemExit as ended:
+            # Click ends a write to a closed pipe outside any command (--help | true) with exit 1, after
+            # wrapping stdout to keep the interpreter's last flush quiet: as a command does, end with 141
+            if ended.code == 1 and type(sys.stdout).__name__ == "PacifyFlushWrapper":
+                sys.exit(141)
+            raise
         finally:
             begin()  # no command began (--help, a usage error): a signal held meanwhile is taken now
             _settle()

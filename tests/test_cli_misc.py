@@ -229,8 +229,15 @@ def test_a_reader_that_stops_early_gets_no_error_message(cli: Any, tmp_path: Pat
 
 @pytest.mark.parametrize(
     "args",
-    [("report", "--format", "table"), ("status",), ("status", "--max-age", "2h"), ("list", "--limit", "5")],
-    ids=["report-table", "status", "status-max-age", "list-table"],
+    [
+        ("report", "--format", "table"),
+        ("status",),
+        ("status", "--max-age", "2h"),
+        ("list", "--limit", "5"),
+        ("--help",),
+        ("sync", "--help"),
+    ],
+    ids=["report-table", "status", "status-max-age", "list-table", "help", "sync-help"],
 )
 def test_tables_to_a_reader_that_stopped_reading_end_with_141_not_1(
     cli: Any, tmp_path: Path, args: tuple[str, ...]
