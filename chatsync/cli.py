@@ -485,6 +485,11 @@ def _sync(
     configure_sentry(settings.sentry_dsn.reveal() if settings.sentry_dsn else None)
     start, end = _day(since), _day(until)
     _window(start, end)
+    if start is not None and start > utcnow().date():
+        # (a dry run once planned it: first day 2999-12-31, last day today, 0 days)
+        raise UsageError(
+            f"--since {start} is after today ({utcnow().date()}, UTC): nothing can be fetched yet"
+        )
     chatbot_ids = () if all_chatbots else settings.require_chatbot_ids()
     sources = _sources(source, settings.api_version)
     run.chatbots = list(chatbot_ids)

@@ -193,9 +193,16 @@ def chatbot_id(text: str) -> str:
 
 
 def validate_timezone(name: str) -> str:
+    """An IANA time zone name as the system's database spells it (``utc`` and ``asia/hong_kong`` are
+    ``UTC`` and ``Asia/Hong_Kong``); a UsageError for any other text."""
     try:
         ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError, OSError):  # a folder name or an overlong name is an OSError
+        from zoneinfo import available_timezones
+
+        spelled = {zone.lower(): zone for zone in available_timezones()}.get(name.strip().lower())
+        if spelled is not None:
+            return spelled
         raise UsageError(
             f"unknown time zone {name!r}: expected an IANA name such as UTC or Asia/Hong_Kong"
         ) from None
@@ -534,6 +541,15 @@ def _present(value: object) -> bool:
     return value not in (None, "", (), [])
 
 
+def _blank(value: object) -> bool:
+    """A value given, but empty or only spaces (a list: every item so)."""
+    if isinstance(value, str):
+        return not value.strip()
+    if isinstance(value, list | tuple) and value:
+        return all(isinstance(v, str) and not v.strip() for v in value)
+    return False
+
+
 def load_settings(
     overrides: Mapping[str, object] | None = None,
     env: Mapping[str, str] | None = None,
@@ -553,7 +569,11 @@ def load_settings(
     origins: dict[str, Origin] = {}
     for setting in SETTINGS:
         found: tuple[object, Origin] | None = None
-        if _present(flags.get(setting.name)):
+        given = flags.get(setting.name)
+        if setting.flag and _blank(given):
+            # `--tz ""` once quietly meant "unset", and `--chatbot-id ''` said the variable was not set
+            raise UsageError(f"{setting.flag} is empty: give a value, or leave the option out")
+        if _present(given):
             found = (flags[setting.name], Origin("flag", setting.flag))
         else:
             for kind, source in (("env", environment), (".env", dotenv)):

@@ -113,6 +113,26 @@ def test_an_api_root_that_is_not_an_http_url_is_refused(tmp_path: Path, variable
     assert "pw" not in str(raised.value)
 
 
+@pytest.mark.parametrize(("setting", "flag"), [("timezone", "--tz"), ("chatbot_ids", "--chatbot-id")])
+@pytest.mark.parametrize("given", ["", "  ", [""], ["", " "]])
+def test_an_option_given_empty_is_refused_not_taken_for_unset(
+    tmp_path: Path, setting: str, flag: str, given: object
+) -> None:
+    env = {"CHATSYNC_TIMEZONE": "Asia/Tokyo", "CHATBASE_CHATBOT_ID": "bot-a"}
+    with pytest.raises(UsageError, match=f"^{flag} is empty: give a value, or leave the option out$"):
+        load_settings({setting: given}, env=env, dotenv_path=tmp_path / "none")
+    assert load_settings({setting: None}, env=env, dotenv_path=tmp_path / "none").timezone == "Asia/Tokyo"
+
+
+def test_a_time_zone_in_any_case_is_the_databases_spelling(tmp_path: Path) -> None:
+    for typed, zone in (
+        ("utc", "UTC"),
+        ("asia/hong_kong", "Asia/Hong_Kong"),
+        ("Europe/London", "Europe/London"),
+    ):
+        assert load_settings({"timezone": typed}, env={}, dotenv_path=tmp_path / "none").timezone == zone
+
+
 def test_supabase_urls_work_as_given() -> None:
     assert normalize_database_url("postgres://a:b@h:5432/d") == "postgresql+psycopg://a:b@h:5432/d"
     assert (

@@ -142,6 +142,14 @@ def test_a_key_with_a_line_ending_syncs_and_one_no_header_carries_is_refused_uns
     assert ftp.exit_code == ExitCode.USAGE and "--base-url: invalid Chatbase API root" in ftp.stderr
 
 
+def test_a_sync_since_a_day_after_today_is_refused(cli: Any, emulator_factory: Any, sqlite_url: str) -> None:
+    server = emulator_factory(conversations=10, seed=45)
+    for extra in ((), ("--dry-run",)):
+        result = cli("sync", "--since", "2999-12-31", *extra, env=chatbase_env(server, sqlite_url))
+        assert result.exit_code == ExitCode.USAGE and "--since 2999-12-31 is after today" in result.stderr
+    assert server.emulator.requests == 0
+
+
 # ---------------------------------------------------------------------------------------------- logs
 def test_verbose_sync_logs_its_plan_windows_and_summary(
     cli: Any, emulator_factory: Any, sqlite_url: str
