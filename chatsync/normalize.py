@@ -376,13 +376,19 @@ def stored_id(raw: object) -> str | None:
 
 
 def _chatbot_of(value: object, requested: str) -> str:
-    """The record's own chatbot id when it sends a usable one, else the chatbot that was asked for."""
+    """The chatbot that was asked for. A record naming another one is a BadRecord: stored under the
+    chatbot it names, it would be shown to whoever may see that one (the HTTP API grants by chatbot) and
+    counted in its report, from a sync that never asked for it (a property test's record with
+    ``"chatbot_id": 0`` was once stored as chatbot "0")."""
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if isinstance(value, str) and value.strip():
         if len(value) > MAX_ID_CHARS:
             raise BadRecord(f"chatbot_id is {len(value):,} characters (limit {MAX_ID_CHARS})")
-        return value
+        if value != requested:
+            raise BadRecord(
+                f"the record names chatbot {value[:40]!r}, not {requested!r} whose conversations were asked for"
+            )
     return requested
 
 

@@ -34,6 +34,8 @@ def _raw(**fields: object) -> dict[str, object]:
         (_raw(id="x" * 129), "id is 129 characters"),
         (_raw(source="s" * 65), "source is 65 characters"),
         (_raw(chatbot_id="b" * 129), "chatbot_id is 129 characters"),
+        (_raw(chatbot_id="other-bot"), "the record names chatbot 'other-bot', not 'bot'"),
+        (_raw(chatbot_id=0), "the record names chatbot '0', not 'bot'"),
         (_raw(status="s" * 33), "status is 33 characters"),
         (_raw(title="t" * 1001), "title is 1,001 characters"),
         (_raw(userId="u" * 257), "userId is 257 characters"),
@@ -68,6 +70,12 @@ def test_figures_count_roles_response_times_and_unanswered_questions() -> None:
     assert row["unanswered"] is True
     assert row["last_message_at"].isoformat() == "2024-05-01T08:02:05.500000+00:00"
     assert row["chatbot_id"] == "bot"
+
+
+def test_a_record_is_stored_under_the_chatbot_asked_for() -> None:
+    for same in ("bot", None, "", "  "):  # naming the chatbot asked for, or none: stored under it
+        assert normalize_conversation(_raw(chatbot_id=same), "bot", WhatsAppRule())["chatbot_id"] == "bot"
+    assert normalize_conversation(_raw(chatbot_id=123), "123", WhatsAppRule())["chatbot_id"] == "123"
 
 
 def test_unknown_fields_are_kept_and_the_hash_tracks_content() -> None:

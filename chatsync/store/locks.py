@@ -94,14 +94,7 @@ def sync_held(engine: Engine, chatbot_id: str) -> bool | None:
     """
     if engine.dialect.name == "postgresql":
         with engine.connect() as connection:
-            row = connection.execute(
-                select(
-                    sync_leases.c.holder,
-                    sync_leases.c.pid_namespace,
-                    sync_leases.c.pid,
-                    sync_leases.c.process_start,
-                ).where(sync_leases.c.chatbot_id == chatbot_id, sync_leases.c.expires_at > func.now())
-            ).first()
+            row = _holder(connection, chatbot_id, unexpired=True)
         return row is not None and not _holder_is_gone(
             row.holder, row.pid_namespace, row.pid, row.process_start, _this_process()
         )
@@ -124,6 +117,20 @@ def sync_held(engine: Engine, chatbot_id: str) -> bool | None:
 
 
 # ----------------------------------------------------------------------------------------- the holder
+def _holder(connection: Any, chatbot_id: str, unexpired: bool = False) -> Any:
+    """The lease row's holder columns (holder, pid_namespace, pid, process_start), or None."""
+    where = [sync_leases.c.chatbot_id == chatbot_id]
+    if unexpired:
+        where.append(sync_leases.c.expires_at > func.now())
+    columns = (
+        sync_leases.c.holder,
+        sync_leases.c.pid_namespace,
+        sync_leases.c.pid,
+        sync_leases.c.process_start,
+    )
+    return connection.execute(select(*columns).where(*where)).first()
+
+
 @dataclass(frozen=True)
 class _Process:
     """This process as a lease row names it; ``pid_namespace`` and ``start`` are None off Linux."""
@@ -210,14 +217,7 @@ class _Lease:
                     self._deadline = started + self._give_up_after
                     self._start_keeping()
                     return
-                row = connection.execute(
-                    select(
-                        sync_leases.c.holder,
-                        sync_leases.c.pid_namespace,
-                        sync_leases.c.pid,
-                        sync_leases.c.process_start,
-                    ).where(sync_leases.c.chatbot_id == self.chatbot_id)
-                ).first()
+                row = _holder(connection, self.chatbot_id)
             if row is not None and not _holder_is_gone(
                 row.holder, row.pid_namespace, row.pid, row.process_start, me
             ):
