@@ -258,9 +258,21 @@ def _window(since: date | None, until: date | None) -> None:
 
 
 # Options shared by several commands (one definition, stacked where used).
+def _given_chatbots(values: list[str] | None) -> list[str] | None:
+    """``--chatbot-id`` as given: an empty one is refused, not a filter that matches nothing."""
+    if values and any(not value.strip() for value in values):
+        raise typer.BadParameter("an empty id: give a chatbot id, or leave the option out")
+    return values
+
+
 ChatbotOpt = Annotated[
     list[str] | None,
-    typer.Option("--chatbot-id", metavar="ID", help="Chatbot to use; repeatable [env CHATBASE_CHATBOT_ID]."),
+    typer.Option(
+        "--chatbot-id",
+        metavar="ID",
+        help="Chatbot to use; repeatable [env CHATBASE_CHATBOT_ID].",
+        callback=_given_chatbots,
+    ),
 ]
 SourceOpt = Annotated[
     list[str] | None,

@@ -324,8 +324,13 @@ def http_url(what: str, example: str) -> Callable[[object], str]:
         text = str(value).strip().rstrip("/")
         try:
             parts = urlsplit(text)
-            fine = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
-        except ValueError:  # e.g. an unclosed [ of an IPv6 address
+            _ = parts.port  # a port that is not a number, or out of range, is a ValueError
+            fine = (
+                parts.scheme.lower() in ("http", "https")
+                and bool(parts.hostname)
+                and not any(c.isspace() for c in parts.netloc)
+            )
+        except ValueError:  # e.g. an unclosed [ of an IPv6 address, port 99999 or 8742:80
             fine = False
         if not fine:
             raise UsageError(f"invalid {what} {mask_url(text)!r}: expected an http(s) URL such as {example}")

@@ -311,6 +311,19 @@ def test_ids_too_long_for_their_columns_are_refused_the_same_on_every_database(
     assert "expected up to" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "command",
+    [("list",), ("report",), ("quarantine", "list"), ("reextract",), ("status",), ("sync", "--json")],
+)
+def test_an_empty_chatbot_id_is_refused_not_a_filter_matching_nothing(
+    cli: Any, sqlite_url: str, command: tuple[str, ...]
+) -> None:
+    assert cli("--database-url", sqlite_url, "db", "upgrade").exit_code == 0
+    result = cli("--database-url", sqlite_url, *command, "--chatbot-id", "bot-a", "--chatbot-id", " ")
+    assert result.exit_code == ExitCode.USAGE, result.output
+    assert "--chatbot-id': an empty id" in result.stderr  # (main() prints it as one line)
+
+
 @pytest.mark.parametrize("big", ["9999999999", "99999999999999999999"])  # past PostgreSQL's integer, SQLite's
 def test_a_quarantine_id_out_of_range_is_not_found(cli: Any, database_url: str, big: str) -> None:
     env = {"CHATSYNC_DATABASE_URL": database_url}

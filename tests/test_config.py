@@ -97,6 +97,10 @@ def test_a_key_no_header_can_carry_is_refused_without_showing_it(
         ("CHATBASE_BASE_URL", "http://"),
         ("CHATBASE_API_URL", "https://[::1"),
         ("CHATBASE_API_URL", "file:///etc/passwd"),
+        ("CHATBASE_BASE_URL", "http://127.0.0.1:8742:80/api/v1"),
+        ("CHATBASE_BASE_URL", "http://127.0.0.1:99999/api/v1"),
+        ("CHATBASE_BASE_URL", "http://127.0.0.1:abc/api/v1"),
+        ("CHATBASE_API_URL", "http://my host/api/v2"),
     ],
 )
 def test_an_api_root_that_is_not_an_http_url_is_refused(tmp_path: Path, variable: str, value: str) -> None:
