@@ -63,16 +63,35 @@ def test_a_schema_newer_than_the_code_is_refused(cli: Any, database_url: str) ->
 def test_another_applications_tables_are_left_alone_with_one_line(cli: Any, database_url: str) -> None:
     """A database whose conversations table another tool made: 'unexpected OperationalError: table
     conversations already exists' before (found by a breaking helper); now one line, nothing touched."""
-    engine = open_engine(database_url)
-    with engine.begin() as connection:
-        connection.execute(text("CREATE TABLE conversations (id TEXT PRIMARY KEY, body TEXT)"))
-        connection.execute(text("INSERT INTO conversations VALUES ('theirs', 'keep me')"))
-    result = cli("--database-url", database_url, "db", "upgrade")
-    assert result.exit_code == ExitCode.CONFIG and result.stderr.count("\n") == 1
-    assert "already holds tables chatsync would make (conversations)" in result.stderr
-    with engine.connect() as connection:
-        assert connection.execute(text("SELECT body FROM conversations")).scalar_one() == "keep me"
-    engine.dispose()
+    statements = (
+        "CREATE TABLE conversations (id TEXT PRIMARY KEY, body TEXT)",
+        "INSERT INTO conversations VALUES ('theirs', 'keep me')",
+    )
+    if database_url.startswith("sqlite"):  # as the other application made it: not through chatsync
+        import sqlite3
+
+        path = Path(database_url.removeprefix("sqlite:///"))
+        with sqlite3.connect(path) as connection:
+            for statement in statements:
+                connection.execute(statement)
+        before = path.read_bytes()
+    else:
+        engine = open_engine(database_url)
+        with engine.begin() as connection:
+            for statement in statements:
+                connection.execute(text(statement))
+        engine.dispose()
+    for command in (("db", "upgrade"), ("list",), ("status",)):
+        result = cli("--database-url", database_url, *command)
+        assert result.exit_code == ExitCode.CONFIG and result.stderr.count("\n") == 1
+        assert "already holds tables chatsync would make (conversations)" in result.stderr
+    if database_url.startswith("sqlite"):
+        assert path.read_bytes() == before  # not even its journal mode (it was once left in WAL)
+    else:
+        engine = open_engine(database_url)
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT body FROM conversations")).scalar_one() == "keep me"
+        engine.dispose()
 
 
 def test_a_sqlite_path_that_cannot_be_made_is_one_line(cli: Any, tmp_path: Path) -> None:

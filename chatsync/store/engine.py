@@ -167,15 +167,23 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.create_function("chatsync_casefold", 1, _casefold, deterministic=True)
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA busy_timeout=30000")
-    try:
-        cursor.execute("PRAGMA journal_mode=WAL")
-    except sqlite3.OperationalError as exc:
-        if "locked" not in str(exc):
-            raise
-        _into_wal_when_free(cursor)
+    if _ours_or_new(cursor):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc):
+                raise
+            _into_wal_when_free(cursor)
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _ours_or_new(cursor: Any) -> bool:
+    """Whether a SQLite file is chatsync's (or new) and may be put in WAL: the switch persists in the
+    file, and another application's, which chatsync then refuses to touch, was once left in WAL."""
+    names = {row[0] for row in cursor.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    return not names or {"alembic_version", "conversations", "sync_runs"} <= names
 
 
 def _into_wal_when_free(cursor: Any) -> None:
