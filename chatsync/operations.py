@@ -278,8 +278,14 @@ class Check:
 def run_checks(settings: Any, check_chatbase: bool = True) -> list[Check]:
     """Database reachable and at the schema this chatsync knows; the key and every chatbot id answered by
     one ``size=1`` request each; each chatbot's sync lock free. Changes nothing (no upgrade, no lock kept)."""
-    from chatsync.errors import ChatsyncError, ConfigError, DatabaseUnreachable
-    from chatsync.store.engine import current_revision, head_revision, known_revisions, open_engine
+    from chatsync.errors import ChatsyncError, ConfigError, DatabaseUnreachable, SchemaTooNew
+    from chatsync.store.engine import (
+        current_revision,
+        head_revision,
+        known_revisions,
+        open_engine,
+        refuse_foreign_tables,
+    )
 
     checks: list[Check] = []
     url = mask_url(settings.database_url)
@@ -296,6 +302,9 @@ def run_checks(settings: Any, check_chatbase: bool = True) -> list[Check]:
             raise DatabaseUnreachable(exc) from None
         head = head_revision()
         current = found == head
+        if found is None:
+            with engine.connect() as connection:
+                refuse_foreign_tables(connection)  # another application's tables: a ConfigError
         if current:
             checks.append(Check("database", True, f"{url} answers, schema {found} (current)"))
         elif found is None or found in known_revisions():
@@ -312,7 +321,7 @@ def run_checks(settings: Any, check_chatbase: bool = True) -> list[Check]:
                 Check(
                     "database",
                     False,
-                    f"{url} has schema {found}, newer than this chatsync ({head}): upgrade chatsync",
+                    f"{url}: {SchemaTooNew(found, head)}",
                 )
             )
     except _NotYet as exc:

@@ -85,6 +85,11 @@ def test_another_applications_tables_are_left_alone_with_one_line(cli: Any, data
         result = cli("--database-url", database_url, *command)
         assert result.exit_code == ExitCode.CONFIG and result.stderr.count("\n") == 1
         assert "already holds tables chatsync would make (conversations)" in result.stderr
+    doctor = cli(
+        "--database-url", database_url, "doctor", env={"CHATBASE_API_KEY": "", "CHATBASE_CHATBOT_ID": ""}
+    )
+    assert doctor.exit_code == ExitCode.CONFIG  # it once said "schema empty: the next command upgrades it"
+    assert "already holds tables chatsync would make" in doctor.stdout + doctor.stderr
     if database_url.startswith("sqlite"):
         assert path.read_bytes() == before  # not even its journal mode (it was once left in WAL)
     else:

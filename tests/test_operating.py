@@ -528,7 +528,7 @@ def test_doctor_names_a_database_it_cannot_reach_and_one_it_must_not_touch(
         connection.execute(text("UPDATE alembic_version SET version_num = '9999'"))
     engine.dispose()
     code, checks = _doctor(cli, env)
-    assert code != 0 and "newer than this chatsync" in checks["database"]["detail"]
+    assert code != 0 and "is not one this chatsync knows" in checks["database"]["detail"]
     table = cli("doctor", env=env)
     assert "FAIL  database" in table.stdout
 

@@ -276,7 +276,7 @@ def upgrade(engine: Engine) -> str:
         if found is not None and found not in known_revisions():
             raise SchemaTooNew(found, head_revision())
         if found is None:
-            _refuse_foreign_tables(connection)
+            refuse_foreign_tables(connection)
         if found != head_revision():
             command.upgrade(_alembic_config(connection), "head")
     return head_revision()
@@ -297,7 +297,7 @@ def ensure_schema(engine: Engine) -> None:
     upgrade(engine)
 
 
-def _refuse_foreign_tables(connection: Connection) -> None:
+def refuse_foreign_tables(connection: Connection) -> None:
     """ConfigError when the database holds tables named as chatsync's but no chatsync version (another
     application's, or made by hand): migrating would fail half-way on 'table … already exists'."""
     from sqlalchemy import inspect
