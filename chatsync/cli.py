@@ -497,11 +497,10 @@ def _sync(
     configure_sentry(settings.sentry_dsn.reveal() if settings.sentry_dsn else None)
     start, end = _day(since), _day(until)
     _window(start, end)
-    if start is not None and start > utcnow().date():
+    today = utcnow().date()
+    if start is not None and start > today:
         # (a dry run once planned it: first day 2999-12-31, last day today, 0 days)
-        raise UsageError(
-            f"--since {start} is after today ({utcnow().date()}, UTC): nothing can be fetched yet"
-        )
+        raise UsageError(f"--since {start} is after today ({today}, UTC): nothing can be fetched yet")
     chatbot_ids = () if all_chatbots else settings.require_chatbot_ids()
     sources = _sources(source, settings.api_version)
     run.chatbots = list(chatbot_ids)
@@ -513,7 +512,6 @@ def _sync(
     with open_client(settings, max_connections=settings.concurrency * 2) as client:
         run.client_stats = client.stats
         with _signals_deferred():
-            today = utcnow().date()
             ahead = None
             if (
                 chatbot_ids

@@ -61,6 +61,8 @@ def chatbot_statuses(
 
     A chatbot is ``stale`` when ``max_age`` is given and its last good sync is older than that, or missing.
     """
+    from chatsync.store.locks import sync_held
+
     wanted = list(dict.fromkeys(chatbot_ids))
     known = {r.id: r for r in connection.execute(select(chatbots)).all()}
     ids = wanted or sorted(known)
@@ -75,8 +77,6 @@ def chatbot_statuses(
         connection, ids, select(quarantine.c.chatbot_id, func.count()).group_by(quarantine.c.chatbot_id)
     )
     runs = _last_runs(connection, set(ids))
-    from chatsync.store.locks import sync_held
-
     for chatbot_id, run in runs.items():
         if run["status"] == "running" and sync_held(connection.engine, chatbot_id) is False:
             # its lock is free: the process ended without writing how (SIGKILL, a power cut); the
