@@ -596,14 +596,18 @@ def test_a_sigkill_of_the_sync_alone_leaves_stderr_empty(
 ) -> None:
     """kill -9 of the sync's process (not its group) left multiprocessing's resource tracker warning of
     "leaked semaphore objects" on the sync's stderr, which cron mails (found by a breaking helper)."""
-    slow = emulator_factory(conversations=300, seed=34, latency_ms=1_000)
+    # Enough pages at 2 s each that a loaded machine cannot finish the run before the kill (300
+    # conversations at 1 s once did: the sync exited 0 first).
+    slow = emulator_factory(conversations=3_000, seed=34, latency_ms=2_000)
     env = {**os.environ, **chatbase_env(slow, sqlite_url)}
     process = subprocess.Popen(
         [sys.executable, "-m", "chatsync", "sync"], env=env, cwd=tmp_path,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    _wait_for_a_running_run(Path(sqlite_url.removeprefix("sqlite:///")), process)
-    time.sleep(1.5)  # pages are being read: the worker pool and its semaphores exist
+    database = Path(sqlite_url.removeprefix("sqlite:///"))
+    _wait_for_a_running_run(database, process)
+    _wait_for_stored_conversations(database, process)  # a page went through the worker pool
+    assert process.poll() is None, "the sync ended before it could be killed"
     process.kill()
     _, err = process.communicate(timeout=60)  # until every process holding its stderr has ended
     assert process.returncode == -signal.SIGKILL and err == "", err
@@ -625,6 +629,22 @@ def _wait_for_a_running_run(database: Path, process: subprocess.Popen[str], time
             pass
         time.sleep(0.05)
     raise AssertionError("the sync never recorded its run")
+
+
+def _wait_for_stored_conversations(
+    database: Path, process: subprocess.Popen[str], timeout: float = 60
+) -> None:
+    """Until the sync has committed at least one conversation, so its worker processes exist."""
+    import sqlite3
+    from contextlib import closing
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as connection:
+            if connection.execute("SELECT 1 FROM conversations LIMIT 1").fetchone():
+                return
+        time.sleep(0.05)
+    raise AssertionError("the sync never stored a conversation")
 
 
 def test_status_says_a_run_was_interrupted(emulator_factory: Any, sqlite_url: str, tmp_path: Path) -> None:
