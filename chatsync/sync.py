@@ -91,6 +91,7 @@ MAX_WINDOW_DAYS = 31
 # transaction on average), 6.8 s -> 5.3 s writing the same pages back to back. A run killed mid-batch
 # loses at most these pages, which the next run fetches again.
 PAGES_PER_TRANSACTION = 4
+CHATBOT_REFUSALS = (403, 404)  # what Chatbase says of one chatbot (no access, not found), not of the key
 STOP_PATIENCE_SECONDS = 1.0  # how long a Ctrl-C or SIGTERM waits for requests in flight
 # Hosts of one cron round do not start at the same instant (a busy host starts seconds late): a chatbot
 # whose sync finished this long before a shared run began was synced in this round.
@@ -129,11 +130,13 @@ class SyncSummary:
     started_at: str | None = None
     finished_at: str | None = None
     skipped: list[str] = field(default_factory=list)  # shared runs: chatbots another host had or did
+    refused: list[str] = field(default_factory=list)  # chatbots Chatbase refused (not found, no access)
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        if not self.skipped:
-            del out["skipped"]
+        for optional in ("skipped", "refused"):
+            if not out[optional]:
+                del out[optional]
         return out
 
 
@@ -539,6 +542,7 @@ class Syncer:
         self.workers = default_workers() if workers is None else max(0, workers)
         self.run_id = str(uuid.uuid4())
         self.summary = SyncSummary()
+        self._refusals: list[ChatbaseRejected] = []  # chatbots Chatbase refused so far (run order)
         self._windows_done = 0
         self._windows_total = 0
 
@@ -569,9 +573,10 @@ class Syncer:
             error: BaseException | None = None
             try:
                 for chatbot_id in request.chatbot_ids:
-                    self._sync_chatbot(chatbot_id, request)
+                    self._sync_chatbot_or_note_refusal(chatbot_id, request)
                     if lost:
                         raise lost[0]
+                self._raise_first_refusal()
             except BaseException as exc:
                 # e.g. "sync stopped" from the client: the lost lock is the cause (an interrupt stays one)
                 error = lost[0] if lost and isinstance(exc, Exception) else exc
@@ -616,12 +621,14 @@ class Syncer:
                         summary.chatbots.append(chatbot_id)
                         with self._db() as connection:
                             writes.set_run_chatbots(connection, self.run_id, summary.chatbots)
-                        self._sync_chatbot(chatbot_id, SyncRequest((chatbot_id,), **_options(request)))
+                        one = SyncRequest((chatbot_id,), **_options(request))
+                        self._sync_chatbot_or_note_refusal(chatbot_id, one)
                         if lost:
                             raise lost[0]
                 except LockHeld:
                     log.info("chatbot %s: another process is syncing it; skipped", chatbot_id)
                     summary.skipped.append(chatbot_id)
+            self._raise_first_refusal()
         except BaseException as exc:
             error = lost[0] if lost and isinstance(exc, Exception) else exc
             if error is not exc:
@@ -737,6 +744,32 @@ class Syncer:
         )
         plan.streams.extend(streams)
         return plan
+
+    def _sync_chatbot_or_note_refusal(self, chatbot_id: str, request: SyncRequest) -> None:
+        """Sync one chatbot; if Chatbase refuses that chatbot alone (404 not found, 403 no access), note it
+        in the summary and go on: one mistyped id among several must not leave the others unsynced. The
+        run fails with the first refusal once every chatbot has had its turn (:meth:`_raise_first_refusal`).
+        A refused key (401) or request (400) is every chatbot's problem and ends the run at once."""
+        try:
+            self._sync_chatbot(chatbot_id, request)
+        except ChatbaseRejected as exc:
+            if exc.status not in CHATBOT_REFUSALS:
+                raise
+            self.summary.refused.append(chatbot_id)
+            self._refusals.append(exc)
+            # The refusal stopped this chatbot's requests; the next chatbot's may go. (A lock lost meanwhile
+            # also set it: the caller, which checks for that next, ends the run.)
+            self.client.stop.clear()
+
+    def _raise_first_refusal(self) -> None:
+        """End a run in which Chatbase refused chatbots with the first refusal; a run of several chatbots
+        names each refused one on its own log line first (a 403's text does not name it)."""
+        if not self._refusals:
+            return
+        if len(self.summary.chatbots) > 1:
+            for chatbot_id, exc in zip(self.summary.refused, self._refusals, strict=True):
+                log.error("chatbot %s: %s", chatbot_id, exc)
+        raise self._refusals[0]
 
     def _sync_chatbot(self, chatbot_id: str, request: SyncRequest) -> None:
         today = self.now().date()

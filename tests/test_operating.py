@@ -395,6 +395,30 @@ def test_a_mistyped_chatbot_id_fails_once_and_does_not_stay_in_status(
     assert kept[1]["last_run"]["status"] == "failed"
 
 
+def test_a_mistyped_chatbot_id_among_several_does_not_stop_the_others(
+    cli: Any, emulator_factory: Any, database_url: str
+) -> None:
+    """A typo first in the list once ended the run before the good chatbot was asked for anything."""
+    server = emulator_factory(conversations=40, seed=59, chatbot_ids=("bot-a", "bot-b"))
+    env = chatbase_env(server, database_url, CHATBASE_CHATBOT_ID="")
+    ran = cli("sync", "--json", "--chatbot-id", "bot-typo", "--chatbot-id", "bot-a", env=env)
+    assert ran.exit_code == ExitCode.CONFIG
+    line = json.loads(ran.stdout)
+    assert line["status"] == "failed" and line["refused"] == ["bot-typo"] and line["inserted"] == 40
+    assert "'bot-typo' was not found" in line["error"]
+    assert "chatbot bot-typo: Chatbase rejected" in ran.stderr  # named on its own line: two were asked for
+    fresh = cli("status", "--json", "--max-age", "2h", "--chatbot-id", "bot-a", env=env)
+    assert fresh.exit_code == 0, fresh.stdout + fresh.stderr  # bot-a's sync was a complete one
+
+    # a refused key is every chatbot's problem: the run ends with bot-a's first answers (its page asked
+    # ahead and its first plan request), bot-b is never asked for
+    wrong = cli(
+        "sync", "--json", "--chatbot-id", "bot-a", "--chatbot-id", "bot-b", env={**env, "CHATBASE_API_KEY": "nope"}
+    )  # fmt: skip
+    assert wrong.exit_code == ExitCode.CONFIG and "refused" not in json.loads(wrong.stdout)
+    assert json.loads(wrong.stdout)["requests"] <= 2 < line["requests"]
+
+
 def test_status_refuses_a_bad_max_age_with_one_line(cli: Any, sqlite_url: str) -> None:
     result = cli("status", "--max-age", "soon", env={"CHATSYNC_DATABASE_URL": sqlite_url})
     assert result.exit_code == ExitCode.USAGE and "invalid duration" in result.stderr
