@@ -509,6 +509,14 @@ def _sync(
         from chatsync.worker_server import start_early
 
         start_early()  # the workers' fork server preloads on the other core while this process goes on
+        # A sync decodes every page here too (ids and days for paging) and frees what it made by reference
+        # count, so the collector's default threshold (a pass every 700 new objects) only burns the CPU
+        # the writer needs: 0.6 of 8.6 CPU-s of this process at 20,000 conversations, measured. The
+        # imports' objects are frozen out of every pass.
+        import gc
+
+        gc.freeze()
+        gc.set_threshold(20_000, 20, 20)
     with open_client(settings, max_connections=settings.concurrency * 2) as client:
         run.client_stats = client.stats
         with _signals_deferred():
