@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, Self
 import httpx
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_before_delay
 
-from chatsync.config import Secret, Settings, mask_url
+from chatsync.config import DEFAULT_BASE_URL, Secret, Settings, mask_url
 from chatsync.errors import ChatbaseRejected, ChatbaseUnavailable, ChatsyncError, ConfigError, PagingError
 from chatsync.jsonbody import decode_body, read_body
 
@@ -184,6 +184,7 @@ class ErrorBody(NamedTuple):
     message: str
     code: str | None = None
     details: str | None = None  # "field: problem; ..." from v2's ``error.details``
+    from_api: bool = True  # False: no JSON error object at all (an HTML page, say): not Chatbase's API
 
 
 def _error_message(response: httpx.Response) -> ErrorBody:
@@ -191,7 +192,7 @@ def _error_message(response: httpx.Response) -> ErrorBody:
     try:
         body = response.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return ErrorBody(response.reason_phrase or "error")
+        return ErrorBody(response.reason_phrase or "error", from_api=False)
     if isinstance(body, dict):
         err = body.get("error")
         if isinstance(err, dict):
@@ -209,7 +210,7 @@ def _error_message(response: httpx.Response) -> ErrorBody:
             return ErrorBody(err)
         if body.get("message"):
             return ErrorBody(str(body["message"]))
-    return ErrorBody(response.reason_phrase or "error")
+    return ErrorBody(response.reason_phrase or "error", from_api=False)
 
 
 def _reset_seconds(headers: httpx.Headers) -> float | None:
@@ -293,6 +294,7 @@ class ChatbaseHTTP:
         self.stop = threading.Event()
 
     url_setting = "CHATBASE_BASE_URL"  # the setting that names this API's root, for messages
+    default_url = DEFAULT_BASE_URL  # Chatbase's own root of this API
 
     def close(self) -> None:
         self._http.close()
@@ -383,6 +385,14 @@ class ChatbaseHTTP:
                 )
                 self.limiter.pause(max(1.0, retry_after or 1.0))
             raise TransientError(f"HTTP {status}: {message}", retry_after)
+        if status == 404 and not error.from_api:
+            raise ChatbaseRejected(
+                status,
+                message,
+                f"the server at {mask_url(self.base_url)} answered without a Chatbase error, so the address "
+                f"is not the API's: check {self.url_setting} (Chatbase's is {self.default_url})",
+                wrong_address=True,
+            )
         raise self._rejected(status, error.code, message, path, params)
 
     def _rejected(

@@ -33,7 +33,7 @@ from chatsync.chatbase import (
     rejection_hint,
 )
 from chatsync.chatbase_records import record_from_export
-from chatsync.config import mask_url
+from chatsync.config import DEFAULT_API_URL, mask_url
 from chatsync.errors import ChatbaseRejected, ChatbaseUnavailable, ChatsyncError, PagingError, UsageError
 
 DEFAULT_V2_BASE_URL = "https://www.chatbase.co/api/v2"  # operation paths are appended: keep /api/v2
@@ -60,6 +60,7 @@ class ChatbaseV2Client(ChatbaseHTTP):
 
     api = "v2"
     url_setting = "CHATBASE_API_URL"
+    default_url = DEFAULT_API_URL
     page_size = EXPORT_PAGE_SIZE
     cursor_paged = True  # page n needs the cursor page n - 1 handed out: a window's pages come one by one
 
@@ -241,6 +242,7 @@ class ChatbaseV2Client(ChatbaseHTTP):
             hint = f"check CHATBASE_CHATBOT_ID: agent {unquote(agent.group(1))!r} was not found for this key"
         elif status == 404:  # not Chatbase's answer about an agent: the address is not the API's
             hint = f"check CHATBASE_API_URL ({mask_url(self.base_url)}): it should be the API v2 root, ending in /api/v2"
+            return ChatbaseRejected(status, message, hint, wrong_address=True)
         else:
             hint = rejection_hint(status, code, params)
         return ChatbaseRejected(status, message, hint)

@@ -100,8 +100,11 @@ class MissingSetting(ConfigError):
 class ChatbaseRejected(ConfigError):
     """Chatbase answered 400/401/403/404: retrying will not help, the configuration must change."""
 
-    def __init__(self, status: int, message: str, hint: str) -> None:
+    def __init__(self, status: int, message: str, hint: str, *, wrong_address: bool = False) -> None:
         self.status = status
+        # The answer was not Chatbase's API speaking (a 404 from whatever serves a mistyped URL): the
+        # address is wrong, not the chatbot.
+        self.wrong_address = wrong_address
         super().__init__(f"Chatbase rejected the request ({status}: {message}); {hint}")
 
 

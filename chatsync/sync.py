@@ -753,7 +753,7 @@ class Syncer:
         try:
             self._sync_chatbot(chatbot_id, request)
         except ChatbaseRejected as exc:
-            if exc.status not in CHATBOT_REFUSALS:
+            if exc.status not in CHATBOT_REFUSALS or exc.wrong_address:
                 raise
             self.summary.refused.append(chatbot_id)
             self._refusals.append(exc)

@@ -90,6 +90,28 @@ def test_unknown_chatbot_names_the_setting_to_fix() -> None:
         client.get_conversations("ghost", 1)
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        httpx.Response(404, html="<html><body>This page could not be found.</body></html>"),
+        httpx.Response(404, json=["not", "an", "error", "object"]),
+        httpx.Response(404),
+    ],
+)
+def test_a_404_that_is_not_chatbases_blames_the_address_not_the_chatbot(answer: httpx.Response) -> None:
+    """A base URL with a wrong path (…/api/v2 for v1, a missing /api) gets a web server's 404 page: it was
+    once read as "chatbot not found", and a sync of several chatbots took it as each one's refusal."""
+    with (
+        _client(httpx.MockTransport(lambda request: answer)) as client,
+        pytest.raises(ChatbaseRejected) as raised,
+    ):
+        client.get_conversations("bot-1", 1)
+    message = str(raised.value)
+    assert raised.value.wrong_address and "check CHATBASE_BASE_URL" in message
+    assert "https://www.chatbase.co/api/v1" in message and "bot-1" not in message
+    assert client.stats.retries == 0
+
+
 def test_v2_errors_are_retried_honouring_retry_after() -> None:
     with replay.use_cassette("errors_v2_then_ok.yaml") as cassette, _client() as client:
         started = time.monotonic()
