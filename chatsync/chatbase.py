@@ -293,6 +293,7 @@ class ChatbaseHTTP:
         self._stats_lock = threading.Lock()
         self.stop = threading.Event()
 
+    api = "v1"  # which Chatbase API this client reads
     url_setting = "CHATBASE_BASE_URL"  # the setting that names this API's root, for messages
     default_url = DEFAULT_BASE_URL  # Chatbase's own root of this API
 
@@ -385,13 +386,15 @@ class ChatbaseHTTP:
                 )
                 self.limiter.pause(max(1.0, retry_after or 1.0))
             raise TransientError(f"HTTP {status}: {message}", retry_after)
-        if status == 404 and not error.from_api:
+        if status == 404 and (not error.from_api or (self.api == "v1" and error.code is not None)):
+            # no Chatbase error at all, or API v2's error object where v1 was asked for (its root pasted
+            # into CHATBASE_BASE_URL): not v1's answer about a chatbot
             raise ChatbaseRejected(
                 status,
                 message,
                 f"the server at {mask_url(self.base_url)} answered without a Chatbase error, so the address "
                 f"is not the API's: check {self.url_setting} (Chatbase's is {self.default_url})",
-                wrong_address=True,
+                every_chatbot=True,
             )
         raise self._rejected(status, error.code, message, path, params)
 

@@ -233,16 +233,17 @@ class ChatbaseV2Client(ChatbaseHTTP):
                 f"Chatbase refused the date window ({message}): the start must not be after the end"
             )
         agent = _AGENT_IN_PATH.search(path)
-        if status == 403:
+        if status == 403:  # the plan's, so every chatbot's
             hint = (
                 "API v2 needs a Chatbase plan with API access (Standard or higher): "
                 "upgrade the plan, or sync through API v1 (--api 1, or CHATBASE_API_VERSION=1)"
             )
+            return ChatbaseRejected(status, message, hint, every_chatbot=True)
         elif status == 404 and agent and code == "AGENT_NOT_FOUND":
             hint = f"check CHATBASE_CHATBOT_ID: agent {unquote(agent.group(1))!r} was not found for this key"
         elif status == 404:  # not Chatbase's answer about an agent: the address is not the API's
             hint = f"check CHATBASE_API_URL ({mask_url(self.base_url)}): it should be the API v2 root, ending in /api/v2"
-            return ChatbaseRejected(status, message, hint, wrong_address=True)
+            return ChatbaseRejected(status, message, hint, every_chatbot=True)
         else:
             hint = rejection_hint(status, code, params)
         return ChatbaseRejected(status, message, hint)

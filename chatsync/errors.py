@@ -100,11 +100,11 @@ class MissingSetting(ConfigError):
 class ChatbaseRejected(ConfigError):
     """Chatbase answered 400/401/403/404: retrying will not help, the configuration must change."""
 
-    def __init__(self, status: int, message: str, hint: str, *, wrong_address: bool = False) -> None:
+    def __init__(self, status: int, message: str, hint: str, *, every_chatbot: bool = False) -> None:
         self.status = status
-        # The answer was not Chatbase's API speaking (a 404 from whatever serves a mistyped URL): the
-        # address is wrong, not the chatbot.
-        self.wrong_address = wrong_address
+        # Not about the chatbot asked for: every chatbot would get the same answer (a 404 from whatever
+        # serves a mistyped URL, an API v2 plan without API access).
+        self.every_chatbot = every_chatbot
         super().__init__(f"Chatbase rejected the request ({status}: {message}); {hint}")
 
 

@@ -240,6 +240,7 @@ def sync_summary(summary: SyncSummary) -> None:
     table.add_column(justify="right")
     for key in (
         "chatbots",
+        "refused",
         "requests",
         "retries",
         "fetched",
@@ -253,6 +254,8 @@ def sync_summary(summary: SyncSummary) -> None:
         "finished_at",
     ):
         value = getattr(summary, key)
+        if key == "refused" and not value:
+            continue
         table.add_row(
             _SUMMARY_LABELS.get(key, key.replace("_", " ")),
             ", ".join(value)

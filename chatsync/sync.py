@@ -753,7 +753,7 @@ class Syncer:
         try:
             self._sync_chatbot(chatbot_id, request)
         except ChatbaseRejected as exc:
-            if exc.status not in CHATBOT_REFUSALS or exc.wrong_address:
+            if exc.status not in CHATBOT_REFUSALS or exc.every_chatbot:
                 raise
             self.summary.refused.append(chatbot_id)
             self._refusals.append(exc)
@@ -762,13 +762,12 @@ class Syncer:
             self.client.stop.clear()
 
     def _raise_first_refusal(self) -> None:
-        """End a run in which Chatbase refused chatbots with the first refusal; a run of several chatbots
-        names each refused one on its own log line first (a 403's text does not name it)."""
+        """End a run in which Chatbase refused chatbots with the first refusal (the command's error line);
+        each further refused chatbot is named on a log line of its own."""
         if not self._refusals:
             return
-        if len(self.summary.chatbots) > 1:
-            for chatbot_id, exc in zip(self.summary.refused, self._refusals, strict=True):
-                log.error("chatbot %s: %s", chatbot_id, exc)
+        for chatbot_id, exc in list(zip(self.summary.refused, self._refusals, strict=True))[1:]:
+            log.error("chatbot %s: %s", chatbot_id, exc)
         raise self._refusals[0]
 
     def _sync_chatbot(self, chatbot_id: str, request: SyncRequest) -> None:

@@ -96,6 +96,8 @@ def test_unknown_chatbot_names_the_setting_to_fix() -> None:
         httpx.Response(404, html="<html><body>This page could not be found.</body></html>"),
         httpx.Response(404, json=["not", "an", "error", "object"]),
         httpx.Response(404),
+        # API v2's answer to a path it does not serve: its root pasted into CHATBASE_BASE_URL
+        httpx.Response(404, json={"error": {"code": "RESOURCE_NOT_FOUND", "message": "Not found"}}),
     ],
 )
 def test_a_404_that_is_not_chatbases_blames_the_address_not_the_chatbot(answer: httpx.Response) -> None:
@@ -107,7 +109,7 @@ def test_a_404_that_is_not_chatbases_blames_the_address_not_the_chatbot(answer: 
     ):
         client.get_conversations("bot-1", 1)
     message = str(raised.value)
-    assert raised.value.wrong_address and "check CHATBASE_BASE_URL" in message
+    assert raised.value.every_chatbot and "check CHATBASE_BASE_URL" in message
     assert "https://www.chatbase.co/api/v1" in message and "bot-1" not in message
     assert client.stats.retries == 0
 

@@ -406,7 +406,10 @@ def test_a_mistyped_chatbot_id_among_several_does_not_stop_the_others(
     line = json.loads(ran.stdout)
     assert line["status"] == "failed" and line["refused"] == ["bot-typo"] and line["inserted"] == 40
     assert "'bot-typo' was not found" in line["error"]
-    assert "chatbot bot-typo: Chatbase rejected" in ran.stderr  # named on its own line: two were asked for
+    assert ran.stderr.count("'bot-typo' was not found") == 1  # the error line alone
+    told = cli("sync", "--chatbot-id", "bot-a", "--chatbot-id", "bot-typo", env=env)  # without --json
+    assert told.exit_code == ExitCode.CONFIG and "sync failed" in told.stdout and "fetched" in told.stdout
+    assert re.search(r"refused\s+│\s+bot-typo", told.stdout), told.stdout
     fresh = cli("status", "--json", "--max-age", "2h", "--chatbot-id", "bot-a", env=env)
     assert fresh.exit_code == 0, fresh.stdout + fresh.stderr  # bot-a's sync was a complete one
 
@@ -417,6 +420,18 @@ def test_a_mistyped_chatbot_id_among_several_does_not_stop_the_others(
     )  # fmt: skip
     assert wrong.exit_code == ExitCode.CONFIG and "refused" not in json.loads(wrong.stdout)
     assert json.loads(wrong.stdout)["requests"] <= 2 < line["requests"]
+
+
+def test_a_v2_plan_without_api_access_ends_a_sync_of_several_chatbots_at_once(
+    cli: Any, emulator_factory: Any, sqlite_url: str
+) -> None:
+    """API v2's 403 is the plan's, so every chatbot's: it was once taken as each chatbot's own refusal,
+    asked for every one, and printed once per chatbot (found by a breaking helper)."""
+    server = emulator_factory(conversations=20, seed=60, chatbot_ids=("p1", "p2", "p3"), v2_plan=False)
+    env = chatbase_v2_env(server, sqlite_url, CHATBASE_CHATBOT_ID="")
+    ran = cli("sync", "--json", "--chatbot-id", "p1", "--chatbot-id", "p2", "--chatbot-id", "p3", env=env)
+    assert ran.exit_code == ExitCode.CONFIG and "refused" not in json.loads(ran.stdout)
+    assert ran.stderr.count("API v2 needs a Chatbase plan") == 1
 
 
 def test_status_refuses_a_bad_max_age_with_one_line(cli: Any, sqlite_url: str) -> None:
