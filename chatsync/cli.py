@@ -435,8 +435,8 @@ class _SyncRun:
             line["exit_code"] = code
         if self.as_json:
             render.write_json_line(line)
-        elif code in (ExitCode.OK, ExitCode.PARTIAL) or summary.refused:
-            render.sync_summary(summary)  # (refused chatbots: the others were synced, and this says so)
+        elif code in (ExitCode.OK, ExitCode.PARTIAL) or 0 < len(summary.refused) < len(summary.chatbots):
+            render.sync_summary(summary)  # (some chatbots refused: the others were synced, and this says so)
         settings = self.settings
         if settings is not None and settings.heartbeat_url is not None and code != ExitCode.LOCKED:
             from chatsync.heartbeat import ping

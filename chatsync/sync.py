@@ -131,12 +131,17 @@ class SyncSummary:
     finished_at: str | None = None
     skipped: list[str] = field(default_factory=list)  # shared runs: chatbots another host had or did
     refused: list[str] = field(default_factory=list)  # chatbots Chatbase refused (not found, no access)
+    # the chatbots synced to the end; in the summary only beside ``refused``, where the run's failure is
+    # not theirs (``chatsync status`` reads it)
+    synced: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         for optional in ("skipped", "refused"):
             if not out[optional]:
                 del out[optional]
+        if not self.refused:
+            del out["synced"]
         return out
 
 
@@ -752,6 +757,7 @@ class Syncer:
         A refused key (401) or request (400) is every chatbot's problem and ends the run at once."""
         try:
             self._sync_chatbot(chatbot_id, request)
+            self.summary.synced.append(chatbot_id)
         except ChatbaseRejected as exc:
             if exc.status not in CHATBOT_REFUSALS or exc.every_chatbot:
                 raise

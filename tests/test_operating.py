@@ -412,6 +412,10 @@ def test_a_mistyped_chatbot_id_among_several_does_not_stop_the_others(
     assert re.search(r"refused\s+│\s+bot-typo", told.stdout), told.stdout
     fresh = cli("status", "--json", "--max-age", "2h", "--chatbot-id", "bot-a", env=env)
     assert fresh.exit_code == 0, fresh.stdout + fresh.stderr  # bot-a's sync was a complete one
+    # ... and its last run is told as its own: synced, not failed on another chatbot's typo
+    (a,) = json.loads(fresh.stdout)["chatbots"]
+    assert (a["last_run"]["status"], a["last_run"]["error"]) == ("ok", None)
+    assert "bot-a:" not in cli("status", "--chatbot-id", "bot-a", env=env).stderr
 
     # a refused key is every chatbot's problem: the run ends with bot-a's first answers (its page asked
     # ahead and its first plan request), bot-b is never asked for
