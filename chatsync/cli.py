@@ -19,6 +19,7 @@ import typer
 
 from chatsync import signals
 from chatsync.errors import (
+    ChatbaseRejected,
     ChatsyncError,
     ConversationNotFound,
     DatabaseUnreachable,
@@ -398,6 +399,12 @@ def sync(
     finally:
         if not dry_run and not (as_json and isinstance(run.error, LockHeld)):
             run.report()
+        elif dry_run and as_json and run.error is not None and not run.plan_printed:
+            # one JSON object whatever happened, as a sync prints
+            from chatsync import render
+
+            error = {"status": "failed", "error": _one_line(run.error), "exit_code": _exit_code(run.error)}
+            render.write_json_line({"dry_run": True, **error})
 
 
 @dataclass
@@ -410,6 +417,7 @@ class _SyncRun:
     error: BaseException | None = None
     summary: Any = None  # the Syncer's SyncSummary, once there is one
     client_stats: Any = None  # the Chatbase client's, once there is one
+    plan_printed: bool = False  # a dry run's plan is out (its error, if any, in it)
 
     def report(self) -> None:
         """The summary on stdout (one JSON line with --json, whatever happened), then the heartbeat."""
@@ -561,7 +569,21 @@ def _sync(
             run.summary = syncer.summary
             if dry_run:
                 plans = syncer.plan(request)
-                render.sync_plan([p.as_dict() for p in plans], client.stats.requests, run.as_json)
+                refusal: ChatbaseRejected | None = None
+                try:
+                    syncer.raise_first_refusal()
+                except ChatbaseRejected as exc:
+                    refusal = exc
+                render.sync_plan(
+                    [p.as_dict() for p in plans],
+                    client.stats.requests,
+                    run.as_json,
+                    syncer.summary.refused,
+                    None if refusal is None else (_one_line(refusal), _exit_code(refusal)),
+                )
+                run.plan_printed = True
+                if refusal is not None:
+                    raise refusal
                 return
             syncer.run(request)
 

@@ -267,10 +267,22 @@ def sync_summary(summary: SyncSummary) -> None:
     console.print(table)
 
 
-def sync_plan(plans: list[dict[str, Any]], requests_made: int, as_json: bool) -> None:
-    """What ``sync --dry-run`` would do, per chatbot."""
+def sync_plan(
+    plans: list[dict[str, Any]],
+    requests_made: int,
+    as_json: bool,
+    refused: list[str] | None = None,
+    error: tuple[str, int] | None = None,
+) -> None:
+    """What ``sync --dry-run`` would do, per chatbot. ``refused``: the chatbots Chatbase refused, left
+    out; ``error``: (message, exit code) the command ends with, told in the JSON object too."""
     if as_json:
-        write_json_line({"dry_run": True, "planning_requests": requests_made, "chatbots": plans})
+        line: dict[str, Any] = {"dry_run": True, "planning_requests": requests_made, "chatbots": plans}
+        if refused:
+            line["refused"] = refused
+        if error is not None:
+            line.update(status="failed", error=error[0], exit_code=error[1])
+        write_json_line(line)
         return
     console = stdout_console()
     table = Table(title="sync plan (nothing fetched or stored)", title_justify="default", header_style="bold")

@@ -581,7 +581,7 @@ class Syncer:
                     self._sync_chatbot_or_note_refusal(chatbot_id, request)
                     if lost:
                         raise lost[0]
-                self._raise_first_refusal()
+                self.raise_first_refusal()
             except BaseException as exc:
                 # e.g. "sync stopped" from the client: the lost lock is the cause (an interrupt stays one)
                 error = lost[0] if lost and isinstance(exc, Exception) else exc
@@ -633,7 +633,7 @@ class Syncer:
                 except LockHeld:
                     log.info("chatbot %s: another process is syncing it; skipped", chatbot_id)
                     summary.skipped.append(chatbot_id)
-            self._raise_first_refusal()
+            self.raise_first_refusal()
         except BaseException as exc:
             error = lost[0] if lost and isinstance(exc, Exception) else exc
             if error is not exc:
@@ -685,11 +685,16 @@ class Syncer:
         """What a run of ``request`` would fetch, without taking locks or writing anything.
 
         A chatbot whose first day chatsync does not know yet costs the requests that find it (about 12);
-        nothing else is fetched. (A sync itself does not look for it: its first pages show it.)
+        nothing else is fetched. (A sync itself does not look for it: its first pages show it.) A chatbot
+        Chatbase refuses alone is left out and noted, as a run does: :meth:`raise_first_refusal` next.
         """
         plans = []
         for chatbot_id in request.chatbot_ids:
-            plan = self._plan_chatbot(chatbot_id, request, self.now().date(), find_first_day=True)
+            try:
+                plan = self._plan_chatbot(chatbot_id, request, self.now().date(), find_first_day=True)
+            except ChatbaseRejected as exc:
+                self._note_refusal(chatbot_id, exc)
+                continue
             with self._db() as connection:
                 stored = {
                     w: writes.count_conversations(connection, chatbot_id, w.start, w.end)
@@ -753,21 +758,26 @@ class Syncer:
     def _sync_chatbot_or_note_refusal(self, chatbot_id: str, request: SyncRequest) -> None:
         """Sync one chatbot; if Chatbase refuses that chatbot alone (404 not found, 403 no access), note it
         in the summary and go on: one mistyped id among several must not leave the others unsynced. The
-        run fails with the first refusal once every chatbot has had its turn (:meth:`_raise_first_refusal`).
+        run fails with the first refusal once every chatbot has had its turn (:meth:`raise_first_refusal`).
         A refused key (401) or request (400) is every chatbot's problem and ends the run at once."""
         try:
             self._sync_chatbot(chatbot_id, request)
             self.summary.synced.append(chatbot_id)
         except ChatbaseRejected as exc:
-            if exc.status not in CHATBOT_REFUSALS or exc.every_chatbot:
-                raise
-            self.summary.refused.append(chatbot_id)
-            self._refusals.append(exc)
-            # The refusal stopped this chatbot's requests; the next chatbot's may go. (A lock lost meanwhile
-            # also set it: the caller, which checks for that next, ends the run.)
-            self.client.stop.clear()
+            self._note_refusal(chatbot_id, exc)
 
-    def _raise_first_refusal(self) -> None:
+    def _note_refusal(self, chatbot_id: str, exc: ChatbaseRejected) -> None:
+        """Note a refusal of ``chatbot_id`` alone (see :meth:`_sync_chatbot_or_note_refusal`); re-raise
+        one every chatbot would get."""
+        if exc.status not in CHATBOT_REFUSALS or exc.every_chatbot:
+            raise exc
+        self.summary.refused.append(chatbot_id)
+        self._refusals.append(exc)
+        # The refusal stopped this chatbot's requests; the next chatbot's may go. (A lock lost meanwhile
+        # also set it: the caller, which checks for that next, ends the run.)
+        self.client.stop.clear()
+
+    def raise_first_refusal(self) -> None:
         """End a run in which Chatbase refused chatbots with the first refusal (the command's error line);
         each further refused chatbot is named on a log line of its own."""
         if not self._refusals:

@@ -426,6 +426,40 @@ def test_a_mistyped_chatbot_id_among_several_does_not_stop_the_others(
     assert json.loads(wrong.stdout)["requests"] <= 2 < line["requests"]
 
 
+def test_a_dry_run_plans_the_chatbots_chatbase_knows_and_names_the_typo(
+    cli: Any, emulator_factory: Any, sqlite_url: str
+) -> None:
+    """A dry run once stopped at the typo with no plan for the others, and with --json printed no object."""
+    from tests.helpers import stored_conversations
+
+    server = emulator_factory(conversations=30, seed=61, chatbot_ids=("bot-a", "bot-b"))
+    env = chatbase_env(server, sqlite_url, CHATBASE_CHATBOT_ID="")
+    ids = ("--chatbot-id", "bot-a", "--chatbot-id", "bot-typo", "--chatbot-id", "bot-b")
+    planned = cli("sync", "--dry-run", "--json", *ids, env=env)
+    assert planned.exit_code == ExitCode.CONFIG
+    line = json.loads(planned.stdout)
+    assert [p["chatbot_id"] for p in line["chatbots"]] == ["bot-a", "bot-b"] and line["refused"] == [
+        "bot-typo"
+    ]
+    assert (line["status"], line["exit_code"]) == ("failed", 4) and "'bot-typo' was not found" in line[
+        "error"
+    ]
+    shown = cli("sync", "--dry-run", *ids, env=env)
+    assert shown.exit_code == ExitCode.CONFIG and "bot-a" in shown.stdout and "bot-b" in shown.stdout
+    assert "'bot-typo' was not found" in shown.stderr
+    assert stored_conversations(sqlite_url) == {}  # a dry run stores nothing, whatever it met
+
+    # a dry run that fails before any plan still prints its one JSON object
+    refused = cli("sync", "--dry-run", "--json", *ids, env={**env, "CHATBASE_API_KEY": "nope"})
+    assert refused.exit_code == ExitCode.CONFIG
+    assert json.loads(refused.stdout) | {"error": ""} == {
+        "dry_run": True,
+        "status": "failed",
+        "error": "",
+        "exit_code": 4,
+    }
+
+
 def test_a_v2_plan_without_api_access_ends_a_sync_of_several_chatbots_at_once(
     cli: Any, emulator_factory: Any, sqlite_url: str
 ) -> None:
