@@ -118,8 +118,8 @@ def _last_runs(connection: Connection, ids: set[str]) -> dict[str, dict[str, Any
     ).mappings()
     for run in rows:
         summary = run["summary"] if isinstance(run["summary"], dict) else {}
-        # a run that went on past chatbots Chatbase refused failed on their account, not on these
-        synced_despite = set(summary.get("synced") or []) if summary.get("refused") else set()
+        # the chatbots a run that did not end well had synced to the end: its failure is not theirs
+        synced_despite = set(summary.get("synced") or [])
         for chatbot_id in set(run["chatbot_ids"] or []) & (ids - set(found)):
             ours = chatbot_id not in synced_despite
             found[chatbot_id] = {

@@ -284,6 +284,10 @@ def sync_plan(
             line.update(status="failed", error=error[0], exit_code=error[1])
         write_json_line(line)
         return
+    if refused and not plans:
+        return  # nothing to plan: the command's error says why
+    if refused:
+        info(f"not planned, refused by Chatbase: {', '.join(refused)}")
     console = stdout_console()
     table = Table(title="sync plan (nothing fetched or stored)", title_justify="default", header_style="bold")
     for header in ("chatbot", "from", "to", "days to fetch", "windows", "stored now", "≈ requests"):

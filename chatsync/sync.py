@@ -131,8 +131,8 @@ class SyncSummary:
     finished_at: str | None = None
     skipped: list[str] = field(default_factory=list)  # shared runs: chatbots another host had or did
     refused: list[str] = field(default_factory=list)  # chatbots Chatbase refused (not found, no access)
-    # the chatbots synced to the end; in the summary only beside ``refused``, where the run's failure is
-    # not theirs (``chatsync status`` reads it)
+    # the chatbots synced to the end; in the summary only of a run that did not end well, whose failure
+    # is then not theirs (``chatsync status`` reads it)
     synced: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -140,7 +140,7 @@ class SyncSummary:
         for optional in ("skipped", "refused"):
             if not out[optional]:
                 del out[optional]
-        if not self.refused:
+        if self.status == "ok" and not self.refused:
             del out["synced"]
         return out
 

@@ -446,7 +446,9 @@ def test_a_dry_run_plans_the_chatbots_chatbase_knows_and_names_the_typo(
     ]
     shown = cli("sync", "--dry-run", *ids, env=env)
     assert shown.exit_code == ExitCode.CONFIG and "bot-a" in shown.stdout and "bot-b" in shown.stdout
-    assert "'bot-typo' was not found" in shown.stderr
+    assert "'bot-typo' was not found" in shown.stderr and "refused by Chatbase: bot-typo" in shown.stderr
+    alone = cli("sync", "--dry-run", "--chatbot-id", "bot-typo", env=env)
+    assert alone.exit_code == ExitCode.CONFIG and alone.stdout == ""  # no empty plan
     assert stored_conversations(sqlite_url) == {}  # a dry run stores nothing, whatever it met
 
     # a dry run that fails before any plan still prints its one JSON object
@@ -470,6 +472,32 @@ def test_a_v2_plan_without_api_access_ends_a_sync_of_several_chatbots_at_once(
     ran = cli("sync", "--json", "--chatbot-id", "p1", "--chatbot-id", "p2", "--chatbot-id", "p3", env=env)
     assert ran.exit_code == ExitCode.CONFIG and "refused" not in json.loads(ran.stdout)
     assert ran.stderr.count("API v2 needs a Chatbase plan") == 1
+
+
+def test_status_tells_each_chatbot_of_a_run_that_ended_badly_what_it_did(database_url: str) -> None:
+    """A run of two chatbots stopped (SIGTERM, an outage) after the first was synced to the end: status once
+    showed both as failed, and only a run with a refused chatbot told them apart (found by a helper)."""
+    from datetime import UTC, datetime
+
+    from chatsync.operations import chatbot_statuses
+    from chatsync.store import writes
+    from chatsync.store.engine import ensure_schema, open_engine
+
+    engine = open_engine(database_url)
+    ensure_schema(engine)
+    now = datetime.now(UTC)
+    summary = {"status": "failed", "chatbots": ["bot-a", "bot-b"], "synced": ["bot-a"]}
+    with engine.begin() as connection:
+        writes.start_run(connection, "run-1", ["bot-a", "bot-b"], now)
+        writes.finish_run(connection, "run-1", "failed", summary, "terminated (SIGTERM)", now)
+    with engine.connect() as connection:
+        runs = {s.chatbot_id: s.last_run for s in chatbot_statuses(connection, ["bot-a", "bot-b"], now)}
+    engine.dispose()
+    assert runs["bot-a"] is not None and (runs["bot-a"]["status"], runs["bot-a"]["error"]) == ("ok", None)
+    assert runs["bot-b"] is not None and (runs["bot-b"]["status"], runs["bot-b"]["error"]) == (
+        "failed",
+        "terminated (SIGTERM)",
+    )
 
 
 def test_status_refuses_a_bad_max_age_with_one_line(cli: Any, sqlite_url: str) -> None:

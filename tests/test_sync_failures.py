@@ -523,7 +523,7 @@ def test_a_second_ctrl_c_while_a_run_is_still_ending_stops_it_at_once(
     monitor.daemon_threads = True
     threading.Thread(target=monitor.serve_forever, daemon=True).start()
     try:
-        slow = emulator_factory(conversations=300, seed=31, latency_ms=2_000)
+        slow = emulator_factory(conversations=3_000, seed=31, latency_ms=2_000)
         env = {
             **os.environ,
             **chatbase_env(slow, sqlite_url),
@@ -551,7 +551,9 @@ def test_status_tells_a_killed_run_from_a_running_one(
 ) -> None:
     """A SIGKILLed sync leaves its run marked running; status said "running" until the next sync (found by
     a breaking helper). It now looks at the chatbot's sync lock, without taking it."""
-    slow = emulator_factory(conversations=300, seed=33, latency_ms=1_500)
+    # pages enough that the sync is still running when a loaded machine gets its status (300 at 1.5 s a
+    # page once finished first)
+    slow = emulator_factory(conversations=3_000, seed=33, latency_ms=2_000)
     env = {**os.environ, **chatbase_env(slow, database_url)}
 
     def status() -> dict[str, Any]:
