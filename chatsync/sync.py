@@ -645,6 +645,11 @@ class Syncer:
 
     def _finish(self, error: BaseException | None) -> None:
         summary = self.summary
+        if error is not None and self._refusals and error is not self._refusals[0]:
+            # the run ended otherwise (a stop, an outage) before it could end with them: the chatbots
+            # Chatbase refused are told of all the same
+            for chatbot_id, refusal in zip(summary.refused, self._refusals, strict=True):
+                log.error("chatbot %s: %s", chatbot_id, refusal)
         summary.requests = self.client.stats.requests
         summary.retries = self.client.stats.retries
         summary.finished_at = iso_z(self.now())

@@ -649,6 +649,27 @@ def _wait_for_stored_conversations(
     raise AssertionError("the sync never stored a conversation")
 
 
+def test_a_stop_after_a_refused_chatbot_still_names_it(
+    emulator_factory: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    """A SIGTERM (systemd's timeout) while the good chatbot synced left only "terminated" on stderr: the
+    typo met before it was in the JSON line alone (found by a breaking helper)."""
+    slow = emulator_factory(conversations=3_000, seed=35, latency_ms=2_000, chatbot_ids=("bot-a",))
+    env = {**os.environ, **chatbase_env(slow, sqlite_url, CHATBASE_CHATBOT_ID="bot-typo,bot-a")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "chatsync", "sync"], env=env, cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    database = Path(sqlite_url.removeprefix("sqlite:///"))
+    _wait_for_a_running_run(database, process)
+    _wait_for_stored_conversations(database, process)  # bot-a's, synced after the typo was refused
+    os.killpg(process.pid, signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err
+    assert "chatbot bot-typo: Chatbase rejected" in err and "'bot-typo' was not found" in err
+    assert err.strip().splitlines()[-1].startswith("error: terminated (SIGTERM)")
+
+
 def test_status_says_a_run_was_interrupted(emulator_factory: Any, sqlite_url: str, tmp_path: Path) -> None:
     """A Ctrl-C's message is empty: the run was once stored failed with no reason, and `chatsync status`
     could not tell it from a real failure (found by a newcomer helper)."""
