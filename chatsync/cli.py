@@ -19,7 +19,6 @@ import typer
 
 from chatsync import signals
 from chatsync.errors import (
-    ChatbaseRejected,
     ChatsyncError,
     ConversationNotFound,
     DatabaseUnreachable,
@@ -443,7 +442,7 @@ class _SyncRun:
             line["exit_code"] = code
         if self.as_json:
             render.write_json_line(line)
-        elif code in (ExitCode.OK, ExitCode.PARTIAL) or 0 < len(summary.refused) < len(summary.chatbots):
+        elif code in (ExitCode.OK, ExitCode.PARTIAL) or (summary.refused and summary.synced):
             render.sync_summary(summary)  # (some chatbots refused: the others were synced, and this says so)
         settings = self.settings
         if settings is not None and settings.heartbeat_url is not None and code != ExitCode.LOCKED:
@@ -569,11 +568,7 @@ def _sync(
             run.summary = syncer.summary
             if dry_run:
                 plans = syncer.plan(request)
-                refusal: ChatbaseRejected | None = None
-                try:
-                    syncer.raise_first_refusal()
-                except ChatbaseRejected as exc:
-                    refusal = exc
+                refusal = syncer.first_refusal()
                 render.sync_plan(
                     [p.as_dict() for p in plans],
                     client.stats.requests,

@@ -547,7 +547,7 @@ class Syncer:
         self.workers = default_workers() if workers is None else max(0, workers)
         self.run_id = str(uuid.uuid4())
         self.summary = SyncSummary()
-        self._refusals: list[ChatbaseRejected] = []  # chatbots Chatbase refused so far (run order)
+        self._refusals: dict[str, ChatbaseRejected] = {}  # chatbots Chatbase refused so far (run order)
         self._windows_done = 0
         self._windows_total = 0
 
@@ -645,10 +645,10 @@ class Syncer:
 
     def _finish(self, error: BaseException | None) -> None:
         summary = self.summary
-        if error is not None and self._refusals and error is not self._refusals[0]:
+        if error is not None and self._refusals and error not in self._refusals.values():
             # the run ended otherwise (a stop, an outage) before it could end with them: the chatbots
             # Chatbase refused are told of all the same
-            for chatbot_id, refusal in zip(summary.refused, self._refusals, strict=True):
+            for chatbot_id, refusal in self._refusals.items():
                 log.error("chatbot %s: %s", chatbot_id, refusal)
         summary.requests = self.client.stats.requests
         summary.retries = self.client.stats.retries
@@ -691,7 +691,7 @@ class Syncer:
 
         A chatbot whose first day chatsync does not know yet costs the requests that find it (about 12);
         nothing else is fetched. (A sync itself does not look for it: its first pages show it.) A chatbot
-        Chatbase refuses alone is left out and noted, as a run does: :meth:`raise_first_refusal` next.
+        Chatbase refuses alone is left out and noted, as a run does: :meth:`first_refusal` next.
         """
         plans = []
         for chatbot_id in request.chatbot_ids:
@@ -777,19 +777,24 @@ class Syncer:
         if exc.status not in CHATBOT_REFUSALS or exc.every_chatbot:
             raise exc
         self.summary.refused.append(chatbot_id)
-        self._refusals.append(exc)
+        self._refusals[chatbot_id] = exc
         # The refusal stopped this chatbot's requests; the next chatbot's may go. (A lock lost meanwhile
         # also set it: the caller, which checks for that next, ends the run.)
         self.client.stop.clear()
 
-    def raise_first_refusal(self) -> None:
-        """End a run in which Chatbase refused chatbots with the first refusal (the command's error line);
-        each further refused chatbot is named on a log line of its own."""
-        if not self._refusals:
-            return
-        for chatbot_id, exc in list(zip(self.summary.refused, self._refusals, strict=True))[1:]:
+    def first_refusal(self) -> ChatbaseRejected | None:
+        """The first refusal Chatbase gave, which the run ends with (the command's error line), after
+        naming each further refused chatbot on a log line of its own; None when there was none."""
+        noted = list(self._refusals.items())
+        for chatbot_id, exc in noted[1:]:
             log.error("chatbot %s: %s", chatbot_id, exc)
-        raise self._refusals[0]
+        return noted[0][1] if noted else None
+
+    def raise_first_refusal(self) -> None:
+        """End a run in which Chatbase refused chatbots with :meth:`first_refusal`."""
+        refusal = self.first_refusal()
+        if refusal is not None:
+            raise refusal
 
     def _sync_chatbot(self, chatbot_id: str, request: SyncRequest) -> None:
         today = self.now().date()
