@@ -379,3 +379,38 @@ def test_showing_a_conversation_does_not_wait_for_a_writer(engine: Any) -> None:
             )
             shown = get_conversation(reader, "c0")
     assert shown["id"] == "c0" and shown["country"] is None  # the writer has not committed yet
+
+
+@pytest.mark.parametrize(
+    "created",
+    [
+        datetime(2024, 3, 5, 7, 8, 9, tzinfo=UTC),  # no microseconds: still written with six zeros
+        datetime(2024, 3, 5, 7, 8, 9, 120, tzinfo=UTC),
+        datetime(999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),  # a year of three digits
+        datetime(2024, 3, 5, 7, 8, 9, 5),  # naive
+    ],
+)
+def test_the_bulk_load_stores_a_time_as_sqlalchemys_own_insert_does(engine: Any, created: datetime) -> None:
+    """A conversation the sync bulk-loads (the driver given text) and the same one inserted through
+    SQLAlchemy hold the same stored time, so range filters and keys see them alike."""
+    emulator = Emulator(conversations=2, seed=7, days=3, rate_limit=None)
+    first, second = (
+        normalize_conversation(r, "demo-bot", WhatsAppRule()) for r in emulator.all_conversations("demo-bot")
+    )
+    now = datetime.now(UTC)
+    with engine.begin() as connection:
+        upsert_conversations(connection, [{**first, "created_at": created}], now)
+        stored = {
+            "id": second["id"],
+            **{c: second[c] for c in DATA_COLUMNS},
+            **{c: second[a] for c, a in AUTO_COLUMNS.items()},
+            "created_at": created,
+            "first_synced_at": now,
+            "synced_at": now,
+        }
+        connection.execute(conversations.insert(), stored)
+        text_of = "CAST(created_at AS TEXT)" if engine.dialect.name == "sqlite" else "created_at::text"
+        times = connection.exec_driver_sql(
+            f"SELECT {text_of}, CAST(synced_at AS TEXT) FROM conversations ORDER BY id = '{first['id']}'"
+        ).all()
+    assert times[0] == times[1]
