@@ -7,6 +7,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -793,3 +794,44 @@ def test_doctor_never_creates_a_database_it_checks(cli: Any, emulator_factory: A
     code, checks = _doctor(cli, chatbase_env(server, f"sqlite:///{missing}"))
     assert code == 0 and checks["database"]["warning"] and "no database at" in checks["database"]["detail"]
     assert not (tmp_path / "not").exists()
+
+
+@pytest.mark.parametrize("quarantined_before", [False, True])
+def test_a_copy_quarantined_earlier_in_the_same_run_goes_when_a_good_one_follows(
+    cli: Any, database_url: str, quarantined_before: bool
+) -> None:
+    """Chatbase sends a conversation unreadable on one page and readable on the next: the run stores it
+    and keeps no quarantined copy, whether the quarantine held nothing of the chatbot when the run began
+    (the sync then does not look there until it quarantines something) or held another record."""
+    from tests.test_bad_records import serving
+
+    def record(i: str, extra: str = "") -> str:
+        message = json.dumps([{"role": "user", "content": f"hello {i}"}])
+        return f'{{"id": "{i}", "created_at": "2024-05-01T08:00:00Z"{extra}, "messages": {message}}}'
+
+    unreadable = record("qr2", ', "n": ' + "7" * 5000)
+    fillers = [record(f"f{i}") for i in range(99)]
+    pages = {1: [unreadable, *fillers], 2: [record("qr2")]}
+    env = {
+        "CHATBASE_API_KEY": "k", "CHATBASE_CHATBOT_ID": "bot", "CHATSYNC_DATABASE_URL": database_url,
+    }  # fmt: skip
+    args = ("sync", "--json", "--full", "--since", "2024-05-01", "--until", "2024-05-01")
+    if quarantined_before:
+        other = '{"data": [' + record("other", ', "n": ' + "8" * 5000) + "]}"
+        with serving(lambda page: other.encode() if page == 1 else b'{"data": []}') as base:
+            first = cli(*args, env={**env, "CHATBASE_BASE_URL": base})
+            assert json.loads(first.stdout)["quarantined"] == 1, first.stdout + first.stderr
+
+    def page_body(page: int) -> bytes:
+        if page > 1:
+            time.sleep(0.5)  # the pages arrive, and are saved, in order (which copy is the latest)
+        return ('{"data": [' + ",".join(pages.get(page, [])) + "]}").encode()
+
+    with serving(page_body) as base:
+        env["CHATBASE_BASE_URL"] = base
+        summary = json.loads(cli(*args, env=env).stdout)
+        assert (summary["inserted"], summary["quarantined"]) == (100, 1)
+        kept = json.loads(cli("quarantine", "list", "--format", "json", env=env).stdout)
+        shown = json.loads(cli("show", "qr2", "--format", "json", env=env).stdout)
+    assert [q["conversation_id"] for q in kept] == (["other"] if quarantined_before else [])
+    assert [m["content"] for m in shown["messages"]] == ["hello qr2"]

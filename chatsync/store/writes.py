@@ -233,7 +233,7 @@ def stored_fingerprints(connection: Connection, ids: list[str]) -> dict[str, tup
         return {}
     rows = connection.execute(
         select(conversations.c.id, conversations.c.content_hash, conversations.c.wa_extracted).where(
-            conversations.c.id.in_(ids)
+            is_among(connection, conversations.c.id, ids)
         )
     ).all()
     return {r.id: (r.content_hash, r.wa_extracted is not None) for r in rows}
@@ -358,6 +358,12 @@ def count_conversations(connection: Connection, chatbot_id: str, start: date, en
             )
         ).scalar_one()
     )
+
+
+def holds_quarantined(connection: Connection, chatbot_id: str) -> bool:
+    """Whether the quarantine keeps any record of this chatbot."""
+    held = select(quarantine.c.id).where(quarantine.c.chatbot_id == chatbot_id).limit(1)
+    return connection.execute(held).first() is not None
 
 
 def release_from_quarantine(connection: Connection, chatbot_id: str, conversation_ids: list[str]) -> None:
