@@ -330,6 +330,10 @@ class Stream:
             self.oldest = created
         return True
 
+    def stored_now(self, conversation_id: str) -> bool:
+        """Whether a copy of this conversation was claimed in this stream (stored, or found unchanged)."""
+        return any(conversation_id in ids for ids in self.seen.values())
+
     def completes(self, page: int, days: list[date]) -> tuple[list[Window], bool]:
         """Windows that saving ``page`` (whose records were created on ``days``, in page order) completes,
         and whether it ends the stream; its records are claimed first. Call :meth:`commit` with the same
@@ -548,10 +552,6 @@ class Syncer:
         self.run_id = str(uuid.uuid4())
         self.summary = SyncSummary()
         self._refusals: dict[str, ChatbaseRejected] = {}  # chatbots Chatbase refused so far (run order)
-        # Chatbots whose quarantine may hold records (unknown: may). Only a sync adds to a chatbot's
-        # quarantine, one at a time (its lock), so one found empty stays empty until this run adds to it,
-        # and storing its pages need not look there (2 ms a page on SQLite, every page of every run).
-        self._quarantine_may_hold: dict[str, bool] = {}
         self._windows_done = 0
         self._windows_total = 0
 
@@ -835,7 +835,6 @@ class Syncer:
         self._windows_total = sum(max(1, len(s.windows)) for s in plan.streams if not s.ordered)
         status = Progress(chatbot_id, windows_total=len(plan.streams))
         self._report(status)
-        self._quarantine_may_hold[chatbot_id] = self._holds_quarantined(chatbot_id)
         self._fetch_and_save(
             chatbot_id,
             request.sources,
@@ -875,8 +874,9 @@ class Syncer:
         events: queue.Queue[object] = queue.Queue()
         # Pages read ahead of the writer, and so fetched and not yet saved: bounds memory (a page's body is
         # ~150 kB, decoded ~1.5 MB). Two a worker left the writer waiting for the page it needed next 1.2 s
-        # of a 6 s sync of 20,000 conversations (the workers share two cores with it); six, 0.3 s.
-        depth = max(4, 6 * self.workers)
+        # of a 6 s sync of 20,000 conversations (two workers sharing two cores with it); six, 0.3 s. Twelve
+        # at most: four workers with 24 took the sync of 200,000 past 200 MB.
+        depth = min(12, max(4, 6 * self.workers))
         held = threading.Semaphore(self.concurrency + depth)
         schedule = _Schedule(streams, self.client.stop)
         stop = self.client.stop
@@ -1076,6 +1076,16 @@ class Syncer:
         unchanged = captured = 0
         for outcome in outcomes:
             if outcome.kind == "bad":
+                if outcome.conversation_id is not None and stream.stored_now(outcome.conversation_id):
+                    # Pages are saved as they arrive: the unreadable copy may come after the copy stored,
+                    # whichever page holds it. The stored one stands; kept as well, a retry of the
+                    # quarantine could put the unreadable one back over it.
+                    log.info(
+                        "conversation %s: an unreadable copy after the one stored in this run, not kept: %s",
+                        outcome.conversation_id,
+                        outcome.reason,
+                    )
+                    continue
                 if outcome.fault:
                     log.warning(
                         "chatsync could not read conversation %s: %s", outcome.conversation_id, outcome.reason
@@ -1176,13 +1186,6 @@ class Syncer:
             out.append(kept)
         return out
 
-    def _holds_quarantined(self, chatbot_id: str) -> bool:
-        try:
-            with self.engine.connect() as connection:
-                return writes.holds_quarantined(connection, chatbot_id)
-        except DBAPIError as exc:
-            raise _unavailable(exc) from None
-
     def _fingerprints(self, ids: list[str]) -> dict[str, tuple[str, bool]]:
         try:
             with self.engine.connect() as connection:
@@ -1196,10 +1199,8 @@ class Syncer:
         """The page's quarantine, in its transaction: new bad records in, and out any older quarantined copy
         of a conversation stored now (``good``: it is no longer the latest Chatbase sent); its days as
         fetched."""
-        if self._quarantine_may_hold.get(chatbot_id, True):
+        if good and writes.holds_quarantined(connection, chatbot_id):  # (mostly not: 2 ms a page saved)
             writes.release_from_quarantine(connection, chatbot_id, good)
-        if page.bad:
-            self._quarantine_may_hold[chatbot_id] = True
         for record, reason in page.bad:
             writes.quarantine_record(connection, chatbot_id, record, reason, self.run_id, now)
         writes.mark_days_fetched(connection, chatbot_id, scope, page.days, page.reading.fetched.fetched_at)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Connection, and_, bindparam, case, delete, select, update
+from sqlalchemy import JSON, Connection, and_, bindparam, case, delete, select, text, update
 
 from chatsync.jsonbody import UndecodableRecord, UnreadableNumber
 from chatsync.normalize import repaired_text
@@ -362,8 +362,10 @@ def count_conversations(connection: Connection, chatbot_id: str, start: date, en
 
 def holds_quarantined(connection: Connection, chatbot_id: str) -> bool:
     """Whether the quarantine keeps any record of this chatbot."""
-    held = select(quarantine.c.id).where(quarantine.c.chatbot_id == chatbot_id).limit(1)
-    return connection.execute(held).first() is not None
+    return connection.execute(_HOLDS_QUARANTINED, {"chatbot_id": chatbot_id}).first() is not None
+
+
+_HOLDS_QUARANTINED = text("SELECT 1 FROM quarantine WHERE chatbot_id = :chatbot_id LIMIT 1")
 
 
 def release_from_quarantine(connection: Connection, chatbot_id: str, conversation_ids: list[str]) -> None:
