@@ -455,3 +455,26 @@ def _exit_code_of(summary_line: str) -> int:
     assert summary["status"] == "skipped" and summary["fetched"] == 0
     assert "error: " + summary["error"] == BUSY
     return int(summary["exit_code"])
+
+
+def test_a_sqlite_file_named_through_a_symlink_shares_its_lock(tmp_path: Path) -> None:
+    """Two syncs of one chatbot into one SQLite file, one naming it through a symlink: the second is
+    refused, as it is for the same path (each once took a lock file of its own, and both ran)."""
+    real = tmp_path / "data" / "chatsync.db"
+    real.parent.mkdir()
+    link = tmp_path / "link.db"
+    engine = open_engine(f"sqlite:///{real}")
+    ensure_schema(engine)
+    link.symlink_to(real)
+    other = open_engine(f"sqlite:///{link}")
+    try:
+        with chatbot_lock(engine, "botA"):
+            with pytest.raises(LockHeld), chatbot_lock(other, "botA"):
+                pass
+            with chatbot_lock(other, "botB"):
+                pass
+        with chatbot_lock(other, "botA"):
+            pass
+    finally:
+        engine.dispose()
+        other.dispose()

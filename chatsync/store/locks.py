@@ -79,7 +79,7 @@ def chatbot_lock(
         with _process_lock(f"{id(engine)}:{chatbot_id}", chatbot_id):
             yield
         return
-    with _file_lock(Path(database), chatbot_id):
+    with _file_lock(_the_file(database), chatbot_id):
         yield
 
 
@@ -104,7 +104,7 @@ def sync_held(engine: Engine, chatbot_id: str) -> bool | None:
     import fcntl
 
     try:
-        fd = os.open(_lock_path(Path(database), chatbot_id), os.O_RDONLY)
+        fd = os.open(_lock_path(_the_file(database), chatbot_id), os.O_RDONLY)
     except FileNotFoundError:
         return False  # no sync of it ever ran here
     try:
@@ -306,6 +306,11 @@ class _Lease:
 
 # ---------------------------------------------------------------------------------------- SQLite locks
 _TAKE_ATTEMPTS = 4  # over 60 ms
+
+
+def _the_file(database: str) -> Path:
+    """The SQLite file itself, whatever path names it (a symlink, ``..``, relative): one lock for it."""
+    return Path(os.path.realpath(database))
 
 
 def _lock_path(database: Path, chatbot_id: str) -> Path:
