@@ -1199,8 +1199,7 @@ class Syncer:
         """The page's quarantine, in its transaction: new bad records in, and out any older quarantined copy
         of a conversation stored now (``good``: it is no longer the latest Chatbase sent); its days as
         fetched."""
-        if good and writes.holds_quarantined(connection, chatbot_id):  # (mostly not: 2 ms a page saved)
-            writes.release_from_quarantine(connection, chatbot_id, good)
+        writes.release_from_quarantine(connection, chatbot_id, good)
         for record, reason in page.bad:
             writes.quarantine_record(connection, chatbot_id, record, reason, self.run_id, now)
         writes.mark_days_fetched(connection, chatbot_id, scope, page.days, page.reading.fetched.fetched_at)

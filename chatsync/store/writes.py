@@ -360,24 +360,22 @@ def count_conversations(connection: Connection, chatbot_id: str, start: date, en
     )
 
 
-def holds_quarantined(connection: Connection, chatbot_id: str) -> bool:
-    """Whether the quarantine keeps any record of this chatbot."""
-    return connection.execute(_HOLDS_QUARANTINED, {"chatbot_id": chatbot_id}).first() is not None
-
-
-_HOLDS_QUARANTINED = text("SELECT 1 FROM quarantine WHERE chatbot_id = :chatbot_id LIMIT 1")
-
-
 def release_from_quarantine(connection: Connection, chatbot_id: str, conversation_ids: list[str]) -> None:
     """Drop the quarantined copies of these conversations: a newer copy was just stored, so what was
-    quarantined is no longer what Chatbase sends (and a retry must not bring it back)."""
+    quarantined is no longer what Chatbase sends (and a retry must not bring it back).
+
+    A chatbot with nothing quarantined (the usual case, and every page of a sync) costs a one-row check
+    instead of the DELETE (2 ms a page on SQLite)."""
     keys = [i for i in conversation_ids if len(i) <= 128]
-    if keys:
+    if keys and connection.execute(_HOLDS_QUARANTINED, {"chatbot_id": chatbot_id}).first() is not None:
         connection.execute(
             quarantine.delete().where(
                 quarantine.c.chatbot_id == chatbot_id, is_among(connection, quarantine.c.record_key, keys)
             )
         )
+
+
+_HOLDS_QUARANTINED = text("SELECT 1 FROM quarantine WHERE chatbot_id = :chatbot_id LIMIT 1")
 
 
 def quarantine_record(
