@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import queue
+import signal
 import threading
 import time
 import uuid
@@ -34,7 +35,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from datetime import date, datetime, timedelta
 from itertools import pairwise
@@ -72,6 +73,7 @@ from chatsync.normalize import (
     stored_id,
     with_fields_kept,
 )
+from chatsync.signals import held as held_signals
 from chatsync.store import writes
 from chatsync.store.locks import chatbot_lock
 from chatsync.timeutil import day_end, day_start, iso_z, parse_timestamp, utcnow
@@ -945,7 +947,8 @@ class Syncer:
                             batch.append(pending.popleft())
                         try:
                             if first_error is None:
-                                self._save(chatbot_id, scope, batch, today, status)
+                                with _stops_wait():  # (so what a save committed is in the summary)
+                                    self._save(chatbot_id, scope, batch, today, status)
                         except (DatabaseUnavailable, BrokenProcessPool) as exc:
                             first_error = _crashed(exc) if isinstance(exc, BrokenProcessPool) else exc
                             stop.set()  # no new requests; nothing more is saved
@@ -1256,27 +1259,51 @@ def _count(bad: list[tuple[object, str]], reason: str) -> int:
     return sum(1 for _, r in bad if r == reason)
 
 
+def _stops_wait() -> AbstractContextManager[None]:
+    """Hold Ctrl-C and SIGTERM for a block that must not be cut in the middle (a transaction, a save and
+    its count): one that arrives meanwhile is taken as the block ends (:func:`chatsync.signals.held`)."""
+    return held_signals(signal.SIGINT, signal.SIGTERM)
+
+
 class _Transaction:
-    """``engine.begin()`` that turns a lost database into DatabaseUnavailable."""
+    """``engine.begin()`` that turns a lost database into DatabaseUnavailable, and that a stop (Ctrl-C,
+    SIGTERM) waits for: it lands between two transactions, never inside one.
+
+    Raised inside one (in the middle of a bulk insert), a stop left the transaction open: the
+    statement it broke stays alive with the error's traceback, so SQLite kept the connection and its
+    write lock, and the run's last write (its status) waited the whole busy timeout, 30 s, then failed
+    (seen by a SIGTERM test on a loaded machine). A transaction takes milliseconds; a stop that comes
+    meanwhile is taken as it ends, committed or rolled back.
+    """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._context: Any = None
+        self._hold = _stops_wait()
 
     def __enter__(self) -> Any:
+        self._hold.__enter__()
         try:
             self._context = self.engine.begin()
             return self._context.__enter__()
-        except DBAPIError as exc:
-            raise _unavailable(exc) from None
+        except BaseException as exc:
+            self._hold.__exit__(None, None, None)
+            if isinstance(exc, DBAPIError):
+                raise _unavailable(exc) from None
+            raise
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         try:
-            self._context.__exit__(exc_type, exc, tb)
-        except DBAPIError as error:
-            raise _unavailable(error) from None
-        if isinstance(exc, DBAPIError) and (exc.connection_invalidated or isinstance(exc, OperationalError)):
-            raise _unavailable(exc) from None
+            try:
+                self._context.__exit__(exc_type, exc, tb)
+            except DBAPIError as error:
+                raise _unavailable(error) from None
+            if isinstance(exc, DBAPIError) and (
+                exc.connection_invalidated or isinstance(exc, OperationalError)
+            ):
+                raise _unavailable(exc) from None
+        finally:
+            self._hold.__exit__(None, None, None)  # a stop that came meanwhile is raised now
 
 
 def _unavailable(exc: DBAPIError) -> DatabaseUnavailable:

@@ -187,7 +187,7 @@ class ReaderPool:
         # - a process inherits the signals its parent holds, so started while this thread holds Ctrl-C, the
         #   server and every worker it forks never take it (a terminal sends it to the whole process group:
         #   it once stopped the server in its start-up, or a worker as it wrote a result, which left the
-        #   pool waiting forever); a worker takes SIGTERM again first thing (_start_worker);
+        #   pool waiting forever; a worker takes SIGTERM from the sync alone, see _sigterm_from_the_sync);
         # - a signal taken in the middle of starting a worker left one the pool did not know of: the sync
         #   ended without waiting for it, and it printed a traceback as it found the sync's queues gone
         #   (a SIGTERM in a sync's first second, seen on a loaded machine).
@@ -214,16 +214,44 @@ class ReaderPool:
 
 def _start_worker() -> None:
     """In a worker, first: leave Ctrl-C to the sync (see :meth:`ReaderPool.submit`; also where the fork
-    server was started by something else), take SIGTERM (held while the server started), and end with the
-    sync."""
+    server was started by something else), take SIGTERM from the sync alone (:func:`_sigterm_from_the_sync`),
+    and end with the sync."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(os, "nice"):
         # The one writer is what the sync waits for: where the cores are all busy, the system runs it
         # (and the database server it talks to) before the readers, which have time to spare.
         os.nice(WORKER_NICENESS)
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    _sigterm_from_the_sync()
     _end_with_parent()
+
+
+def _sigterm_from_the_sync() -> None:
+    """In a worker: end on a SIGTERM the sync sends (its pool ends the workers so when one died), and
+    leave any other to the sync.
+
+    systemd stops a service by sending SIGTERM to every process in it at once: a worker that took it in
+    the middle of sending a page's result left the pool reading the rest of it for ever, and the stopped
+    sync never ended (2 of 40 stops on a loaded machine). The sync, told to stop, shuts its pool down
+    itself. A thread takes the signal (held in every other thread, as the fork server started the worker
+    with it held) to learn who sent it; where the system cannot say (macOS), the worker takes SIGTERM
+    as it comes."""
+    import multiprocessing
+    import threading
+
+    if not hasattr(signal, "pthread_sigmask"):
+        return
+    parent = multiprocessing.parent_process()
+    if parent is None or not hasattr(signal, "sigwaitinfo"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # in this thread and the ones it starts
+
+    def take() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent.pid:
+                os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=take, name="chatsync-worker-sigterm", daemon=True).start()
 
 
 def _end_with_parent() -> None:

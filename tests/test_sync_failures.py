@@ -24,7 +24,7 @@ from chatsync.store.engine import ensure_schema, open_engine
 from chatsync.store.locks import chatbot_lock
 from chatsync.sync import Syncer, SyncRequest
 from tests.conftest import chatbase_env
-from tests.helpers import assert_exact, sync_killed_then_rerun
+from tests.helpers import assert_exact, stored_conversations, sync_killed_then_rerun
 
 
 def _client(server: Any, **kwargs: Any) -> ChatbaseClient:
@@ -460,6 +460,41 @@ def test_two_signals_during_start_up_end_any_command_with_one_line(
     done = _signalled("import:typer", [signal.SIGINT, signal.SIGTERM], args, tmp_path, env)
     assert done.returncode == 130, done.stderr
     assert done.stderr.count("error:") == 1 and "error: interrupted" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("moment", ["call:upsert_conversations", "call:track"])
+def test_a_stop_inside_a_write_waits_for_its_transaction_and_the_run_records_how_it_ended(
+    emulator_factory: Any, database_url: str, tmp_path: Path, moment: str
+) -> None:
+    """A SIGTERM that landed inside a bulk insert (CI, a loaded machine) left its transaction open on
+    SQLite: the broken statement lived on in the error's traceback with the write lock, so the run's last
+    write waited 30 s for it, failed, and left the run "running" (and the process past its 60 s budget).
+    A stop now waits for the transaction it lands in: the page is committed, the run is recorded as
+    terminated, and the next run completes exactly."""
+    from sqlalchemy import select
+
+    from chatsync.store.tables import sync_runs
+
+    server = emulator_factory(conversations=1500, seed=36)
+    env = {**os.environ, **chatbase_env(server, database_url), "CHATSYNC_CONCURRENCY": "2"}
+    done = _signalled(moment, [signal.SIGTERM], ["sync", "--json"], tmp_path, env)
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.strip() == "error: terminated (SIGTERM); what was committed is kept", done.stderr
+    line = json.loads(done.stdout)
+    assert (line["status"], line["exit_code"]) == ("failed", 143)
+    assert line["inserted"] > 0  # the transaction the stop landed in was committed, then the run stopped
+    assert 0 < len(stored_conversations(database_url)) < 1500
+    engine = open_engine(database_url)
+    with engine.connect() as connection:
+        runs = connection.execute(select(sync_runs.c.status, sync_runs.c.error)).all()
+    engine.dispose()
+    assert [(r.status, "SIGTERM" in (r.error or "")) for r in runs] == [("failed", True)]
+    rerun = subprocess.run(
+        [sys.executable, "-m", "chatsync", "sync"], env=env, cwd=tmp_path, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr
+    assert_exact(database_url, server.emulator)
 
 
 def test_a_signal_once_the_sync_has_succeeded_does_not_turn_it_into_a_failure(

@@ -237,6 +237,37 @@ def test_a_worker_process_that_dies_ends_the_run_with_exit_3_keeping_what_was_sa
     assert_exact(database_url, server.emulator)
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker processes through /proc")
+def test_a_sigterm_that_reaches_the_workers_alone_leaves_the_sync_running(
+    emulator_factory: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    """systemd stops a service by sending SIGTERM to every process in it: a worker it ended in the middle
+    of sending a page's result left the pool waiting for the rest for ever, and the stopped sync never
+    ended (2 of 40 stops on a loaded machine). Workers leave SIGTERM to the sync, which shuts them down
+    (its own stop is tested in test_sync_failures); one that reaches them alone changes nothing."""
+    server = emulator_factory(conversations=3000, seed=64, days=30, latency_ms=200)
+    env = {**os.environ, **chatbase_env(server, sqlite_url), "CHATSYNC_CONCURRENCY": "2"}
+    command = [sys.executable, "-m", "chatsync", "sync", "--json"]
+    process = subprocess.Popen(
+        command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        _wait_until(lambda: len(stored_rows(sqlite_url)) >= 200, "the sync has saved pages")
+        workers = _workers(process.pid)
+        assert workers, "the sync reads pages in worker processes"
+        for worker in workers:
+            os.kill(worker, signal.SIGTERM)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, err
+    assert json.loads(out)["status"] == "ok"
+    assert all(Path(f"/proc/{pid}").exists() is False for pid in workers)  # gone with the sync
+    assert_exact(sqlite_url, server.emulator)
+
+
 def stored_rows(database_url: str) -> dict[str, Any]:
     try:
         return stored_conversations(database_url)
