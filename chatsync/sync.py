@@ -500,6 +500,11 @@ class _Reading:
     fetched: _Fetched
     known: dict[str, tuple[str, bool]]
     future: Future[list[Outcome]] | None
+    pool: ReaderPool
+
+    def outcomes(self) -> list[Outcome]:
+        """What the worker read, in page order, waited for; raises BrokenProcessPool if a worker died."""
+        return self.pool.result(self.future) if self.future is not None else []
 
     def done(self) -> bool:
         return self.future is None or self.future.done()
@@ -947,8 +952,7 @@ class Syncer:
                             batch.append(pending.popleft())
                         try:
                             if first_error is None:
-                                with _stops_wait():  # (so what a save committed is in the summary)
-                                    self._save(chatbot_id, scope, batch, today, status)
+                                self._save(chatbot_id, scope, batch, today, status)
                         except (DatabaseUnavailable, BrokenProcessPool) as exc:
                             first_error = _crashed(exc) if isinstance(exc, BrokenProcessPool) else exc
                             stop.set()  # no new requests; nothing more is saved
@@ -1017,7 +1021,7 @@ class Syncer:
             )
             future = pool.submit(task)
             future.add_done_callback(lambda _: events.put(_READY))
-        return _Reading(fetched, known, future)
+        return _Reading(fetched, known, future, pool)
 
     def _save(
         self, chatbot_id: str, scope: str, readings: list[_Reading], today: date, status: Progress
@@ -1034,8 +1038,9 @@ class Syncer:
             # the next page of the stream completes windows counting this one (saved with it, or not at all)
             reading.fetched.stream.commit(reading.fetched.page, page.days_of_page)
             pages.append(page)
-        counts = self._write(chatbot_id, scope, pages, now)
-        summary = self.summary
+        with _stops_wait():  # (what the transaction committed is counted; reading the pages is not held)
+            counts = self._write(chatbot_id, scope, pages, now)
+            self._add_to_summary(pages, counts)
         bad = [b for page in pages for b in page.bad]
         for reason in {reason for _, reason in bad}:
             log.info("quarantined %d record(s) of chatbot %s: %s", _count(bad, reason), chatbot_id, reason)
@@ -1045,14 +1050,6 @@ class Syncer:
                 "replaced text no database can hold (NUL, lone surrogates) with U+FFFD in %s",
                 ", ".join(repaired),
             )
-        unchanged = sum(page.unchanged for page in pages)
-        summary.inserted += counts.inserted
-        summary.updated += counts.updated
-        summary.unchanged += counts.unchanged + unchanged
-        summary.whatsapp_captured += counts.captured + sum(page.captured for page in pages)
-        summary.quarantined += len(bad)
-        summary.repaired += len(repaired)
-        summary.fetched += counts.inserted + counts.updated + counts.unchanged + unchanged + len(bad)
         for page in pages:
             status.conversations += len(page.reading.fetched.records)
             for window in page.windows:
@@ -1069,10 +1066,23 @@ class Syncer:
                 status.windows_done += 1
         self._report(status)
 
+    def _add_to_summary(self, pages: list[_Prepared], counts: writes.UpsertCounts) -> None:
+        """Add saved pages to the run's summary."""
+        summary = self.summary
+        unchanged = sum(page.unchanged for page in pages)
+        bad = sum(len(page.bad) for page in pages)
+        summary.inserted += counts.inserted
+        summary.updated += counts.updated
+        summary.unchanged += counts.unchanged + unchanged
+        summary.whatsapp_captured += counts.captured + sum(page.captured for page in pages)
+        summary.quarantined += bad
+        summary.repaired += len(counts.repaired)
+        summary.fetched += counts.inserted + counts.updated + counts.unchanged + unchanged + bad
+
     def _prepare(self, chatbot_id: str, reading: _Reading, today: date) -> _Prepared:
         """A read page as what to write: rows to store, records to quarantine, ids claimed, days done."""
         fetched, stream = reading.fetched, reading.fetched.stream
-        outcomes = reading.future.result() if reading.future is not None else []  # (in page order)
+        outcomes = reading.outcomes()  # (in page order)
         rows: list[dict[str, Any]] = []
         bad: list[tuple[object, str]] = []
         claimed: list[str] = []  # conversations of this page stored (or found unchanged) now

@@ -17,10 +17,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 import traceback
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import date
+from multiprocessing.connection import wait
 from typing import Any, Literal
 
 from chatsync.chatbase_records import record_from_export
@@ -36,6 +38,8 @@ from chatsync.worker_server import context, start_resource_tracker
 log = logging.getLogger("chatsync.sync")
 
 WORKER_NICENESS = 5  # added to the sync's own: a reader gets a third of the CPU share of the writer
+POLL_SECONDS = 0.25  # how often a wait for a page's result looks for a dead worker
+DEATH_GRACE_SECONDS = 2.0  # a dead worker the executor has not acted on by then: it never will
 
 
 @dataclass(frozen=True)
@@ -167,12 +171,14 @@ class ReaderPool:
     """Runs :func:`read_page` in ``workers`` processes (0: in the calling thread).
 
     A worker that dies (killed, out of memory) breaks the pool: every page not yet read raises
-    ``concurrent.futures.process.BrokenProcessPool`` from its future.
+    ``concurrent.futures.process.BrokenProcessPool`` from its future (wait with :meth:`result`, which also
+    sees a death the executor misses).
     """
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self._executor: ProcessPoolExecutor | None = None
+        self._unfinished: set[Future[list[Outcome]]] = set()
 
     def submit(self, task: PageTask) -> Future[list[Outcome]]:
         if self.workers <= 0:
@@ -198,12 +204,60 @@ class ReaderPool:
                 self._executor = ProcessPoolExecutor(
                     self.workers, mp_context=context(), initializer=_start_worker
                 )
-            return self._executor.submit(read_page, task)
+            future = self._executor.submit(read_page, task)
+        self._unfinished.add(future)
+        future.add_done_callback(self._unfinished.discard)
+        return future
+
+    def result(self, future: Future[list[Outcome]]) -> list[Outcome]:
+        """What :meth:`submit`'s ``future`` gives, waited for; raises BrokenProcessPool (its page will not
+        be read) once a worker died, even where the executor does not see it.
+
+        A worker killed in the middle of sending a result (SIGKILL, the OOM killer) leaves half of it in
+        the pipe all workers answer through: the executor waits for the rest for ever, and the worker that
+        answers next waits for the pipe's lock, which the dead one held (1 sync in 10 whose worker was
+        killed never ended, found by a helper breaking it). After :data:`DEATH_GRACE_SECONDS` with a dead
+        worker and this page unread, the pool is given up (:meth:`_give_up`), which breaks it properly.
+        """
+        died: float | None = None
+        while True:
+            try:
+                return future.result(timeout=POLL_SECONDS)
+            except TimeoutError:
+                if died is None:
+                    died = time.monotonic() if self._a_worker_died() else None
+                elif time.monotonic() - died >= DEATH_GRACE_SECONDS:
+                    self._give_up()
 
     def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
+        """Shut the workers down; pages submitted and not read (the sync stopped or failed) are not waited
+        for: their workers are killed, which a stopped (SIGSTOP) or stuck worker does not delay."""
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        if self._unfinished:
+            self._give_up(executor)
+        executor.shutdown(wait=True, cancel_futures=True)
+
+    def _a_worker_died(self) -> bool:
+        executor = self._executor
+        processes = getattr(executor, "_processes", None) or {}
+        sentinels = [p.sentinel for p in list(processes.values())]
+        return bool(sentinels) and bool(wait(sentinels, timeout=0))  # (a sentinel is ready once it ended)
+
+    def _give_up(self, executor: ProcessPoolExecutor | None = None) -> None:
+        """Kill every worker, then close this process's end of the pipe they answer through: with no writer
+        left, the executor reading half a result gets EOF, takes the pool as broken and fails every page
+        not read with BrokenProcessPool (it reaches into the executor: the standard library offers no way
+        out of that wait, CPython 3.11-3.13)."""
+        executor = executor or self._executor
+        if executor is None:
+            return
+        for process in list((getattr(executor, "_processes", None) or {}).values()):
+            process.kill()
+        results = getattr(executor, "_result_queue", None)
+        if results is not None:
+            results._writer.close()
 
     def __enter__(self) -> ReaderPool:
         return self

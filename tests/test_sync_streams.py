@@ -268,6 +268,52 @@ def test_a_sigterm_that_reaches_the_workers_alone_leaves_the_sync_running(
     assert_exact(sqlite_url, server.emulator)
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker processes through /proc")
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_while_the_workers_are_stopped_ends_the_sync_at_once(
+    emulator_factory: Any, sqlite_url: str, tmp_path: Path, stop: signal.Signals
+) -> None:
+    """Workers that do not answer (stopped, a machine swapping) do not hold a Ctrl-C or SIGTERM back: the
+    sync waits for a page to be read without holding stops (only a transaction and its count are held),
+    and kills the workers rather than wait for pages nobody will save. Before, the stop waited for the
+    workers to answer, for ever while they stayed stopped (6 of 6, found by a helper breaking it)."""
+    server = emulator_factory(conversations=3000, seed=65, days=30, latency_ms=100)
+    env = {**os.environ, **chatbase_env(server, sqlite_url), "CHATSYNC_CONCURRENCY": "2"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "chatsync", "sync", "--json"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    workers: list[int] = []
+    try:
+        _wait_until(lambda: len(stored_rows(sqlite_url)) >= 200, "the sync has saved pages")
+        workers = _workers(process.pid)
+        assert workers, "the sync reads pages in worker processes"
+        for worker in workers:
+            os.kill(worker, signal.SIGSTOP)
+        time.sleep(1.0)  # the writer now waits for a page no worker reads
+        assert process.poll() is None
+        os.kill(process.pid, stop)
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for worker in workers:
+            if Path(f"/proc/{worker}").exists():
+                os.kill(worker, signal.SIGKILL)
+    assert process.returncode == 128 + stop, err
+    said = "error: interrupted" if stop == signal.SIGINT else "error: terminated (SIGTERM)"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(said), err
+    assert json.loads(out)["exit_code"] == 128 + stop
+    _wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), "the workers are gone", 10)
+    assert len(stored_rows(sqlite_url)) >= 200  # what was committed stays
+
+
 def stored_rows(database_url: str) -> dict[str, Any]:
     try:
         return stored_conversations(database_url)
