@@ -18,13 +18,15 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import psycopg
 import pytest
+from sqlalchemy import text
 
 from chatsync.errors import ExitCode, LockHeld, LockLost
 from chatsync.store.engine import ensure_schema, open_engine
-from chatsync.store.locks import chatbot_lock
+from chatsync.store.locks import chatbot_lock, sync_held
 from tests.conftest import chatbase_env
 from tests.helpers import assert_exact
 
@@ -457,18 +459,31 @@ def _exit_code_of(summary_line: str) -> int:
     return int(summary["exit_code"])
 
 
-def test_a_sqlite_file_named_through_a_symlink_shares_its_lock(tmp_path: Path) -> None:
-    """Two syncs of one chatbot into one SQLite file, one naming it through a symlink: the second is
-    refused, as it is for the same path (each once took a lock file of its own, and both ran)."""
+@pytest.mark.parametrize(
+    "naming",
+    [
+        "sqlite:///{link}",
+        "sqlite:///file:{link}?uri=true",
+        "sqlite:///file:{quoted}?uri=true&cache=private",
+    ],
+)
+def test_a_sqlite_file_named_through_a_symlink_shares_its_lock(tmp_path: Path, naming: str) -> None:
+    """Two syncs of one chatbot into one SQLite file, one naming it through a symlink or a ``file:`` URI:
+    the second is refused, as it is for the same path (each once took a lock of its own, the URI one a
+    lock in its process only, and both ran)."""
     real = tmp_path / "data" / "chatsync.db"
     real.parent.mkdir()
-    link = tmp_path / "link.db"
+    link = tmp_path / "the link.db"
     engine = open_engine(f"sqlite:///{real}")
     ensure_schema(engine)
     link.symlink_to(real)
-    other = open_engine(f"sqlite:///{link}")
+    other = open_engine(naming.format(link=link, quoted=quote(str(link))))
+    with other.connect() as connection:  # (the URL reaches the very file: its schema is there)
+        assert connection.execute(text("select count(*) from conversations")).scalar() == 0
+    assert sync_held(other, "botA") is False
     try:
         with chatbot_lock(engine, "botA"):
+            assert sync_held(other, "botA") is True
             with pytest.raises(LockHeld), chatbot_lock(other, "botA"):
                 pass
             with chatbot_lock(other, "botB"):
@@ -478,3 +493,15 @@ def test_a_sqlite_file_named_through_a_symlink_shares_its_lock(tmp_path: Path) -
     finally:
         engine.dispose()
         other.dispose()
+
+
+def test_a_sqlite_database_in_memory_named_by_a_uri_takes_a_lock_of_its_process() -> None:
+    """``file::memory:`` is no file: nothing beside it to lock, nothing for status to probe (another
+    process cannot reach it)."""
+    engine = open_engine("sqlite:///file::memory:?uri=true")
+    try:
+        assert sync_held(engine, "botA") is None
+        with chatbot_lock(engine, "botA"), pytest.raises(LockHeld), chatbot_lock(engine, "botA"):
+            pass
+    finally:
+        engine.dispose()

@@ -74,12 +74,12 @@ def chatbot_lock(
         finally:
             held.release()
         return
-    database = engine.url.database
-    if not database or database == ":memory:" or database.startswith("file:"):
+    database = _the_file(engine)
+    if database is None:
         with _process_lock(f"{id(engine)}:{chatbot_id}", chatbot_id):
             yield
         return
-    with _file_lock(_the_file(database), chatbot_id):
+    with _file_lock(database, chatbot_id):
         yield
 
 
@@ -98,13 +98,13 @@ def sync_held(engine: Engine, chatbot_id: str) -> bool | None:
         return row is not None and not _holder_is_gone(
             row.holder, row.pid_namespace, row.pid, row.process_start, _this_process()
         )
-    database = engine.url.database
-    if not database or database == ":memory:" or database.startswith("file:"):
+    database = _the_file(engine)
+    if database is None:
         return None
     import fcntl
 
     try:
-        fd = os.open(_lock_path(_the_file(database), chatbot_id), os.O_RDONLY)
+        fd = os.open(_lock_path(database, chatbot_id), os.O_RDONLY)
     except FileNotFoundError:
         return False  # no sync of it ever ran here
     try:
@@ -308,8 +308,20 @@ class _Lease:
 _TAKE_ATTEMPTS = 4  # over 60 ms
 
 
-def _the_file(database: str) -> Path:
-    """The SQLite file itself, whatever path names it (a symlink, ``..``, relative): one lock for it."""
+def _the_file(engine: Engine) -> Path | None:
+    """The SQLite file itself, whatever names it (a symlink, ``..``, a relative path, a ``file:`` URI with
+    ``?uri=true``): one lock for it. None for a database in memory, which only this process reaches."""
+    database = engine.url.database
+    if not database or database == ":memory:":
+        return None
+    if database.startswith("file:") and str(engine.url.query.get("uri", "")).lower() in ("true", "1"):
+        from urllib.parse import parse_qs, unquote, urlsplit
+
+        uri = urlsplit(database)
+        modes = [*parse_qs(uri.query).get("mode", []), str(engine.url.query.get("mode", ""))]
+        database = unquote(uri.path)
+        if not database or database == ":memory:" or "memory" in modes:
+            return None
     return Path(os.path.realpath(database))
 
 
