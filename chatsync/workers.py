@@ -20,6 +20,7 @@ import signal
 import time
 import traceback
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import date
 from multiprocessing.connection import wait
@@ -204,7 +205,14 @@ class ReaderPool:
                 self._executor = ProcessPoolExecutor(
                     self.workers, mp_context=context(), initializer=_start_worker
                 )
-            future = self._executor.submit(read_page, task)
+            try:
+                future = self._executor.submit(read_page, task)
+            except OSError as exc:
+                # a worker died while this one was being started (the executor closes the pipes the new
+                # one is handed: "handle is closed"): the pool is broken, not the machine
+                if getattr(self._executor, "_broken", False) or self._a_worker_died():
+                    raise BrokenProcessPool("a worker process died while another was starting") from exc
+                raise
         self._unfinished.add(future)
         future.add_done_callback(self._unfinished.discard)
         return future
@@ -217,27 +225,43 @@ class ReaderPool:
         the pipe all workers answer through: the executor waits for the rest for ever, and the worker that
         answers next waits for the pipe's lock, which the dead one held (1 sync in 10 whose worker was
         killed never ended, found by a helper breaking it). After :data:`DEATH_GRACE_SECONDS` with a dead
-        worker and this page unread, the pool is given up (:meth:`_give_up`), which breaks it properly.
+        worker and this page unread, the pool is given up (:meth:`_give_up`), which breaks it properly;
+        when even that gives no answer in as long, this raises BrokenProcessPool itself.
         """
         died: float | None = None
+        gave_up: float | None = None
         while True:
             try:
                 return future.result(timeout=POLL_SECONDS)
             except TimeoutError:
+                now = time.monotonic()
                 if died is None:
-                    died = time.monotonic() if self._a_worker_died() else None
-                elif time.monotonic() - died >= DEATH_GRACE_SECONDS:
-                    self._give_up()
+                    died = now if self._a_worker_died() else None
+                elif gave_up is None:
+                    if now - died >= DEATH_GRACE_SECONDS:
+                        self._give_up()
+                        gave_up = now
+                elif now - gave_up >= DEATH_GRACE_SECONDS:
+                    # the executor's own thread is gone: a worker that died while another was starting
+                    # can end it with an error of its own (CPython 3.11), leaving every page unanswered
+                    raise BrokenProcessPool("a worker process died; the pool did not answer since") from None
 
-    def close(self) -> None:
-        """Shut the workers down; pages submitted and not read (the sync stopped or failed) are not waited
-        for: their workers are killed, which a stopped (SIGSTOP) or stuck worker does not delay."""
+    def close(self, abandon: bool = False) -> None:
+        """Shut the workers down. They are killed rather than waited for (a stopped or stuck worker would
+        hold the sync for ever) when the caller gives up (``abandon``: it stopped or failed), when pages
+        submitted are still unread, when the pool is broken, and when a stop comes while waiting for them.
+        """
         executor, self._executor = self._executor, None
         if executor is None:
             return
-        if self._unfinished:
+        if abandon or self._unfinished or getattr(executor, "_broken", False):
+            # (broken: a worker may have started as the executor ended the others, and not be ended)
             self._give_up(executor)
-        executor.shutdown(wait=True, cancel_futures=True)
+        try:
+            executor.shutdown(wait=True, cancel_futures=True)
+        except BaseException:
+            self._give_up(executor)  # a stop while waiting for the workers to end
+            raise
 
     def _a_worker_died(self) -> bool:
         executor = self._executor
@@ -262,8 +286,8 @@ class ReaderPool:
     def __enter__(self) -> ReaderPool:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(abandon=exc_type is not None)
 
 
 def _start_worker() -> None:

@@ -110,3 +110,26 @@ def test_a_pool_whose_pages_were_all_read_shuts_down_its_workers_gracefully() ->
     pool.close()
     assert [len(r) for r in results] == [20] * 6
     assert workers and all(p.exitcode == 0 for p in workers)  # (a killed one ends with -9)
+
+
+def test_a_pool_given_up_kills_its_workers_even_with_every_page_read() -> None:
+    """The sync stopped (or failed) after its workers had read every page, and they are stopped: leaving
+    the pool on an exception kills them rather than wait for them to end (a stopped sync then hung at
+    its exit, Ctrl-C and SIGTERM ignored by then, found by a helper breaking it)."""
+    stopped: list[int] = []
+    started = 0.0
+    try:
+        with pytest.raises(KeyboardInterrupt), ReaderPool(2) as pool:
+            pool.result(pool.submit(_page(1)))
+            pool.result(pool.submit(_page(1)))
+            stopped = [p.pid for p in _workers(pool)]
+            for pid in stopped:
+                os.kill(pid, signal.SIGSTOP)
+            started = time.monotonic()
+            raise KeyboardInterrupt
+        assert time.monotonic() - started < 30
+        assert stopped and not any(_alive(pid) for pid in stopped)
+    finally:
+        for pid in stopped:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
