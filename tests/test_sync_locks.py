@@ -465,6 +465,7 @@ def _exit_code_of(summary_line: str) -> int:
         "sqlite:///{link}",
         "sqlite:///file:{link}?uri=true",
         "sqlite:///file:{quoted}?uri=true&cache=private",
+        "sqlite:///file://localhost{quoted}?uri=yes",  # (SQLAlchemy takes yes, on, 1 as true)
     ],
 )
 def test_a_sqlite_file_named_through_a_symlink_shares_its_lock(tmp_path: Path, naming: str) -> None:
@@ -495,6 +496,26 @@ def test_a_sqlite_file_named_through_a_symlink_shares_its_lock(tmp_path: Path, n
         other.dispose()
 
 
+def test_a_sqlite_path_through_a_symlink_then_dotdot_locks_the_file_sqlite_opens(tmp_path: Path) -> None:
+    """``link/../data/c.db``: SQLAlchemy makes the path absolute as text (``../`` cancels ``link``) and
+    SQLite opens ``data/c.db`` beside the link, not beside the link's target; the lock follows SQLite."""
+    real = tmp_path / "data" / "chatsync.db"
+    real.parent.mkdir()
+    (tmp_path / "elsewhere" / "sub").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "data").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere" / "sub")
+    engine = open_engine(f"sqlite:///{real}")
+    ensure_schema(engine)
+    other = open_engine(f"sqlite:///{tmp_path}/link/../data/chatsync.db")
+    try:
+        with chatbot_lock(engine, "botA"), pytest.raises(LockHeld), chatbot_lock(other, "botA"):
+            pass
+    finally:
+        engine.dispose()
+        other.dispose()
+    assert not list((tmp_path / "elsewhere" / "data").iterdir())
+
+
 def test_a_sqlite_database_in_memory_named_by_a_uri_takes_a_lock_of_its_process() -> None:
     """``file::memory:`` is no file: nothing beside it to lock, nothing for status to probe (another
     process cannot reach it)."""
@@ -503,5 +524,31 @@ def test_a_sqlite_database_in_memory_named_by_a_uri_takes_a_lock_of_its_process(
         assert sync_held(engine, "botA") is None
         with chatbot_lock(engine, "botA"), pytest.raises(LockHeld), chatbot_lock(engine, "botA"):
             pass
+    finally:
+        engine.dispose()
+
+
+def test_status_tells_a_run_still_syncing_another_chatbot_from_one_that_was_killed(database_url: str) -> None:
+    """`sync --all-chatbots` holds the lock of the chatbot it is on, and has let go of those it is done
+    with: status once called such a run "interrupted" for the chatbots it had finished, while it ran
+    (found by a helper breaking it). The run lives while the lock of the chatbot it lists last is held."""
+    from chatsync.operations import chatbot_statuses
+    from chatsync.store import writes
+    from chatsync.timeutil import utcnow
+
+    engine = open_engine(database_url)
+    ensure_schema(engine)
+    try:
+        with engine.begin() as connection:
+            writes.start_run(connection, "run-1", ["bot-a", "bot-b"], utcnow())
+
+        def statuses() -> dict[str, str]:
+            with engine.connect() as connection:
+                found = chatbot_statuses(connection, ["bot-a", "bot-b"], utcnow())
+            return {s.chatbot_id: s.last_run["status"] for s in found if s.last_run}
+
+        with chatbot_lock(engine, "bot-b"):
+            assert statuses() == {"bot-a": "running", "bot-b": "running"}
+        assert statuses() == {"bot-a": "interrupted", "bot-b": "interrupted"}
     finally:
         engine.dispose()

@@ -39,6 +39,7 @@ from typing import Any
 from sqlalchemy import Engine, delete, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.util import asbool
 
 from chatsync.errors import LockHeld, LockLost
 from chatsync.store.tables import sync_leases
@@ -310,16 +311,26 @@ _TAKE_ATTEMPTS = 4  # over 60 ms
 
 def _the_file(engine: Engine) -> Path | None:
     """The SQLite file itself, whatever names it (a symlink, ``..``, a relative path, a ``file:`` URI with
-    ``?uri=true``): one lock for it. None for a database in memory, which only this process reaches."""
+    ``?uri=true``): one lock for it. None for a database in memory, which only this process reaches.
+
+    The path is resolved as SQLite is handed it: SQLAlchemy makes a plain path absolute as text first
+    (``link/../x`` is ``./x`` whatever ``link`` points to); a URI's path the system resolves as it goes.
+    """
     database = engine.url.database
     if not database or database == ":memory:":
         return None
-    if database.startswith("file:") and str(engine.url.query.get("uri", "")).lower() in ("true", "1"):
+    try:
+        uri = asbool(engine.url.query.get("uri", False))  # (as SQLAlchemy reads it: "yes", "on", "1", …)
+    except ValueError:
+        uri = False
+    if not uri:
+        return Path(os.path.realpath(os.path.abspath(database)))
+    if database.startswith("file:"):
         from urllib.parse import parse_qs, unquote, urlsplit
 
-        uri = urlsplit(database)
-        modes = [*parse_qs(uri.query).get("mode", []), str(engine.url.query.get("mode", ""))]
-        database = unquote(uri.path)
+        parts = urlsplit(database)
+        modes = [*parse_qs(parts.query).get("mode", []), str(engine.url.query.get("mode", ""))]
+        database = unquote(parts.path)
         if not database or database == ":memory:" or "memory" in modes:
             return None
     return Path(os.path.realpath(database))
