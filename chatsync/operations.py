@@ -76,10 +76,16 @@ def chatbot_statuses(
     held = _per_chatbot(
         connection, ids, select(quarantine.c.chatbot_id, func.count()).group_by(quarantine.c.chatbot_id)
     )
-    runs = _last_runs(connection, set(ids))
-    for chatbot_id, run in runs.items():
-        if run["status"] == "running" and sync_held(connection.engine, chatbot_id) is False:
-            # its lock is free: the process ended without writing how (SIGKILL, a power cut); the
+    runs, syncing = _last_runs(connection, set(ids))
+    alive: dict[str, bool | None] = {}  # by run id
+    for run in runs.values():
+        if run["status"] == "running" and run["run_id"] not in alive:
+            # A run syncs its chatbots one after another, holding the lock of the one it is on, the last
+            # it lists (a chatbot it is done with is free while the run goes on)
+            alive[run["run_id"]] = sync_held(connection.engine, syncing[run["run_id"]])
+    for run in runs.values():
+        if run["status"] == "running" and alive[run["run_id"]] is False:
+            # that lock is free: the process ended without writing how (SIGKILL, a power cut); the
             # next sync records it so
             run["status"] = "interrupted"
             run["error"] = (
@@ -110,9 +116,11 @@ def _per_chatbot(connection: Connection, ids: list[str], statement: Any) -> dict
     return {r[0]: tuple(r[1:]) for r in connection.execute(statement.where(column.in_(ids))).all()}
 
 
-def _last_runs(connection: Connection, ids: set[str]) -> dict[str, dict[str, Any]]:
-    """The newest run that included each chatbot (a run may sync several)."""
+def _last_runs(connection: Connection, ids: set[str]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The newest run that included each chatbot (a run may sync several), and by run id the chatbot
+    each of those runs listed last (the one it is syncing, if it still runs)."""
     found: dict[str, dict[str, Any]] = {}
+    last: dict[str, str] = {}
     rows = connection.execute(
         select(sync_runs).order_by(sync_runs.c.started_at.desc()).limit(RUN_SCAN_LIMIT)
     ).mappings()
@@ -122,6 +130,7 @@ def _last_runs(connection: Connection, ids: set[str]) -> dict[str, dict[str, Any
         synced_despite = set(summary.get("synced") or [])
         for chatbot_id in set(run["chatbot_ids"] or []) & (ids - set(found)):
             ours = chatbot_id not in synced_despite
+            last[run["id"]] = run["chatbot_ids"][-1]
             found[chatbot_id] = {
                 "run_id": run["id"],
                 "status": run["status"] if ours else "ok",
@@ -132,7 +141,7 @@ def _last_runs(connection: Connection, ids: set[str]) -> dict[str, dict[str, Any
             }
         if len(found) == len(ids):
             break
-    return found
+    return found, last
 
 
 # -------------------------------------------------------------------------------------------- quarantine
