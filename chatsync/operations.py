@@ -79,12 +79,13 @@ def chatbot_statuses(
     runs, syncing = _last_runs(connection, set(ids))
     alive: dict[str, bool | None] = {}  # by run id
     for run in runs.values():
-        if run["status"] == "running" and run["run_id"] not in alive:
+        if run["status"] != "running":
+            continue
+        if run["run_id"] not in alive:
             # A run syncs its chatbots one after another, holding the lock of the one it is on, the last
             # it lists (a chatbot it is done with is free while the run goes on)
             alive[run["run_id"]] = sync_held(connection.engine, syncing[run["run_id"]])
-    for run in runs.values():
-        if run["status"] == "running" and alive[run["run_id"]] is False:
+        if alive[run["run_id"]] is False:
             # that lock is free: the process ended without writing how (SIGKILL, a power cut); the
             # next sync records it so
             run["status"] = "interrupted"

@@ -264,9 +264,7 @@ class ReaderPool:
             raise
 
     def _a_worker_died(self) -> bool:
-        executor = self._executor
-        processes = getattr(executor, "_processes", None) or {}
-        sentinels = [p.sentinel for p in list(processes.values())]
+        sentinels = [p.sentinel for p in _processes(self._executor)]
         return bool(sentinels) and bool(wait(sentinels, timeout=0))  # (a sentinel is ready once it ended)
 
     def _give_up(self, executor: ProcessPoolExecutor | None = None) -> None:
@@ -277,7 +275,7 @@ class ReaderPool:
         executor = executor or self._executor
         if executor is None:
             return
-        for process in list((getattr(executor, "_processes", None) or {}).values()):
+        for process in _processes(executor):
             process.kill()
         results = getattr(executor, "_result_queue", None)
         if results is not None:
@@ -288,6 +286,11 @@ class ReaderPool:
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         self.close(abandon=exc_type is not None)
+
+
+def _processes(executor: ProcessPoolExecutor | None) -> list[Any]:
+    """The executor's worker processes now (``multiprocessing.Process``; none once it is shut down)."""
+    return list((getattr(executor, "_processes", None) or {}).values())
 
 
 def _start_worker() -> None:
