@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -201,6 +203,31 @@ def _workers(pid: int) -> list[int]:
     return out
 
 
+@contextmanager
+def _a_sync_reading_pages(
+    env: dict[str, str], database_url: str, tmp_path: Path
+) -> Iterator[tuple[subprocess.Popen[str], list[int]]]:
+    """``chatsync sync --json`` started and seen saving pages, with its reading workers; killed on the way
+    out if it still runs."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "chatsync", "sync", "--json"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_until(lambda: len(stored_rows(database_url)) >= 200, "the sync has saved pages")
+        workers = _workers(process.pid)
+        assert workers, "the sync reads pages in worker processes"
+        yield process, workers
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker processes through /proc")
 def test_a_worker_process_that_dies_ends_the_run_with_exit_3_keeping_what_was_saved(
     emulator_factory: Any, database_url: str, tmp_path: Path
@@ -208,21 +235,11 @@ def test_a_worker_process_that_dies_ends_the_run_with_exit_3_keeping_what_was_sa
     server = emulator_factory(conversations=3000, seed=63, days=30, latency_ms=200)
     env = {**os.environ, **chatbase_env(server, database_url), "CHATSYNC_CONCURRENCY": "2"}
     command = [sys.executable, "-m", "chatsync", "sync", "--json"]
-    process = subprocess.Popen(
-        command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        _wait_until(lambda: len(stored_rows(database_url)) >= 200, "the sync has saved pages")
-        workers = _workers(process.pid)
-        assert workers, "the sync reads pages in worker processes"
+    with _a_sync_reading_pages(env, database_url, tmp_path) as (process, workers):
         helpers = _descendants(process.pid)
         saved = len(stored_rows(database_url))
         os.kill(workers[0], signal.SIGKILL)
         out, err = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     assert process.returncode == ExitCode.PARTIAL, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "worker process" in lines[0] and lines[0].startswith("error: "), lines
@@ -247,21 +264,10 @@ def test_a_sigterm_that_reaches_the_workers_alone_leaves_the_sync_running(
     (its own stop is tested in test_sync_failures); one that reaches them alone changes nothing."""
     server = emulator_factory(conversations=3000, seed=64, days=30, latency_ms=200)
     env = {**os.environ, **chatbase_env(server, sqlite_url), "CHATSYNC_CONCURRENCY": "2"}
-    command = [sys.executable, "-m", "chatsync", "sync", "--json"]
-    process = subprocess.Popen(
-        command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        _wait_until(lambda: len(stored_rows(sqlite_url)) >= 200, "the sync has saved pages")
-        workers = _workers(process.pid)
-        assert workers, "the sync reads pages in worker processes"
+    with _a_sync_reading_pages(env, sqlite_url, tmp_path) as (process, workers):
         for worker in workers:
             os.kill(worker, signal.SIGTERM)
         out, err = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     assert process.returncode == 0, err
     assert json.loads(out)["status"] == "ok"
     assert all(Path(f"/proc/{pid}").exists() is False for pid in workers)  # gone with the sync
@@ -279,29 +285,16 @@ def test_a_stop_while_the_workers_are_stopped_ends_the_sync_at_once(
     workers to answer, for ever while they stayed stopped (6 of 6, found by a helper breaking it)."""
     server = emulator_factory(conversations=3000, seed=65, days=30, latency_ms=100)
     env = {**os.environ, **chatbase_env(server, sqlite_url), "CHATSYNC_CONCURRENCY": "2"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "chatsync", "sync", "--json"],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
     workers: list[int] = []
     try:
-        _wait_until(lambda: len(stored_rows(sqlite_url)) >= 200, "the sync has saved pages")
-        workers = _workers(process.pid)
-        assert workers, "the sync reads pages in worker processes"
-        for worker in workers:
-            os.kill(worker, signal.SIGSTOP)
-        time.sleep(1.0)  # the writer now waits for a page no worker reads
-        assert process.poll() is None
-        os.kill(process.pid, stop)
-        out, err = process.communicate(timeout=30)
+        with _a_sync_reading_pages(env, sqlite_url, tmp_path) as (process, workers):
+            for worker in workers:
+                os.kill(worker, signal.SIGSTOP)
+            time.sleep(1.0)  # the writer now waits for a page no worker reads
+            assert process.poll() is None
+            os.kill(process.pid, stop)
+            out, err = process.communicate(timeout=30)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
         for worker in workers:
             if Path(f"/proc/{worker}").exists():
                 os.kill(worker, signal.SIGKILL)
