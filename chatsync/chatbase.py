@@ -43,16 +43,21 @@ LEADS_PAGE_SIZE = 100  # get-leads documents no maximum; the last page is the fi
 MAX_PAGES_PER_WINDOW = 20_000
 HISTORY_FLOOR = date(2020, 1, 1)  # before Chatbase existed: the search for a chatbot's first day starts here
 MAX_WAIT_SECONDS = 60.0
+# A request still failing after this long (seconds) is an outage or a wrong address, not a blip: said once a
+# run on stderr, where the retries before it are only logged at -v and the budget may run for minutes more.
+OUTAGE_WARNING_SECONDS = 30.0
 MAX_MARGIN_SECONDS = 1.0  # the most a window is stretched after 429s (see RateLimiter)
 _JITTER = random.Random()  # the backoff's own: waits never draw from (or move) the program's global random
 
 
 class TransientError(Exception):
-    """A failure worth retrying; ``retry_after`` is the server's hint in seconds, if any."""
+    """A failure worth retrying; ``retry_after`` is the server's hint in seconds, if any; ``throttled``:
+    Chatbase's rate limit (429), which is Chatbase working as it should, not failing."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, retry_after: float | None = None, *, throttled: bool = False) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.throttled = throttled
 
 
 class RateLimiter:
@@ -276,6 +281,7 @@ class ChatbaseHTTP:
         backoff: tuple[float, float] = (0.5, 30.0),
         max_connections: int = 16,
         limiter: RateLimiter | None = None,
+        warn_after: float = OUTAGE_WARNING_SECONDS,
     ) -> None:
         self._key = api_key
         self.base_url = base_url.rstrip("/")
@@ -289,6 +295,8 @@ class ChatbaseHTTP:
         self.limiter = limiter or RateLimiter(*rate_limit)
         self.retry_budget = retry_budget.total_seconds()
         self.backoff = backoff
+        self.warn_after = warn_after
+        self._outage_told = False
         self.stats = ClientStats()
         self._stats_lock = threading.Lock()
         self.stop = threading.Event()
@@ -385,7 +393,7 @@ class ChatbaseHTTP:
                     max(1.0, retry_after or 1.0),
                 )
                 self.limiter.pause(max(1.0, retry_after or 1.0))
-            raise TransientError(f"HTTP {status}: {message}", retry_after)
+            raise TransientError(f"HTTP {status}: {message}", retry_after, throttled=status == 429)
         if status == 404 and (not error.from_api or (self.api == "v1" and error.code is not None)):
             # no Chatbase error at all, or API v2's error object where v1 was asked for (its root pasted
             # into CHATBASE_BASE_URL): not v1's answer about a chatbot
@@ -456,6 +464,21 @@ class ChatbaseHTTP:
             self.stats.waited += state.upcoming_sleep
         exc = state.outcome.exception() if state.outcome else None
         log.info("Chatbase: %s; retry %d in %.1f s", exc, state.attempt_number, state.upcoming_sleep)
+        failing = state.seconds_since_start or 0.0
+        if failing < self.warn_after or getattr(exc, "throttled", False):
+            return
+        with self._stats_lock:
+            told, self._outage_told = self._outage_told, True
+        if not told:
+            log.warning(
+                "Chatbase at %s has failed for %.0f s (last: %s); chatsync keeps retrying for up to %.0f s "
+                "in all (if Chatbase is up, check %s)",
+                mask_url(self.base_url),
+                failing,
+                exc,
+                self.retry_budget,
+                self.url_setting,
+            )
 
     def _sleep(self, seconds: float) -> None:
         if self.stop.wait(seconds):

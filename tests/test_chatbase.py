@@ -449,3 +449,60 @@ def test_a_server_asking_for_hours_never_holds_a_sync_past_its_retry_budget() ->
         with pytest.raises(ChatbaseUnavailable, match="longer than the retry budget"):
             client.get_conversations("bot", 1)
     assert time.monotonic() - started < 20  # it gives up at once: the wait asked for outlasts the budget
+
+
+class _Outages:
+    """A Chatbase that refuses connections (with a message echoing the key) for ``seconds`` from the first
+    request after each :meth:`begin`, then answers an empty page."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.began: float | None = None
+
+    def begin(self) -> None:
+        self.began = None
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if self.began is None:
+            self.began = time.monotonic()
+        if time.monotonic() - self.began < self.seconds:
+            raise httpx.ConnectError(f"refused (sent {KEY})", request=request)
+        return httpx.Response(200, json={"data": []})
+
+
+def test_an_outage_is_told_once_on_stderr_when_it_outlasts_a_blip(caplog: pytest.LogCaptureFixture) -> None:
+    """Retries are logged at -v only: an unreachable host once left a sync silent for its whole budget."""
+    caplog.set_level("WARNING", logger="chatsync")
+    outages = _Outages(0.6)
+    with _client(httpx.MockTransport(outages), warn_after=0.3) as client:
+        assert client.get_conversations("bot", 1) == []
+        told = [r for r in caplog.records if r.levelname == "WARNING"]
+        assert len(told) == 1
+        message = told[0].getMessage()
+        assert message.startswith("Chatbase at https://www.chatbase.co/api/v1 has failed for ")
+        assert "ConnectError" in message and "CHATBASE_BASE_URL" in message and "300 s" in message
+        assert KEY not in caplog.text
+        # a second outage in the same run is not told again
+        outages.begin()
+        assert client.get_conversations("bot", 1) == []
+    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1
+    assert client.stats.retries > 2
+
+
+def test_a_blip_and_the_rate_limit_stay_quiet(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("WARNING", logger="chatsync")
+    with _client(httpx.MockTransport(_Outages(0.2)), warn_after=1.0) as client:
+        assert client.get_conversations("bot", 1) == []
+    assert client.stats.retries >= 1
+    asked: list[float] = []
+
+    def throttling(request: httpx.Request) -> httpx.Response:
+        asked.append(time.monotonic())
+        if time.monotonic() - asked[0] < 2.5:
+            return httpx.Response(429, headers={"retry-after": "1"}, json={"message": "slow down"})
+        return httpx.Response(200, json={"data": []})
+
+    with _client(httpx.MockTransport(throttling), warn_after=0.5) as client:
+        assert client.get_conversations("bot", 1) == []
+    assert len(asked) >= 3  # held by the rate limit past the warning time
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
