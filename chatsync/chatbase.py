@@ -28,7 +28,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, Self
 
 import httpx
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_before_delay
+from tenacity import RetryCallState, Retrying, retry_if_exception_type
 
 from chatsync.config import DEFAULT_BASE_URL, Secret, Settings, mask_url
 from chatsync.errors import ChatbaseRejected, ChatbaseUnavailable, ChatsyncError, ConfigError, PagingError
@@ -216,6 +216,14 @@ def _error_message(response: httpx.Response) -> ErrorBody:
         if body.get("message"):
             return ErrorBody(str(body["message"]))
     return ErrorBody(response.reason_phrase or "error", from_api=False)
+
+
+def _hinted_wait(state: RetryCallState) -> float | None:
+    """The wait (seconds) the failed try's server asked for, as chatsync keeps it: at least 1 s (0 or a
+    fraction still means wait), at most ``MAX_WAIT_SECONDS``; None when it asked for none."""
+    exc = state.outcome.exception() if state.outcome else None
+    hinted = getattr(exc, "retry_after", None)
+    return None if hinted is None else min(max(1.0, hinted), MAX_WAIT_SECONDS)
 
 
 def _reset_seconds(headers: httpx.Headers) -> float | None:
@@ -413,12 +421,19 @@ class ChatbaseHTTP:
         return ChatbaseRejected(status, message, rejection_hint(status, code, params))
 
     def _wait(self, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        hinted = getattr(exc, "retry_after", None)
+        """Seconds before the next try: the server's hint, else the backoff, cut to what is left of the
+        budget so that the last try comes at its end (a Chatbase back by then is not given up on)."""
+        hinted = _hinted_wait(state)
         if hinted is not None:
-            return min(max(1.0, hinted), MAX_WAIT_SECONDS)  # 0 or tiny still means wait at least 1 s
+            return hinted
         base, cap = self.backoff
-        return min(cap, base * 2 ** (state.attempt_number - 1)) * _JITTER.uniform(0.5, 1.0)
+        backoff = min(cap, base * 2 ** (state.attempt_number - 1)) * _JITTER.uniform(0.5, 1.0)
+        return max(0.0, min(backoff, self.retry_budget - (state.seconds_since_start or 0.0)))
+
+    def _spent(self, state: RetryCallState) -> bool:
+        """Whether to stop retrying: the budget is spent, or the wait the server asked for outlasts what is
+        left of it (a try before that wait would only be refused again)."""
+        return (state.seconds_since_start or 0.0) + (_hinted_wait(state) or 0.0) >= self.retry_budget
 
     def request(
         self,
@@ -436,25 +451,29 @@ class ChatbaseHTTP:
         retrying = Retrying(
             retry=retry_if_exception_type(TransientError),
             wait=self._wait,
-            stop=stop_before_delay(self.retry_budget),
+            stop=self._spent,
             sleep=self._sleep,
             before_sleep=self._before_retry,
             reraise=True,
         )
-        deadline = time.monotonic() + self.retry_budget
+        started = time.monotonic()
+        deadline = started + self.retry_budget
         try:
             return retrying(self._send, path, params, wanted, raw, deadline)
         except TransientError as exc:
-            raise self._budget_spent(str(exc)) from None
+            raise self._budget_spent(str(exc), time.monotonic() - started) from None
         except ChatbaseUnavailable as exc:
             if exc.last != "rate limited":
                 raise  # (the sync was stopped)
-            raise self._budget_spent(str(exc)) from None  # a pause the server asked for outlasts it
+            # a pause the server asked for outlasts the budget
+            raise self._budget_spent(str(exc), time.monotonic() - started) from None
 
-    def _budget_spent(self, last: str) -> ChatbaseUnavailable:
+    def _budget_spent(self, last: str, seconds: float) -> ChatbaseUnavailable:
+        """The error of a request given up after ``seconds`` of failing."""
         return ChatbaseUnavailable(
-            f"Chatbase at {mask_url(self.base_url)} kept failing for {self.retry_budget:.0f}s (last: {last}); "
-            f"what was saved is kept and the next run continues (if Chatbase is up, check {self.url_setting})",
+            f"Chatbase at {mask_url(self.base_url)} kept failing for {seconds:.0f} s (retry budget "
+            f"{self.retry_budget:.0f} s; last: {last}); what was saved is kept and the next run continues "
+            f"(if Chatbase is up, check {self.url_setting})",
             last=last,
         )
 
