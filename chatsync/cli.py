@@ -312,7 +312,7 @@ def sync(
         typer.Option(
             "--lookback",
             metavar="DURATION",
-            help="Refetch what was created this long before the checkpoint [default 3d].",
+            help="Refetch what was created this long before the checkpoint [env CHATSYNC_LOOKBACK; default 3d].",
         ),
     ] = None,
     full: Annotated[
@@ -342,12 +342,18 @@ def sync(
     retry_budget: Annotated[
         str | None,
         typer.Option(
-            "--retry-budget", metavar="DURATION", help="Give up on an outage after this long [default 5m]."
+            "--retry-budget",
+            metavar="DURATION",
+            help="Give up on an outage after this long [env CHATSYNC_RETRY_BUDGET; default 5m].",
         ),
     ] = None,
     concurrency: Annotated[
         str | None,
-        typer.Option("--concurrency", metavar="N", help="Requests in flight at once, 1 to 64 [default 8]."),
+        typer.Option(
+            "--concurrency",
+            metavar="N",
+            help="Requests in flight at once, 1 to 64 [env CHATSYNC_CONCURRENCY; default 8].",
+        ),
     ] = None,
     all_chatbots: Annotated[
         bool,
