@@ -26,6 +26,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, Self
+from urllib.parse import quote, quote_plus
 
 import httpx
 from tenacity import RetryCallState, Retrying, retry_if_exception_type
@@ -218,6 +219,12 @@ def _error_message(response: httpx.Response) -> ErrorBody:
     return ErrorBody(response.reason_phrase or "error", from_api=False)
 
 
+def _shortened(text: str, limit: int = 300) -> str:
+    """A server's message as chatsync repeats it: at most ``limit`` characters (a proxy's error page once
+    made a warning line of 9,858)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _hinted_wait(state: RetryCallState) -> float | None:
     """The wait (seconds) the failed try's server asked for, as chatsync keeps it: at least 1 s (0 or a
     fraction still means wait), at most ``MAX_WAIT_SECONDS``; None when it asked for none."""
@@ -304,6 +311,7 @@ class ChatbaseHTTP:
         self.retry_budget = retry_budget.total_seconds()
         self.backoff = backoff
         self.warn_after = warn_after
+        self._failing_since: float | None = None  # (monotonic) when the requests failing now were sent
         self._outage_told = False
         self.stats = ClientStats()
         self._stats_lock = threading.Lock()
@@ -329,8 +337,18 @@ class ChatbaseHTTP:
         key = self._key.reveal()
         if len(key) < 6:
             return text
-        # as sent, and as an error may quote it: escaped as in a str's or a bytes' repr
-        for form in (key, repr(key)[1:-1], repr(key.encode("utf-8", "replace"))[2:-1]):
+        # as sent, and as an error may quote it: escaped as in a str's or a bytes' repr, in JSON, in a URL
+        forms = {
+            key,
+            repr(key)[1:-1],
+            repr(key.encode("utf-8", "replace"))[2:-1],
+            json.dumps(key)[1:-1],
+            json.dumps(key, ensure_ascii=False)[1:-1],
+            quote(key, safe=""),
+            quote(key),
+            quote_plus(key),
+        }
+        for form in sorted(forms, key=len, reverse=True):
             text = text.replace(form, "***")
         return text
 
@@ -360,6 +378,7 @@ class ChatbaseHTTP:
             if event.endswith(".send_request_headers.complete"):  # http11 or http2: the request is out
                 self.limiter.sent(slot)
 
+        went = time.monotonic()
         try:
             response = self._http.get(path, params=params, extensions={"trace": trace})
         except (httpx.UnsupportedProtocol, httpx.LocalProtocolError) as exc:
@@ -370,7 +389,8 @@ class ChatbaseHTTP:
                 "check CHATBASE_BASE_URL / CHATBASE_API_URL and CHATBASE_API_KEY"
             ) from None
         except httpx.TransportError as exc:
-            raise TransientError(f"{type(exc).__name__}: {self._redact(str(exc)) or 'no answer'}") from None
+            failure = f"{type(exc).__name__}: {self._redact(str(exc)) or 'no answer'}"
+            raise self._failing(went, TransientError(failure)) from None
         status = response.status_code
         if status == 200:
             remaining = response.headers.get("x-ratelimit-remaining")
@@ -379,18 +399,22 @@ class ChatbaseHTTP:
                 log.info("Chatbase rate limit used up: waiting %.1f s for it to reset", wait)
                 self.limiter.pause(wait)
             try:
-                if raw:
-                    return read_body(response.content), response.content
-                return decode_body(response.content)
+                decoded = read_body(response.content) if raw else decode_body(response.content)
             except ValueError:
-                raise TransientError("truncated or invalid JSON body") from None
+                raise self._failing(went, TransientError("truncated or invalid JSON body")) from None
+            self._answered()
+            return (decoded, response.content) if raw else decoded
         error = _error_message(response)
-        message = self._redact(error.message)
+        message = _shortened(self._redact(error.message))
         if error.details:
-            message += f" ({self._redact(error.details)})"
+            message += f" ({_shortened(self._redact(error.details))})"
         request_id = response.headers.get("x-request-id")
         if request_id:
-            message += f" [request id {request_id}]"  # what Chatbase support asks for
+            message += (
+                f" [request id {_shortened(self._redact(request_id))}]"  # what Chatbase support asks for
+            )
+        if status != 408 and status < 500:
+            self._answered()  # (a refusal, or the rate limit: Chatbase is up)
         if status == 408 or status == 429 or status >= 500:
             retry_after = _retry_after(response.headers)
             if status == 429:
@@ -401,7 +425,9 @@ class ChatbaseHTTP:
                     max(1.0, retry_after or 1.0),
                 )
                 self.limiter.pause(max(1.0, retry_after or 1.0))
-            raise TransientError(f"HTTP {status}: {message}", retry_after, throttled=status == 429)
+            if status == 429:
+                raise TransientError(f"HTTP {status}: {message}", retry_after, throttled=True)
+            raise self._failing(went, TransientError(f"HTTP {status}: {message}", retry_after))
         if status == 404 and (not error.from_api or (self.api == "v1" and error.code is not None)):
             # no Chatbase error at all, or API v2's error object where v1 was asked for (its root pasted
             # into CHATBASE_BASE_URL): not v1's answer about a chatbot
@@ -483,21 +509,32 @@ class ChatbaseHTTP:
             self.stats.waited += state.upcoming_sleep
         exc = state.outcome.exception() if state.outcome else None
         log.info("Chatbase: %s; retry %d in %.1f s", exc, state.attempt_number, state.upcoming_sleep)
-        failing = state.seconds_since_start or 0.0
-        if failing < self.warn_after or getattr(exc, "throttled", False):
-            return
+
+    def _failing(self, went: float, error: TransientError) -> TransientError:
+        """``error``, for a request sent at ``went`` (monotonic) that failed: once Chatbase has failed for
+        ``warn_after`` seconds with no answer in between (a 429 is one), said once a client on stderr."""
         with self._stats_lock:
-            told, self._outage_told = self._outage_told, True
-        if not told:
+            if self._failing_since is None:
+                self._failing_since = went
+            failing = time.monotonic() - self._failing_since
+            tell = failing >= self.warn_after and not self._outage_told
+            self._outage_told |= tell
+        if tell:
             log.warning(
-                "Chatbase at %s has failed for %.0f s (last: %s); chatsync keeps retrying for up to %.0f s "
-                "in all (if Chatbase is up, check %s)",
+                "Chatbase at %s has failed for %.0f s (last: %s); chatsync keeps retrying each request for up "
+                "to %.0f s, its retry budget (if Chatbase is up, check %s)",
                 mask_url(self.base_url),
                 failing,
-                exc,
+                error,
                 self.retry_budget,
                 self.url_setting,
             )
+        return error
+
+    def _answered(self) -> None:
+        """Chatbase answered a request: whatever failed before was not an outage that lasts."""
+        with self._stats_lock:
+            self._failing_since = None
 
     def _sleep(self, seconds: float) -> None:
         if self.stop.wait(seconds):

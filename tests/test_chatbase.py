@@ -8,6 +8,7 @@ import time
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import httpx
 import pytest
@@ -527,3 +528,70 @@ def test_a_blip_and_the_rate_limit_stay_quiet(caplog: pytest.LogCaptureFixture) 
         assert client.get_conversations("bot", 1) == []
     assert len(asked) >= 3  # held by the rate limit past the warning time
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_time_held_by_the_rate_limit_is_not_an_outage(caplog: pytest.LogCaptureFixture) -> None:
+    """A 429 asking for 1 s then one 503 made the warning say Chatbase "has failed" for the time the
+    request had waited for the rate limit: a 429 is an answer, and the outage clock starts at the 503."""
+    caplog.set_level("WARNING", logger="chatsync")
+    answers = [
+        httpx.Response(429, headers={"retry-after": "1"}, json={"message": "slow down"}),
+        httpx.Response(503, json={"message": "down"}),
+        httpx.Response(200, json={"data": []}),
+    ]
+    with _client(httpx.MockTransport(lambda request: answers.pop(0)), warn_after=0.5) as client:
+        assert client.get_conversations("bot", 1) == []
+    assert not answers and client.stats.retries == 2
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+ODD_KEY = 'sk-Secret+Key/with=odd"chars\\x'
+
+
+@pytest.mark.parametrize(
+    "echo",
+    [
+        lambda key: httpx.Response(503, headers={"x-request-id": f"Bearer {key}"}, json={"message": "down"}),
+        lambda key: httpx.Response(503, content=json.dumps({"message": f"upstream said: {json.dumps(key)}"})),
+        lambda key: httpx.Response(503, json={"message": "token=Bearer%20" + quote(key)}),
+        lambda key: httpx.Response(503, json={"message": "token=" + quote(key, safe="")}),
+        lambda key: httpx.Response(503, json={"message": "q=" + quote_plus(key)}),
+    ],
+    ids=["request-id", "json-escaped", "url-encoded", "url-encoded-slash", "form-encoded"],
+)
+def test_a_key_the_server_echoes_in_any_encoding_never_reaches_the_messages(
+    echo: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="chatsync")
+    transport = httpx.MockTransport(lambda request: echo(ODD_KEY))
+    client = ChatbaseClient(
+        Secret(ODD_KEY),
+        "https://www.chatbase.co/api/v1",
+        transport=transport,
+        backoff=(0.01, 0.05),
+        retry_budget=timedelta(seconds=0.5),
+        warn_after=0.2,
+    )
+    with client, pytest.raises(ChatbaseUnavailable) as raised:
+        client.get_conversations("bot", 1)
+    said = str(raised.value) + caplog.text
+    assert "***" in said and "WARNING" in caplog.text
+    for form in (
+        ODD_KEY,
+        json.dumps(ODD_KEY)[1:-1],
+        quote(ODD_KEY),
+        quote(ODD_KEY, safe=""),
+        quote_plus(ODD_KEY),
+    ):
+        assert form not in said
+    assert "Secret" not in said
+
+
+def test_a_long_error_page_is_shortened_in_what_chatsync_says() -> None:
+    transport = httpx.MockTransport(lambda request: httpx.Response(503, json={"message": "x" * 10_000}))
+    with (
+        _client(transport, retry_budget=timedelta(seconds=0.3)) as client,
+        pytest.raises(ChatbaseUnavailable) as raised,
+    ):
+        client.get_conversations("bot", 1)
+    assert "x" * 299 + "…" in str(raised.value) and len(str(raised.value)) < 600
