@@ -73,13 +73,30 @@ def _json_formatter(fields: str) -> logging.Formatter:
     return UTCJsonFormatter(fields, rename_fields={"levelname": "level", "asctime": "time"})
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler on whatever ``sys.stderr`` is when a record is written, as the standard library's
+    last-resort handler is: a progress bar on a terminal (rich) puts its own stderr in place while it
+    runs, which prints a line above the bar, where the stream found at start-up wrote into the bar."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass  # (always the current sys.stderr)
+
+
 def log_handler(log_format: str, stream: Any = None, fields: tuple[str, ...] = ()) -> logging.Handler:
     """A stderr handler writing ``text`` lines or ``json`` objects (python-json-logger), UTC timestamps.
 
     ``fields``: record attributes a caller's filter puts on every record (the API's ``request_id``),
     shown in brackets before the logger's name, or as keys of the JSON object.
     """
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     handler.set_name(_HANDLER_NAME)
     if log_format == "json":
         formatter = _json_formatter(" ".join([JSON_FIELDS, *(f"%({f})s" for f in fields)]))

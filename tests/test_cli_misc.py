@@ -487,18 +487,20 @@ def test_a_refused_command_line_is_one_line_saying_what_to_do(
     )
 
 
-def test_the_demo_command_to_copy_stays_one_line_on_a_narrow_terminal(tmp_path: Path) -> None:
-    """At 80 columns rich broke "explore it: … --database-url sqlite:///… list" into two lines, each of which
-    a newcomer pasted as a command. In a real terminal (a pty) 60 columns wide it is one line now."""
+def _in_a_terminal(
+    args: list[str], env: dict[str, str], cwd: Path, columns: int = 60
+) -> tuple[int, list[str]]:
+    """Run chatsync in a real terminal (a pty) ``columns`` wide: its exit code and what the terminal showed,
+    as lines without colour codes (a carriage return starts a line too)."""
     import os
     import re
 
     primary, secondary = os.openpty()
-    env = {**os.environ, "COLUMNS": "60", "LINES": "40", "TERM": "xterm"}
+    env = {**os.environ, **env, "COLUMNS": str(columns), "LINES": "40", "TERM": "xterm"}
     env.pop("NO_COLOR", None)
     process = subprocess.Popen(
-        [sys.executable, "-m", "chatsync", "demo", "--conversations", "40", "--path", str(tmp_path / "d.db")],
-        stdin=secondary, stdout=secondary, stderr=secondary, env=env, cwd=tmp_path,
+        [sys.executable, "-m", "chatsync", *args],
+        stdin=secondary, stdout=secondary, stderr=secondary, env=env, cwd=cwd,
     )  # fmt: skip
     os.close(secondary)
     output = b""
@@ -511,8 +513,38 @@ def test_the_demo_command_to_copy_stays_one_line_on_a_narrow_terminal(tmp_path: 
             break
         output += chunk
     os.close(primary)
-    assert process.wait(timeout=60) == 0
-    lines = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output.decode()).replace("\r", "").splitlines()
+    code = process.wait(timeout=60)
+    return code, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output.decode()).replace("\r", "\n").splitlines()
+
+
+def test_the_demo_command_to_copy_stays_one_line_on_a_narrow_terminal(tmp_path: Path) -> None:
+    """At 80 columns rich broke "explore it: … --database-url sqlite:///… list" into two lines, each of which
+    a newcomer pasted as a command. In a real terminal (a pty) 60 columns wide it is one line now."""
+    code, lines = _in_a_terminal(
+        ["demo", "--conversations", "40", "--path", str(tmp_path / "d.db")], {}, tmp_path
+    )
+    assert code == 0
     explore = [line for line in lines if line.startswith("explore it: ")]
     assert len(explore) == 1, lines[-5:]
     assert explore[0].endswith(f"--database-url sqlite:///{tmp_path / 'd.db'} list --has-whatsapp"), explore
+
+
+def test_log_lines_print_whole_above_the_progress_bar(
+    tmp_path: Path, emulator_factory: Any, database_url: str
+) -> None:
+    """The log handler kept the stderr of start-up, so on a terminal a line written while the progress bar
+    ran was glued to the bar and its end erased by the next redraw (a breaking helper saw a warning cut)."""
+    import re
+
+    server = emulator_factory(conversations=3000, seed=5, latency_ms=40, rate_limit=None)
+    env = chatbase_env(server, database_url, CHATSYNC_CONCURRENCY="2")
+    code, lines = _in_a_terminal(["-v", "sync"], env, tmp_path, columns=300)
+    assert code == 0, lines[-10:]
+    logged = [line for line in lines if " INFO chatsync.sync: " in line]
+    windows = [line for line in logged if " done (window " in line]
+    assert len(windows) >= 2, lines[-20:]
+    stamp = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO chatsync\.sync: ")
+    for line in logged:
+        assert stamp.match(line), line  # starts its own line, not after a bar
+    for line in windows:
+        assert re.search(r"done \(window \d+ of \d+\)$", line), line  # and ends whole
