@@ -1191,9 +1191,12 @@ def emulator(
         f"Chatbase emulator: chatbots {', '.join(emu.datasets)}, key {api_key!r}; Ctrl-C to stop. Point chatsync "
         "at it with the lines on stdout (in a shell, or in .env without 'export'; the last is API v2, sync --api 2)"
     )
-    # on stdout, so `chatsync emulator … > emulator.env &` then `. ./emulator.env` sets them
+    # on stdout, so `chatsync emulator … > emulator.env &` then `. ./emulator.env` sets them (quoted for a
+    # shell where a value needs it: a key with `"` or `\\` once broke the sourcing)
+    from shlex import quote
+
     print(
-        f"export CHATBASE_API_KEY={api_key}\nexport CHATBASE_CHATBOT_ID={','.join(emu.datasets)}\n"
+        f"export CHATBASE_API_KEY={quote(api_key)}\nexport CHATBASE_CHATBOT_ID={quote(','.join(emu.datasets))}\n"
         f"export CHATBASE_BASE_URL={root}/v1\nexport CHATBASE_API_URL={root}/v2",
         flush=True,
     )

@@ -219,6 +219,42 @@ def test_the_emulator_prints_settings_that_paste_into_a_shell_or_a_dotenv_file(
     assert rows["CHATBASE_API_URL"]["value"].endswith("/api/v2")
 
 
+def test_the_emulator_settings_source_in_a_shell_whatever_the_key_holds(tmp_path: Path) -> None:
+    """`. ./emulator.env` broke on a key with `"` or `\\` in it: the values were printed unquoted."""
+    key = 'sk-Odd+Key/with=x"y\\z $HOME `id` q'
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "chatsync",
+            "emulator",
+            "--port",
+            "0",
+            "--conversations",
+            "10",
+            "--api-key",
+            key,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        process.communicate(timeout=2)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+    out, _ = process.communicate(timeout=10)
+    (tmp_path / "emulator.env").write_text(out)
+    shown = subprocess.run(
+        ["bash", "-c", '. ./emulator.env && printf %s "$CHATBASE_API_KEY"'],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=10,
+    )
+    assert shown.returncode == 0 and shown.stdout == key, (out, shown.stderr)
+
+
 def test_an_emulator_on_a_port_in_use_says_so_in_one_line(tmp_path: Path) -> None:
     """A newcomer's second emulator on 8765 ended with "unexpected OSError" (exit 1), like a crash."""
     import socket
