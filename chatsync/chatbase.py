@@ -44,21 +44,19 @@ LEADS_PAGE_SIZE = 100  # get-leads documents no maximum; the last page is the fi
 MAX_PAGES_PER_WINDOW = 20_000
 HISTORY_FLOOR = date(2020, 1, 1)  # before Chatbase existed: the search for a chatbot's first day starts here
 MAX_WAIT_SECONDS = 60.0
-# A request still failing after this long (seconds) is an outage or a wrong address, not a blip: said once a
-# run on stderr, where the retries before it are only logged at -v and the budget may run for minutes more.
+# Chatbase failing this long (seconds) with no answer in between is an outage or a wrong address, not a blip:
+# said once a run on stderr, where the retries before it are only logged at -v and the budget may run on.
 OUTAGE_WARNING_SECONDS = 30.0
 MAX_MARGIN_SECONDS = 1.0  # the most a window is stretched after 429s (see RateLimiter)
 _JITTER = random.Random()  # the backoff's own: waits never draw from (or move) the program's global random
 
 
 class TransientError(Exception):
-    """A failure worth retrying; ``retry_after`` is the server's hint in seconds, if any; ``throttled``:
-    Chatbase's rate limit (429), which is Chatbase working as it should, not failing."""
+    """A failure worth retrying; ``retry_after`` is the server's hint in seconds, if any."""
 
-    def __init__(self, message: str, retry_after: float | None = None, *, throttled: bool = False) -> None:
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
-        self.throttled = throttled
 
 
 class RateLimiter:
@@ -425,8 +423,7 @@ class ChatbaseHTTP:
                     max(1.0, retry_after or 1.0),
                 )
                 self.limiter.pause(max(1.0, retry_after or 1.0))
-            if status == 429:
-                raise TransientError(f"HTTP {status}: {message}", retry_after, throttled=True)
+                raise TransientError(f"HTTP {status}: {message}", retry_after)  # (an answer: not failing)
             raise self._failing(went, TransientError(f"HTTP {status}: {message}", retry_after))
         if status == 404 and (not error.from_api or (self.api == "v1" and error.code is not None)):
             # no Chatbase error at all, or API v2's error object where v1 was asked for (its root pasted
