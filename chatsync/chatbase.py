@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import random
+import re
 import threading
 import time
 from collections import deque
@@ -26,7 +27,6 @@ from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, Self
-from urllib.parse import quote, quote_plus
 
 import httpx
 from tenacity import RetryCallState, Retrying, retry_if_exception_type
@@ -47,6 +47,10 @@ MAX_WAIT_SECONDS = 60.0
 # Chatbase failing this long (seconds) with no answer in between is an outage or a wrong address, not a blip:
 # said once a run on stderr, where the retries before it are only logged at -v and the budget may run on.
 OUTAGE_WARNING_SECONDS = 30.0
+# A request's last try starts this long (seconds; a tenth of a shorter budget) before its retry budget ends,
+# and every try's timeout is cut to what is left: a server that accepts and never answers is given up on
+# when the budget ends, not up to a whole timeout (30 s) after it.
+LAST_TRY_SECONDS = 1.0
 MAX_MARGIN_SECONDS = 1.0  # the most a window is stretched after 429s (see RateLimiter)
 _JITTER = random.Random()  # the backoff's own: waits never draw from (or move) the program's global random
 
@@ -57,6 +61,16 @@ class TransientError(Exception):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+@dataclass
+class _Tries:
+    """One request's tries, for its retry budget and its error (monotonic seconds). A 429 is an answer
+    that holds the request, not a failure: it moves neither ``failures`` nor ``first_failure``."""
+
+    began: float | None = None  # when its first try was sent (the budget counts from here)
+    failures: int = 0  # tries that failed (a transport error, 408, 5xx, a broken body)
+    first_failure: float | None = None  # when the first of them was sent
 
 
 class RateLimiter:
@@ -297,6 +311,7 @@ class ChatbaseHTTP:
         warn_after: float = OUTAGE_WARNING_SECONDS,
     ) -> None:
         self._key = api_key
+        self._key_forms = _key_forms(api_key.reveal())
         self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(
             base_url=base_url.rstrip("/") + "/",
@@ -307,9 +322,14 @@ class ChatbaseHTTP:
         )
         self.limiter = limiter or RateLimiter(*rate_limit)
         self.retry_budget = retry_budget.total_seconds()
+        self.timeout = timeout
         self.backoff = backoff
         self.warn_after = warn_after
-        self._failing_since: float | None = None  # (monotonic) when the requests failing now were sent
+        # the outage clock (monotonic), guarded by _stats_lock: since when Chatbase has failed with no
+        # answer in between, the last answer, and the last failure (for the warning)
+        self._failing_since: float | None = None
+        self._last_answer = -math.inf
+        self._last_failure = ""
         self._outage_told = False
         self.stats = ClientStats()
         self._stats_lock = threading.Lock()
@@ -330,25 +350,8 @@ class ChatbaseHTTP:
 
     # -------------------------------------------------------------------------------------- one request
     def _redact(self, text: str) -> str:
-        """``text`` with the key taken out (a server may echo it). A key of a few characters cannot be a
-        real one and would turn every such letter into ``***``."""
-        key = self._key.reveal()
-        if len(key) < 6:
-            return text
-        # as sent, and as an error may quote it: escaped as in a str's or a bytes' repr, in JSON, in a URL
-        forms = {
-            key,
-            repr(key)[1:-1],
-            repr(key.encode("utf-8", "replace"))[2:-1],
-            json.dumps(key)[1:-1],
-            json.dumps(key, ensure_ascii=False)[1:-1],
-            quote(key, safe=""),
-            quote(key),
-            quote_plus(key),
-        }
-        for form in sorted(forms, key=len, reverse=True):
-            text = text.replace(form, "***")
-        return text
+        """``text`` with the key taken out (a server may echo it, in any encoding: see ``_key_forms``)."""
+        return text if self._key_forms is None else self._key_forms.sub("***", text)
 
     def _count(self, field: str) -> None:
         with self._stats_lock:
@@ -358,12 +361,14 @@ class ChatbaseHTTP:
         self,
         path: str,
         params: dict[str, Any],
-        wanted: Callable[[], bool] | None = None,
-        raw: bool = False,
-        deadline: float | None = None,
+        wanted: Callable[[], bool] | None,
+        raw: bool,
+        tries: _Tries,
     ) -> Any:
+        """One try of ``request``; raises TransientError for what is worth another (``tries`` counts it)."""
         if self.stop.is_set():
             raise ChatbaseUnavailable("sync stopped")
+        deadline = (time.monotonic() if tries.began is None else tries.began) + self.retry_budget
         slot = self.limiter.acquire(self.stop, deadline, wanted)
         if slot is None:
             return None  # no longer needed while it waited for the rate limit: not sent
@@ -377,8 +382,13 @@ class ChatbaseHTTP:
                 self.limiter.sent(slot)
 
         went = time.monotonic()
+        if tries.began is None:
+            tries.began = went
+        left = tries.began + self.retry_budget - went
+        # the last tries have only what is left of the budget to answer
+        timeout = max(left, 0.05) if left < self.timeout else httpx.USE_CLIENT_DEFAULT
         try:
-            response = self._http.get(path, params=params, extensions={"trace": trace})
+            response = self._http.get(path, params=params, timeout=timeout, extensions={"trace": trace})
         except (httpx.UnsupportedProtocol, httpx.LocalProtocolError) as exc:
             # this request cannot be sent at all (not an http(s) root, a header no server would take):
             # retrying for the whole budget would only hide it
@@ -388,7 +398,7 @@ class ChatbaseHTTP:
             ) from None
         except httpx.TransportError as exc:
             failure = f"{type(exc).__name__}: {self._redact(str(exc)) or 'no answer'}"
-            raise self._failing(went, TransientError(failure)) from None
+            raise self._failing(went, tries, TransientError(failure)) from None
         status = response.status_code
         if status == 200:
             remaining = response.headers.get("x-ratelimit-remaining")
@@ -399,7 +409,7 @@ class ChatbaseHTTP:
             try:
                 decoded = read_body(response.content) if raw else decode_body(response.content)
             except ValueError:
-                raise self._failing(went, TransientError("truncated or invalid JSON body")) from None
+                raise self._failing(went, tries, TransientError("truncated or invalid JSON body")) from None
             self._answered()
             return (decoded, response.content) if raw else decoded
         error = _error_message(response)
@@ -424,7 +434,7 @@ class ChatbaseHTTP:
                 )
                 self.limiter.pause(max(1.0, retry_after or 1.0))
                 raise TransientError(f"HTTP {status}: {message}", retry_after)  # (an answer: not failing)
-            raise self._failing(went, TransientError(f"HTTP {status}: {message}", retry_after))
+            raise self._failing(went, tries, TransientError(f"HTTP {status}: {message}", retry_after))
         if status == 404 and (not error.from_api or (self.api == "v1" and error.code is not None)):
             # no Chatbase error at all, or API v2's error object where v1 was asked for (its root pasted
             # into CHATBASE_BASE_URL): not v1's answer about a chatbot
@@ -443,20 +453,25 @@ class ChatbaseHTTP:
         """The error to raise for a 4xx retrying cannot fix (``message`` is safe to print)."""
         return ChatbaseRejected(status, message, rejection_hint(status, code, params))
 
-    def _wait(self, state: RetryCallState) -> float:
-        """Seconds before the next try: the server's hint, else the backoff, cut to what is left of the
-        budget so that the last try comes at its end (a Chatbase back by then is not given up on)."""
+    def _tries_end(self) -> float:
+        """Seconds into a request's budget after which no try starts (see ``LAST_TRY_SECONDS``)."""
+        return self.retry_budget - min(LAST_TRY_SECONDS, self.retry_budget / 10)
+
+    def _wait(self, tries: _Tries, state: RetryCallState) -> float:
+        """Seconds before the next try: the server's hint, else the backoff (doubling with each failure,
+        a 429 not counted), cut so that the last try still comes within the budget: a Chatbase back by
+        then is not given up on."""
         hinted = _hinted_wait(state)
         if hinted is not None:
             return hinted
         base, cap = self.backoff
-        backoff = min(cap, base * 2 ** (state.attempt_number - 1)) * _JITTER.uniform(0.5, 1.0)
-        return max(0.0, min(backoff, self.retry_budget - (state.seconds_since_start or 0.0)))
+        backoff = min(cap, base * 2 ** max(0, tries.failures - 1)) * _JITTER.uniform(0.5, 1.0)
+        return max(0.0, min(backoff, self._tries_end() - _since(tries.began)))
 
-    def _spent(self, state: RetryCallState) -> bool:
+    def _spent(self, tries: _Tries, state: RetryCallState) -> bool:
         """Whether to stop retrying: the budget is spent, or the wait the server asked for outlasts what is
         left of it (a try before that wait would only be refused again)."""
-        return (state.seconds_since_start or 0.0) + (_hinted_wait(state) or 0.0) >= self.retry_budget
+        return _since(tries.began) + (_hinted_wait(state) or 0.0) >= self._tries_end()
 
     def request(
         self,
@@ -468,35 +483,42 @@ class ChatbaseHTTP:
     ) -> Any:
         """One GET with retries; raises ChatbaseUnavailable when the retry budget is spent.
 
+        The budget counts from the first try's send; every try ends within it (see ``LAST_TRY_SECONDS``).
         ``wanted``: asked once the rate limit lets the request go; False skips it (None is returned).
         ``raw``: return ``(decoded, body bytes)``, decoded fast for paging decisions (see ``read_body``).
         """
+        tries = _Tries()
         retrying = Retrying(
             retry=retry_if_exception_type(TransientError),
-            wait=self._wait,
-            stop=self._spent,
+            wait=lambda state: self._wait(tries, state),
+            stop=lambda state: self._spent(tries, state),
             sleep=self._sleep,
             before_sleep=self._before_retry,
             reraise=True,
         )
-        started = time.monotonic()
-        deadline = started + self.retry_budget
         try:
-            return retrying(self._send, path, params, wanted, raw, deadline)
+            return retrying(self._send, path, params, wanted, raw, tries)
         except TransientError as exc:
-            raise self._budget_spent(str(exc), time.monotonic() - started) from None
+            raise self._budget_spent(str(exc), tries) from None
         except ChatbaseUnavailable as exc:
             if exc.last != "rate limited":
                 raise  # (the sync was stopped)
             # a pause the server asked for outlasts the budget
-            raise self._budget_spent(str(exc), time.monotonic() - started) from None
+            raise self._budget_spent(str(exc), tries) from None
 
-    def _budget_spent(self, last: str, seconds: float) -> ChatbaseUnavailable:
-        """The error of a request given up after ``seconds`` of failing."""
+    def _budget_spent(self, last: str, tries: _Tries) -> ChatbaseUnavailable:
+        """The error of a request given up: for how long Chatbase failed it, and held it before that."""
+        if tries.first_failure is None:
+            what = f"kept failing for {_since(tries.began):.0f} s: its rate limit refused every try"
+        else:
+            what = f"kept failing for {_since(tries.first_failure):.0f} s"
+            held = tries.first_failure - (tries.began or tries.first_failure)
+            if held >= 0.5:
+                what += f" after {held:.0f} s held by its rate limit"
         return ChatbaseUnavailable(
-            f"Chatbase at {mask_url(self.base_url)} kept failing for {seconds:.0f} s (retry budget "
-            f"{self.retry_budget:.0f} s; last: {last}); what was saved is kept and the next run continues "
-            f"(if Chatbase is up, check {self.url_setting})",
+            f"Chatbase at {mask_url(self.base_url)} {what} (retry budget {self.retry_budget:.0f} s; last: "
+            f"{last}); what was saved is kept and the next run continues (if Chatbase is up, check "
+            f"{self.url_setting})",
             last=last,
         )
 
@@ -507,35 +529,92 @@ class ChatbaseHTTP:
         exc = state.outcome.exception() if state.outcome else None
         log.info("Chatbase: %s; retry %d in %.1f s", exc, state.attempt_number, state.upcoming_sleep)
 
-    def _failing(self, went: float, error: TransientError) -> TransientError:
-        """``error``, for a request sent at ``went`` (monotonic) that failed: once Chatbase has failed for
-        ``warn_after`` seconds with no answer in between (a 429 is one), said once a client on stderr."""
+    def _failing(self, went: float, tries: _Tries, error: TransientError) -> TransientError:
+        """``error``, for a try sent at ``went`` (monotonic) that failed, counted in ``tries`` and on the
+        outage clock: Chatbase has failed since the later of that send and its last answer (a 429 is one)."""
+        tries.failures += 1
+        if tries.first_failure is None:
+            tries.first_failure = went
         with self._stats_lock:
             if self._failing_since is None:
-                self._failing_since = went
-            failing = time.monotonic() - self._failing_since
-            tell = failing >= self.warn_after and not self._outage_told
+                self._failing_since = max(went, self._last_answer)
+            self._last_failure = str(error)
+        self._tell_outage()
+        return error
+
+    def _tell_outage(self) -> None:
+        """Once Chatbase has failed for ``warn_after`` seconds with no answer in between, say so on stderr,
+        once a client: the retries before it are only logged at -v, and the budget may run on."""
+        with self._stats_lock:
+            since = self._failing_since
+            failing = 0.0 if since is None else time.monotonic() - since
+            tell = since is not None and failing >= self.warn_after and not self._outage_told
             self._outage_told |= tell
+            last = self._last_failure
         if tell:
             log.warning(
                 "Chatbase at %s has failed for %.0f s (last: %s); chatsync keeps retrying each request for up "
                 "to %.0f s, its retry budget (if Chatbase is up, check %s)",
                 mask_url(self.base_url),
                 failing,
-                error,
+                last,
                 self.retry_budget,
                 self.url_setting,
             )
-        return error
 
     def _answered(self) -> None:
         """Chatbase answered a request: whatever failed before was not an outage that lasts."""
         with self._stats_lock:
             self._failing_since = None
+            self._last_answer = time.monotonic()
 
     def _sleep(self, seconds: float) -> None:
-        if self.stop.wait(seconds):
+        """A retry's wait; the outage warning is told when it falls due, not at the next try's failure."""
+        end = time.monotonic() + seconds
+        with self._stats_lock:
+            since = None if self._outage_told else self._failing_since
+        if since is not None and since + self.warn_after < end:
+            if self.stop.wait(max(0.0, since + self.warn_after - time.monotonic())):
+                raise ChatbaseUnavailable("sync stopped")
+            self._tell_outage()
+        if self.stop.wait(max(0.0, end - time.monotonic())):
             raise ChatbaseUnavailable("sync stopped")
+
+
+def _since(moment: float | None) -> float:
+    """Seconds from ``moment`` (monotonic) to now; 0 for None (not yet)."""
+    return 0.0 if moment is None else time.monotonic() - moment
+
+
+def _key_forms(key: str) -> re.Pattern[str] | None:
+    """A pattern for ``key`` as a server may echo it: as sent, or any of its characters escaped as JSON
+    (once or more, ``\\/``, ``\\u002B``), percent-encoded (either case, once or twice), form-encoded or as
+    an HTML entity, in any mix (encoders disagree on which characters to escape). Letters match in any
+    case: masking a near-copy is harmless. None for a key of a few characters, which cannot be a real one
+    and would turn every such letter into ``***``."""
+    if len(key) < 6:
+        return None
+    return re.compile("".join(_char_forms(char) for char in key), re.IGNORECASE)
+
+
+_SHORT_ESCAPES = {"\n": "n", "\r": "r", "\t": "t", "\b": "b", "\f": "f", "\v": "v", "\a": "a", "\0": "0"}
+
+
+def _char_forms(char: str) -> str:
+    """The alternatives of ``_key_forms`` for one character."""
+    code = ord(char)
+    forms = [r"\\*" + re.escape(char)]  # as is, or escaped with backslashes (JSON's \/, \", \\)
+    forms.append("".join(f"%(?:25)*{byte:02x}" for byte in char.encode("utf-8", "surrogatepass")))
+    units = char.encode("utf-16-be", "surrogatepass")
+    forms.append("".join(rf"\\*u{units[i]:02x}{units[i + 1]:02x}" for i in range(0, len(units), 2)))
+    if code < 256:
+        forms.append(rf"\\*x{code:02x}")
+    forms += [f"&#0*{code};", f"&#x0*{code:x};"]
+    if char in _SHORT_ESCAPES:
+        forms.append(r"\\+" + _SHORT_ESCAPES[char])  # (a str's repr, JSON: \r)
+    if char == " ":
+        forms.append(r"\+")
+    return "(?:" + "|".join(forms) + ")"
 
 
 class ConversationSource(Protocol):
