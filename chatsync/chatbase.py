@@ -376,6 +376,8 @@ class ChatbaseHTTP:
             self.limiter.unused(slot)
             return None  # no longer needed by the time the rate limit let it go: not sent
         self._count("requests")
+        if tries.began is not None:
+            self._count("retries")  # (counted as it is sent: a retry a stop cut short never was one)
 
         def trace(event: str, info: dict[str, Any]) -> None:
             if event.endswith(".send_request_headers.complete"):  # http11 or http2: the request is out
@@ -524,7 +526,6 @@ class ChatbaseHTTP:
 
     def _before_retry(self, state: RetryCallState) -> None:
         with self._stats_lock:
-            self.stats.retries += 1
             self.stats.waited += state.upcoming_sleep
         exc = state.outcome.exception() if state.outcome else None
         log.info("Chatbase: %s; retry %d in %.1f s", exc, state.attempt_number, state.upcoming_sleep)
@@ -574,11 +575,15 @@ class ChatbaseHTTP:
         with self._stats_lock:
             since = None if self._outage_told else self._failing_since
         if since is not None and since + self.warn_after < end:
-            if self.stop.wait(max(0.0, since + self.warn_after - time.monotonic())):
-                raise ChatbaseUnavailable("sync stopped")
+            self._wait_until(since + self.warn_after)
             self._tell_outage()
-        if self.stop.wait(max(0.0, end - time.monotonic())):
-            raise ChatbaseUnavailable("sync stopped")
+        self._wait_until(end)
+
+    def _wait_until(self, moment: float) -> None:
+        """Wait until ``moment`` (monotonic; a wait may wake a little early); ChatbaseUnavailable on a stop."""
+        while (left := moment - time.monotonic()) > 0:
+            if self.stop.wait(left):
+                raise ChatbaseUnavailable("sync stopped")
 
 
 def _since(moment: float | None) -> float:

@@ -758,3 +758,14 @@ def test_an_outage_is_told_when_it_reaches_the_warning_time_not_at_the_next_try(
     finally:
         logging.getLogger("chatsync").removeHandler(handler)
     assert len(told) == 1 and 0.5 <= told[0] - started < 0.7
+
+
+def test_a_retry_a_stop_cut_short_is_not_counted() -> None:
+    """A SIGTERM during an outage printed "requests": 27, "retries": 27: the retry it cut short, counted
+    when its wait began, was never sent."""
+    transport = httpx.MockTransport(lambda request: httpx.Response(503, json={"message": "down"}))
+    with _client(transport, backoff=(0.3, 0.3)) as client:
+        threading.Timer(0.5, client.stop.set).start()
+        with pytest.raises(ChatbaseUnavailable, match="stopped"):
+            client.get_conversations("bot", 1)
+    assert client.stats.requests >= 2 and client.stats.retries == client.stats.requests - 1
