@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import date
+from datetime import UTC, date, datetime
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -84,14 +84,18 @@ class Context:
 
         return load_settings({"database_url": self.database_url, **flags})
 
-    def engine(self, settings: Any, create: bool = True) -> Any:
+    def engine(self, settings: Any, create: bool = True, ride_out: bool = False) -> Any:
         """The database of ``settings``, migrated. ``create=False`` for a command that only reads or
         changes what is stored: a SQLite file that does not exist is an error, not a new empty database
-        (a mistyped path once made its folders and an empty file, and the command said all was well)."""
-        from chatsync.store.engine import ensure_schema, open_engine
+        (a mistyped path once made its folders and an empty file, and the command said all was well).
+        ``ride_out``: a database that is down is tried again for the retry budget (a sync from cron)."""
+        from chatsync.store.engine import ensure_schema, ensure_schema_riding_out, open_engine
 
         engine = open_engine(settings.database_url, create=create)
-        ensure_schema(engine)
+        if ride_out:
+            ensure_schema_riding_out(engine, settings.retry_budget.total_seconds())
+        else:
+            ensure_schema(engine)
         return engine
 
 
@@ -423,6 +427,7 @@ class _SyncRun:
     summary: Any = None  # the Syncer's SyncSummary, once there is one
     client_stats: Any = None  # the Chatbase client's, once there is one
     plan_printed: bool = False  # a dry run's plan is out (its error, if any, in it)
+    begun: datetime = field(default_factory=lambda: datetime.now(UTC))  # for a run that ends before a sync
 
     def report(self) -> None:
         """The summary on stdout (one JSON line with --json, whatever happened), then the heartbeat."""
@@ -435,8 +440,9 @@ class _SyncRun:
         summary = self.summary or SyncSummary(chatbots=self.chatbots)
         if self.client_stats is not None:  # requests made before the sync began count too
             summary.requests = max(summary.requests, self.client_stats.requests)
+            summary.retries = max(summary.retries, self.client_stats.retries)
         now = iso_z(utcnow())
-        summary.started_at = summary.started_at or now
+        summary.started_at = summary.started_at or iso_z(self.begun)
         summary.finished_at = summary.finished_at or now
         line = summary.as_dict()
         code = _exit_code(self.error)
@@ -565,7 +571,7 @@ def _sync(
             full=full,
             share=all_chatbots,
         )
-        engine = _ctx().engine(settings)
+        engine = _ctx().engine(settings, ride_out=not dry_run)
         if all_chatbots:
             found = tuple(bot.id for bot in client.list_chatbots())
             request = replace(request, chatbot_ids=found)

@@ -13,10 +13,10 @@ Catch at the level you care about::
     │   ├── MissingSetting             e.g. no CHATBASE_API_KEY
     │   └── ChatbaseRejected           Chatbase said 400/401/403/404: bad key, chatbot or parameter
     ├── SchemaTooNew                   database migrated by a newer chatsync (exit 1)
-    ├── DatabaseUnreachable            the database cannot be opened (exit 1)
+    ├── DatabaseUnreachable            the database cannot be opened (exit 1; a sync waits while it is down)
     ├── LockHeld                       another sync of the chatbot is running (exit 75)
     ├── LockLost                       the lock was taken over mid-sync; committed work stays (exit 3)
-    ├── DatabaseUnavailable            the database went away mid-sync; committed work stays (exit 3)
+    ├── DatabaseUnavailable            the database went away mid-sync, or stayed down (exit 3)
     ├── NormalizerCrashed              a worker process reading pages died; committed work stays (exit 3)
     └── ChatbaseUnavailable            retries ran out: outage, rate limit, broken pages (exit 3)
         └── PagingError                the server repeated a page or never stopped paging
@@ -118,9 +118,13 @@ class SchemaTooNew(ChatsyncError):
 
 
 class DatabaseUnreachable(ChatsyncError):
-    def __init__(self, exc: BaseException) -> None:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        super().__init__(f"cannot open the database: {first_line}")
+    """``down``: the server is down or restarting (worth trying again), not refusing chatsync (a wrong
+    password, no such database) nor a path that cannot be a database."""
+
+    def __init__(self, exc: BaseException, down: bool = False) -> None:
+        self.down = down
+        self.first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        super().__init__(f"cannot open the database: {self.first_line}")
 
 
 class DatabaseUnavailable(ChatsyncError):

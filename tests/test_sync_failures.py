@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -723,3 +724,161 @@ def test_status_says_a_run_was_interrupted(emulator_factory: Any, sqlite_url: st
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert "interrupted; what was committed is kept" in status.stdout, status.stdout
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        return int(probe.getsockname()[1])
+
+
+def _forward_later(
+    port: int, target: tuple[str, int], after: float, stop: threading.Event
+) -> threading.Thread:
+    """A TCP forwarder to ``target`` that starts listening on ``port`` only ``after`` seconds: a database
+    server restarting while a sync starts."""
+    import socket
+
+    def pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def serve() -> None:
+        time.sleep(after)
+        with socket.create_server(("127.0.0.1", port)) as listener:
+            listener.settimeout(0.1)
+            while not stop.is_set():
+                try:
+                    client = listener.accept()[0]
+                except TimeoutError:
+                    continue
+                upstream = socket.create_connection(target)
+                for one, other in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=pipe, args=(one, other), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.postgres
+def test_a_database_down_when_the_sync_starts_is_waited_for_within_the_budget(
+    cli: Any, emulator_factory: Any, postgres_url: str
+) -> None:
+    """A PostgreSQL restart at the minute cron starts a sync made it exit 1 at once, "cannot open the
+    database", an exit the deploy guide did not list: found by a newcomer helper."""
+    from sqlalchemy.engine import make_url
+
+    server = emulator_factory(conversations=300, seed=23)
+    real = make_url(postgres_url)
+    port = _free_port()
+    stop = threading.Event()
+    forwarder = _forward_later(port, (real.host or "127.0.0.1", real.port or 5432), 1.5, stop)
+    through = real.set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
+    try:
+        result = cli("sync", "--json", "--retry-budget", "30s", env=chatbase_env(server, through))
+    finally:
+        stop.set()
+        forwarder.join()
+    assert result.exit_code == ExitCode.OK, result.output
+    assert json.loads(result.stdout)["inserted"] == 300
+    assert "the database is unreachable" in result.stderr and "up to 30 s" in result.stderr
+    assert_exact(postgres_url, server.emulator)
+
+
+@pytest.mark.postgres
+def test_a_database_that_stays_down_ends_the_sync_with_exit_3_when_the_budget_ends(
+    cli: Any, emulator_factory: Any, postgres_url: str
+) -> None:
+    from sqlalchemy.engine import make_url
+
+    server = emulator_factory(conversations=50, seed=24)
+    closed = make_url(postgres_url).set(port=_free_port()).render_as_string(hide_password=False)
+    started = time.monotonic()
+    result = cli("sync", "--json", "--retry-budget", "2s", env=chatbase_env(server, closed))
+    took = time.monotonic() - started
+    assert result.exit_code == ExitCode.PARTIAL and 2.0 <= took < 6
+    line = json.loads(result.stdout)
+    assert line["status"] == "partial" and line["error"].startswith("the database stayed unreachable for 2 s")
+    said = result.stderr.strip().splitlines()
+    assert len(said) == 2 and "unreachable" in said[0] and said[1].startswith("error: the database stayed")
+
+
+@pytest.mark.postgres
+def test_a_database_that_refuses_chatsync_is_not_waited_for(
+    cli: Any, emulator_factory: Any, postgres_url: str
+) -> None:
+    from sqlalchemy.engine import make_url
+
+    server = emulator_factory(conversations=50, seed=25)
+    missing = make_url(postgres_url).set(database="chatsync_no_such_database").render_as_string(False)
+    started = time.monotonic()
+    result = cli("sync", "--json", "--retry-budget", "30s", env=chatbase_env(server, missing))
+    assert time.monotonic() - started < 10
+    assert result.exit_code == 1 and "does not exist" in json.loads(result.stdout)["error"]
+    assert "unreachable" not in result.stderr
+
+
+def _postgres_that_says(code: str, message: str) -> tuple[int, threading.Event]:
+    """A server that speaks just enough of PostgreSQL's protocol to turn each connection away with a FATAL
+    ``code`` and ``message``, as a real server does while it starts up or when a password is wrong."""
+    import socket
+    import struct
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    stop = threading.Event()
+
+    def refuse(connection: socket.socket) -> None:
+        with connection, contextlib.suppress(OSError):
+            while True:
+                size = struct.unpack("!I", connection.recv(4, socket.MSG_WAITALL))[0]
+                packet = connection.recv(size - 4, socket.MSG_WAITALL)
+                if struct.unpack("!I", packet[:4])[0] in (80877103, 80877104):  # SSL or GSS asked: no
+                    connection.sendall(b"N")
+                    continue
+                fields = b"".join(
+                    kind + value.encode() + b"\0"
+                    for kind, value in ((b"S", "FATAL"), (b"V", "FATAL"), (b"C", code), (b"M", message))
+                )
+                connection.sendall(b"E" + struct.pack("!I", len(fields) + 5) + fields + b"\0")
+                return
+
+    def serve() -> None:
+        with listener:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    threading.Thread(target=refuse, args=(listener.accept()[0],), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1], stop
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    ("code", "message", "down"),
+    [
+        ("57P03", "the database system is starting up", True),
+        ("53300", "sorry, too many clients already", True),
+        ("28P01", 'password authentication failed for user "postgres"', False),
+        ("3D000", 'database "shop" does not exist', False),
+    ],
+)
+def test_a_server_turning_connections_away_for_now_is_told_from_one_refusing_chatsync(
+    code: str, message: str, down: bool
+) -> None:
+    from chatsync.errors import DatabaseUnreachable
+
+    port, stop = _postgres_that_says(code, message)
+    engine = open_engine(f"postgresql://postgres@127.0.0.1:{port}/shop?sslmode=disable")
+    try:
+        with pytest.raises(DatabaseUnreachable) as raised:
+            ensure_schema(engine)
+    finally:
+        stop.set()
+        engine.dispose()
+    assert message in str(raised.value) and raised.value.down is down

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import re
 import sqlite3
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -29,11 +31,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import ExceptionContext, make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
 from chatsync.config import normalize_database_url
-from chatsync.errors import ConfigError, DatabaseUnreachable, SchemaTooNew, Terminated
+from chatsync.errors import ConfigError, DatabaseUnavailable, DatabaseUnreachable, SchemaTooNew, Terminated
 
+log = logging.getLogger("chatsync.store")
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 # Compact UTF-8 JSON: the default escapes every CJK character, which is slower and stores more bytes.
 _JSON = functools.partial(json.dumps, ensure_ascii=False, separators=(",", ":"))
@@ -283,11 +287,12 @@ def upgrade(engine: Engine) -> str:
 
 
 def ensure_schema(engine: Engine) -> None:
-    """Bring the schema to this code's head on first use; cheap when it already is."""
+    """Bring the schema to this code's head on first use; cheap when it already is. DatabaseUnreachable
+    when the database cannot be read (its ``down`` says whether trying again may help)."""
     try:
         found = current_revision(engine)
     except Exception as exc:
-        raise DatabaseUnreachable(exc) from None
+        raise DatabaseUnreachable(exc, down=is_down(exc)) from None
     if found == HEAD_REVISION:
         return
     if found is None and create_schema(engine):
@@ -295,6 +300,70 @@ def ensure_schema(engine: Engine) -> None:
     if found is not None and found not in known_revisions():
         raise SchemaTooNew(found, head_revision())
     upgrade(engine)
+
+
+# What a PostgreSQL server says when it turns connections away for now (libpq's FATAL lines carry no
+# SQLSTATE for psycopg): starting up, shutting down, in recovery, out of connection slots.
+_PASSING = re.compile(
+    r"the database system is (starting up|shutting down|in recovery mode|not yet accepting)|too many "
+    r"clients|remaining connection slots|terminating connection due to administrator",
+    re.IGNORECASE,
+)
+
+
+def is_down(exc: BaseException) -> bool:
+    """Whether a PostgreSQL server could not be reached or is not taking connections for now: no answer,
+    a restart, a failover, too many connections (SQLSTATE classes 08, 53 and 57), as opposed to a server
+    that answered and refused chatsync (a wrong password, no such database or role). SQLite: never."""
+    original = getattr(exc, "orig", None)
+    if not isinstance(exc, OperationalError) or not type(original).__module__.startswith("psycopg"):
+        return False
+    state = getattr(original, "sqlstate", None)
+    if state is not None:
+        return state[:2] in ("08", "53", "57")
+    message = str(original)
+    return "FATAL:" not in message or _PASSING.search(message) is not None
+
+
+def ensure_schema_riding_out(engine: Engine, budget: float) -> None:
+    """:func:`ensure_schema` for a sync from cron: a database that is down (:func:`is_down`) is tried
+    again, with a warning at its first failure, for up to ``budget`` seconds (the retry budget). Then
+    DatabaseUnavailable (exit 3: nothing was written, the next run starts where the last one ended).
+    A database that refuses chatsync fails at once."""
+    from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponential, wait_random
+
+    backoff = wait_exponential(multiplier=0.5, max=10.0) + wait_random(0, 0.5)
+
+    def wait(state: RetryCallState) -> float:  # the last wait is cut so that the last try ends the budget
+        return max(0.0, min(backoff(state), budget - (state.seconds_since_start or 0.0)))
+
+    def warn(state: RetryCallState) -> None:
+        if state.attempt_number == 1:
+            error = state.outcome.exception() if state.outcome else None
+            log.warning(
+                "the database is unreachable (%s): trying again for up to %.0f s, the retry budget",
+                getattr(error, "first_line", error),
+                budget,
+            )
+
+    retrying = Retrying(
+        retry=retry_if_exception(lambda exc: isinstance(exc, DatabaseUnreachable) and exc.down),
+        stop=lambda state: (state.seconds_since_start or 0.0) >= budget,
+        wait=wait,
+        before_sleep=warn,
+        reraise=True,
+    )
+    started = time.monotonic()
+    try:
+        retrying(ensure_schema, engine)
+    except DatabaseUnreachable as exc:
+        if not exc.down:
+            raise
+        raise DatabaseUnavailable(
+            f"the database stayed unreachable for {time.monotonic() - started:.0f} s (retry budget "
+            f"{budget:.0f} s; last: {exc.first_line}); nothing was written, and the next run starts where "
+            "the last one ended"
+        ) from None
 
 
 def refuse_foreign_tables(connection: Connection) -> None:
