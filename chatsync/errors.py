@@ -28,6 +28,7 @@ webhook the API answers 400, or a get-leads row the backfill skips, with the rea
 
 from __future__ import annotations
 
+import re
 from enum import IntEnum
 
 
@@ -54,7 +55,10 @@ class UsageError(ChatsyncError):
 
 class InvalidDate(UsageError):
     def __init__(self, text: str) -> None:
-        super().__init__(f"invalid date {text!r}: expected YYYY-MM-DD, e.g. 2024-05-01")
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text.strip()):  # the form is right: the day does not exist
+            super().__init__(f"invalid date {text!r}: no such day (expected YYYY-MM-DD of a real day)")
+        else:
+            super().__init__(f"invalid date {text!r}: expected YYYY-MM-DD, e.g. 2024-05-01")
 
 
 class InvalidDuration(UsageError):

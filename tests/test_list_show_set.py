@@ -236,6 +236,7 @@ def test_bad_filters_exit_2(cli: Any, seeded: str) -> None:
     for args, fragment in [
         (("--number", "1234"), "expected 8 digits"),
         (("--since", "May 1"), "expected YYYY-MM-DD"),
+        (("--since", "2026-11-31"), "'2026-11-31': no such day"),
         (("--format", "xml"), "invalid --format"),
         (("--source", "Telegram"), "unknown source"),
     ]:
