@@ -34,6 +34,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type
 from chatsync.config import DEFAULT_BASE_URL, Secret, Settings, mask_url
 from chatsync.errors import ChatbaseRejected, ChatbaseUnavailable, ChatsyncError, ConfigError, PagingError
 from chatsync.jsonbody import decode_body, read_body
+from chatsync.logs import mask_in_logs
 
 if TYPE_CHECKING:
     from chatsync.chatbase_v2 import ChatbaseV2Client
@@ -312,6 +313,8 @@ class ChatbaseHTTP:
     ) -> None:
         self._key = api_key
         self._key_forms = _key_forms(api_key.reveal())
+        if self._key_forms is not None:
+            mask_in_logs(self._key_forms)  # (libraries' log lines too, under --debug)
         self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(
             base_url=base_url.rstrip("/") + "/",
@@ -331,6 +334,7 @@ class ChatbaseHTTP:
         self._last_answer = -math.inf
         self._last_failure = ""
         self._outage_told = False
+        self._outage_timer: threading.Timer | None = None  # tells the outage when it falls due
         self.stats = ClientStats()
         self._stats_lock = threading.Lock()
         self.stop = threading.Event()
@@ -340,6 +344,9 @@ class ChatbaseHTTP:
     default_url = DEFAULT_BASE_URL  # Chatbase's own root of this API
 
     def close(self) -> None:
+        with self._stats_lock:
+            if self._outage_timer is not None:
+                self._outage_timer.cancel()
         self._http.close()
 
     def __enter__(self) -> Self:
@@ -384,13 +391,15 @@ class ChatbaseHTTP:
                 self.limiter.sent(slot)
 
         went = time.monotonic()
-        if tries.began is None:
+        if tries.began is None:  # the first try: the timeout, and the whole budget for its answer
             tries.began = went
-        left = tries.began + self.retry_budget - went
-        # the last tries have only what is left of the budget to answer
-        timeout = max(left, 0.05) if left < self.timeout else httpx.USE_CLIENT_DEFAULT
+            timeout = self.timeout
+            answer_by = went + max(self.timeout, self.retry_budget)
+        else:  # a retry ends with the budget (a hanging server is not waited for past it)
+            answer_by = tries.began + self.retry_budget
+            timeout = min(self.timeout, max(answer_by - went, 0.05))
         try:
-            response = self._http.get(path, params=params, timeout=timeout, extensions={"trace": trace})
+            response = self._get(path, params, timeout, trace, answer_by)
         except (httpx.UnsupportedProtocol, httpx.LocalProtocolError) as exc:
             # this request cannot be sent at all (not an http(s) root, a header no server would take):
             # retrying for the whole budget would only hide it
@@ -449,6 +458,28 @@ class ChatbaseHTTP:
             )
         raise self._rejected(status, error.code, message, path, params)
 
+    def _get(
+        self,
+        path: str,
+        params: dict[str, Any],
+        timeout: float,
+        trace: Callable[[str, dict[str, Any]], None],
+        answer_by: float,
+    ) -> httpx.Response:
+        """One GET, its body read by ``answer_by`` (monotonic): httpx's timeout bounds each read, so a
+        server sending a byte every few seconds once held a sync for as long as it liked."""
+        request = self._http.build_request(
+            "GET", path, params=params, timeout=timeout, extensions={"trace": trace}
+        )
+        response = self._http.send(request, stream=True)
+        try:
+            if isinstance(response.stream, httpx.SyncByteStream):  # (always, from a sync client)
+                response.stream = _AnsweredBy(response.stream, answer_by, request)
+            response.read()
+        finally:
+            response.close()
+        return response
+
     def _rejected(
         self, status: int, code: str | None, message: str, path: str, params: dict[str, Any]
     ) -> ChatsyncError:
@@ -501,17 +532,20 @@ class ChatbaseHTTP:
         try:
             return retrying(self._send, path, params, wanted, raw, tries)
         except TransientError as exc:
-            raise self._budget_spent(str(exc), tries) from None
+            raise self._budget_spent(str(exc), tries, exc.retry_after) from None
         except ChatbaseUnavailable as exc:
             if exc.last != "rate limited":
                 raise  # (the sync was stopped)
             # a pause the server asked for outlasts the budget
             raise self._budget_spent(str(exc), tries) from None
 
-    def _budget_spent(self, last: str, tries: _Tries) -> ChatbaseUnavailable:
-        """The error of a request given up: for how long Chatbase failed it, and held it before that."""
+    def _budget_spent(self, last: str, tries: _Tries, asked: float | None = None) -> ChatbaseUnavailable:
+        """The error of a request given up: for how long Chatbase failed it, and held it before that;
+        ``asked``: the wait (seconds) the last answer asked for."""
         if tries.first_failure is None:
             what = f"kept failing for {_since(tries.began):.0f} s: its rate limit refused every try"
+            if asked is not None and asked >= 1:
+                what += f", the last asking for {asked:.0f} s more"
         else:
             what = f"kept failing for {_since(tries.first_failure):.0f} s"
             held = tries.first_failure - (tries.began or tries.first_failure)
@@ -539,6 +573,15 @@ class ChatbaseHTTP:
         with self._stats_lock:
             if self._failing_since is None:
                 self._failing_since = max(went, self._last_answer)
+                if not self._outage_told:
+                    # told when due even if every request is then inside a try that hangs
+                    if self._outage_timer is not None:
+                        self._outage_timer.cancel()
+                    due = self._failing_since + self.warn_after - time.monotonic()
+                    # (a hair late: a timer may wake a little early, and would then find nothing due)
+                    self._outage_timer = threading.Timer(max(0.0, due) + 0.01, self._tell_outage)
+                    self._outage_timer.daemon = True
+                    self._outage_timer.start()
             self._last_failure = str(error)
         self._tell_outage()
         return error
@@ -568,22 +611,35 @@ class ChatbaseHTTP:
         with self._stats_lock:
             self._failing_since = None
             self._last_answer = time.monotonic()
+            if self._outage_timer is not None:
+                self._outage_timer.cancel()
+                self._outage_timer = None
 
     def _sleep(self, seconds: float) -> None:
-        """A retry's wait; the outage warning is told when it falls due, not at the next try's failure."""
+        """A retry's wait; ChatbaseUnavailable when the sync is stopped meanwhile."""
         end = time.monotonic() + seconds
-        with self._stats_lock:
-            since = None if self._outage_told else self._failing_since
-        if since is not None and since + self.warn_after < end:
-            self._wait_until(since + self.warn_after)
-            self._tell_outage()
-        self._wait_until(end)
-
-    def _wait_until(self, moment: float) -> None:
-        """Wait until ``moment`` (monotonic; a wait may wake a little early); ChatbaseUnavailable on a stop."""
-        while (left := moment - time.monotonic()) > 0:
+        while (left := end - time.monotonic()) > 0:  # (an Event's wait may wake a little early)
             if self.stop.wait(left):
                 raise ChatbaseUnavailable("sync stopped")
+
+
+class _AnsweredBy(httpx.SyncByteStream):
+    """A response body that must have come in full by ``deadline`` (monotonic): httpx.ReadTimeout once
+    it is past, checked as each piece arrives (each read itself is bounded by the request's timeout)."""
+
+    def __init__(self, stream: httpx.SyncByteStream, deadline: float, request: httpx.Request) -> None:
+        self._stream = stream
+        self._deadline = deadline
+        self._request = request
+
+    def __iter__(self) -> Iterator[bytes]:
+        for piece in self._stream:
+            if time.monotonic() > self._deadline:
+                raise httpx.ReadTimeout("the answer kept trickling in past its time", request=self._request)
+            yield piece
+
+    def close(self) -> None:
+        self._stream.close()
 
 
 def _since(moment: float | None) -> float:
@@ -603,23 +659,31 @@ def _key_forms(key: str) -> re.Pattern[str] | None:
 
 
 _SHORT_ESCAPES = {"\n": "n", "\r": "r", "\t": "t", "\b": "b", "\f": "f", "\v": "v", "\a": "a", "\0": "0"}
+_NAMED_ENTITIES = {'"': "quot", "'": "apos", "<": "lt", ">": "gt", "&": "amp", "/": "sol"}
+# Every repeat is bounded: with ``*`` a run of backslashes took quadratic time (100k of them: 221 s, the
+# GIL held, a SIGTERM unheard), where each start position now tries at most a few lengths.
+_ESCAPED = r"(?:\\|%(?:25){0,3}5c){0,8}"  # backslashes before a character, percent-encoded or not
 
 
 def _char_forms(char: str) -> str:
     """The alternatives of ``_key_forms`` for one character."""
     code = ord(char)
-    forms = [r"\\*" + re.escape(char)]  # as is, or escaped with backslashes (JSON's \/, \", \\)
-    forms.append("".join(f"%(?:25)*{byte:02x}" for byte in char.encode("utf-8", "surrogatepass")))
+    forms = [re.escape(char)]  # as is (after the backslashes of JSON's \/, \", \\)
+    forms.append("".join(f"%(?:25){{0,3}}{byte:02x}" for byte in char.encode("utf-8", "surrogatepass")))
     units = char.encode("utf-16-be", "surrogatepass")
-    forms.append("".join(rf"\\*u{units[i]:02x}{units[i + 1]:02x}" for i in range(0, len(units), 2)))
+    pairs = [f"{units[i]:02x}{units[i + 1]:02x}" for i in range(0, len(units), 2)]
+    forms.append("".join(rf"\\{{0,8}}u{pair}" for pair in pairs))  # JSON, .NET: \u002B
+    forms.append("".join(f"%(?:25){{0,3}}u{pair}" for pair in pairs))  # JavaScript's escape(): %u002B
     if code < 256:
-        forms.append(rf"\\*x{code:02x}")
-    forms += [f"&#0*{code};", f"&#x0*{code:x};"]
+        forms.append(rf"x{code:02x}")
+    forms += [f"&#0{{0,8}}{code};?", f"&#x0{{0,8}}{code:x};?"]
+    if char in _NAMED_ENTITIES:
+        forms.append(f"&{_NAMED_ENTITIES[char]};")
     if char in _SHORT_ESCAPES:
-        forms.append(r"\\+" + _SHORT_ESCAPES[char])  # (a str's repr, JSON: \r)
+        forms.append(_SHORT_ESCAPES[char])  # (after a backslash: a str's repr, JSON: \r)
     if char == " ":
         forms.append(r"\+")
-    return "(?:" + "|".join(forms) + ")"
+    return _ESCAPED + "(?:" + "|".join(forms) + ")"
 
 
 class ConversationSource(Protocol):

@@ -25,6 +25,33 @@ _HANDLER_NAME = "chatsync"
 _current_format = "text"  # what configure() last set up: the CLI's error line follows it
 
 
+_SECRETS: list[re.Pattern[str]] = []  # masked in every log line (see mask_in_logs)
+
+
+def mask_in_logs(pattern: re.Pattern[str]) -> None:
+    """Mask what ``pattern`` matches (a secret, in any of its encodings) as ``***`` in every log line from
+    now on, libraries' too: ``--debug`` shows httpcore's response headers, where a server may echo the
+    Chatbase key. chatsync's own messages are masked where they are made; this is the net under them."""
+    if pattern not in _SECRETS:
+        _SECRETS.append(pattern)
+
+
+class _Masked(logging.Filter):
+    """Takes the secrets of :func:`mask_in_logs` out of a record's message and traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _SECRETS:
+            message = record.getMessage()
+            if record.exc_info and not record.exc_text:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            for pattern in _SECRETS:
+                message = pattern.sub("***", message)
+                if record.exc_text:
+                    record.exc_text = pattern.sub("***", record.exc_text)
+            record.msg, record.args = message, None
+        return True
+
+
 def _utc_time(record: logging.LogRecord) -> str:
     """``2026-11-30T09:41:07.123Z``: log lines from several hosts sort and compare as they are."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
@@ -104,6 +131,7 @@ def log_handler(log_format: str, stream: Any = None, fields: tuple[str, ...] = (
         shown = "".join(f"[%({f})s] " for f in fields)
         formatter = _TextFormatter(TEXT_FORMAT.replace("%(name)s", f"{shown}%(name)s"))
     handler.setFormatter(formatter)
+    handler.addFilter(_Masked())
     return handler
 
 

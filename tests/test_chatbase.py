@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import threading
@@ -28,9 +29,11 @@ replay = vcr.VCR(cassette_library_dir=str(CASSETTES), record_mode="none", match_
 KEY = "sk-live-echoed-secret"
 
 
-def _client(transport: httpx.BaseTransport | None = None, **kwargs: Any) -> ChatbaseClient:
+def _client(
+    transport: httpx.BaseTransport | None = None, root: str = "https://www.chatbase.co/api/v1", **kwargs: Any
+) -> ChatbaseClient:
     kwargs.setdefault("backoff", (0.01, 0.05))
-    return ChatbaseClient(Secret(KEY), "https://www.chatbase.co/api/v1", transport=transport, **kwargs)
+    return ChatbaseClient(Secret(KEY), root, transport=transport, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------- cassettes
@@ -547,7 +550,7 @@ def test_time_held_by_the_rate_limit_is_not_an_outage(caplog: pytest.LogCaptureF
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
-ODD_KEY = 'sk-Secret+Key/with=odd"chars\\x'
+ODD_KEY = "sk-Secret+Key/with=odd\"chars\\x<&>'"
 
 
 @pytest.mark.parametrize(
@@ -564,6 +567,10 @@ ODD_KEY = 'sk-Secret+Key/with=odd"chars\\x'
         lambda key: httpx.Response(503, content=json.dumps({"message": key.replace("+", "\\u002B")})),
         lambda key: httpx.Response(503, content=json.dumps({"message": json.dumps({"token": key})})),
         lambda key: httpx.Response(503, json={"message": key.replace("+", "&#43;").replace("/", "&#x2F;")}),
+        lambda key: httpx.Response(503, json={"message": html.escape(key)}),
+        lambda key: httpx.Response(503, json={"message": quote(json.dumps(key)[1:-1], safe="")}),
+        lambda key: httpx.Response(503, json={"message": "".join(f"&#{ord(c)}" for c in key)}),
+        lambda key: httpx.Response(503, json={"message": "".join(f"%u{ord(c):04X}" for c in key)}),
     ],
     ids=[
         "request-id",
@@ -577,6 +584,10 @@ ODD_KEY = 'sk-Secret+Key/with=odd"chars\\x'
         "dotnet-unicode",
         "json-twice",
         "html-entities",
+        "html-named-entities",
+        "percent-encoded-json",
+        "entities-without-semicolons",
+        "javascript-escape",
     ],
 )
 def test_a_key_the_server_echoes_in_any_encoding_never_reaches_the_messages(
@@ -665,19 +676,23 @@ def test_the_error_counts_the_failing_not_the_time_held_by_the_rate_limit() -> N
     )
 
 
-def test_a_429_that_never_ends_says_so() -> None:
+@pytest.mark.parametrize(
+    ("asked", "budget", "said"),
+    [
+        ("1", 3, "kept failing for 2 s: its rate limit refused every try, the last asking for 1 s more"),
+        ("60", 20, "kept failing for 0 s: its rate limit refused every try, the last asking for 60 s more"),
+    ],
+)
+def test_a_429_that_never_ends_says_so(asked: str, budget: int, said: str) -> None:
     transport = httpx.MockTransport(
-        lambda request: httpx.Response(429, headers={"retry-after": "1"}, json={"message": "slow down"})
+        lambda request: httpx.Response(429, headers={"retry-after": asked}, json={"message": "slow down"})
     )
     with (
-        _client(transport, retry_budget=timedelta(seconds=3)) as client,
+        _client(transport, retry_budget=timedelta(seconds=budget)) as client,
         pytest.raises(ChatbaseUnavailable) as raised,
     ):
         client.get_conversations("bot", 1)
-    said = (
-        "kept failing for 2 s: its rate limit refused every try (retry budget 3 s; last: HTTP 429: slow down)"
-    )
-    assert said in str(raised.value)
+    assert f"{said} (retry budget {budget} s; last: HTTP 429: slow down)" in str(raised.value)
 
 
 def test_the_backoff_after_a_429_storm_starts_short() -> None:
@@ -721,43 +736,85 @@ def silent_server() -> Any:
 
 
 def test_a_server_that_never_answers_is_given_up_on_when_the_budget_ends(silent_server: int) -> None:
-    """Each try waited its whole 30 s timeout, the last one past the budget: 62.6 s for a 35 s budget."""
-    client = ChatbaseClient(
-        Secret(KEY),
-        f"http://127.0.0.1:{silent_server}/api/v1",
-        timeout=6.0,
-        retry_budget=timedelta(seconds=2),
-        backoff=(0.01, 0.05),
+    """Each try waited its whole 30 s timeout, the last one past the budget: 62.6 s for a 35 s budget. The
+    first try has its whole timeout (a budget shorter than a slow Chatbase's answer must not fail it);
+    a retry has what is left of the budget."""
+    client = _client(
+        root=f"http://127.0.0.1:{silent_server}/api/v1", timeout=2.0, retry_budget=timedelta(seconds=3)
     )
     started = time.monotonic()
     with client, pytest.raises(ChatbaseUnavailable) as raised:
         client.get_conversations("bot", 1)
     took = time.monotonic() - started
-    assert 1.5 <= took <= 2.3
-    assert "Timeout" in str(raised.value) and "kept failing for 2 s (retry budget 2 s" in str(raised.value)
+    assert 2.8 <= took <= 3.5  # (a retry with its whole timeout: 4 s)
+    assert "Timeout" in str(raised.value) and "kept failing for 3 s (retry budget 3 s" in str(raised.value)
 
 
-def test_an_outage_is_told_when_it_reaches_the_warning_time_not_at_the_next_try(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """The warning came with the first failed try after 30 s, so at 41 to 46 s against a closed port, and
-    a 35 s budget printed it together with the error."""
-    caplog.set_level("WARNING", logger="chatsync")
+def test_a_slow_chatbase_is_not_failed_by_a_budget_shorter_than_its_answer(emulator_factory: Any) -> None:
+    """Each try's timeout was cut to the budget left, so '--retry-budget 0s' failed every request to a
+    Chatbase that answers in 1.5 s, and said it 'kept failing'."""
+    server = emulator_factory(conversations=30, chatbot_ids=("demo-bot",), latency_ms=600, api_key=KEY)
+    with ChatbaseClient(Secret(KEY), server.base_url, retry_budget=timedelta(seconds=0)) as client:
+        assert len(client.get_conversations("demo-bot", 1)) == 30
+    assert client.stats.retries == 0
+
+
+def test_a_server_trickling_its_answer_is_given_up_on_when_the_budget_ends() -> None:
+    """httpx's timeout bounds each read: a server sending a byte every second held a sync for good."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def trickle() -> None:
+        connection = listener.accept()[0]
+        connection.recv(65536)
+        connection.sendall(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n"
+        )
+        with suppress(OSError):
+            while not done.wait(0.2):
+                connection.sendall(b" ")
+        connection.close()
+
+    threading.Thread(target=trickle, daemon=True).start()
+    root = f"http://127.0.0.1:{listener.getsockname()[1]}/api/v1"
+    client = _client(root=root, timeout=1.0, retry_budget=timedelta(seconds=1.5))
+    started = time.monotonic()
+    try:
+        with client, pytest.raises(ChatbaseUnavailable) as raised:
+            client.get_conversations("bot", 1)
+    finally:
+        done.set()
+        listener.close()
+    assert time.monotonic() - started < 5  # (the 100 bytes would take 20 s)
+    assert "trickling" in str(raised.value)
+
+
+def _warnings_after_start(transport: httpx.BaseTransport, **settings: Any) -> list[float]:
+    """Seconds from the start of one request that gives up to each warning chatsync logged meanwhile."""
     told: list[float] = []
-    handler = logging.Handler()
+    handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: told.append(time.monotonic())  # type: ignore[method-assign]
     logging.getLogger("chatsync").addHandler(handler)
-    transport = httpx.MockTransport(lambda request: httpx.Response(503, json={"message": "down"}))
     try:
-        with _client(
-            transport, warn_after=0.5, retry_budget=timedelta(seconds=2.5), backoff=(0.4, 30.0)
-        ) as client:
+        with _client(transport, **settings) as client:
             started = time.monotonic()
             with pytest.raises(ChatbaseUnavailable):
                 client.get_conversations("bot", 1)
     finally:
         logging.getLogger("chatsync").removeHandler(handler)
-    assert len(told) == 1 and 0.5 <= told[0] - started < 0.7
+    return [moment - started for moment in told]
+
+
+def test_an_outage_is_told_when_it_reaches_the_warning_time_not_at_the_next_try() -> None:
+    """The warning came with the first failed try after 30 s, so at 41 to 46 s against a closed port, and
+    a 35 s budget printed it together with the error."""
+    transport = httpx.MockTransport(lambda request: httpx.Response(503, json={"message": "down"}))
+    told = _warnings_after_start(
+        transport, warn_after=0.5, retry_budget=timedelta(seconds=2.5), backoff=(0.4, 30.0)
+    )
+    assert len(told) == 1 and 0.5 <= told[0] < 0.7
 
 
 def test_a_retry_a_stop_cut_short_is_not_counted() -> None:
@@ -769,3 +826,34 @@ def test_a_retry_a_stop_cut_short_is_not_counted() -> None:
         with pytest.raises(ChatbaseUnavailable, match="stopped"):
             client.get_conversations("bot", 1)
     assert client.stats.requests >= 2 and client.stats.retries == client.stats.requests - 1
+
+
+def test_an_outage_is_told_when_due_while_every_request_hangs() -> None:
+    """503s then a server that accepts and never answers: the warning waited for the next failed try
+    (at 40 s, saying 40), as it was told only at a failure or during a retry's wait."""
+    calls = {"n": 0}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return httpx.Response(503, json={"message": "down"})
+        time.sleep(1.2)
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    told = _warnings_after_start(
+        httpx.MockTransport(handler), warn_after=0.4, retry_budget=timedelta(seconds=1.5)
+    )
+    assert len(told) == 1 and 0.4 <= told[0] < 0.8
+
+
+def test_an_echo_of_a_million_backslashes_does_not_hold_the_sync() -> None:
+    """The key's pattern once took quadratic time on a run of backslashes, holding the GIL: a server
+    echoing 100,000 of them held a sync with a 20 s budget for 106 s, deaf to SIGTERM."""
+    transport = httpx.MockTransport(lambda request: httpx.Response(503, json={"message": "\\" * 1_000_000}))
+    started = time.monotonic()
+    with (
+        _client(transport, retry_budget=timedelta(seconds=1)) as client,
+        pytest.raises(ChatbaseUnavailable, match="kept failing"),
+    ):
+        client.get_conversations("bot", 1)
+    assert time.monotonic() - started < 30  # (quadratic: hours)

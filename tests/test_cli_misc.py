@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -548,3 +549,45 @@ def test_log_lines_print_whole_above_the_progress_bar(
         assert stamp.match(line), line  # starts its own line, not after a bar
     for line in windows:
         assert re.search(r"done \(window \d+ of \d+\)$", line), line  # and ends whole
+
+
+def test_debug_logs_never_show_the_key_a_server_echoes_in_a_header(tmp_path: Path) -> None:
+    """``--debug`` shows httpcore's response headers: a server echoing the key in X-Request-Id put it on
+    33 lines of stderr (a breaking helper's finding)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Echoing(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(503)
+            self.send_header("X-Request-Id", self.headers.get("Authorization", ""))
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"message": "down"}')
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Echoing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    key = "sk-echoed-in-a-header-7f3a"
+    env = {
+        **os.environ,
+        "CHATBASE_API_KEY": key,
+        "CHATBASE_CHATBOT_ID": "bot",
+        "CHATBASE_BASE_URL": f"http://127.0.0.1:{server.server_port}/api/v1",
+        "CHATSYNC_DATABASE_URL": f"sqlite:///{tmp_path / 'debug.db'}",
+    }
+    try:
+        ran = subprocess.run(
+            [sys.executable, "-m", "chatsync", "--debug", "sync", "--retry-budget", "1s"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        server.shutdown()
+    assert ran.returncode == ExitCode.PARTIAL
+    assert "x-request-id" in ran.stderr.lower() and "***" in ran.stderr  # httpcore's header lines are there
+    assert key not in ran.stderr + ran.stdout and "7f3a" not in ran.stderr + ran.stdout
