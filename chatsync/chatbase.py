@@ -655,7 +655,15 @@ def _key_forms(key: str) -> re.Pattern[str] | None:
     and would turn every such letter into ``***``."""
     if len(key) < 6:
         return None
-    return re.compile("".join(_char_forms(char) for char in key), re.IGNORECASE)
+    parts: list[str] = []
+    after_backslashes = False
+    for run in re.findall(r"\\+|[^\\]", key):  # runs of backslashes, other characters one by one
+        if run[0] == "\\":  # one repeat for the whole run: split between two, a run could match many ways
+            parts.append(f"{_BACKSLASH}{{{len(run)},{9 * len(run)}}}")
+        else:
+            parts.append(_char_forms(run, escaped=not after_backslashes))
+        after_backslashes = run[0] == "\\"
+    return re.compile("".join(parts), re.IGNORECASE)
 
 
 _SHORT_ESCAPES = {"\n": "n", "\r": "r", "\t": "t", "\b": "b", "\f": "f", "\v": "v", "\a": "a", "\0": "0"}
@@ -663,16 +671,21 @@ _NAMED_ENTITIES = {'"': "quot", "'": "apos", "<": "lt", ">": "gt", "&": "amp", "
 # Every repeat is bounded: with ``*`` a run of backslashes took quadratic time (100k of them: 221 s, the
 # GIL held, a SIGTERM unheard), where each start position now tries at most a few lengths.
 _ESCAPED = r"(?:\\|%(?:25){0,3}5c){0,8}"  # backslashes before a character, percent-encoded or not
+_BACKSLASH = (
+    r"(?:\\(?:u005c|x5c)?|%(?:25){0,3}u?005c|%(?:25){0,3}5c|&#0{0,8}92;?|&#x0{0,8}5c;?)"  # one backslash
+)
 
 
-def _char_forms(char: str) -> str:
-    """The alternatives of ``_key_forms`` for one character."""
+def _char_forms(char: str, escaped: bool = True) -> str:
+    """The alternatives of ``_key_forms`` for one character other than a backslash; ``escaped``: with the
+    backslashes that may escape it (not after a run of the key's own, which takes them)."""
     code = ord(char)
     forms = [re.escape(char)]  # as is (after the backslashes of JSON's \/, \", \\)
     forms.append("".join(f"%(?:25){{0,3}}{byte:02x}" for byte in char.encode("utf-8", "surrogatepass")))
     units = char.encode("utf-16-be", "surrogatepass")
     pairs = [f"{units[i]:02x}{units[i + 1]:02x}" for i in range(0, len(units), 2)]
-    forms.append("".join(rf"\\{{0,8}}u{pair}" for pair in pairs))  # JSON, .NET: \u002B
+    # JSON, .NET: \u002B (the backslashes before the first unit are _ESCAPED's, so no text has two ways in)
+    forms.append(r"\\{1,8}".join(f"u{pair}" for pair in pairs))
     forms.append("".join(f"%(?:25){{0,3}}u{pair}" for pair in pairs))  # JavaScript's escape(): %u002B
     if code < 256:
         forms.append(rf"x{code:02x}")
@@ -683,7 +696,10 @@ def _char_forms(char: str) -> str:
         forms.append(_SHORT_ESCAPES[char])  # (after a backslash: a str's repr, JSON: \r)
     if char == " ":
         forms.append(r"\+")
-    return _ESCAPED + "(?:" + "|".join(forms) + ")"
+    # Only _ESCAPED takes backslashes before a form, so a text matches a character in one way alone: when
+    # a later character fails, there is no other split to try (a \\u0073 form of its own, once, made a
+    # key cut short take minutes, every split of every character tried in turn).
+    return (_ESCAPED if escaped else "") + "(?:" + "|".join(forms) + ")"
 
 
 class ConversationSource(Protocol):

@@ -846,14 +846,23 @@ def test_an_outage_is_told_when_due_while_every_request_hangs() -> None:
     assert len(told) == 1 and 0.4 <= told[0] < 0.8
 
 
-def test_an_echo_of_a_million_backslashes_does_not_hold_the_sync() -> None:
-    """The key's pattern once took quadratic time on a run of backslashes, holding the GIL: a server
-    echoing 100,000 of them held a sync with a 20 s budget for 106 s, deaf to SIGTERM."""
-    transport = httpx.MockTransport(lambda request: httpx.Response(503, json={"message": "\\" * 1_000_000}))
+@pytest.mark.parametrize(
+    ("key", "echo"),
+    [
+        (KEY, "\\" * 1_000_000),  # a run of backslashes: quadratic (100,000 held a 20 s budget for 106 s)
+        (KEY, "".join(f"\\\\\\\\u{ord(c):04x}" for c in KEY[:14])),  # cut short: exponential (12: 121 s)
+        ("sk-a\\\\b\\c-0123456789", "\\" * 40 + "sk-a" + "\\" * 30),  # the key's own backslashes
+    ],
+    ids=["million-backslashes", "escaped-key-cut-short", "key-with-backslashes"],
+)
+def test_an_echo_made_to_be_slow_to_mask_does_not_hold_the_sync(key: str, echo: str) -> None:
+    """The key's pattern must take linear time whatever a server echoes: matching runs in C holding the
+    GIL, so a slow one also left SIGTERM unheard (both found by breaking helpers)."""
+    transport = httpx.MockTransport(lambda request: httpx.Response(503, json={"message": echo}))
+    client = ChatbaseClient(
+        Secret(key), "https://www.chatbase.co/api/v1", transport=transport, retry_budget=timedelta(seconds=1)
+    )
     started = time.monotonic()
-    with (
-        _client(transport, retry_budget=timedelta(seconds=1)) as client,
-        pytest.raises(ChatbaseUnavailable, match="kept failing"),
-    ):
+    with client, pytest.raises(ChatbaseUnavailable, match="kept failing"):
         client.get_conversations("bot", 1)
-    assert time.monotonic() - started < 30  # (quadratic: hours)
+    assert time.monotonic() - started < 30  # (quadratic or exponential: minutes to hours)

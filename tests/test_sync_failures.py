@@ -866,6 +866,8 @@ def _postgres_that_says(code: str, message: str) -> tuple[int, threading.Event]:
         ("53300", "sorry, too many clients already", True),
         ("28P01", 'password authentication failed for user "postgres"', False),
         ("3D000", 'database "shop" does not exist', False),
+        ("3D000", 'database "the database system is starting up" does not exist', False),
+        ("57P03", "das Datenbanksystem startet", False),  # (another language: refused, fails at once)
     ],
 )
 def test_a_server_turning_connections_away_for_now_is_told_from_one_refusing_chatsync(
@@ -882,3 +884,23 @@ def test_a_server_turning_connections_away_for_now_is_told_from_one_refusing_cha
         stop.set()
         engine.dispose()
     assert message in str(raised.value) and raised.value.down is down
+
+
+@pytest.mark.postgres
+def test_a_database_server_that_never_answers_is_given_up_on_within_its_connect_timeout(
+    cli: Any, emulator_factory: Any, postgres_url: str
+) -> None:
+    """libpq waited 130 s (the TCP timeout) for a server that accepts and never answers: a 10 s budget ran
+    131 s, with no warning."""
+    import socket
+
+    from sqlalchemy.engine import make_url
+
+    server = emulator_factory(conversations=20, seed=26)
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # (the kernel accepts; nobody answers)
+        hung = make_url(postgres_url).set(port=silent.getsockname()[1]).render_as_string(False)
+        started = time.monotonic()
+        result = cli("sync", "--json", "--retry-budget", "3s", env=chatbase_env(server, hung))
+        took = time.monotonic() - started
+    assert result.exit_code == ExitCode.PARTIAL and took < 25, (took, result.output)
+    assert "error: the database stayed unreachable for 10 s" in result.stderr and "Timeout" in result.stderr

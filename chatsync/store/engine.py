@@ -42,6 +42,7 @@ MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 # Compact UTF-8 JSON: the default escapes every CJK character, which is slower and stores more bytes.
 _JSON = functools.partial(json.dumps, ensure_ascii=False, separators=(",", ":"))
 POOLER_PORTS = (6543, 6432)
+CONNECT_TIMEOUT = 10  # seconds for a PostgreSQL connection, unless the URL says (?connect_timeout=N)
 _UPGRADE_LOCK = 0x63686174_73796E63  # "chatsync": serialises concurrent upgrades on PostgreSQL
 
 
@@ -111,6 +112,10 @@ def open_engine(url: str, pool_size: int | None = None, create: bool = True) -> 
                 "json_serializer": _JSON,
                 "hide_parameters": True,
             }
+        if "connect_timeout" not in parsed.query:
+            # libpq waits for the system's TCP timeout (130 s here) on a server that never answers: a
+            # sync waiting for its database within the retry budget must get an answer sooner
+            kwargs["connect_args"] = {**kwargs.get("connect_args", {}), "connect_timeout": CONNECT_TIMEOUT}
         try:
             engine = create_engine(parsed, **kwargs)
         except ModuleNotFoundError:
@@ -303,11 +308,11 @@ def ensure_schema(engine: Engine) -> None:
 
 
 # What a PostgreSQL server says when it turns connections away for now (libpq's FATAL lines carry no
-# SQLSTATE for psycopg): starting up, shutting down, in recovery, out of connection slots.
+# SQLSTATE for psycopg): starting up, shutting down, in recovery, out of connection slots. In English:
+# a server set to another language (lc_messages) is taken as refusing, and the sync fails at once.
 _PASSING = re.compile(
-    r"the database system is (starting up|shutting down|in recovery mode|not yet accepting)|too many "
-    r"clients|remaining connection slots|terminating connection due to administrator",
-    re.IGNORECASE,
+    r"FATAL:\s+(the database system is (starting up|shutting down|in recovery mode|not yet accepting)|"
+    r"sorry, too many clients|remaining connection slots|terminating connection due to administrator)"
 )
 
 
