@@ -442,7 +442,8 @@ class _SyncRun:
             summary.requests = max(summary.requests, self.client_stats.requests)
             summary.retries = max(summary.retries, self.client_stats.retries)
         now = iso_z(utcnow())
-        summary.started_at = summary.started_at or iso_z(self.begun)
+        # when the command began: a wait for the database (or the first page) comes before the sync's start
+        summary.started_at = min(filter(None, (summary.started_at, iso_z(self.begun))))
         summary.finished_at = summary.finished_at or now
         line = summary.as_dict()
         code = _exit_code(self.error)

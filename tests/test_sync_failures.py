@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -779,13 +779,17 @@ def test_a_database_down_when_the_sync_starts_is_waited_for_within_the_budget(
     stop = threading.Event()
     forwarder = _forward_later(port, (real.host or "127.0.0.1", real.port or 5432), 1.5, stop)
     through = real.set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
+    began = datetime.now(UTC)
     try:
         result = cli("sync", "--json", "--retry-budget", "30s", env=chatbase_env(server, through))
     finally:
         stop.set()
         forwarder.join()
     assert result.exit_code == ExitCode.OK, result.output
-    assert json.loads(result.stdout)["inserted"] == 300
+    line = json.loads(result.stdout)
+    assert line["inserted"] == 300
+    # the run started when the command did, not once the database was back 1.5 s later
+    assert datetime.fromisoformat(line["started_at"].replace("Z", "+00:00")) - began < timedelta(seconds=1)
     assert "the database is unreachable" in result.stderr and "up to 30 s" in result.stderr
     assert_exact(postgres_url, server.emulator)
 
