@@ -49,8 +49,9 @@ MAX_WAIT_SECONDS = 60.0
 # said once a run on stderr, where the retries before it are only logged at -v and the budget may run on.
 OUTAGE_WARNING_SECONDS = 30.0
 # A request's last try starts this long (seconds; a tenth of a shorter budget) before its retry budget ends,
-# and every try's timeout is cut to what is left: a server that accepts and never answers is given up on
-# when the budget ends, not up to a whole timeout (30 s) after it.
+# and a retry's timeout is cut to what is left: a server that accepts and never answers is given up on when
+# the budget ends, not up to a whole timeout (30 s) after it. (A first try has its whole timeout: a budget
+# shorter than a slow Chatbase's answer must not fail it.)
 LAST_TRY_SECONDS = 1.0
 MAX_MARGIN_SECONDS = 1.0  # the most a window is stretched after 429s (see RateLimiter)
 _JITTER = random.Random()  # the backoff's own: waits never draw from (or move) the program's global random
@@ -516,7 +517,7 @@ class ChatbaseHTTP:
     ) -> Any:
         """One GET with retries; raises ChatbaseUnavailable when the retry budget is spent.
 
-        The budget counts from the first try's send; every try ends within it (see ``LAST_TRY_SECONDS``).
+        The budget counts from the first try's send; every retry ends within it (``LAST_TRY_SECONDS``).
         ``wanted``: asked once the rate limit lets the request go; False skips it (None is returned).
         ``raw``: return ``(decoded, body bytes)``, decoded fast for paging decisions (see ``read_body``).
         """
