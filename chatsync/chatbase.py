@@ -575,9 +575,8 @@ class ChatbaseHTTP:
             if self._failing_since is None:
                 self._failing_since = max(went, self._last_answer)
                 if not self._outage_told:
-                    # told when due even if every request is then inside a try that hangs
-                    if self._outage_timer is not None:
-                        self._outage_timer.cancel()
+                    # told when due even if every request is then inside a try that hangs (an answer,
+                    # which is what clears _failing_since, also cancels the timer before this one)
                     due = self._failing_since + self.warn_after - time.monotonic()
                     # (a hair late: a timer may wake a little early, and would then find nothing due)
                     self._outage_timer = threading.Timer(max(0.0, due) + 0.01, self._tell_outage)
