@@ -716,6 +716,7 @@ class ConversationSource(Protocol):
     stats: ClientStats
     stop: threading.Event
     limiter: RateLimiter
+    retry_budget: float  # seconds a failing request is tried for; the writer rides out its database as long
 
     def fetch_page(
         self,

@@ -132,9 +132,17 @@ class DatabaseUnreachable(ChatsyncError):
 
 
 class DatabaseUnavailable(ChatsyncError):
-    """The database went away mid-run (e.g. a PostgreSQL restart); what was committed stays."""
+    """The database went away mid-run (e.g. a PostgreSQL restart); what was committed stays.
+
+    ``down``: the server is down or restarting (:func:`chatsync.store.engine.is_down`), so a sync tries
+    again within its retry budget before it gives up; otherwise (SQLite, a server that refuses) at once.
+    """
 
     exit_code = ExitCode.PARTIAL
+
+    def __init__(self, message: str, down: bool = False) -> None:
+        self.down = down
+        super().__init__(message)
 
 
 class NormalizerCrashed(ChatsyncError):

@@ -39,7 +39,7 @@ from contextlib import AbstractContextManager, ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from datetime import date, datetime, timedelta
 from itertools import pairwise
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -75,6 +75,7 @@ from chatsync.normalize import (
 )
 from chatsync.signals import held as held_signals
 from chatsync.store import writes
+from chatsync.store.engine import is_down, ride_out
 from chatsync.store.locks import chatbot_lock
 from chatsync.timeutil import day_end, day_start, iso_z, parse_timestamp, utcnow
 from chatsync.worker_server import default_workers
@@ -86,6 +87,7 @@ from chatsync.workers import (
     describe,
 )
 
+T = TypeVar("T")
 MAX_WINDOW_DAYS = 31
 # Pages already read when the writer is free go to the database together: one commit, one round of the
 # per-transaction statements and rollup rows merged, for up to this many pages. Measured on two cores,
@@ -1038,9 +1040,17 @@ class Syncer:
             # the next page of the stream completes windows counting this one (saved with it, or not at all)
             reading.fetched.stream.commit(reading.fetched.page, page.days_of_page)
             pages.append(page)
-        with _stops_wait():  # (what the transaction committed is counted; reading the pages is not held)
-            counts = self._write(chatbot_id, scope, pages, now)
-            self._add_to_summary(pages, counts)
+        kept = [len(page.bad) for page in pages]
+
+        def write() -> writes.UpsertCounts:
+            for page, bad in zip(pages, kept, strict=True):
+                del page.bad[bad:]  # (what a try that the database lost added)
+            with _stops_wait():  # (what the transaction committed is counted; reading pages is not held)
+                counts = self._write(chatbot_id, scope, pages, now)
+                self._add_to_summary(pages, counts)
+            return counts
+
+        counts = self._riding_out(write)
         bad = [b for page in pages for b in page.bad]
         for reason in {reason for _, reason in bad}:
             log.info("quarantined %d record(s) of chatbot %s: %s", _count(bad, reason), chatbot_id, reason)
@@ -1175,8 +1185,12 @@ class Syncer:
         ids = [r["id"] for r in rows if r["id"] in known]
         if not ids:
             return rows
-        with self._db() as connection:
-            stored = writes.stored_raw(connection, ids)
+
+        def read() -> dict[str, dict[str, Any]]:
+            with self._db() as connection:
+                return writes.stored_raw(connection, ids)
+
+        stored = self._riding_out(read)
         out = []
         for row in rows:
             merged = None
@@ -1200,11 +1214,14 @@ class Syncer:
         return out
 
     def _fingerprints(self, ids: list[str]) -> dict[str, tuple[str, bool]]:
-        try:
-            with self.engine.connect() as connection:
-                return writes.stored_fingerprints(connection, ids)
-        except DBAPIError as exc:
-            raise _unavailable(exc) from None
+        def read() -> dict[str, tuple[str, bool]]:
+            try:
+                with self.engine.connect() as connection:
+                    return writes.stored_fingerprints(connection, ids)
+            except DBAPIError as exc:
+                raise _unavailable(exc) from None
+
+        return self._riding_out(read)
 
     def _record_page(
         self, connection: Any, chatbot_id: str, scope: str, page: _Prepared, good: list[str], now: datetime
@@ -1237,6 +1254,42 @@ class Syncer:
     # ----------------------------------------------------------------------------------------------- helpers
     def _db(self) -> Any:
         return _Transaction(self.engine)
+
+    def _riding_out(self, action: Callable[[], T]) -> T:
+        """``action`` (one of the writer's reads or transactions) tried again while the database is down (a
+        restart, a failover: :func:`chatsync.store.engine.is_down`), for up to the retry budget from its
+        first failure and while the run goes on; then its last DatabaseUnavailable, saying for how long.
+
+        Trying a transaction again writes each conversation once: the database rolled back the one it
+        lost, or, when it was lost in its commit after all, the next try finds its conversations stored
+        (a new one's insert fails, and the page is saved again one by one against the stored hashes)."""
+        budget = self.client.retry_budget
+        began = time.monotonic()
+        failed = False
+
+        def warn(error: BaseException) -> None:
+            nonlocal failed
+            failed = True
+            log.warning("%s: trying again for up to %.0f s, the retry budget", _first_line(error), budget)
+
+        try:
+            done = ride_out(
+                action,
+                budget,
+                down=lambda exc: isinstance(exc, DatabaseUnavailable) and exc.down,
+                warn=warn,
+                stop=self.client.stop,
+            )
+        except DatabaseUnavailable as exc:
+            if not failed:  # (not down, or the run was stopped before a second try)
+                raise
+            raise DatabaseUnavailable(
+                f"{_first_line(exc)}, and stayed away for {time.monotonic() - began:.0f} s (retry budget "
+                f"{budget:.0f} s); what was committed is kept and the next run continues"
+            ) from None
+        if failed:
+            log.warning("the database is back after %.1f s", time.monotonic() - began)
+        return done
 
     def _report(self, status: Progress) -> None:
         if self.progress:
@@ -1320,8 +1373,14 @@ def _unavailable(exc: DBAPIError) -> DatabaseUnavailable:
     first = str(exc.orig or exc).strip().splitlines()
     return DatabaseUnavailable(
         f"the database went away mid-run ({first[0] if first else type(exc).__name__}); "
-        "what was committed is kept and the next run continues"
+        "what was committed is kept and the next run continues",
+        down=is_down(exc),
     )
+
+
+def _first_line(error: BaseException) -> str:
+    """A lost database's message up to its advice: "the database went away mid-run (…)"."""
+    return str(error).split("; what was committed", 1)[0]
 
 
 def _reason(error: BaseException) -> str:

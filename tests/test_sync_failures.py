@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -733,32 +734,120 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _forward_later(
-    port: int, target: tuple[str, int], after: float, stop: threading.Event
-) -> threading.Thread:
-    """A TCP forwarder to ``target`` that starts listening on ``port`` only ``after`` seconds: a database
-    server restarting while a sync starts."""
-    import socket
+class _Forwarder:
+    """A TCP forwarder on ``port`` to ``target`` (a real PostgreSQL) that can go away and come back: a
+    database server restarting or failing over. It listens only while up; :meth:`cut` also drops every
+    connection through it, as a server going down does; :meth:`lose_a_commit` does so in the middle of
+    a sync's transaction, as it commits."""
 
-    def pipe(source: socket.socket, sink: socket.socket) -> None:
+    def __init__(self, port: int, target: tuple[str, int]) -> None:
+        self.port, self.target = port, target
+        self._up = threading.Event()
+        self._listening = threading.Event()
+        self._done = threading.Event()
+        self._open: set[Any] = set()
+        self._lock = threading.Lock()
+        self._armed: tuple[str, float] | None = None
+        self._replies_lost = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def up(self) -> None:
+        """Listen again (returns once it does)."""
+        self._up.set()
+        assert self._listening.wait(5)
+
+    def cut(self) -> None:
+        """Stop listening (returns once it has) and drop every connection."""
+        import socket
+
+        self._up.clear()
+        while self._listening.is_set():
+            time.sleep(0.01)
+        with self._lock:
+            for sock in self._open:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # (a close alone leaves a recv in another thread be)
+                sock.close()
+            self._open.clear()
+
+    def close(self) -> None:
+        self._done.set()
+        self.cut()
+        self._thread.join()
+
+    def lose_a_commit(self, moment: str, outage: float) -> None:
+        """Go down (for ``outage`` seconds) at the next COMMIT of a transaction that stored conversations:
+        ``before`` the server has it (the transaction is rolled back), or ``after`` it has committed and
+        before its answer comes back (the client cannot tell it committed)."""
+        self._armed = (moment, outage)
+
+    def _go_down(self, outage: float) -> None:
+        self.cut()
+        self._replies_lost = False
+        threading.Timer(outage, self.up).start()
+
+    def _pipe(self, source: Any, sink: Any, toward_server: bool) -> None:
+        import socket
+
+        storing = False
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
+                if not toward_server:
+                    if not self._replies_lost:
+                        sink.sendall(data)
+                    continue
+                storing = storing or b"conversations (" in data
+                armed = self._armed
+                if armed is not None and storing and b"COMMIT\x00" in data:
+                    self._armed = None
+                    moment, outage = armed
+                    if moment == "after":
+                        self._replies_lost = True
+                        sink.sendall(data)
+                        time.sleep(0.3)  # (the server commits; its answer is dropped)
+                    self._go_down(outage)
+                    return
                 sink.sendall(data)
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
 
+    def _serve(self) -> None:
+        import socket
+
+        while not self._done.is_set():
+            if not self._up.wait(0.05):
+                continue
+            with socket.create_server(("127.0.0.1", self.port)) as listener:
+                listener.settimeout(0.05)
+                self._listening.set()
+                while self._up.is_set() and not self._done.is_set():
+                    try:
+                        client = listener.accept()[0]
+                    except TimeoutError:
+                        continue
+                    upstream = socket.create_connection(self.target)
+                    with self._lock:
+                        self._open.update((client, upstream))
+                    for one, other, toward_server in ((client, upstream, True), (upstream, client, False)):
+                        threading.Thread(
+                            target=self._pipe, args=(one, other, toward_server), daemon=True
+                        ).start()
+            self._listening.clear()
+
+
+def _forward_later(
+    port: int, target: tuple[str, int], after: float, stop: threading.Event
+) -> threading.Thread:
+    """A forwarder to ``target`` that starts listening on ``port`` only ``after`` seconds, until ``stop``:
+    a database server restarting while a sync starts."""
+
     def serve() -> None:
+        forwarder = _Forwarder(port, target)
         time.sleep(after)
-        with socket.create_server(("127.0.0.1", port)) as listener:
-            listener.settimeout(0.1)
-            while not stop.is_set():
-                try:
-                    client = listener.accept()[0]
-                except TimeoutError:
-                    continue
-                upstream = socket.create_connection(target)
-                for one, other in ((client, upstream), (upstream, client)):
-                    threading.Thread(target=pipe, args=(one, other), daemon=True).start()
+        forwarder.up()
+        stop.wait()
+        forwarder.close()
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -810,6 +899,172 @@ def test_a_database_that_stays_down_ends_the_sync_with_exit_3_when_the_budget_en
     assert line["status"] == "partial" and line["error"].startswith("the database stayed unreachable for 2 s")
     said = result.stderr.strip().splitlines()
     assert len(said) == 2 and "unreachable" in said[0] and said[1].startswith("error: the database stayed")
+
+
+def _through_forwarder(postgres_url: str) -> tuple[_Forwarder, str]:
+    """A forwarder (up) in front of the test database, and the database's URL through it."""
+    from sqlalchemy.engine import make_url
+
+    real = make_url(postgres_url)
+    forwarder = _Forwarder(_free_port(), (real.host or "127.0.0.1", real.port or 5432))
+    forwarder.up()
+    return forwarder, real.set(host="127.0.0.1", port=forwarder.port).render_as_string(hide_password=False)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(("moment", "outage"), [("before", 0.0), ("after", 0.0), ("before", 2.5)])
+def test_a_database_that_goes_away_mid_run_and_comes_back_is_ridden_out(
+    emulator_factory: Any, postgres_url: str, moment: str, outage: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A PostgreSQL restart (or failover) in the middle of a sync from cron ended the run with exit 3 at
+    once. Now the writer tries its page again within the retry budget: the run ends ok, every
+    conversation stored once, the report's rollups as a rebuild from the conversations makes them.
+    The connections drop as a page's transaction commits: ``before`` the server has the commit, or
+    ``after`` it has committed it but before the answer comes back (the page is found stored when it is
+    tried again); then the server takes new connections at once (``outage`` 0) or refuses them for
+    2.5 s."""
+    from chatsync.store import rollups
+
+    server = emulator_factory(conversations=3000, seed=27, latency_ms=40)
+    forwarder, through = _through_forwarder(postgres_url)
+    engine = open_engine(through)
+    ensure_schema(engine)
+    cut = threading.Event()
+
+    def progress(status: Any) -> None:
+        if status.conversations >= 600 and not cut.is_set():
+            cut.set()
+            forwarder.lose_a_commit(moment, outage)
+
+    try:
+        with (
+            caplog.at_level("INFO", logger="chatsync"),
+            _client(server, retry_budget=timedelta(seconds=60)) as client,
+        ):
+            summary = Syncer(engine, client, WhatsAppRule(), concurrency=4, progress=progress).run(
+                SyncRequest(("demo-bot",))
+            )
+    finally:
+        engine.dispose()
+        forwarder.close()
+    assert cut.is_set() and summary.status == "ok"
+    assert summary.inserted + summary.unchanged + summary.updated == 3000 - len(
+        server.emulator.bad_indexes("demo-bot")
+    )
+    told = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("the database went away mid-run" in m and "up to 60 s" in m for m in told), told
+    assert any("the database is back after" in r.getMessage() for r in caplog.records)
+    assert_exact(postgres_url, server.emulator)
+    engine = open_engine(postgres_url)
+    try:
+        kept = _rollup_rows(engine)
+        with engine.begin() as connection:
+            rollups.rebuild(connection)
+        assert _rollup_rows(engine) == kept
+    finally:
+        engine.dispose()
+
+
+def _rollup_rows(engine: Any) -> list[list[tuple[Any, ...]]]:
+    from sqlalchemy import select
+
+    from chatsync.store.tables import report_hours, report_users, report_values
+
+    with engine.connect() as connection:
+        return [
+            sorted(tuple(row) for row in connection.execute(select(table)))
+            for table in (report_hours, report_values, report_users)
+        ]
+
+
+@contextlib.contextmanager
+def _a_sync_losing_its_database(
+    server: Any, postgres_url: str, tmp_path: Path, budget: str
+) -> Iterator[tuple[subprocess.Popen[str], _Forwarder, list[str], dict[str, str]]]:
+    """``chatsync sync --json --retry-budget budget`` through a forwarder to the test database, which
+    goes away (until ``forwarder.up()``) once 300 conversations are stored; with the command and its
+    environment, for the next run."""
+    forwarder, through = _through_forwarder(postgres_url)
+    env = {**os.environ, **chatbase_env(server, through), "CHATSYNC_RATE_LIMIT": "1000000/1s"}
+    command = [sys.executable, "-m", "chatsync", "sync", "--json", "--retry-budget", budget]
+    try:
+        process = subprocess.Popen(
+            command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        _wait_for_conversations_in(postgres_url, 300, process)
+        forwarder.cut()
+        yield process, forwarder, command, env
+    finally:
+        forwarder.close()
+
+
+@pytest.mark.postgres
+def test_a_database_that_goes_away_mid_run_for_longer_than_the_budget_ends_it_with_exit_3(
+    emulator_factory: Any, postgres_url: str, tmp_path: Path
+) -> None:
+    """Gone for good: exit 3 once the retry budget is spent, saying for how long; what was committed is
+    kept, and the next run, with the database back, completes exactly."""
+    server = emulator_factory(conversations=3000, seed=28, latency_ms=40)
+    with _a_sync_losing_its_database(server, postgres_url, tmp_path, "3s") as lost:
+        process, forwarder, command, env = lost
+        cut_at = time.monotonic()
+        stdout, stderr = process.communicate(timeout=60)
+        assert process.returncode == ExitCode.PARTIAL, stderr
+        assert time.monotonic() - cut_at < 15
+        line = json.loads(stdout)
+        assert line["status"] == "partial"
+        assert "the database went away mid-run" in line["error"] and "stayed away for 3 s" in line["error"]
+        said = stderr.strip().splitlines()
+        assert "trying again for up to 3 s" in said[0]
+        assert said[-1].startswith("error: the database went away")
+        assert 300 <= len(stored_conversations(postgres_url)) < 3000
+        forwarder.up()
+        again = subprocess.run(
+            command[:-2], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+        )
+        assert again.returncode == 0, again.stderr
+    assert_exact(postgres_url, server.emulator)
+
+
+@pytest.mark.postgres
+def test_a_stop_while_the_database_is_ridden_out_ends_the_run_at_once(
+    emulator_factory: Any, postgres_url: str, tmp_path: Path
+) -> None:
+    """SIGTERM (systemd's timeout) during the wait for a lost database: exit 143 at once, not at the end
+    of the budget, and the next run completes."""
+    server = emulator_factory(conversations=3000, seed=29, latency_ms=40)
+    with _a_sync_losing_its_database(server, postgres_url, tmp_path, "120s") as lost:
+        process, forwarder, command, env = lost
+        assert process.stderr is not None
+        warned = process.stderr.readline()  # (the first line a sync writes at the default level)
+        assert "went away mid-run" in warned and "trying again for up to 120 s" in warned, warned
+        process.send_signal(signal.SIGTERM)
+        stopped_at = time.monotonic()
+        stdout, stderr = process.communicate(timeout=60)
+        assert process.returncode == 143, stderr
+        assert time.monotonic() - stopped_at < 15  # (recording how the run ended may wait for a connection)
+        assert json.loads(stdout)["exit_code"] == 143
+        forwarder.up()
+        again = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0, again.stderr
+    assert_exact(postgres_url, server.emulator)
+
+
+def _wait_for_conversations_in(database_url: str, count: int, process: subprocess.Popen[str]) -> None:
+    """Until a sync has committed at least ``count`` conversations."""
+    from sqlalchemy.exc import ProgrammingError
+
+    engine = open_engine(database_url)
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            with engine.connect() as connection, contextlib.suppress(ProgrammingError):  # (no table yet)
+                if connection.exec_driver_sql("SELECT count(*) FROM conversations").scalar_one() >= count:
+                    return
+            time.sleep(0.05)
+    finally:
+        engine.dispose()
+    raise AssertionError(f"the sync never stored {count} conversations")
 
 
 @pytest.mark.postgres

@@ -7,10 +7,12 @@ import json
 import logging
 import re
 import sqlite3
+import threading
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     Column,
@@ -38,6 +40,7 @@ from chatsync.config import normalize_database_url
 from chatsync.errors import ConfigError, DatabaseUnavailable, DatabaseUnreachable, SchemaTooNew, Terminated
 
 log = logging.getLogger("chatsync.store")
+T = TypeVar("T")
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 # Compact UTF-8 JSON: the default escapes every CJK character, which is slower and stores more bytes.
 _JSON = functools.partial(json.dumps, ensure_ascii=False, separators=(",", ":"))
@@ -330,37 +333,73 @@ def is_down(exc: BaseException) -> bool:
     return "FATAL:" not in message or _PASSING.search(message) is not None
 
 
+def ride_out(
+    action: Callable[[], T],
+    budget: float,
+    *,
+    down: Callable[[BaseException], bool],
+    warn: Callable[[BaseException], None],
+    stop: threading.Event | None = None,
+) -> T:
+    """``action()``, tried again while it fails with an exception ``down`` says is a database down for now,
+    for up to ``budget`` seconds from the first try (the retry budget); ``warn`` is told of the first
+    failure. Backoff 0.5 s doubling to 10 s, plus up to 0.5 s of jitter, the last wait cut so that the
+    last try comes as the budget ends. Raises the last failure when the budget is spent or ``stop`` is set
+    (then without waiting out the backoff), any other exception at once, and a stop (Ctrl-C, SIGTERM)
+    during a wait as it comes."""
+    from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponential, wait_random
+
+    backoff = wait_exponential(multiplier=0.5, max=10.0) + wait_random(0, 0.5)
+
+    def wait(state: RetryCallState) -> float:
+        return max(0.0, min(backoff(state), budget - (state.seconds_since_start or 0.0)))
+
+    def stopped(state: RetryCallState) -> bool:
+        return (state.seconds_since_start or 0.0) >= budget or (stop is not None and stop.is_set())
+
+    def tell(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        if state.attempt_number == 1 and error is not None:
+            warn(error)
+
+    def sleep(seconds: float) -> None:
+        if stop is None:
+            time.sleep(seconds)
+        else:
+            stop.wait(seconds)  # (a stop of the run ends the wait: the next check gives up)
+
+    retrying = Retrying(
+        retry=retry_if_exception(down),
+        stop=stopped,
+        wait=wait,
+        before_sleep=tell,
+        sleep=sleep,
+        reraise=True,
+    )
+    return retrying(action)
+
+
 def ensure_schema_riding_out(engine: Engine, budget: float) -> None:
     """:func:`ensure_schema` for a sync from cron: a database that is down (:func:`is_down`) is tried
     again, with a warning at its first failure, for up to ``budget`` seconds (the retry budget). Then
     DatabaseUnavailable (exit 3: nothing was written, the next run starts where the last one ended).
     A database that refuses chatsync fails at once."""
-    from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponential, wait_random
 
-    backoff = wait_exponential(multiplier=0.5, max=10.0) + wait_random(0, 0.5)
+    def warn(error: BaseException) -> None:
+        log.warning(
+            "the database is unreachable (%s): trying again for up to %.0f s, the retry budget",
+            getattr(error, "first_line", error),
+            budget,
+        )
 
-    def wait(state: RetryCallState) -> float:  # the last wait is cut so that the last try ends the budget
-        return max(0.0, min(backoff(state), budget - (state.seconds_since_start or 0.0)))
-
-    def warn(state: RetryCallState) -> None:
-        if state.attempt_number == 1:
-            error = state.outcome.exception() if state.outcome else None
-            log.warning(
-                "the database is unreachable (%s): trying again for up to %.0f s, the retry budget",
-                getattr(error, "first_line", error),
-                budget,
-            )
-
-    retrying = Retrying(
-        retry=retry_if_exception(lambda exc: isinstance(exc, DatabaseUnreachable) and exc.down),
-        stop=lambda state: (state.seconds_since_start or 0.0) >= budget,
-        wait=wait,
-        before_sleep=warn,
-        reraise=True,
-    )
     started = time.monotonic()
     try:
-        retrying(ensure_schema, engine)
+        ride_out(
+            lambda: ensure_schema(engine),
+            budget,
+            down=lambda exc: isinstance(exc, DatabaseUnreachable) and exc.down,
+            warn=warn,
+        )
     except DatabaseUnreachable as exc:
         if not exc.down:
             raise
