@@ -90,7 +90,9 @@ def chatbot_statuses(
             # next sync records it so
             run["status"] = "interrupted"
             run["error"] = (
-                run["error"] or "the sync ended without recording how (killed?); the next sync continues"
+                run["error"]
+                or "the sync ended without recording how (killed, or its database was away as it ended: its "
+                "JSON line or log says which); the next sync continues"
             )
     out = []
     for chatbot_id in ids:

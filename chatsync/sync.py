@@ -1288,7 +1288,7 @@ class Syncer:
                 f"{budget:.0f} s); what was committed is kept and the next run continues"
             ) from None
         if failed:
-            log.warning("the database is back after %.1f s", time.monotonic() - began)
+            log.warning("the database is back, %.1f s after it failed", time.monotonic() - began)
         return done
 
     def _report(self, status: Progress) -> None:
