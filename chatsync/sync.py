@@ -76,7 +76,7 @@ from chatsync.normalize import (
 from chatsync.signals import held as held_signals
 from chatsync.store import writes
 from chatsync.store.engine import is_down, ride_out
-from chatsync.store.locks import chatbot_lock
+from chatsync.store.locks import KEPT_WITHOUT_DATABASE, chatbot_lock
 from chatsync.timeutil import day_end, day_start, iso_z, parse_timestamp, utcnow
 from chatsync.worker_server import default_workers
 from chatsync.workers import (
@@ -586,8 +586,7 @@ class Syncer:
                 locks.enter_context(chatbot_lock(self.engine, chatbot_id, on_lost=stop))
             started = self.now()
             summary.started_at = iso_z(started)
-            with self.engine.begin() as connection:
-                writes.start_run(connection, self.run_id, list(request.chatbot_ids), started)
+            self._in_db(lambda c: writes.start_run(c, self.run_id, list(request.chatbot_ids), started))
             error: BaseException | None = None
             try:
                 for chatbot_id in request.chatbot_ids:
@@ -621,15 +620,15 @@ class Syncer:
 
         started = self.now()
         summary.started_at = iso_z(started)
-        with self.engine.begin() as connection:
-            writes.start_run(connection, self.run_id, [], started)
+        self._in_db(lambda c: writes.start_run(c, self.run_id, [], started))
         error: BaseException | None = None
         try:
             for chatbot_id in request.chatbot_ids:
                 try:
                     with chatbot_lock(self.engine, chatbot_id, on_lost=stop):
-                        with self._db() as connection:
-                            done = writes.synced_since(connection, chatbot_id, started - ROUND_GRACE)
+                        done = self._in_db(
+                            lambda c: writes.synced_since(c, chatbot_id, started - ROUND_GRACE)  # noqa: B023
+                        )
                         if done:
                             log.info(
                                 "chatbot %s: synced by another process in this round; skipped", chatbot_id
@@ -637,8 +636,7 @@ class Syncer:
                             summary.skipped.append(chatbot_id)
                             continue
                         summary.chatbots.append(chatbot_id)
-                        with self._db() as connection:
-                            writes.set_run_chatbots(connection, self.run_id, summary.chatbots)
+                        self._in_db(lambda c: writes.set_run_chatbots(c, self.run_id, summary.chatbots))
                         one = SyncRequest((chatbot_id,), **_options(request))
                         self._sync_chatbot_or_note_refusal(chatbot_id, one)
                         if lost:
@@ -685,17 +683,20 @@ class Syncer:
             summary.repaired,
             summary.whatsapp_captured,
         )
+        reason, ended = None if error is None else _reason(error), self.now()
+
+        def record(connection: Any) -> None:
+            writes.finish_run(connection, self.run_id, status, summary.as_dict(), reason, ended)
+
         try:
-            with self.engine.begin() as connection:
-                writes.finish_run(
-                    connection,
-                    self.run_id,
-                    status,
-                    summary.as_dict(),
-                    None if error is None else _reason(error),
-                    self.now(),
-                )
-        except DBAPIError:
+            # a run that did its work waits for its database to record so; one that is ending on a stop or
+            # an outage does not wait again (`status` then shows it interrupted, its log says why)
+            if error is None:
+                self._in_db(record)
+            else:
+                with self._db() as connection:
+                    record(connection)
+        except DatabaseUnavailable:
             pass  # the database is gone; the next run marks this one interrupted
 
     # ----------------------------------------------------------------------------------------- one chatbot
@@ -713,11 +714,12 @@ class Syncer:
             except ChatbaseRejected as exc:
                 self._note_refusal(chatbot_id, exc)
                 continue
-            with self._db() as connection:
-                stored = {
-                    w: writes.count_conversations(connection, chatbot_id, w.start, w.end)
-                    for w in plan.windows
+            stored = self._in_db(
+                lambda c: {
+                    w: writes.count_conversations(c, chatbot_id, w.start, w.end)  # noqa: B023
+                    for w in plan.windows  # noqa: B023
                 }
+            )
             plans.append(replace(plan, stored_per_window=stored))
         self.summary.requests = self.client.stats.requests
         return plans
@@ -730,8 +732,7 @@ class Syncer:
         Chatbase for it first instead (the dry run, which fetches nothing else)."""
         client = self.client
         scope, everything = scope_of(request.sources, client.api), scope_of((), client.api)
-        with self._db() as connection:
-            known_first = writes.chatbot_first_day(connection, chatbot_id)
+        known_first = self._in_db(lambda c: writes.chatbot_first_day(c, chatbot_id))
         first = request.since
         found = open_start = False
         if first is None:
@@ -747,20 +748,21 @@ class Syncer:
         last = min(request.until or today, today)
         if first > last:
             return ChatbotPlan(chatbot_id, first, last, [], [], found)
-        with self._db() as connection:
-            fetched = writes.fetched_days(connection, chatbot_id, {everything, scope}, first, last)
+        fetched = self._in_db(lambda c: writes.fetched_days(c, chatbot_id, {everything, scope}, first, last))
         days = days_to_fetch(first, last, fetched, request.lookback, request.full)
         streams = plan_streams(
             days, today, self.concurrency, open_start, client.cursor_paged, client.page_size
         )
-        with self.engine.connect() as connection:
-            for stream in streams:
-                stream.stored = writes.count_conversations(
-                    connection, chatbot_id, stream.window.start, stream.window.end
-                )
-                if stream.stored and not stream.open_start and not request.sources:
-                    # what is stored says how far the stream goes; nothing stored says nothing yet
-                    stream.expected_pages = stream.stored // client.page_size + 1
+        counts = self._in_db(
+            lambda c: [
+                writes.count_conversations(c, chatbot_id, s.window.start, s.window.end) for s in streams
+            ]
+        )
+        for stream, count in zip(streams, counts, strict=True):
+            stream.stored = count
+            if stream.stored and not stream.open_start and not request.sources:
+                # what is stored says how far the stream goes; nothing stored says nothing yet
+                stream.expected_pages = stream.stored // client.page_size + 1
         plan = ChatbotPlan(
             chatbot_id,
             None if open_start else first,
@@ -811,15 +813,13 @@ class Syncer:
 
     def _sync_chatbot(self, chatbot_id: str, request: SyncRequest) -> None:
         today = self.now().date()
-        with self._db() as connection:
-            writes.remember_chatbot(connection, chatbot_id)
+        self._in_db(lambda c: writes.remember_chatbot(c, chatbot_id))
         try:
             self._sync_known_chatbot(chatbot_id, request, today)
         except ChatbaseRejected as exc:
             if exc.status == 404:
                 # a mistyped id: `status` must not list it (and `--max-age` fail on it) for ever after
-                with self._db() as connection:
-                    writes.forget_chatbot_if_empty(connection, chatbot_id)
+                self._in_db(lambda c: writes.forget_chatbot_if_empty(c, chatbot_id))
             raise
 
     def _sync_known_chatbot(self, chatbot_id: str, request: SyncRequest, today: date) -> None:
@@ -838,8 +838,8 @@ class Syncer:
         )
         if plan.first_day_found and plan.first_day and not request.sources:
             # Chatbase named it (v2 asks before paging): a fact whether or not this run completes
-            with self._db() as connection:
-                writes.remember_chatbot(connection, chatbot_id, first_day=plan.first_day)
+            first_day = plan.first_day
+            self._in_db(lambda c: writes.remember_chatbot(c, chatbot_id, first_day=first_day))
         self._windows_done = 0
         self._windows_total = sum(max(1, len(s.windows)) for s in plan.streams if not s.ordered)
         status = Progress(chatbot_id, windows_total=len(plan.streams))
@@ -861,12 +861,11 @@ class Syncer:
                 log.info("chatbot %s has no conversations yet", chatbot_id)
             elif floor.finished and not request.sources:
                 log.info("chatbot %s: first conversation on %s", chatbot_id, min(oldest))
-                with self._db() as connection:
-                    writes.remember_chatbot(connection, chatbot_id, first_day=min(oldest))
+                self._in_db(lambda c: writes.remember_chatbot(c, chatbot_id, first_day=min(oldest)))
         if request.since is None and request.until is None and not request.sources:
             # only a sync of everything up to today is a complete one (what `status --max-age` watches)
-            with self._db() as connection:
-                writes.remember_chatbot(connection, chatbot_id, synced_at=self.now())
+            synced_at = self.now()
+            self._in_db(lambda c: writes.remember_chatbot(c, chatbot_id, synced_at=synced_at))
 
     def _fetch_and_save(
         self,
@@ -1186,11 +1185,7 @@ class Syncer:
         if not ids:
             return rows
 
-        def read() -> dict[str, dict[str, Any]]:
-            with self._db() as connection:
-                return writes.stored_raw(connection, ids)
-
-        stored = self._riding_out(read)
+        stored = self._in_db(lambda c: writes.stored_raw(c, ids))
         out = []
         for row in rows:
             merged = None
@@ -1255,6 +1250,16 @@ class Syncer:
     def _db(self) -> Any:
         return _Transaction(self.engine)
 
+    def _in_db(self, work: Callable[[Any], T]) -> T:
+        """``work(connection)`` in a transaction of its own, tried again while the database is down
+        (:meth:`_riding_out`): a step of the run that reads, or writes what a second try writes the same."""
+
+        def attempt() -> T:
+            with self._db() as connection:
+                return work(connection)
+
+        return self._riding_out(attempt)
+
     def _riding_out(self, action: Callable[[], T]) -> T:
         """``action`` (one of the writer's reads or transactions) tried again while the database is down (a
         restart, a failover: :func:`chatsync.store.engine.is_down`), for up to the retry budget from its
@@ -1270,7 +1275,12 @@ class Syncer:
         def warn(error: BaseException) -> None:
             nonlocal failed
             failed = True
-            log.warning("%s: trying again for up to %.0f s, the retry budget", _first_line(error), budget)
+            # (only PostgreSQL is waited for, and its sync lock is kept that long without the database)
+            lock = KEPT_WITHOUT_DATABASE.total_seconds()
+            until = f", or until the sync lock lapses at {lock:.0f} s" if budget > lock else ""
+            log.warning(
+                "%s: trying again for up to %.0f s, the retry budget%s", _first_line(error), budget, until
+            )
 
         try:
             done = ride_out(

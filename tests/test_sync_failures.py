@@ -737,8 +737,8 @@ def _free_port() -> int:
 class _Forwarder:
     """A TCP forwarder on ``port`` to ``target`` (a real PostgreSQL) that can go away and come back: a
     database server restarting or failing over. It listens only while up; :meth:`cut` also drops every
-    connection through it, as a server going down does; :meth:`lose_a_commit` does so in the middle of
-    a sync's transaction, as it commits."""
+    connection through it, as a server going down does; :meth:`go_down_at` does so as a given statement
+    is sent."""
 
     def __init__(self, port: int, target: tuple[str, int]) -> None:
         self.port, self.target = port, target
@@ -747,7 +747,7 @@ class _Forwarder:
         self._done = threading.Event()
         self._open: set[Any] = set()
         self._lock = threading.Lock()
-        self._armed: tuple[str, float] | None = None
+        self._armed: tuple[bytes, str, float, bool] | None = None
         self._replies_lost = False
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -776,11 +776,12 @@ class _Forwarder:
         self.cut()
         self._thread.join()
 
-    def lose_a_commit(self, moment: str, outage: float) -> None:
-        """Go down (for ``outage`` seconds) at the next COMMIT of a transaction that stored conversations:
-        ``before`` the server has it (the transaction is rolled back), or ``after`` it has committed and
-        before its answer comes back (the client cannot tell it committed)."""
-        self._armed = (moment, outage)
+    def go_down_at(self, marker: bytes, outage: float, moment: str = "before", storing: bool = False) -> None:
+        """Go down (for ``outage`` seconds) as the next statement holding ``marker`` is sent (``storing``:
+        on a connection that has stored conversations): ``before`` the server has it, or ``after`` the
+        server has run it and before its answer comes back (a COMMIT: the client cannot tell it
+        committed)."""
+        self._armed = (marker, moment, outage, storing)
 
     def _go_down(self, outage: float) -> None:
         self.cut()
@@ -799,9 +800,9 @@ class _Forwarder:
                     continue
                 storing = storing or b"conversations (" in data
                 armed = self._armed
-                if armed is not None and storing and b"COMMIT\x00" in data:
+                if armed is not None and armed[0] in data and (storing or not armed[3]):
                     self._armed = None
-                    moment, outage = armed
+                    _, moment, outage, _ = armed
                     if moment == "after":
                         self._replies_lost = True
                         sink.sendall(data)
@@ -934,7 +935,7 @@ def test_a_database_that_goes_away_mid_run_and_comes_back_is_ridden_out(
     def progress(status: Any) -> None:
         if status.conversations >= 600 and not cut.is_set():
             cut.set()
-            forwarder.lose_a_commit(moment, outage)
+            forwarder.go_down_at(b"COMMIT\x00", outage, moment, storing=True)
 
     try:
         with (
@@ -961,6 +962,62 @@ def test_a_database_that_goes_away_mid_run_and_comes_back_is_ridden_out(
         with engine.begin() as connection:
             rollups.rebuild(connection)
         assert _rollup_rows(engine) == kept
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    "marker",
+    [b"INSERT INTO sync_runs", b"FROM sync_days", b"SET last_synced_at", b"UPDATE sync_runs"],
+    ids=["recording the run", "planning", "noting the chatbot synced", "recording how it ended"],
+)
+def test_a_database_lost_at_any_step_of_a_run_is_ridden_out(
+    emulator_factory: Any, postgres_url: str, marker: bytes
+) -> None:
+    """Not only the page writes: a restart as the run is recorded, planned, noted complete or recorded as
+    ended once gave exit 1 ("unexpected OperationalError") or exit 3 at once: found by a breaking helper."""
+    from sqlalchemy import select
+
+    from chatsync.store.tables import chatbots, sync_runs
+
+    server = emulator_factory(conversations=400, seed=30)
+    forwarder, through = _through_forwarder(postgres_url)
+    engine = open_engine(through)
+    try:
+        ensure_schema(engine)
+        forwarder.go_down_at(marker, 1.0)
+        with _client(server, retry_budget=timedelta(seconds=30)) as client:
+            summary = Syncer(engine, client, WhatsAppRule(), concurrency=4).run(SyncRequest(("demo-bot",)))
+    finally:
+        engine.dispose()
+        forwarder.close()
+    assert summary.status == "ok"
+    assert_exact(postgres_url, server.emulator)
+    engine = open_engine(postgres_url)
+    with engine.connect() as connection:
+        assert [r.status for r in connection.execute(select(sync_runs.c.status))] == ["ok"]
+        assert connection.execute(select(chatbots.c.last_synced_at)).scalar_one() is not None
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_statement_the_database_cancels_is_not_taken_for_an_outage(postgres_url: str) -> None:
+    """A statement timeout (SQLSTATE 57014, class 57 like a shutdown) came back on every try: a sync
+    waited out its whole budget and then called it an outage. A terminated connection is one."""
+    from sqlalchemy.exc import OperationalError
+
+    from chatsync.store.engine import is_down
+
+    engine = open_engine(postgres_url)
+    try:
+        with pytest.raises(OperationalError) as cancelled, engine.connect() as connection:
+            connection.exec_driver_sql("SET statement_timeout = '10ms'")
+            connection.exec_driver_sql("SELECT pg_sleep(1)")
+        assert not is_down(cancelled.value)
+        with pytest.raises(OperationalError) as terminated, engine.connect() as connection:
+            connection.exec_driver_sql("SELECT pg_terminate_backend(pg_backend_pid())")
+        assert is_down(terminated.value)
     finally:
         engine.dispose()
 

@@ -319,16 +319,24 @@ _PASSING = re.compile(
 )
 
 
+# SQLSTATEs of a server going away or turning connections away for now, besides class 08 (connection
+# exceptions): shut down by an administrator, crashed, starting up, an idle session closed, too many
+# connections. Not the rest of classes 53 and 57: a statement timeout (57014) or a full disk (53100) is
+# not an outage to wait out, and would come back on every try.
+_PASSING_STATES = frozenset({"57P01", "57P02", "57P03", "57P05", "53300"})
+
+
 def is_down(exc: BaseException) -> bool:
     """Whether a PostgreSQL server could not be reached or is not taking connections for now: no answer,
-    a restart, a failover, too many connections (SQLSTATE classes 08, 53 and 57), as opposed to a server
-    that answered and refused chatsync (a wrong password, no such database or role). SQLite: never."""
+    a restart, a failover, too many connections (SQLSTATE class 08 and :data:`_PASSING_STATES`), as
+    opposed to a server that answered and refused chatsync (a wrong password, no such database or role)
+    or a statement it failed. SQLite: never."""
     original = getattr(exc, "orig", None)
     if not isinstance(exc, OperationalError) or not type(original).__module__.startswith("psycopg"):
         return False
     state = getattr(original, "sqlstate", None)
     if state is not None:
-        return state[:2] in ("08", "53", "57")
+        return state[:2] == "08" or state in _PASSING_STATES
     message = str(original)
     return "FATAL:" not in message or _PASSING.search(message) is not None
 

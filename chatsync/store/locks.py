@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 
 LEASE = timedelta(seconds=60)
 """How long a PostgreSQL sync lock lasts without renewal: the longest a sync killed on another host blocks."""
+KEPT_WITHOUT_DATABASE = LEASE * 5 / 6
+"""How long a sync keeps going without renewing its PostgreSQL lock (a database away) before it stops: it
+must stop before the database could hand the lease to another."""
 
 LostHook = Callable[[LockLost], None]
 
@@ -199,7 +202,7 @@ class _Lease:
         self._renew_every = lease.total_seconds() / 12
         # Stop before the database could hand the lease to another: the deadline counts from the local
         # start of the last statement that set the expiry, which is never later than the database's.
-        self._give_up_after = lease.total_seconds() * 5 / 6
+        self._give_up_after = (lease * 5 / 6).total_seconds()  # (KEPT_WITHOUT_DATABASE at the default)
         self._deadline = 0.0  # time.monotonic() by which a renewal must have succeeded
         self._released = threading.Event()
         self._lost = threading.Lock()
@@ -266,15 +269,25 @@ class _Lease:
             .values(expires_at=func.now() + self.lease)
             .returning(sync_leases.c.holder)
         )
+        failing = False
         while not self._released.wait(self._renew_every):
             started = time.monotonic()
             try:
                 with self.engine.begin() as connection:
                     still_ours = connection.execute(statement).first() is not None
             except SQLAlchemyError as exc:
-                # The watchdog gives up if this goes on; until then the lease still stands.
-                log.warning("could not renew the sync lock of %s (%s)", self.chatbot_id, type(exc).__name__)
+                # The watchdog gives up if this goes on; until then the lease still stands. Said once a
+                # streak: a database away for 50 s had put the same line in the log every 5 s.
+                log.log(
+                    logging.DEBUG if failing else logging.WARNING,
+                    "could not renew the sync lock of %s (%s); the sync stops if it cannot for %.0f s",
+                    self.chatbot_id,
+                    type(exc).__name__,
+                    self._give_up_after,
+                )
+                failing = True
                 continue
+            failing = False
             if not still_ours:
                 self._lose("another sync took it over")
                 return
