@@ -17,6 +17,7 @@ Catch at the level you care about::
     ├── LockHeld                       another sync of the chatbot is running (exit 75)
     ├── LockLost                       the lock was taken over mid-sync; committed work stays (exit 3)
     ├── DatabaseUnavailable            the database went away mid-sync, or stayed down (exit 3)
+    │   └── DatabaseFailed             it failed a statement no record caused: a timeout, a full disk (exit 1)
     ├── NormalizerCrashed              a worker process reading pages died; committed work stays (exit 3)
     └── ChatbaseUnavailable            retries ran out: outage, rate limit, broken pages (exit 3)
         └── PagingError                the server repeated a page or never stopped paging
@@ -143,6 +144,14 @@ class DatabaseUnavailable(ChatsyncError):
     def __init__(self, message: str, down: bool = False) -> None:
         self.down = down
         super().__init__(message)
+
+
+class DatabaseFailed(DatabaseUnavailable):
+    """PostgreSQL failed a statement of a sync for a reason of its own, not a record's nor an outage (a
+    statement timeout, a full disk): the run ends as it does when the database goes away, but with exit 1,
+    as it will fail the same way until someone changes the database."""
+
+    exit_code = ExitCode.ERROR
 
 
 class NormalizerCrashed(ChatsyncError):

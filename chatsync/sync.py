@@ -57,6 +57,7 @@ from chatsync.errors import (
     ChatbaseRejected,
     ChatbaseUnavailable,
     ChatsyncError,
+    DatabaseFailed,
     DatabaseUnavailable,
     ExitCode,
     LockHeld,
@@ -583,7 +584,9 @@ class Syncer:
 
         with ExitStack() as locks:
             for chatbot_id in request.chatbot_ids if not locked else ():
-                locks.enter_context(chatbot_lock(self.engine, chatbot_id, on_lost=stop))
+                self._riding_out(
+                    lambda: locks.enter_context(chatbot_lock(self.engine, chatbot_id, on_lost=stop))  # noqa: B023
+                )
             started = self.now()
             summary.started_at = iso_z(started)
             self._in_db(lambda c: writes.start_run(c, self.run_id, list(request.chatbot_ids), started))
@@ -625,7 +628,10 @@ class Syncer:
         try:
             for chatbot_id in request.chatbot_ids:
                 try:
-                    with chatbot_lock(self.engine, chatbot_id, on_lost=stop):
+                    with ExitStack() as lock:
+                        self._riding_out(
+                            lambda: lock.enter_context(chatbot_lock(self.engine, chatbot_id, on_lost=stop))  # noqa: B023
+                        )
                         done = self._in_db(
                             lambda c: writes.synced_since(c, chatbot_id, started - ROUND_GRACE)  # noqa: B023
                         )
@@ -1272,19 +1278,29 @@ class Syncer:
         began = time.monotonic()
         failed = False
 
+        def attempt() -> T:
+            try:
+                return action()
+            except DBAPIError as exc:  # (one not made DatabaseUnavailable on its way: taking a lock)
+                raise _unavailable(exc) from None
+
         def warn(error: BaseException) -> None:
             nonlocal failed
             failed = True
             # (only PostgreSQL is waited for, and its sync lock is kept that long without the database)
             lock = KEPT_WITHOUT_DATABASE.total_seconds()
-            until = f", or until the sync lock lapses at {lock:.0f} s" if budget > lock else ""
+            until = (
+                f", or until the sync lock lapses ({lock:.0f} s after it was last renewed)"
+                if budget > lock
+                else ""
+            )
             log.warning(
                 "%s: trying again for up to %.0f s, the retry budget%s", _first_line(error), budget, until
             )
 
         try:
             done = ride_out(
-                action,
+                attempt,
                 budget,
                 down=lambda exc: isinstance(exc, DatabaseUnavailable) and exc.down,
                 warn=warn,
@@ -1381,6 +1397,15 @@ class _Transaction:
 
 def _unavailable(exc: DBAPIError) -> DatabaseUnavailable:
     first = str(exc.orig or exc).strip().splitlines()
+    if (
+        not exc.connection_invalidated
+        and not is_down(exc)
+        and type(exc.orig).__module__.startswith("psycopg")
+    ):
+        return DatabaseFailed(
+            f"the database failed a statement mid-run ({first[0] if first else type(exc).__name__}): check its "
+            "settings (statement_timeout) and free space; what was committed is kept and the next run continues"
+        )
     return DatabaseUnavailable(
         f"the database went away mid-run ({first[0] if first else type(exc).__name__}); "
         "what was committed is kept and the next run continues",

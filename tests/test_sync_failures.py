@@ -219,13 +219,8 @@ def test_a_database_error_the_writer_cannot_handle_ends_the_sync(
     """
     server = emulator_factory(conversations=3000, seed=9, days=30)
     refused = server.emulator.datasets["demo-bot"].conversation_id(1500)
-    engine = open_engine(postgres_url)
-    ensure_schema(engine)
+    engine = _schema_with_trigger_function(postgres_url, "refuse", "RAISE EXCEPTION 'refused';")
     with engine.begin() as connection:
-        connection.exec_driver_sql(
-            "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$ "
-            "LANGUAGE plpgsql"
-        )
         connection.exec_driver_sql(
             "CREATE TRIGGER refuse_one BEFORE INSERT ON conversations FOR EACH ROW "
             f"WHEN (NEW.id = '{refused}') EXECUTE FUNCTION refuse()"
@@ -246,6 +241,18 @@ def test_a_database_error_the_writer_cannot_handle_ends_the_sync(
     assert again.returncode == 0, again.stderr
     assert_exact(postgres_url, server.emulator)
     engine.dispose()
+
+
+def _schema_with_trigger_function(postgres_url: str, name: str, body: str) -> Any:
+    """An engine on the test database with chatsync's schema and a trigger function ``name`` running
+    ``body`` (PL/pgSQL)."""
+    engine = open_engine(postgres_url)
+    ensure_schema(engine)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            f"CREATE FUNCTION {name}() RETURNS trigger AS $$ BEGIN {body} END $$ LANGUAGE plpgsql"
+        )
+    return engine
 
 
 def test_sigterm_ends_a_sync_with_its_json_line_its_run_recorded_and_its_lock_released(
@@ -747,7 +754,7 @@ class _Forwarder:
         self._done = threading.Event()
         self._open: set[Any] = set()
         self._lock = threading.Lock()
-        self._armed: tuple[bytes, str, float, bool] | None = None
+        self._armed: tuple[bytes, str, float, bytes] | None = None
         self._replies_lost = False
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -776,12 +783,11 @@ class _Forwarder:
         self.cut()
         self._thread.join()
 
-    def go_down_at(self, marker: bytes, outage: float, moment: str = "before", storing: bool = False) -> None:
-        """Go down (for ``outage`` seconds) as the next statement holding ``marker`` is sent (``storing``:
-        on a connection that has stored conversations): ``before`` the server has it, or ``after`` the
-        server has run it and before its answer comes back (a COMMIT: the client cannot tell it
-        committed)."""
-        self._armed = (marker, moment, outage, storing)
+    def go_down_at(self, marker: bytes, outage: float, moment: str = "before", after: bytes = b"") -> None:
+        """Go down (for ``outage`` seconds) as the next statement holding ``marker`` is sent, on a connection
+        that has sent ``after`` before it: ``before`` the server has it, or ``after`` the server has run
+        it and before its answer comes back (a COMMIT: the client cannot tell it committed)."""
+        self._armed = (marker, moment, outage, after)
 
     def _go_down(self, outage: float) -> None:
         self.cut()
@@ -791,16 +797,17 @@ class _Forwarder:
     def _pipe(self, source: Any, sink: Any, toward_server: bool) -> None:
         import socket
 
-        storing = False
+        sent = b""  # (what this connection sent that the armed statement must come after)
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
                 if not toward_server:
                     if not self._replies_lost:
                         sink.sendall(data)
                     continue
-                storing = storing or b"conversations (" in data
                 armed = self._armed
-                if armed is not None and armed[0] in data and (storing or not armed[3]):
+                if armed is not None and armed[3] and armed[3] in data:
+                    sent = armed[3]
+                if armed is not None and armed[0] in data and sent == armed[3]:
                     self._armed = None
                     _, moment, outage, _ = armed
                     if moment == "after":
@@ -935,7 +942,7 @@ def test_a_database_that_goes_away_mid_run_and_comes_back_is_ridden_out(
     def progress(status: Any) -> None:
         if status.conversations >= 600 and not cut.is_set():
             cut.set()
-            forwarder.go_down_at(b"COMMIT\x00", outage, moment, storing=True)
+            forwarder.go_down_at(b"COMMIT\x00", outage, moment, after=b"conversations (")
 
     try:
         with (
@@ -968,25 +975,42 @@ def test_a_database_that_goes_away_mid_run_and_comes_back_is_ridden_out(
 
 @pytest.mark.postgres
 @pytest.mark.parametrize(
-    "marker",
-    [b"INSERT INTO sync_runs", b"FROM sync_days", b"SET last_synced_at", b"UPDATE sync_runs"],
-    ids=["recording the run", "planning", "noting the chatbot synced", "recording how it ended"],
+    ("marker", "moment", "after"),
+    [
+        (b"INSERT INTO sync_leases", "before", b""),
+        (b"INSERT INTO sync_runs", "before", b""),
+        (b"COMMIT\x00", "after", b"INSERT INTO sync_runs"),
+        (b"FROM sync_days", "before", b""),
+        (b"SET last_synced_at", "before", b""),
+        (b"UPDATE sync_runs", "before", b""),
+        (b"COMMIT\x00", "after", b"UPDATE sync_runs"),
+    ],
+    ids=[
+        "taking the lock",
+        "recording the run",
+        "recording the run, the commit's answer lost",
+        "planning",
+        "noting the chatbot synced",
+        "recording how it ended",
+        "recording how it ended, the commit's answer lost",
+    ],
 )
 def test_a_database_lost_at_any_step_of_a_run_is_ridden_out(
-    emulator_factory: Any, postgres_url: str, marker: bytes
+    emulator_factory: Any, postgres_url: str, marker: bytes, moment: str, after: bytes
 ) -> None:
-    """Not only the page writes: a restart as the run is recorded, planned, noted complete or recorded as
-    ended once gave exit 1 ("unexpected OperationalError") or exit 3 at once: found by a breaking helper."""
+    """Not only the page writes: a restart as the lock is taken, the run recorded, planned, noted complete
+    or recorded as ended once gave exit 1 ("unexpected OperationalError"), exit 3 at once, or (a commit's
+    answer lost) a duplicate key or the run's end told twice: found by breaking helpers."""
     from sqlalchemy import select
 
-    from chatsync.store.tables import chatbots, sync_runs
+    from chatsync.store.tables import changes, chatbots, sync_runs
 
     server = emulator_factory(conversations=400, seed=30)
     forwarder, through = _through_forwarder(postgres_url)
     engine = open_engine(through)
     try:
         ensure_schema(engine)
-        forwarder.go_down_at(marker, 1.0)
+        forwarder.go_down_at(marker, 1.0, moment, after)
         with _client(server, retry_budget=timedelta(seconds=30)) as client:
             summary = Syncer(engine, client, WhatsAppRule(), concurrency=4).run(SyncRequest(("demo-bot",)))
     finally:
@@ -998,6 +1022,8 @@ def test_a_database_lost_at_any_step_of_a_run_is_ridden_out(
     with engine.connect() as connection:
         assert [r.status for r in connection.execute(select(sync_runs.c.status))] == ["ok"]
         assert connection.execute(select(chatbots.c.last_synced_at)).scalar_one() is not None
+        told = connection.execute(select(changes).where(changes.c.kind == "sync.finished")).all()
+        assert len(told) == 1
     engine.dispose()
 
 
@@ -1020,6 +1046,46 @@ def test_a_statement_the_database_cancels_is_not_taken_for_an_outage(postgres_ur
         assert is_down(terminated.value)
     finally:
         engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_statement_timeout_mid_run_ends_the_sync_at_once_with_exit_1(
+    emulator_factory: Any, postgres_url: str, tmp_path: Path
+) -> None:
+    """A statement the database cancels (its statement_timeout) is not an outage: no wait, and exit 1
+    saying what failed, as it fails the same way on every run until someone changes the database. It had
+    ended with exit 3, "the database went away mid-run", which a cron wrapper takes for a passing fault."""
+    from sqlalchemy.engine import make_url
+
+    server = emulator_factory(conversations=3000, seed=31, days=30)
+    name = make_url(postgres_url).database
+    engine = _schema_with_trigger_function(postgres_url, "slow", "PERFORM pg_sleep(0.02); RETURN NEW;")
+    with engine.begin() as connection:
+        # a page's rollup rows (~400) take 8 s: the rollups' upsert is cancelled
+        connection.exec_driver_sql(
+            "CREATE TRIGGER slow_one BEFORE INSERT ON report_values FOR EACH ROW EXECUTE FUNCTION slow()"
+        )
+        connection.exec_driver_sql(f'ALTER DATABASE "{name}" SET statement_timeout = 500')
+    engine.dispose()
+    env = {**os.environ, **chatbase_env(server, postgres_url), "CHATSYNC_RATE_LIMIT": "1000000/1s"}
+    command = [sys.executable, "-m", "chatsync", "sync", "--json"]
+    started = time.monotonic()
+    failed = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - started < 30  # (not the 5-minute retry budget)
+    assert failed.returncode == ExitCode.ERROR, failed.stderr
+    line = json.loads(failed.stdout)
+    assert line["status"] == "failed"
+    assert line["error"].startswith("the database failed a statement mid-run (canceling statement due to")
+    assert "trying again" not in failed.stderr and len(failed.stderr.strip().splitlines()) == 1
+
+    engine = open_engine(postgres_url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("DROP TRIGGER slow_one ON report_values")
+        connection.exec_driver_sql(f'ALTER DATABASE "{name}" RESET statement_timeout')
+    engine.dispose()
+    again = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert_exact(postgres_url, server.emulator)
 
 
 def _rollup_rows(engine: Any) -> list[list[tuple[Any, ...]]]:

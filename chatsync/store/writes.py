@@ -513,14 +513,19 @@ def set_run_chatbots(connection: Connection, run_id: str, chatbot_ids: list[str]
 
 
 def start_run(connection: Connection, run_id: str, chatbot_ids: list[str], now: datetime) -> None:
+    """Record a run as running. Written again (its first commit's answer lost), it changes nothing."""
     # A run that was killed never finished its row: say so rather than leave it "running" forever.
     for row in connection.execute(
-        select(sync_runs.c.id, sync_runs.c.chatbot_ids).where(sync_runs.c.status == "running")
+        select(sync_runs.c.id, sync_runs.c.chatbot_ids).where(
+            sync_runs.c.status == "running", sync_runs.c.id != run_id
+        )
     ).all():
         if set(row.chatbot_ids or []) & set(chatbot_ids):
             connection.execute(update(sync_runs).where(sync_runs.c.id == row.id).values(status="interrupted"))
     connection.execute(
-        sync_runs.insert().values(id=run_id, chatbot_ids=chatbot_ids, status="running", started_at=now)
+        insert_for(connection, sync_runs)
+        .values(id=run_id, chatbot_ids=chatbot_ids, status="running", started_at=now)
+        .on_conflict_do_nothing(index_elements=["id"])
     )
 
 
@@ -532,13 +537,16 @@ def finish_run(
     error: str | None,
     now: datetime,
 ) -> None:
-    connection.execute(
+    """Record how a run ended, and tell the change feed once: written again (its first commit's answer
+    lost), it changes nothing."""
+    ended = connection.execute(
         update(sync_runs)
-        .where(sync_runs.c.id == run_id)
+        .where(sync_runs.c.id == run_id, sync_runs.c.finished_at.is_(None))
         .values(status=status, finished_at=now, summary=summary, error=error)
     )
-    changes.prune(connection, now)
-    changes.record_sync_finished(connection, run_id, now)
+    if ended.rowcount:
+        changes.prune(connection, now)
+        changes.record_sync_finished(connection, run_id, now)
 
 
 def record_failed_run(
