@@ -1397,11 +1397,8 @@ class _Transaction:
 
 def _unavailable(exc: DBAPIError) -> DatabaseUnavailable:
     first = str(exc.orig or exc).strip().splitlines()
-    if (
-        not exc.connection_invalidated
-        and not is_down(exc)
-        and type(exc.orig).__module__.startswith("psycopg")
-    ):
+    # PostgreSQL answered a statement with an error of its own: a connection it turns away has no SQLSTATE
+    if getattr(exc.orig, "sqlstate", None) and not exc.connection_invalidated and not is_down(exc):
         return DatabaseFailed(
             f"the database failed a statement mid-run ({first[0] if first else type(exc).__name__}): check its "
             "settings (statement_timeout) and free space; what was committed is kept and the next run continues"
