@@ -1216,11 +1216,8 @@ class Syncer:
 
     def _fingerprints(self, ids: list[str]) -> dict[str, tuple[str, bool]]:
         def read() -> dict[str, tuple[str, bool]]:
-            try:
-                with self.engine.connect() as connection:
-                    return writes.stored_fingerprints(connection, ids)
-            except DBAPIError as exc:
-                raise _unavailable(exc) from None
+            with self.engine.connect() as connection:  # (a lost database: DatabaseUnavailable, _riding_out)
+                return writes.stored_fingerprints(connection, ids)
 
         return self._riding_out(read)
 
@@ -1281,7 +1278,7 @@ class Syncer:
         def attempt() -> T:
             try:
                 return action()
-            except DBAPIError as exc:  # (one not made DatabaseUnavailable on its way: taking a lock)
+            except DBAPIError as exc:  # (one not made DatabaseUnavailable on its way: a lock, a read)
                 raise _unavailable(exc) from None
 
         def warn(error: BaseException) -> None:
@@ -1311,7 +1308,7 @@ class Syncer:
                 raise
             raise DatabaseUnavailable(
                 f"{_first_line(exc)}, and stayed away for {time.monotonic() - began:.0f} s (retry budget "
-                f"{budget:.0f} s); what was committed is kept and the next run continues"
+                f"{budget:.0f} s); {_KEPT}"
             ) from None
         if failed:
             log.warning("the database is back, %.1f s after it failed", time.monotonic() - began)
@@ -1395,24 +1392,26 @@ class _Transaction:
             self._hold.__exit__(None, None, None)  # a stop that came meanwhile is raised now
 
 
+_KEPT = "what was committed is kept and the next run continues"  # the advice ending a lost database's error
+
+
 def _unavailable(exc: DBAPIError) -> DatabaseUnavailable:
     first = str(exc.orig or exc).strip().splitlines()
     # PostgreSQL answered a statement with an error of its own: a connection it turns away has no SQLSTATE
     if getattr(exc.orig, "sqlstate", None) and not exc.connection_invalidated and not is_down(exc):
         return DatabaseFailed(
             f"the database failed a statement mid-run ({first[0] if first else type(exc).__name__}): check its "
-            "settings (statement_timeout) and free space; what was committed is kept and the next run continues"
+            f"settings (statement_timeout) and free space; {_KEPT}"
         )
     return DatabaseUnavailable(
-        f"the database went away mid-run ({first[0] if first else type(exc).__name__}); "
-        "what was committed is kept and the next run continues",
+        f"the database went away mid-run ({first[0] if first else type(exc).__name__}); {_KEPT}",
         down=is_down(exc),
     )
 
 
 def _first_line(error: BaseException) -> str:
     """A lost database's message up to its advice: "the database went away mid-run (…)"."""
-    return str(error).split("; what was committed", 1)[0]
+    return str(error).split(f"; {_KEPT}", 1)[0]
 
 
 def _reason(error: BaseException) -> str:

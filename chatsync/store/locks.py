@@ -202,7 +202,7 @@ class _Lease:
         self._renew_every = lease.total_seconds() / 12
         # Stop before the database could hand the lease to another: the deadline counts from the local
         # start of the last statement that set the expiry, which is never later than the database's.
-        self._give_up_after = (lease * 5 / 6).total_seconds()  # (KEPT_WITHOUT_DATABASE at the default)
+        self._give_up_after = lease.total_seconds() * (KEPT_WITHOUT_DATABASE / LEASE)
         self._deadline = 0.0  # time.monotonic() by which a renewal must have succeeded
         self._released = threading.Event()
         self._lost = threading.Lock()
