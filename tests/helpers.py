@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, select
 
 from chatsync.emulator import Emulator
 from chatsync.store.engine import open_engine
-from chatsync.store.tables import conversations
+from chatsync.store.tables import conversations, report_hours, report_users, report_values
 from chatsync.timeutil import as_utc, parse_timestamp
 
 
@@ -167,3 +167,12 @@ def sync_killed_then_rerun(
         outcomes.append(process.returncode)
     final = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=final_timeout)
     return outcomes, final
+
+
+def rollup_snapshot(engine: Any) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of the report's three rollups, sorted, by table name."""
+    with engine.connect() as connection:
+        return {
+            table.name: sorted(tuple(row) for row in connection.execute(select(table)).all())
+            for table in (report_hours, report_values, report_users)
+        }

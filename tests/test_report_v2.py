@@ -28,8 +28,9 @@ from chatsync.config import WhatsAppRule
 from chatsync.emulator import Emulator, ExportTruth
 from chatsync.normalize import normalize_conversation
 from chatsync.store.queries import ConversationFilter
-from chatsync.store.tables import conversations, report_hours, report_users, report_values
+from chatsync.store.tables import conversations
 from chatsync.store.writes import UpsertCounts, upsert_conversations
+from tests.helpers import rollup_snapshot
 
 PAGE = 20  # what one export page holds at most
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -131,14 +132,6 @@ def assert_v2_figures(data: dict[str, Any], want: dict[str, Any]) -> None:
     assert timing["coverage"] == want["pair_coverage"]
 
 
-def _rollup_snapshot(engine: Any) -> dict[str, list[tuple[Any, ...]]]:
-    with engine.connect() as connection:
-        return {
-            table.name: sorted(tuple(row) for row in connection.execute(select(table)).all())
-            for table in (report_hours, report_values, report_users)
-        }
-
-
 def test_v2_figures_equal_a_recomputation_from_the_emulators_truth(engine: Any) -> None:
     """5,000 conversations, on SQLite and PostgreSQL; from the rollups and from the conversations."""
     count = 5000
@@ -159,10 +152,10 @@ def test_v2_figures_equal_a_recomputation_from_the_emulators_truth(engine: Any) 
     assert 0 < want["by_status"]["taken_over"] < count
 
     # Storing the same records again changes nothing: not a row, not a rollup.
-    before = _rollup_snapshot(engine)
+    before = rollup_snapshot(engine)
     again = store(engine, records, "demo-bot", v2=True)
     assert (again.inserted, again.updated, again.unchanged) == (0, 0, count)
-    assert _rollup_snapshot(engine) == before
+    assert rollup_snapshot(engine) == before
 
 
 def test_v2_status_title_user_id_and_feedback_are_stored_and_v1_leaves_them_null(engine: Any) -> None:

@@ -26,9 +26,10 @@ from chatsync.reextract import reextract
 from chatsync.store import rollups
 from chatsync.store.engine import _alembic_config, ensure_schema, open_engine
 from chatsync.store.queries import ConversationFilter, get_conversation, set_whatsapp
-from chatsync.store.tables import conversations, report_hours, report_users, report_values
+from chatsync.store.tables import conversations
 from chatsync.store.writes import AUTO_COLUMNS, DATA_COLUMNS, upsert_conversations
 from tests.conftest import chatbase_env
+from tests.helpers import rollup_snapshot
 
 FILTERS = [
     ConversationFilter(),
@@ -77,23 +78,15 @@ def _both_ways(engine: Any, filters: ConversationFilter, tz: str) -> dict[str, A
     return via_rollups
 
 
-def _snapshot(engine: Any) -> dict[str, list[tuple[Any, ...]]]:
-    with engine.connect() as connection:
-        return {
-            table.name: sorted(tuple(row) for row in connection.execute(select(table)).all())
-            for table in (report_hours, report_values, report_users)
-        }
-
-
 def _agree_everywhere(engine: Any) -> dict[str, Any]:
     for filters in FILTERS:
         for tz in ("UTC", "Asia/Hong_Kong", "Asia/Kolkata"):
             _both_ways(engine, filters, tz)
     # What every write kept up to date is exactly what a rebuild from the conversations gives.
-    kept = _snapshot(engine)
+    kept = rollup_snapshot(engine)
     with engine.begin() as connection:
         rollups.rebuild(connection)
-    assert _snapshot(engine) == kept
+    assert rollup_snapshot(engine) == kept
     return _both_ways(engine, ConversationFilter(), "UTC")
 
 
@@ -235,14 +228,14 @@ def test_a_conversation_chatbase_moves_to_another_hour_leaves_no_empty_hour_behi
     ]
     with engine.begin() as connection:
         upsert_conversations(connection, rows, datetime.now(UTC))
-    hours_before = {row[2] for row in _snapshot(engine)["report_hours"]}
+    hours_before = {row[2] for row in rollup_snapshot(engine)["report_hours"]}
     moved = dict(rows[0])
     moved["created_at"] = moved["created_at"] - timedelta(days=400)  # an hour no other conversation has
     moved["content_hash"] = "moved"
     with engine.begin() as connection:
         upsert_conversations(connection, [moved], datetime.now(UTC))
     _agree_everywhere(engine)
-    hours_after = {row[2] for row in _snapshot(engine)["report_hours"]}
+    hours_after = {row[2] for row in rollup_snapshot(engine)["report_hours"]}
     assert len(hours_after) == len(hours_before)  # one hour gone, one new
     assert hours_after != hours_before
 

@@ -26,7 +26,7 @@ from chatsync.store.engine import ensure_schema, open_engine
 from chatsync.store.locks import chatbot_lock
 from chatsync.sync import Syncer, SyncRequest
 from tests.conftest import chatbase_env
-from tests.helpers import assert_exact, stored_conversations, sync_killed_then_rerun
+from tests.helpers import assert_exact, rollup_snapshot, stored_conversations, sync_killed_then_rerun
 
 
 def _client(server: Any, **kwargs: Any) -> ChatbaseClient:
@@ -965,10 +965,10 @@ def test_a_database_that_goes_away_mid_run_and_comes_back_is_ridden_out(
     assert_exact(postgres_url, server.emulator)
     engine = open_engine(postgres_url)
     try:
-        kept = _rollup_rows(engine)
+        kept = rollup_snapshot(engine)
         with engine.begin() as connection:
             rollups.rebuild(connection)
-        assert _rollup_rows(engine) == kept
+        assert rollup_snapshot(engine) == kept
     finally:
         engine.dispose()
 
@@ -1086,18 +1086,6 @@ def test_a_statement_timeout_mid_run_ends_the_sync_at_once_with_exit_1(
     again = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
     assert_exact(postgres_url, server.emulator)
-
-
-def _rollup_rows(engine: Any) -> list[list[tuple[Any, ...]]]:
-    from sqlalchemy import select
-
-    from chatsync.store.tables import report_hours, report_users, report_values
-
-    with engine.connect() as connection:
-        return [
-            sorted(tuple(row) for row in connection.execute(select(table)))
-            for table in (report_hours, report_values, report_users)
-        ]
 
 
 @contextlib.contextmanager
