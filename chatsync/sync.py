@@ -1046,12 +1046,18 @@ class Syncer:
             reading.fetched.stream.commit(reading.fetched.page, page.days_of_page)
             pages.append(page)
         kept = [len(page.bad) for page in pages]
+        prepared = [page.rows for page in pages]
+        tries = 0
 
         def write() -> writes.UpsertCounts:
+            nonlocal tries
+            tries += 1
             for page, bad in zip(pages, kept, strict=True):
                 del page.bad[bad:]  # (what a try that the database lost added)
+            committed = self._committed_by_lost_try(pages, prepared) if tries > 1 else writes.UpsertCounts()
             with _stops_wait():  # (what the transaction committed is counted; reading pages is not held)
                 counts = self._write(chatbot_id, scope, pages, now)
+                counts.add(committed)
                 self._add_to_summary(pages, counts)
             return counts
 
@@ -1080,6 +1086,29 @@ class Syncer:
             if page.finished:
                 status.windows_done += 1
         self._report(status)
+
+    def _committed_by_lost_try(
+        self, pages: list[_Prepared], prepared: list[list[dict[str, Any]]]
+    ) -> writes.UpsertCounts:
+        """Before a page's transaction is tried again: the conversations an earlier try committed although
+        the database's answer was lost (each stored now with the hash it was to be written with), taken out
+        of the pages' rows and counted as that try wrote them, against the hashes stored before it. The
+        rest of each page is written again, its bookkeeping included (which writes the same twice). Without
+        this the run's summary counted them unchanged."""
+        ids = [row["id"] for rows in prepared for row in rows]
+        with self.engine.connect() as connection:  # (a lost database: DatabaseUnavailable, _riding_out)
+            now_stored = writes.stored_fingerprints(connection, ids) if ids else {}
+        counts = writes.UpsertCounts()
+        for page, rows in zip(pages, prepared, strict=True):
+            committed = [r for r in rows if now_stored.get(r["id"], ("",))[0] == r["content_hash"]]
+            if committed:
+                before = {i: fingerprint[0] for i, fingerprint in page.reading.known.items()}
+                counts.add(writes.upsert_counts(committed, before))
+                done = {r["id"] for r in committed}
+                page.rows = [r for r in rows if r["id"] not in done]
+            else:
+                page.rows = rows
+        return counts
 
     def _add_to_summary(self, pages: list[_Prepared], counts: writes.UpsertCounts) -> None:
         """Add saved pages to the run's summary."""
@@ -1270,7 +1299,7 @@ class Syncer:
 
         Trying a transaction again writes each conversation once: the database rolled back the one it
         lost, or, when it was lost in its commit after all, the next try finds its conversations stored
-        (a new one's insert fails, and the page is saved again one by one against the stored hashes)."""
+        and counts them as written (:meth:`_committed_by_lost_try`)."""
         budget = self.client.retry_budget
         began = time.monotonic()
         failed = False

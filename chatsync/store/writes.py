@@ -110,6 +110,26 @@ class UpsertCounts:
         self.repaired += other.repaired
 
 
+def upsert_counts(rows: Iterable[dict[str, Any]], known_hashes: Mapping[str, str]) -> UpsertCounts:
+    """What upserting ``rows`` (one per id) over conversations stored with ``known_hashes`` (id → content
+    hash) does: new ids inserted, other hashes updated, the same hash unchanged; those with a number the
+    rule found captured; the ids written with text repaired."""
+    counts = UpsertCounts()
+    for row in rows:
+        stored = known_hashes.get(row["id"])
+        if stored == row["content_hash"]:
+            counts.unchanged += 1
+        else:
+            if stored is None:
+                counts.inserted += 1
+            else:
+                counts.updated += 1
+            if row.get("text_repaired"):
+                counts.repaired.append(row["id"])
+        counts.captured += bool(row["wa_extracted"])
+    return counts
+
+
 def upsert_conversations(
     connection: Connection,
     rows: Iterable[dict[str, Any]],
@@ -122,9 +142,8 @@ def upsert_conversations(
     engine does, to skip unchanged conversations before normalising); otherwise they are read here.
     """
     batch = {row["id"]: row for row in rows}  # the last copy of a conversation in a batch wins
-    counts = UpsertCounts(captured=sum(1 for r in batch.values() if r["wa_extracted"]))
     if not batch:
-        return counts
+        return UpsertCounts()
     if known_hashes is None:
         known_hashes = dict(
             connection.execute(
@@ -136,9 +155,7 @@ def upsert_conversations(
     known = known_hashes
     fresh = [r for i, r in batch.items() if i not in known]
     changed = [r for i, r in batch.items() if i in known and known[i] != r["content_hash"]]
-    counts.inserted, counts.updated = len(fresh), len(changed)
-    counts.repaired = [r["id"] for r in (*fresh, *changed) if r.get("text_repaired")]
-    counts.unchanged = len(batch) - len(fresh) - len(changed)
+    counts = upsert_counts(batch.values(), known)
     if fresh:
         # Before any row is locked: a lead arriving now waits for this page, or this page for it.
         leads.hold_against_leads(connection)
