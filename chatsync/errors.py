@@ -147,9 +147,10 @@ class DatabaseUnavailable(ChatsyncError):
 
 
 class DatabaseFailed(DatabaseUnavailable):
-    """PostgreSQL failed a statement of a sync for a reason of its own, not a record's nor an outage (a
-    statement timeout, a full disk): the run ends as it does when the database goes away, but with exit 1,
-    as it will fail the same way until someone changes the database."""
+    """The database failed a statement of a sync for a reason of its own, not a record's nor an outage
+    (PostgreSQL: a statement timeout, a full disk; SQLite: a file that cannot be written): the run ends as
+    it does when the database goes away, but with exit 1, as it will fail the same way until someone
+    changes the database."""
 
     exit_code = ExitCode.ERROR
 

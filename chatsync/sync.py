@@ -1426,6 +1426,18 @@ _KEPT = "what was committed is kept and the next run continues"  # the advice en
 
 def _unavailable(exc: DBAPIError) -> DatabaseUnavailable:
     first = str(exc.orig or exc).strip().splitlines()
+    sqlite_error = getattr(exc.orig, "sqlite_errorname", None)
+    if sqlite_error is not None:  # (a file on this machine does not go away)
+        what = first[0] if first else sqlite_error
+        if sqlite_error.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+            return DatabaseUnavailable(
+                f"the database stayed locked by another program past the busy timeout mid-run ({what}); "
+                f"{_KEPT}"
+            )
+        return DatabaseFailed(  # a full disk, a file limit, no permission, a damaged file
+            f"the database could not be written mid-run ({what}): check the free space and permissions "
+            f"where its file is; {_KEPT}"
+        )
     # PostgreSQL answered a statement with an error of its own: a connection it turns away has no SQLSTATE
     if getattr(exc.orig, "sqlstate", None) and not exc.connection_invalidated and not is_down(exc):
         return DatabaseFailed(

@@ -243,6 +243,49 @@ def test_a_database_error_the_writer_cannot_handle_ends_the_sync(
     engine.dispose()
 
 
+def test_a_sqlite_file_that_cannot_be_written_ends_the_run_with_exit_1(
+    emulator_factory: Any, tmp_path: Path
+) -> None:
+    """A full disk under a SQLite database (here a file-size limit the kernel enforces: the write fails
+    with EFBIG, which SQLite reports as "disk I/O error") ended the run "the database went away mid-run",
+    exit 3, which a cron wrapper takes for a fault that passes. It will fail the same way until someone
+    frees space: exit 1, saying what to check. The file stays sound, and the next run, with room, stores
+    every conversation once."""
+    import resource
+
+    server = emulator_factory(conversations=3000, seed=31, days=30)
+    path = tmp_path / "chatsync.db"
+    url = f"sqlite:///{path}"
+    engine = open_engine(url)
+    ensure_schema(engine)
+    engine.dispose()
+    room = path.stat().st_size + 1_000_000  # (a few pages of the 3,000 conversations' ~8 MB)
+
+    def no_room() -> None:  # (in the child, before it runs chatsync)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (a write past the limit then fails, not kills)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (room, room))
+
+    env = {**os.environ, **chatbase_env(server, url), "CHATSYNC_RATE_LIMIT": "1000000/1s"}
+    command = [sys.executable, "-m", "chatsync", "sync"]
+    full = subprocess.run(
+        command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120, preexec_fn=no_room
+    )
+    assert full.returncode == ExitCode.ERROR, full.stderr
+    assert full.stderr.strip() == (
+        "error: the database could not be written mid-run (disk I/O error): check the free space and "
+        "permissions where its file is; what was committed is kept and the next run continues"
+    )
+    kept = len(stored_conversations(url))
+    assert 0 < kept < 3000
+    engine = open_engine(url)
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA integrity_check").scalar_one() == "ok"
+    engine.dispose()
+    again = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert_exact(url, server.emulator)
+
+
 def _schema_with_trigger_function(postgres_url: str, name: str, body: str) -> Any:
     """An engine on the test database with chatsync's schema and a trigger function ``name`` running
     ``body`` (PL/pgSQL)."""
