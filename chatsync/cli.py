@@ -453,6 +453,7 @@ class _SyncRun:
             )
             line["error"] = _one_line(self.error)
             line["exit_code"] = code
+            line.setdefault("synced", summary.synced)  # (also when it ended before any chatbot: [])
         if self.as_json:
             render.write_json_line(line)
         elif code in (ExitCode.OK, ExitCode.PARTIAL) or (summary.refused and summary.synced):

@@ -124,6 +124,7 @@ def test_sync_json_prints_one_line_with_the_error_and_exit_code_when_it_fails(
     assert result.stdout.count("\n") == 1, result.stdout
     line = json.loads(result.stdout)
     assert (line["status"], line["exit_code"]) == (status, code)
+    assert line["synced"] == []  # (a run that did not end ok says what it synced: here, before any chatbot)
     assert line["error"] and line["error"] in result.stderr  # the same one line the operator sees
     assert "wrong-key" not in result.stdout + result.stderr
 

@@ -948,6 +948,7 @@ def test_a_database_that_stays_down_ends_the_sync_with_exit_3_when_the_budget_en
     assert result.exit_code == ExitCode.PARTIAL and 2.0 <= took < 6
     line = json.loads(result.stdout)
     assert line["status"] == "partial" and line["error"].startswith("the database stayed unreachable for 2 s")
+    assert line["synced"] == []
     said = result.stderr.strip().splitlines()
     assert len(said) == 2 and "unreachable" in said[0] and said[1].startswith("error: the database stayed")
 
