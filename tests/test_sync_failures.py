@@ -1096,21 +1096,25 @@ def test_a_statement_the_database_cancels_is_not_taken_for_an_outage(postgres_ur
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("table", ["report_values", "conversations"])
 def test_a_statement_timeout_mid_run_ends_the_sync_at_once_with_exit_1(
-    emulator_factory: Any, postgres_url: str, tmp_path: Path
+    emulator_factory: Any, postgres_url: str, tmp_path: Path, table: str
 ) -> None:
     """A statement the database cancels (its statement_timeout) is not an outage: no wait, and exit 1
     saying what failed, as it fails the same way on every run until someone changes the database. It had
-    ended with exit 3, "the database went away mid-run", which a cron wrapper takes for a passing fault."""
+    ended with exit 3, "the database went away mid-run", which a cron wrapper takes for a passing fault.
+    Slowed down: the rollups' upsert (a page's ~400 rollup rows take 8 s), or the bulk load of the
+    conversations themselves (COPY: 100 rows take 2 s, one 20 ms), whose timeout had been taken for
+    rows the database refused: the page was written again one row at a time, and a row slower than the
+    timeout would have been quarantined."""
     from sqlalchemy.engine import make_url
 
     server = emulator_factory(conversations=3000, seed=31, days=30)
     name = make_url(postgres_url).database
     engine = _schema_with_trigger_function(postgres_url, "slow", "PERFORM pg_sleep(0.02); RETURN NEW;")
     with engine.begin() as connection:
-        # a page's rollup rows (~400) take 8 s: the rollups' upsert is cancelled
         connection.exec_driver_sql(
-            "CREATE TRIGGER slow_one BEFORE INSERT ON report_values FOR EACH ROW EXECUTE FUNCTION slow()"
+            f"CREATE TRIGGER slow_one BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION slow()"
         )
         connection.exec_driver_sql(f'ALTER DATABASE "{name}" SET statement_timeout = 500')
     engine.dispose()
@@ -1127,7 +1131,7 @@ def test_a_statement_timeout_mid_run_ends_the_sync_at_once_with_exit_1(
 
     engine = open_engine(postgres_url)
     with engine.begin() as connection:
-        connection.exec_driver_sql("DROP TRIGGER slow_one ON report_values")
+        connection.exec_driver_sql(f"DROP TRIGGER slow_one ON {table}")
         connection.exec_driver_sql(f'ALTER DATABASE "{name}" RESET statement_timeout')
     engine.dispose()
     again = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)

@@ -17,6 +17,7 @@ from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import JSON, Connection, and_, bindparam, case, delete, select, text, update
+from sqlalchemy.exc import DBAPIError
 
 from chatsync.jsonbody import UndecodableRecord, UnreadableNumber
 from chatsync.normalize import repaired_text
@@ -202,11 +203,20 @@ def insert_conversations(connection: Connection, rows: list[dict[str, Any]]) -> 
         # COPY, the fastest bulk load PostgreSQL offers, straight into the table: the rows are new, and a
         # stored id fails the COPY as it would an INSERT. One round trip where a staging table took four
         # (create, COPY, INSERT … SELECT, empty it), each a wait for the server's share of two busy cores.
+        import psycopg
+
+        statement = f"COPY conversations ({names}) FROM STDIN"
         cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
-            with cursor.copy(f"COPY conversations ({names}) FROM STDIN") as copy:
+            with cursor.copy(statement) as copy:
                 for value in values:
                     copy.write_row(value)
+        except psycopg.Error as exc:
+            # As SQLAlchemy raises it for its own statements, so that callers tell a lost connection or a
+            # statement timeout (OperationalError) from a row the table refuses (IntegrityError, DataError)
+            raise DBAPIError.instance(
+                statement, None, exc, psycopg.Error, dialect=connection.dialect
+            ) from exc
         finally:
             cursor.close()
         return
