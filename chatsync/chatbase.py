@@ -339,6 +339,7 @@ class ChatbaseHTTP:
         self.stats = ClientStats()
         self._stats_lock = threading.Lock()
         self.stop = threading.Event()
+        self._answers_due: dict[int, float] = {}  # thread → when its request's answer is due (monotonic)
 
     api = "v1"  # which Chatbase API this client reads
     url_setting = "CHATBASE_BASE_URL"  # the setting that names this API's root, for messages
@@ -355,6 +356,22 @@ class ChatbaseHTTP:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def overdue(self) -> ChatbaseUnavailable | None:
+        """The error to give up with when a request now in flight has been open past its time (when its
+        answer was due, plus one timeout), else None. httpx's timeout bounds each read, and a body is given
+        up on once it is due (:class:`_AnsweredBy`), but a server that trickles the headers of its
+        answer, a byte at a time, would keep the request open for ever: the caller gives up instead."""
+        with self._stats_lock:
+            due = min(self._answers_due.values(), default=math.inf)
+        late = time.monotonic() - due - self.timeout
+        if late <= 0:
+            return None
+        return ChatbaseUnavailable(
+            f"Chatbase at {mask_url(self.base_url)} kept a request open {late + self.timeout:.0f} s past "
+            f"the time its answer was due (its answer trickling in a byte at a time; retry budget "
+            f"{self.retry_budget:.0f} s); what was saved is kept and the next run continues"
+        )
 
     # -------------------------------------------------------------------------------------- one request
     def _redact(self, text: str) -> str:
@@ -472,13 +489,20 @@ class ChatbaseHTTP:
         request = self._http.build_request(
             "GET", path, params=params, timeout=timeout, extensions={"trace": trace}
         )
-        response = self._http.send(request, stream=True)
+        thread = threading.get_ident()
+        with self._stats_lock:
+            self._answers_due[thread] = answer_by  # (seen by overdue(); one request a thread at a time)
         try:
-            if isinstance(response.stream, httpx.SyncByteStream):  # (always, from a sync client)
-                response.stream = _AnsweredBy(response.stream, answer_by, request)
-            response.read()
+            response = self._http.send(request, stream=True)
+            try:
+                if isinstance(response.stream, httpx.SyncByteStream):  # (always, from a sync client)
+                    response.stream = _AnsweredBy(response.stream, answer_by, request)
+                response.read()
+            finally:
+                response.close()
         finally:
-            response.close()
+            with self._stats_lock:
+                del self._answers_due[thread]
         return response
 
     def _rejected(
@@ -717,6 +741,8 @@ class ConversationSource(Protocol):
     stop: threading.Event
     limiter: RateLimiter
     retry_budget: float  # seconds a failing request is tried for; the writer rides out its database as long
+
+    def overdue(self) -> ChatbaseUnavailable | None: ...
 
     def fetch_page(
         self,

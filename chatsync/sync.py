@@ -98,6 +98,9 @@ MAX_WINDOW_DAYS = 31
 PAGES_PER_TRANSACTION = 4
 CHATBOT_REFUSALS = (403, 404)  # what Chatbase says of one chatbot (no access, not found), not of the key
 STOP_PATIENCE_SECONDS = 1.0  # how long a Ctrl-C or SIGTERM waits for requests in flight
+OVERDUE_CHECK_SECONDS = (
+    5.0  # how often a writer waiting for pages looks for a request kept open past its time
+)
 # Hosts of one cron round do not start at the same instant (a busy host starts seconds late): a chatbot
 # whose sync finished this long before a shared run began was synced in this round.
 ROUND_GRACE = timedelta(seconds=10)
@@ -968,7 +971,18 @@ class Syncer:
                                 held.release()
                     if not running:
                         continue
-                    item = events.get()
+                    try:
+                        item = events.get(timeout=OVERDUE_CHECK_SECONDS)
+                    except queue.Empty:
+                        overdue = self.client.overdue()
+                        if overdue is not None:
+                            # A fetcher is held by a server trickling its answer, which no timeout ends:
+                            # end the run with what was saved; the held fetcher is left to its request.
+                            first_error = first_error or overdue
+                            stop.set()
+                            running = 0
+                            patience = time.monotonic() + STOP_PATIENCE_SECONDS
+                        continue
                     if item is _FETCHER_DONE:
                         running -= 1
                     elif isinstance(item, _Failed):

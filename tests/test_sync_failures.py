@@ -16,12 +16,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from chatsync.chatbase import ChatbaseClient
 from chatsync.config import Secret, WhatsAppRule
 from chatsync.emulator import Faults
-from chatsync.errors import DatabaseUnavailable, ExitCode
+from chatsync.errors import ChatbaseUnavailable, DatabaseUnavailable, ExitCode
 from chatsync.store.engine import ensure_schema, open_engine
 from chatsync.store.locks import chatbot_lock
 from chatsync.sync import Syncer, SyncRequest
@@ -241,6 +242,70 @@ def test_a_database_error_the_writer_cannot_handle_ends_the_sync(
     assert again.returncode == 0, again.stderr
     assert_exact(postgres_url, server.emulator)
     engine.dispose()
+
+
+def test_a_server_trickling_the_headers_of_its_answers_ends_the_run(
+    emulator_factory: Any, database_url: str
+) -> None:
+    """httpx's timeout bounds each read: a server that sends the headers of its answer a byte at a time
+    (a broken proxy) kept the request open for ever, the run with it, and the sync lock, which it went
+    on renewing, so every later run was turned away as "another sync is running". The writer now gives
+    up once a request is open past the time its answer was due plus one timeout: the run ends (exit 3)
+    with what was saved, and the next run completes."""
+    import http.server
+
+    server = emulator_factory(conversations=1500, seed=33, days=30)
+    answered = 0
+    done = threading.Event()
+
+    class Trickling(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            nonlocal answered
+            answered += 1
+            if answered <= 6:  # the first pages as Chatbase sends them
+                page = httpx.get(server.base_url + self.path, headers=dict(self.headers))
+                self.send_response(page.status_code)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(page.content)))
+                self.end_headers()
+                self.wfile.write(page.content)
+                return
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nx-padding: ")
+            with contextlib.suppress(OSError):
+                while not done.wait(0.2):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickling)
+    proxy.daemon_threads = True
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    engine = open_engine(database_url)
+    ensure_schema(engine)
+    trickling = Secret("demo-key"), f"http://127.0.0.1:{proxy.server_address[1]}"
+    started = time.monotonic()
+    try:
+        with (
+            ChatbaseClient(*trickling, timeout=1.0, retry_budget=timedelta(seconds=1.5)) as client,
+            pytest.raises(ChatbaseUnavailable) as raised,
+        ):
+            Syncer(engine, client, WhatsAppRule(), concurrency=4).run(SyncRequest(("demo-bot",)))
+        took = time.monotonic() - started
+    finally:
+        done.set()
+        proxy.shutdown()
+        proxy.server_close()
+    assert took < 20, took  # (due after 1.5 s, plus the 1 s timeout, seen within 5 s)
+    assert "kept a request open" in str(raised.value) and "trickling" in str(raised.value)
+    assert 0 < len(stored_conversations(database_url)) < 1500
+    with _client(server) as client:
+        assert Syncer(engine, client, WhatsAppRule()).run(SyncRequest(("demo-bot",))).status == "ok"
+    engine.dispose()
+    assert_exact(database_url, server.emulator)
 
 
 def test_a_sqlite_file_that_cannot_be_written_ends_the_run_with_exit_1(
