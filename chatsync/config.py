@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from chatsync.errors import MissingSetting, UsageError
+from chatsync.errors import ConfigError, MissingSetting, UsageError
 from chatsync.timeutil import format_duration, parse_duration
 
 DEFAULT_BASE_URL = "https://www.chatbase.co/api/v1"
@@ -562,10 +562,8 @@ def load_settings(
 ) -> Settings:
     """Build settings from flag values (by setting name; ``None`` when not given), the environment and
     ``./.env``; ``origins`` records where each value came from. Raises UsageError naming a bad value."""
-    from dotenv import dotenv_values
-
     path = dotenv_path if dotenv_path is not None else Path.cwd() / ".env"
-    dotenv = {k: v for k, v in dotenv_values(path).items() if v is not None} if path.is_file() else {}
+    dotenv = _dotenv(path)
     flags = overrides or {}
     environment = os.environ if env is None else env
 
@@ -645,15 +643,32 @@ def describe_settings(settings: Settings) -> list[SettingRow]:
     return rows
 
 
+def _dotenv(path: Path) -> dict[str, str]:
+    """The variables a ``.env`` file at ``path`` sets ({} when there is none). Raises ConfigError when it
+    is there but cannot be read (no permission for the user running chatsync, not UTF-8)."""
+    if not path.is_file():
+        return {}
+    from dotenv import dotenv_values
+
+    try:
+        return {k: v for k, v in dotenv_values(path).items() if v is not None}
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read {path}: {exc.strerror or exc}; it must be readable by the user running chatsync"
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot read {path}: it is not UTF-8 text") from None
+
+
 def log_format(env: Mapping[str, str] | None = None, dotenv_path: Path | None = None) -> str:
     """``CHATSYNC_LOG_FORMAT`` from the environment, else ``./.env``; ``text`` when unset or unknown
     (the log must never stop a command)."""
     value = (os.environ if env is None else env).get("CHATSYNC_LOG_FORMAT")
     if not value:
         path = dotenv_path if dotenv_path is not None else Path.cwd() / ".env"
-        if path.is_file():
-            from dotenv import dotenv_values
-
-            value = dotenv_values(path).get("CHATSYNC_LOG_FORMAT")
+        try:
+            value = _dotenv(path).get("CHATSYNC_LOG_FORMAT")
+        except ConfigError:
+            value = None  # (the command itself then says what is wrong with the file)
     value = (value or "text").strip().lower()
     return value if value in LOG_FORMATS else "text"

@@ -453,8 +453,9 @@ def test_sync_json_prints_its_line_when_the_command_line_itself_is_refused(
     if wants_line:
         line = json.loads(lines[0])
         assert line["status"] == "failed" and line["exit_code"] == 2 and line["fetched"] == 0
-        assert line["error"].startswith(("bad usage: ", "--concurrency: invalid")), line["error"]
     assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith("error: "), done.stderr
+    if wants_line:  # the same words (docs/cli.md): it had "bad usage: " before them
+        assert done.stderr.strip() == f"error: {line['error']}"
     assert not (tmp_path / "c.db").exists()  # refused: nothing was done
 
 
@@ -591,3 +592,29 @@ def test_debug_logs_never_show_the_key_a_server_echoes_in_a_header(tmp_path: Pat
     assert ran.returncode == ExitCode.PARTIAL
     assert "x-request-id" in ran.stderr.lower() and "***" in ran.stderr  # httpcore's header lines are there
     assert key not in ran.stderr + ran.stdout and "7f3a" not in ran.stderr + ran.stdout
+
+
+@pytest.mark.parametrize("kind", ["unreadable", "not UTF-8"])
+def test_a_dotenv_chatsync_cannot_read_is_a_one_line_error(tmp_path: Path, kind: str) -> None:
+    """A ``.env`` the user running chatsync cannot read (deploy.md has it ``chmod 600``; a service user
+    that is not its owner) crashed every command with a traceback, and ``sync --json`` printed no line.
+    Now exit 4 and one line naming the file, on stderr and in the JSON."""
+    dotenv = tmp_path / ".env"
+    if kind == "not UTF-8":
+        dotenv.write_bytes(b"CHATBASE_API_KEY=\xff\xfe\n")
+    elif os.geteuid() != 0:
+        dotenv.write_text("CHATBASE_API_KEY=x\n")
+        dotenv.chmod(0)
+    else:  # (root reads any file: this one fails every read, EIO)
+        dotenv.symlink_to("/proc/self/mem")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATSYNC_", "CHATBASE_"))}
+    command = [sys.executable, "-m", "chatsync"]
+    synced = subprocess.run(
+        [*command, "sync", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert synced.returncode == ExitCode.CONFIG, synced.stderr
+    line = json.loads(synced.stdout)
+    assert line["error"].startswith(f"cannot read {dotenv}: "), line
+    assert synced.stderr.strip() == f"error: {line['error']}"
+    shown = subprocess.run([*command, "status"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert (shown.returncode, shown.stderr.strip()) == (ExitCode.CONFIG, f"error: {line['error']}")
