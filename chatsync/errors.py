@@ -126,10 +126,13 @@ class DatabaseUnreachable(ChatsyncError):
     """``down``: the server is down or restarting (worth trying again), not refusing chatsync (a wrong
     password, no such database) nor a path that cannot be a database."""
 
-    def __init__(self, exc: BaseException, down: bool = False) -> None:
+    def __init__(self, exc: BaseException, down: bool = False, advice: str | None = None) -> None:
         self.down = down
-        self.first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        super().__init__(f"cannot open the database: {self.first_line}")
+        said = str(
+            getattr(exc, "orig", None) or exc
+        ).strip()  # (the driver's words, without SQLAlchemy's wrapping)
+        self.first_line = said.splitlines()[0] if said else type(exc).__name__
+        super().__init__(f"cannot open the database: {self.first_line}" + (f": {advice}" if advice else ""))
 
 
 class DatabaseUnavailable(ChatsyncError):

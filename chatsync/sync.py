@@ -76,7 +76,7 @@ from chatsync.normalize import (
 )
 from chatsync.signals import held as held_signals
 from chatsync.store import writes
-from chatsync.store.engine import is_down, ride_out
+from chatsync.store.engine import SQLITE_FILE_ADVICE, is_down, ride_out, sqlite_file_failed
 from chatsync.store.locks import KEPT_WITHOUT_DATABASE, chatbot_lock
 from chatsync.timeutil import day_end, day_start, iso_z, parse_timestamp, utcnow
 from chatsync.worker_server import default_workers
@@ -1439,29 +1439,28 @@ _KEPT = "what was committed is kept and the next run continues"  # the advice en
 
 
 def _unavailable(exc: DBAPIError) -> DatabaseUnavailable:
+    """What a database error that ends a step of the run means: a database down for now (ridden out
+    when ``down``), or one that fails a statement for a reason of its own (:class:`DatabaseFailed`)."""
     first = str(exc.orig or exc).strip().splitlines()
+    what = first[0] if first else type(exc).__name__
     sqlite_error = getattr(exc.orig, "sqlite_errorname", None)
     if sqlite_error is not None:  # (a file on this machine does not go away)
-        what = first[0] if first else sqlite_error
-        if sqlite_error.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
-            return DatabaseUnavailable(
-                f"the database stayed locked by another program past the busy timeout mid-run ({what}); "
-                f"{_KEPT}"
+        if sqlite_file_failed(exc):
+            return DatabaseFailed(
+                f"the database file could not be written ({what}): {SQLITE_FILE_ADVICE}; {_KEPT}"
             )
-        return DatabaseFailed(  # a full disk, a file limit, no permission, a damaged file
-            f"the database could not be written mid-run ({what}): check the free space and permissions "
-            f"where its file is; {_KEPT}"
-        )
+        if sqlite_error.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):  # (another program's lock: it passes)
+            return DatabaseUnavailable(
+                f"the database stayed locked by another program past the busy timeout mid-run ({what}); {_KEPT}"
+            )
+        return DatabaseFailed(f"the database failed a statement mid-run ({what}); {_KEPT}")
     # PostgreSQL answered a statement with an error of its own: a connection it turns away has no SQLSTATE
     if getattr(exc.orig, "sqlstate", None) and not exc.connection_invalidated and not is_down(exc):
         return DatabaseFailed(
-            f"the database failed a statement mid-run ({first[0] if first else type(exc).__name__}): check its "
-            f"settings (statement_timeout) and free space; {_KEPT}"
+            f"the database failed a statement mid-run ({what}): check its settings (statement_timeout) and "
+            f"free space; {_KEPT}"
         )
-    return DatabaseUnavailable(
-        f"the database went away mid-run ({first[0] if first else type(exc).__name__}); {_KEPT}",
-        down=is_down(exc),
-    )
+    return DatabaseUnavailable(f"the database went away mid-run ({what}); {_KEPT}", down=is_down(exc))
 
 
 def _first_line(error: BaseException) -> str:

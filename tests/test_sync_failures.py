@@ -337,7 +337,7 @@ def test_a_sqlite_file_that_cannot_be_written_ends_the_run_with_exit_1(
     )
     assert full.returncode == ExitCode.ERROR, full.stderr
     assert full.stderr.strip() == (
-        "error: the database could not be written mid-run (disk I/O error): check the free space and "
+        "error: the database file could not be written (disk I/O error): check the free space and "
         "permissions where its file is; what was committed is kept and the next run continues"
     )
     kept = len(stored_conversations(url))
@@ -346,6 +346,37 @@ def test_a_sqlite_file_that_cannot_be_written_ends_the_run_with_exit_1(
     with engine.connect() as connection:
         assert connection.exec_driver_sql("PRAGMA integrity_check").scalar_one() == "ok"
     engine.dispose()
+    again = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert_exact(url, server.emulator)
+
+
+@pytest.mark.parametrize("room", [20_000, 100_000])
+def test_a_sqlite_file_that_cannot_be_written_as_its_schema_is_made_says_so(
+    emulator_factory: Any, tmp_path: Path, room: int
+) -> None:
+    """The same full disk on a first run, while the schema is made (in 20 kB the file cannot even be
+    read; in 100 kB the tables do not fit): exit 1, "unexpected OperationalError" or a bare "disk I/O
+    error" before; now the same advice, and the next run, with room, is exact. Found by helper-44."""
+    import resource
+
+    server = emulator_factory(conversations=300, seed=32, days=30)
+    url = f"sqlite:///{tmp_path / 'chatsync.db'}"
+
+    def no_room() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (room, room))
+
+    env = {**os.environ, **chatbase_env(server, url), "CHATSYNC_RATE_LIMIT": "1000000/1s"}
+    command = [sys.executable, "-m", "chatsync", "sync"]
+    full = subprocess.run(
+        command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120, preexec_fn=no_room
+    )
+    assert full.returncode == ExitCode.ERROR, full.stderr
+    assert full.stderr.strip() == (
+        "error: cannot open the database: disk I/O error: check the free space and permissions where its "
+        "file is"
+    )
     again = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
     assert_exact(url, server.emulator)

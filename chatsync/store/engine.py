@@ -33,7 +33,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import ExceptionContext, make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import NullPool
 
 from chatsync.config import normalize_database_url
@@ -300,14 +300,46 @@ def ensure_schema(engine: Engine) -> None:
     try:
         found = current_revision(engine)
     except Exception as exc:
-        raise DatabaseUnreachable(exc, down=is_down(exc)) from None
+        raise DatabaseUnreachable(exc, down=is_down(exc), advice=_file_advice(exc)) from None
     if found == HEAD_REVISION:
         return
-    if found is None and create_schema(engine):
-        return
-    if found is not None and found not in known_revisions():
-        raise SchemaTooNew(found, head_revision())
-    upgrade(engine)
+    try:
+        if found is None and create_schema(engine):
+            return
+        if found is not None and found not in known_revisions():
+            raise SchemaTooNew(found, head_revision())
+        upgrade(engine)
+    except DBAPIError as exc:
+        if not sqlite_file_failed(exc):
+            raise
+        raise DatabaseUnreachable(exc, advice=SQLITE_FILE_ADVICE) from None
+
+
+SQLITE_FILE_ADVICE = "check the free space and permissions where its file is"
+
+
+def sqlite_file_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite failing to use its file (a full disk, a file-size limit, an I/O error,
+    no permission to write, a damaged file), by SQLite's own error name: not one another program's lock
+    (busy, locked), which passes, nor a statement or a row it refused."""
+    name = getattr(getattr(exc, "orig", exc), "sqlite_errorname", None)
+    return name is not None and name.startswith(_SQLITE_FILE_ERRORS)
+
+
+# SQLite's primary result codes (and their extended codes, which start with them) that are about the file.
+_SQLITE_FILE_ERRORS = (
+    "SQLITE_FULL",
+    "SQLITE_IOERR",
+    "SQLITE_READONLY",
+    "SQLITE_CANTOPEN",
+    "SQLITE_CORRUPT",
+    "SQLITE_NOTADB",
+    "SQLITE_PERM",
+)
+
+
+def _file_advice(exc: BaseException) -> str | None:
+    return SQLITE_FILE_ADVICE if sqlite_file_failed(exc) else None
 
 
 # What a PostgreSQL server says when it turns connections away for now (libpq's FATAL lines carry no
