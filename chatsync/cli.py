@@ -451,9 +451,9 @@ class _SyncRun:
             line["status"] = {int(ExitCode.PARTIAL): "partial", int(ExitCode.LOCKED): "skipped"}.get(
                 code, "failed"
             )
+            line.setdefault("synced", summary.synced)  # (also when it ended before any chatbot: [])
             line["error"] = _one_line(self.error)
             line["exit_code"] = code
-            line.setdefault("synced", summary.synced)  # (also when it ended before any chatbot: [])
         if self.as_json:
             render.write_json_line(line)
         elif code in (ExitCode.OK, ExitCode.PARTIAL) or (summary.refused and summary.synced):
@@ -1586,7 +1586,9 @@ def _usage_error_line(refused: Any) -> None:
     command = getattr(getattr(context, "command", None), "name", None) or _first_command(arguments)
     if not (command == "sync" and "--json" in arguments):
         return
-    _SyncRun(chatbots=[], as_json=True, error=UsageError(f"bad usage: {_usage_message(refused)}")).report()
+    _SyncRun(
+        chatbots=[], as_json=True, error=UsageError(_usage_message(refused))
+    ).report()  # (stderr's words)
 
 
 def _first_command(arguments: list[str]) -> str | None:

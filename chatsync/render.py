@@ -230,7 +230,7 @@ def progress(description: str, total: int | None) -> Iterator[Callable[[int], No
 
 
 # what a person reads for a summary field whose name alone misleads (the JSON keeps the field names)
-_SUMMARY_LABELS = {"whatsapp_captured": "with a number found (new or not)"}
+_SUMMARY_LABELS = {"whatsapp_captured": "with a number found (new or not)", "synced": "synced to the end"}
 
 
 def sync_summary(summary: SyncSummary) -> None:
@@ -238,9 +238,11 @@ def sync_summary(summary: SyncSummary) -> None:
     table = Table(title=f"sync {summary.status}", show_header=False, title_justify="default")
     table.add_column(style="bold")
     table.add_column(justify="right")
+    shown = summary.as_dict()  # (refused, and synced for a run that did not end ok, as --json has them)
     for key in (
         "chatbots",
         "refused",
+        "synced",
         "requests",
         "retries",
         "fetched",
@@ -253,12 +255,12 @@ def sync_summary(summary: SyncSummary) -> None:
         "started_at",
         "finished_at",
     ):
-        value = getattr(summary, key)
-        if key == "refused" and not value:
+        if key not in shown:
             continue
+        value = shown[key]
         table.add_row(
             _SUMMARY_LABELS.get(key, key.replace("_", " ")),
-            ", ".join(value)
+            (", ".join(value) or "none")
             if isinstance(value, list)
             else f"{value:,}"
             if isinstance(value, int)

@@ -448,6 +448,7 @@ def test_a_mistyped_chatbot_id_among_several_does_not_stop_the_others(
     told = cli("sync", "--chatbot-id", "bot-a", "--chatbot-id", "bot-typo", env=env)  # without --json
     assert told.exit_code == ExitCode.CONFIG and "sync failed" in told.stdout and "fetched" in told.stdout
     assert re.search(r"refused\s+│\s+bot-typo", told.stdout), told.stdout
+    assert re.search(r"synced to the end\s+│\s+bot-a", told.stdout), told.stdout  # (as --json says)
     fresh = cli("status", "--json", "--max-age", "2h", "--chatbot-id", "bot-a", env=env)
     assert fresh.exit_code == 0, fresh.stdout + fresh.stderr  # bot-a's sync was a complete one
     # ... and its last run is told as its own: synced, not failed on another chatbot's typo
