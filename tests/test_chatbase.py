@@ -20,9 +20,17 @@ import vcr
 from chatsync.chatbase import MAX_MARGIN_SECONDS, ChatbaseClient, RateLimiter, _reset_seconds
 from chatsync.config import Secret, WhatsAppRule
 from chatsync.emulator import Emulator, EmulatorTransport
-from chatsync.errors import ChatbaseRejected, ChatbaseUnavailable, ConfigError, PagingError, UsageError
+from chatsync.errors import (
+    ChatbaseRejected,
+    ChatbaseUnavailable,
+    ConfigError,
+    ExitCode,
+    PagingError,
+    UsageError,
+)
 from chatsync.normalize import normalize_conversation
 from chatsync.sources import canonical_source
+from tests.conftest import chatbase_env
 
 CASSETTES = Path(__file__).parent / "cassettes"
 replay = vcr.VCR(cassette_library_dir=str(CASSETTES), record_mode="none", match_on=["method", "uri"])
@@ -118,6 +126,21 @@ def test_a_404_that_is_not_chatbases_blames_the_address_not_the_chatbot(answer: 
     assert raised.value.every_chatbot and "check CHATBASE_BASE_URL" in message
     assert "https://www.chatbase.co/api/v1" in message and "bot-1" not in message
     assert client.stats.retries == 0
+
+
+@pytest.mark.parametrize("path", ["/api/v9", "", "/api/v2"])
+def test_a_mistyped_base_url_against_the_emulator_ends_at_once(
+    cli: Any, emulator_factory: Any, sqlite_url: str, path: str
+) -> None:
+    """The emulator answered v1 under any path, so what docs/cli.md promises for a mistyped
+    CHATBASE_BASE_URL (exit 4 at once, naming the setting) could not be tried with it: it synced.
+    Found by helper-44. It now serves v1 under /api/v1 alone, as Chatbase does."""
+    server = emulator_factory(conversations=30, seed=5)
+    root = server.base_url.removesuffix("/api/v1") + path
+    ran = cli("sync", "--json", env=chatbase_env(server, sqlite_url, CHATBASE_BASE_URL=root))
+    assert ran.exit_code == ExitCode.CONFIG, ran.stdout + ran.stderr
+    line = json.loads(ran.stdout)
+    assert "check CHATBASE_BASE_URL" in line["error"] and line["inserted"] == 0
 
 
 def test_v2_errors_are_retried_honouring_retry_after() -> None:

@@ -250,13 +250,18 @@ class Emulator:
         fault = self._scripted_failure(v2=False) or self._fault()
         if fault:
             return fault
-        if path.endswith("/get-conversations") and method == "GET":
+        if path.endswith("/api/v1/get-conversations") and method == "GET":
             return self._get_conversations(params)
-        if path.endswith("/get-leads") and method == "GET":
+        if path.endswith("/api/v1/get-leads") and method == "GET":
             return self._get_leads(params)
-        if path.endswith("/get-chatbots") and method == "GET":
+        if path.endswith("/api/v1/get-chatbots") and method == "GET":
             return self._get_chatbots()
-        return _json(404, {"message": "Not found"})
+        # a path the API does not have (a mistyped CHATBASE_BASE_URL): the website's page, not an API error
+        return Reply(
+            404,
+            b"<!DOCTYPE html><title>404: This page could not be found.</title>",
+            {"content-type": "text/html"},
+        )
 
     def _handle_v2(
         self, method: str, path: str, params: dict[str, str], headers: dict[str, str], throttled: Reply | None
