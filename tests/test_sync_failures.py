@@ -1121,6 +1121,8 @@ def test_a_database_that_goes_away_mid_run_and_comes_back_is_ridden_out(
     ("marker", "moment", "after"),
     [
         (b"INSERT INTO sync_leases", "before", b""),
+        (b"COMMIT\x00", "before", b"INSERT INTO sync_leases"),
+        (b"COMMIT\x00", "after", b"INSERT INTO sync_leases"),
         (b"INSERT INTO sync_runs", "before", b""),
         (b"COMMIT\x00", "after", b"INSERT INTO sync_runs"),
         (b"FROM sync_days", "before", b""),
@@ -1130,6 +1132,8 @@ def test_a_database_that_goes_away_mid_run_and_comes_back_is_ridden_out(
     ],
     ids=[
         "taking the lock",
+        "taking the lock, its commit lost",
+        "taking the lock, the commit's answer lost",
         "recording the run",
         "recording the run, the commit's answer lost",
         "planning",

@@ -214,14 +214,27 @@ class _Lease:
         dead: str | None = None
         for _ in range(3):  # a row released or replaced between our statements: look again
             started = time.monotonic()
-            with self.engine.begin() as connection:
-                if connection.execute(self._take(me, dead)).first() is not None:
+            # Alive here from before the row is written (another thread of this process must not take it
+            # for a dead one's), and only if its transaction commits: one whose COMMIT failed (its answer
+            # lost, the row written or not) is not kept, nor renewed, and its row, if written, is a dead
+            # holder's that the next try takes over, where it had read as another sync (exit 75).
+            with _LOCAL_GUARD:
+                _HOLDING.add(self.holder)
+            try:
+                with self.engine.begin() as connection:
+                    taken = connection.execute(self._take(me, dead)).first() is not None
+                    row = None if taken else _holder(connection, self.chatbot_id)
+            except BaseException:
+                taken = False
+                raise
+            finally:
+                if not taken:
                     with _LOCAL_GUARD:
-                        _HOLDING.add(self.holder)
-                    self._deadline = started + self._give_up_after
-                    self._start_keeping()
-                    return
-                row = _holder(connection, self.chatbot_id)
+                        _HOLDING.discard(self.holder)
+            if taken:
+                self._deadline = started + self._give_up_after
+                self._start_keeping()
+                return
             if row is not None and not _holder_is_gone(
                 row.holder, row.pid_namespace, row.pid, row.process_start, me
             ):
