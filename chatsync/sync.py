@@ -76,7 +76,7 @@ from chatsync.normalize import (
 )
 from chatsync.signals import held as held_signals
 from chatsync.store import writes
-from chatsync.store.engine import SQLITE_FILE_ADVICE, is_down, ride_out, sqlite_file_failed
+from chatsync.store.engine import fails_every_row, is_down, ride_out, sqlite_file_advice, sqlite_file_failed
 from chatsync.store.locks import KEPT_WITHOUT_DATABASE, chatbot_lock
 from chatsync.timeutil import day_end, day_start, iso_z, parse_timestamp, utcnow
 from chatsync.worker_server import default_workers
@@ -1428,9 +1428,9 @@ class _Transaction:
             except DBAPIError as error:
                 raise _unavailable(error) from None
             if isinstance(exc, DBAPIError) and (
-                exc.connection_invalidated or isinstance(exc, OperationalError)
+                exc.connection_invalidated or isinstance(exc, OperationalError) or fails_every_row(exc)
             ):
-                raise _unavailable(exc) from None
+                raise _unavailable(exc) from None  # (not rows the database refused: none is quarantined)
         finally:
             self._hold.__exit__(None, None, None)  # a stop that came meanwhile is raised now
 
@@ -1447,7 +1447,7 @@ def _unavailable(exc: DBAPIError) -> DatabaseUnavailable:
     if sqlite_error is not None:  # (a file on this machine does not go away)
         if sqlite_file_failed(exc):
             return DatabaseFailed(
-                f"the database file could not be written ({what}): {SQLITE_FILE_ADVICE}; {_KEPT}"
+                f"the database file could not be written ({what}): {sqlite_file_advice(exc)}; {_KEPT}"
             )
         if sqlite_error.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):  # (another program's lock: it passes)
             return DatabaseUnavailable(
@@ -1457,8 +1457,8 @@ def _unavailable(exc: DBAPIError) -> DatabaseUnavailable:
     # PostgreSQL answered a statement with an error of its own: a connection it turns away has no SQLSTATE
     if getattr(exc.orig, "sqlstate", None) and not exc.connection_invalidated and not is_down(exc):
         return DatabaseFailed(
-            f"the database failed a statement mid-run ({what}): check its settings (statement_timeout) and "
-            f"free space; {_KEPT}"
+            f"the database failed a statement mid-run ({what}): check its settings (statement_timeout), "
+            f"free space and chatsync's privileges; {_KEPT}"
         )
     return DatabaseUnavailable(f"the database went away mid-run ({what}); {_KEPT}", down=is_down(exc))
 

@@ -382,6 +382,77 @@ def test_a_sqlite_file_that_cannot_be_written_as_its_schema_is_made_says_so(
     assert_exact(url, server.emulator)
 
 
+def test_a_damaged_sqlite_file_ends_the_run_and_quarantines_nothing(
+    emulator_factory: Any, tmp_path: Path
+) -> None:
+    """A SQLite index damaged on disk fails every write that touches it ("database disk image is
+    malformed", a DatabaseError): each page was saved again row by row, every row quarantined for it,
+    and the run ended ok, exit 0, its days recorded as fetched. Found by helper-45. Now exit 1 saying
+    the file is damaged, nothing quarantined, and nothing recorded as fetched."""
+    import sqlite3
+
+    first = emulator_factory(conversations=1000, seed=41, days=30)
+    path = tmp_path / "chatsync.db"
+    url = f"sqlite:///{path}"
+    env = {**os.environ, **chatbase_env(first, url), "CHATSYNC_RATE_LIMIT": "1000000/1s"}
+    command = [sys.executable, "-m", "chatsync", "sync", "--json"]
+    assert subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, timeout=120).returncode == 0
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        pages = [
+            r[0]
+            for r in connection.execute("SELECT pageno FROM dbstat WHERE name = 'ix_conversations_created'")
+        ]
+        size = connection.execute("PRAGMA page_size").fetchone()[0]
+    with path.open("r+b") as file:
+        for page in pages:
+            file.seek((page - 1) * size + 8)
+            file.write(b"\xa5" * (size - 8))
+    second = emulator_factory(conversations=1000, seed=42, days=30)  # (other conversations: all new)
+    env = {**env, **chatbase_env(second, url)}
+    failed = subprocess.run(
+        [*command, "--full"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert failed.returncode == ExitCode.ERROR, failed.stdout + failed.stderr
+    line = json.loads(failed.stdout)
+    assert line["quarantined"] == 0 and "the file is damaged" in line["error"], line
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        assert connection.execute("SELECT count(*) FROM quarantine").fetchone()[0] == 0
+
+
+@pytest.mark.postgres
+def test_a_statement_postgresql_fails_for_every_row_ends_the_run_and_quarantines_nothing(
+    emulator_factory: Any, postgres_url: str, tmp_path: Path
+) -> None:
+    """No privilege to insert into conversations (SQLSTATE 42501, here raised by a trigger as PostgreSQL
+    raises it for a REVOKE) was taken for rows the database refused: every conversation of the run was
+    quarantined, exit 0. Found by helper-45. Now exit 1 saying so, nothing quarantined; the next run,
+    with the privilege back, is exact."""
+    server = emulator_factory(conversations=600, seed=43, days=30)
+    engine = _schema_with_trigger_function(
+        postgres_url,
+        "no_privilege",
+        "RAISE EXCEPTION 'permission denied for table conversations' USING ERRCODE = '42501';",
+    )
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "CREATE TRIGGER no_insert BEFORE INSERT ON conversations FOR EACH ROW EXECUTE FUNCTION no_privilege()"
+        )
+    env = {**os.environ, **chatbase_env(server, postgres_url), "CHATSYNC_RATE_LIMIT": "1000000/1s"}
+    command = [sys.executable, "-m", "chatsync", "sync", "--json"]
+    failed = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert failed.returncode == ExitCode.ERROR, failed.stdout + failed.stderr
+    line = json.loads(failed.stdout)
+    assert line["quarantined"] == 0 and "permission denied for table conversations" in line["error"], line
+    with engine.begin() as connection:
+        assert connection.exec_driver_sql("SELECT count(*) FROM quarantine").scalar_one() == 0
+        connection.exec_driver_sql("DROP TRIGGER no_insert ON conversations")
+    engine.dispose()
+    again = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert_exact(postgres_url, server.emulator)
+
+
 def _schema_with_trigger_function(postgres_url: str, name: str, body: str) -> Any:
     """An engine on the test database with chatsync's schema and a trigger function ``name`` running
     ``body`` (PL/pgSQL)."""
@@ -1172,6 +1243,27 @@ def test_a_database_lost_at_any_step_of_a_run_is_ridden_out(
         told = connection.execute(select(changes).where(changes.c.kind == "sync.finished")).all()
         assert len(told) == 1
     engine.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("moment", ["before", "after"])
+def test_a_database_lost_as_a_first_run_makes_its_schema_is_ridden_out(
+    postgres_url: str, moment: str
+) -> None:
+    """A connection lost at the COMMIT of the schema a first run makes (before the server has it, or
+    after, its answer lost) ended the run with exit 1, "unexpected OperationalError", where a database
+    down at the start is waited for. Found by helper-45."""
+    from chatsync.store.engine import HEAD_REVISION, current_revision, ensure_schema_riding_out
+
+    forwarder, through = _through_forwarder(postgres_url)
+    engine = open_engine(through)
+    try:
+        forwarder.go_down_at(b"COMMIT\x00", 1.0, moment, after=b"CREATE TABLE")
+        ensure_schema_riding_out(engine, 30)
+        assert current_revision(engine) == HEAD_REVISION
+    finally:
+        engine.dispose()
+        forwarder.close()
 
 
 @pytest.mark.postgres

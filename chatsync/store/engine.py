@@ -310,12 +310,40 @@ def ensure_schema(engine: Engine) -> None:
             raise SchemaTooNew(found, head_revision())
         upgrade(engine)
     except DBAPIError as exc:
+        if is_down(exc):  # (lost as the schema was made: a sync waits, and the next try finds it made or not)
+            raise DatabaseUnreachable(exc, down=True) from None
         if not sqlite_file_failed(exc):
             raise
-        raise DatabaseUnreachable(exc, advice=SQLITE_FILE_ADVICE) from None
+        raise DatabaseUnreachable(exc, advice=sqlite_file_advice(exc)) from None
 
 
 SQLITE_FILE_ADVICE = "check the free space and permissions where its file is"
+SQLITE_DAMAGED_ADVICE = (
+    "the file is damaged: check it with PRAGMA integrity_check and restore it from a backup"
+)
+
+
+def sqlite_file_advice(exc: BaseException) -> str:
+    """What to do about SQLite failing its file (:func:`sqlite_file_failed`)."""
+    name = getattr(getattr(exc, "orig", exc), "sqlite_errorname", None) or ""
+    return (
+        SQLITE_DAMAGED_ADVICE if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) else SQLITE_FILE_ADVICE
+    )
+
+
+# SQLSTATE classes of PostgreSQL failing a statement for a reason of its own, whatever rows it wrote:
+# syntax or access (42: no privilege, no such table), resources (53: disk full, out of memory), system
+# (58: I/O), internal (XX: data corrupted). Not a row's fault: quarantining the rows would be wrong.
+_DATABASE_STATES = frozenset({"42", "53", "58", "XX"})
+
+
+def fails_every_row(exc: BaseException) -> bool:
+    """Whether a statement's error is the database's, not the rows it wrote (which a writer saves one by
+    one, quarantining those refused): SQLite failing its file, or PostgreSQL's :data:`_DATABASE_STATES`."""
+    if sqlite_file_failed(exc):
+        return True
+    state = getattr(getattr(exc, "orig", exc), "sqlstate", None)
+    return state is not None and state[:2] in _DATABASE_STATES
 
 
 def sqlite_file_failed(exc: BaseException) -> bool:
@@ -339,7 +367,7 @@ _SQLITE_FILE_ERRORS = (
 
 
 def _file_advice(exc: BaseException) -> str | None:
-    return SQLITE_FILE_ADVICE if sqlite_file_failed(exc) else None
+    return sqlite_file_advice(exc) if sqlite_file_failed(exc) else None
 
 
 # What a PostgreSQL server says when it turns connections away for now (libpq's FATAL lines carry no
