@@ -339,7 +339,6 @@ class ChatbaseHTTP:
         self.stats = ClientStats()
         self._stats_lock = threading.Lock()
         self.stop = threading.Event()
-        self._answers_due: dict[int, float] = {}  # thread → when its request's answer is due (monotonic)
 
     api = "v1"  # which Chatbase API this client reads
     url_setting = "CHATBASE_BASE_URL"  # the setting that names this API's root, for messages
@@ -356,22 +355,6 @@ class ChatbaseHTTP:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def overdue(self) -> ChatbaseUnavailable | None:
-        """The error to give up with when a request now in flight has been open past its time (when its
-        answer was due, plus one timeout), else None. httpx's timeout bounds each read, and a body is given
-        up on once it is due (:class:`_AnsweredBy`), but a server that trickles the headers of its
-        answer, a byte at a time, would keep the request open for ever: the caller gives up instead."""
-        with self._stats_lock:
-            due = min(self._answers_due.values(), default=math.inf)
-        late = time.monotonic() - due - self.timeout
-        if late <= 0:
-            return None
-        return ChatbaseUnavailable(
-            f"Chatbase at {mask_url(self.base_url)} kept a request open {late + self.timeout:.0f} s past "
-            f"the time its answer was due (its answer trickling in a byte at a time; retry budget "
-            f"{self.retry_budget:.0f} s); what was saved is kept and the next run continues"
-        )
 
     # -------------------------------------------------------------------------------------- one request
     def _redact(self, text: str) -> str:
@@ -484,26 +467,37 @@ class ChatbaseHTTP:
         trace: Callable[[str, dict[str, Any]], None],
         answer_by: float,
     ) -> httpx.Response:
-        """One GET, its body read by ``answer_by`` (monotonic): httpx's timeout bounds each read, so a
-        server sending a byte every few seconds once held a sync for as long as it liked."""
+        """One GET, its body read by ``answer_by`` (monotonic), and the whole answer in by then plus one
+        timeout (else httpx.ReadTimeout): httpx's timeout bounds each read, so a server sending a byte every
+        few seconds once held a sync for as long as it liked."""
         request = self._http.build_request(
             "GET", path, params=params, timeout=timeout, extensions={"trace": trace}
         )
-        thread = threading.get_ident()
-        with self._stats_lock:
-            self._answers_due[thread] = answer_by  # (seen by overdue(); one request a thread at a time)
-        try:
-            response = self._http.send(request, stream=True)
+        answer: Future[httpx.Response] = Future()
+
+        def send() -> None:
             try:
-                if isinstance(response.stream, httpx.SyncByteStream):  # (always, from a sync client)
-                    response.stream = _AnsweredBy(response.stream, answer_by, request)
-                response.read()
-            finally:
-                response.close()
-        finally:
-            with self._stats_lock:
-                del self._answers_due[thread]
-        return response
+                response = self._http.send(request, stream=True)
+                try:
+                    if isinstance(response.stream, httpx.SyncByteStream):  # (always, from a sync client)
+                        response.stream = _AnsweredBy(response.stream, answer_by, request)
+                    response.read()
+                finally:
+                    response.close()
+            except BaseException as exc:
+                answer.set_exception(exc)
+            else:
+                answer.set_result(response)
+
+        # In a thread of its own, waited for until its answer is due plus one timeout: httpx's timeout bounds
+        # each read, and a server trickling the headers of its answer a byte at a time kept the request, the
+        # run and its sync lock for ever. A request given up on is left to its thread (closing the client
+        # ends it).
+        threading.Thread(target=send, name="chatsync-request", daemon=True).start()
+        try:
+            return answer.result(timeout=max(0.0, answer_by + self.timeout - time.monotonic()))
+        except TimeoutError:
+            raise httpx.ReadTimeout("the answer kept trickling in past its time", request=request) from None
 
     def _rejected(
         self, status: int, code: str | None, message: str, path: str, params: dict[str, Any]
@@ -741,8 +735,6 @@ class ConversationSource(Protocol):
     stop: threading.Event
     limiter: RateLimiter
     retry_budget: float  # seconds a failing request is tried for; the writer rides out its database as long
-
-    def overdue(self) -> ChatbaseUnavailable | None: ...
 
     def fetch_page(
         self,

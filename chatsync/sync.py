@@ -971,18 +971,7 @@ class Syncer:
                                 held.release()
                     if not running:
                         continue
-                    try:
-                        item = events.get(timeout=OVERDUE_CHECK_SECONDS)
-                    except queue.Empty:
-                        overdue = self.client.overdue()
-                        if overdue is not None:
-                            # A fetcher is held by a server trickling its answer, which no timeout ends:
-                            # end the run with what was saved; the held fetcher is left to its request.
-                            first_error = first_error or overdue
-                            stop.set()
-                            running = 0
-                            patience = time.monotonic() + STOP_PATIENCE_SECONDS
-                        continue
+                    item = events.get()
                     if item is _FETCHER_DONE:
                         running -= 1
                     elif isinstance(item, _Failed):

@@ -782,8 +782,11 @@ def test_a_slow_chatbase_is_not_failed_by_a_budget_shorter_than_its_answer(emula
     assert client.stats.retries == 0
 
 
-def test_a_server_trickling_its_answer_is_given_up_on_when_the_budget_ends() -> None:
-    """httpx's timeout bounds each read: a server sending a byte every second held a sync for good."""
+@pytest.mark.parametrize("part", ["body", "headers"])
+def test_a_server_trickling_its_answer_is_given_up_on_when_the_budget_ends(part: str) -> None:
+    """httpx's timeout bounds each read: a server sending a byte every second held a sync for good. Its
+    headers trickled held any request for ever (helper-46: an API v2 sync's first-day lookup, which runs
+    with the sync lock held, `doctor`, `leads sync`, `sync --all-chatbots`' list of chatbots)."""
     import socket
 
     listener = socket.create_server(("127.0.0.1", 0))
@@ -794,10 +797,12 @@ def test_a_server_trickling_its_answer_is_given_up_on_when_the_budget_ends() -> 
         connection.recv(65536)
         connection.sendall(
             b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n"
+            if part == "body"
+            else b"HTTP/1.1 200 OK\r\nx-padding: "
         )
         with suppress(OSError):
             while not done.wait(0.2):
-                connection.sendall(b" ")
+                connection.sendall(b" " if part == "body" else b"x")
         connection.close()
 
     threading.Thread(target=trickle, daemon=True).start()

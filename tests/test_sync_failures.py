@@ -249,9 +249,9 @@ def test_a_server_trickling_the_headers_of_its_answers_ends_the_run(
 ) -> None:
     """httpx's timeout bounds each read: a server that sends the headers of its answer a byte at a time
     (a broken proxy) kept the request open for ever, the run with it, and the sync lock, which it went
-    on renewing, so every later run was turned away as "another sync is running". The writer now gives
-    up once a request is open past the time its answer was due plus one timeout: the run ends (exit 3)
-    with what was saved, and the next run completes."""
+    on renewing, so every later run was turned away as "another sync is running". A request is now given
+    up once it is open past the time its answer was due plus one timeout: the run ends (exit 3) with what
+    was saved, and the next run completes."""
     import http.server
 
     server = emulator_factory(conversations=1500, seed=33, days=30)
@@ -299,8 +299,8 @@ def test_a_server_trickling_the_headers_of_its_answers_ends_the_run(
         done.set()
         proxy.shutdown()
         proxy.server_close()
-    assert took < 20, took  # (due after 1.5 s, plus the 1 s timeout, seen within 5 s)
-    assert "kept a request open" in str(raised.value) and "trickling" in str(raised.value)
+    assert took < 20, took  # (due after 1.5 s, plus the 1 s timeout)
+    assert "the answer kept trickling in past its time" in str(raised.value)
     assert 0 < len(stored_conversations(database_url)) < 1500
     with _client(server) as client:
         assert Syncer(engine, client, WhatsAppRule()).run(SyncRequest(("demo-bot",))).status == "ok"
