@@ -562,8 +562,7 @@ def load_settings(
 ) -> Settings:
     """Build settings from flag values (by setting name; ``None`` when not given), the environment and
     ``./.env``; ``origins`` records where each value came from. Raises UsageError naming a bad value."""
-    path = dotenv_path if dotenv_path is not None else Path.cwd() / ".env"
-    dotenv = _dotenv(path)
+    dotenv = _dotenv(dotenv_path)
     flags = overrides or {}
     environment = os.environ if env is None else env
 
@@ -643,14 +642,19 @@ def describe_settings(settings: Settings) -> list[SettingRow]:
     return rows
 
 
-def _dotenv(path: Path) -> dict[str, str]:
-    """The variables a ``.env`` file at ``path`` sets ({} when there is none). Raises ConfigError when it
-    is there but cannot be read (no permission for the user running chatsync, not UTF-8)."""
-    if not path.is_file():
-        return {}
+def _dotenv(path: Path | None) -> dict[str, str]:
+    """The variables a ``.env`` file at ``path`` (None: ``./.env``) sets ({} when there is none). Raises
+    ConfigError when it is there but cannot be read (no permission for the user running chatsync, not
+    UTF-8), or when the current folder is gone."""
     from dotenv import dotenv_values
 
     try:
+        path = path if path is not None else Path.cwd() / ".env"
+    except OSError as exc:
+        raise ConfigError(f"cannot read ./.env: the current folder is gone ({exc.strerror or exc})") from None
+    try:
+        if not path.is_file():  # (a symlink into a folder this user cannot enter fails here)
+            return {}
         return {k: v for k, v in dotenv_values(path).items() if v is not None}
     except OSError as exc:
         raise ConfigError(
@@ -665,9 +669,8 @@ def log_format(env: Mapping[str, str] | None = None, dotenv_path: Path | None = 
     (the log must never stop a command)."""
     value = (os.environ if env is None else env).get("CHATSYNC_LOG_FORMAT")
     if not value:
-        path = dotenv_path if dotenv_path is not None else Path.cwd() / ".env"
         try:
-            value = _dotenv(path).get("CHATSYNC_LOG_FORMAT")
+            value = _dotenv(dotenv_path).get("CHATSYNC_LOG_FORMAT")
         except ConfigError:
             value = None  # (the command itself then says what is wrong with the file)
     value = (value or "text").strip().lower()

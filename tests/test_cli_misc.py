@@ -618,3 +618,16 @@ def test_a_dotenv_chatsync_cannot_read_is_a_one_line_error(tmp_path: Path, kind:
     assert synced.stderr.strip() == f"error: {line['error']}"
     shown = subprocess.run([*command, "status"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert (shown.returncode, shown.stderr.strip()) == (ExitCode.CONFIG, f"error: {line['error']}")
+
+
+def test_a_command_run_from_a_folder_that_was_deleted_says_so(tmp_path: Path) -> None:
+    """Its ./.env cannot be looked for: a FileNotFoundError traceback from Path.cwd() (helper-46)."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATSYNC_", "CHATBASE_"))}
+    script = f"cd {shlex.quote(str(gone))} && rmdir ../gone && exec {shlex.quote(sys.executable)} -m chatsync status"
+    shown = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert (shown.returncode, shown.stderr.strip()) == (
+        ExitCode.CONFIG,
+        "error: cannot read ./.env: the current folder is gone (No such file or directory)",
+    )
