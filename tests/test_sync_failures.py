@@ -316,25 +316,16 @@ def test_a_sqlite_file_that_cannot_be_written_ends_the_run_with_exit_1(
     exit 3, which a cron wrapper takes for a fault that passes. It will fail the same way until someone
     frees space: exit 1, saying what to check. The file stays sound, and the next run, with room, stores
     every conversation once."""
-    import resource
-
     server = emulator_factory(conversations=3000, seed=31, days=30)
     path = tmp_path / "chatsync.db"
     url = f"sqlite:///{path}"
     engine = open_engine(url)
     ensure_schema(engine)
     engine.dispose()
-    room = path.stat().st_size + 1_000_000  # (a few pages of the 3,000 conversations' ~8 MB)
-
-    def no_room() -> None:  # (in the child, before it runs chatsync)
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (a write past the limit then fails, not kills)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (room, room))
-
     env = {**os.environ, **chatbase_env(server, url), "CHATSYNC_RATE_LIMIT": "1000000/1s"}
     command = [sys.executable, "-m", "chatsync", "sync"]
-    full = subprocess.run(
-        command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120, preexec_fn=no_room
-    )
+    # (room for a few pages of the 3,000 conversations' ~8 MB)
+    full = _run_with_room(path.stat().st_size + 1_000_000, command, env, tmp_path)
     assert full.returncode == ExitCode.ERROR, full.stderr
     assert full.stderr.strip() == (
         "error: the database file could not be written (disk I/O error): check the free space and "
@@ -358,20 +349,11 @@ def test_a_sqlite_file_that_cannot_be_written_as_its_schema_is_made_says_so(
     """The same full disk on a first run, while the schema is made (in 20 kB the file cannot even be
     read; in 100 kB the tables do not fit): exit 1, "unexpected OperationalError" or a bare "disk I/O
     error" before; now the same advice, and the next run, with room, is exact. Found by helper-44."""
-    import resource
-
     server = emulator_factory(conversations=300, seed=32, days=30)
     url = f"sqlite:///{tmp_path / 'chatsync.db'}"
-
-    def no_room() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (room, room))
-
     env = {**os.environ, **chatbase_env(server, url), "CHATSYNC_RATE_LIMIT": "1000000/1s"}
     command = [sys.executable, "-m", "chatsync", "sync"]
-    full = subprocess.run(
-        command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120, preexec_fn=no_room
-    )
+    full = _run_with_room(room, command, env, tmp_path)
     assert full.returncode == ExitCode.ERROR, full.stderr
     assert full.stderr.strip() == (
         "error: cannot open the database: disk I/O error: check the free space and permissions where its "
@@ -380,6 +362,22 @@ def test_a_sqlite_file_that_cannot_be_written_as_its_schema_is_made_says_so(
     again = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
     assert_exact(url, server.emulator)
+
+
+def _run_with_room(
+    room: int, command: list[str], env: dict[str, str], cwd: Path
+) -> subprocess.CompletedProcess[str]:
+    """``command`` with the files it writes limited to ``room`` bytes, as a full disk limits them: the
+    kernel's RLIMIT_FSIZE, a write past it failing with EFBIG (SQLite: "disk I/O error"), not killed."""
+    import resource
+
+    def no_room() -> None:  # (in the child, before it runs chatsync)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (room, room))
+
+    return subprocess.run(
+        command, env=env, cwd=cwd, capture_output=True, text=True, timeout=120, preexec_fn=no_room
+    )
 
 
 def test_a_damaged_sqlite_file_ends_the_run_and_quarantines_nothing(
