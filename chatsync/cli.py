@@ -1586,9 +1586,8 @@ def _usage_error_line(refused: Any) -> None:
     command = getattr(getattr(context, "command", None), "name", None) or _first_command(arguments)
     if not (command == "sync" and "--json" in arguments):
         return
-    _SyncRun(
-        chatbots=[], as_json=True, error=UsageError(_usage_message(refused))
-    ).report()  # (stderr's words)
+    refusal = UsageError(_usage_message(refused))  # (the words stderr has)
+    _SyncRun(chatbots=[], as_json=True, error=refusal).report()
 
 
 def _first_command(arguments: list[str]) -> str | None:

@@ -128,9 +128,8 @@ class DatabaseUnreachable(ChatsyncError):
 
     def __init__(self, exc: BaseException, down: bool = False, advice: str | None = None) -> None:
         self.down = down
-        said = str(
-            getattr(exc, "orig", None) or exc
-        ).strip()  # (the driver's words, without SQLAlchemy's wrapping)
+        # (the driver's words, without SQLAlchemy's wrapping)
+        said = str(getattr(exc, "orig", None) or exc).strip()
         self.first_line = said.splitlines()[0] if said else type(exc).__name__
         super().__init__(f"cannot open the database: {self.first_line}" + (f": {advice}" if advice else ""))
 

@@ -76,7 +76,14 @@ from chatsync.normalize import (
 )
 from chatsync.signals import held as held_signals
 from chatsync.store import writes
-from chatsync.store.engine import fails_every_row, is_down, ride_out, sqlite_file_advice, sqlite_file_failed
+from chatsync.store.engine import (
+    fails_every_row,
+    is_down,
+    ride_out,
+    sqlite_error_name,
+    sqlite_file_advice,
+    sqlite_file_failed,
+)
 from chatsync.store.locks import KEPT_WITHOUT_DATABASE, chatbot_lock
 from chatsync.timeutil import day_end, day_start, iso_z, parse_timestamp, utcnow
 from chatsync.worker_server import default_workers
@@ -98,9 +105,6 @@ MAX_WINDOW_DAYS = 31
 PAGES_PER_TRANSACTION = 4
 CHATBOT_REFUSALS = (403, 404)  # what Chatbase says of one chatbot (no access, not found), not of the key
 STOP_PATIENCE_SECONDS = 1.0  # how long a Ctrl-C or SIGTERM waits for requests in flight
-OVERDUE_CHECK_SECONDS = (
-    5.0  # how often a writer waiting for pages looks for a request kept open past its time
-)
 # Hosts of one cron round do not start at the same instant (a busy host starts seconds late): a chatbot
 # whose sync finished this long before a shared run began was synced in this round.
 ROUND_GRACE = timedelta(seconds=10)
@@ -1432,7 +1436,7 @@ def _unavailable(exc: DBAPIError) -> DatabaseUnavailable:
     when ``down``), or one that fails a statement for a reason of its own (:class:`DatabaseFailed`)."""
     first = str(exc.orig or exc).strip().splitlines()
     what = first[0] if first else type(exc).__name__
-    sqlite_error = getattr(exc.orig, "sqlite_errorname", None)
+    sqlite_error = sqlite_error_name(exc)
     if sqlite_error is not None:  # (a file on this machine does not go away)
         if sqlite_file_failed(exc):
             return DatabaseFailed(

@@ -323,9 +323,15 @@ SQLITE_DAMAGED_ADVICE = (
 )
 
 
+def sqlite_error_name(exc: BaseException) -> str | None:
+    """SQLite's own name for the error behind ``exc`` (``SQLITE_FULL``, ``SQLITE_IOERR_WRITE``…), or None
+    for an error that is not SQLite's."""
+    return getattr(getattr(exc, "orig", exc), "sqlite_errorname", None)
+
+
 def sqlite_file_advice(exc: BaseException) -> str:
     """What to do about SQLite failing its file (:func:`sqlite_file_failed`)."""
-    name = getattr(getattr(exc, "orig", exc), "sqlite_errorname", None) or ""
+    name = sqlite_error_name(exc) or ""
     return (
         SQLITE_DAMAGED_ADVICE if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) else SQLITE_FILE_ADVICE
     )
@@ -350,7 +356,7 @@ def sqlite_file_failed(exc: BaseException) -> bool:
     """Whether ``exc`` is SQLite failing to use its file (a full disk, a file-size limit, an I/O error,
     no permission to write, a damaged file), by SQLite's own error name: not one another program's lock
     (busy, locked), which passes, nor a statement or a row it refused."""
-    name = getattr(getattr(exc, "orig", exc), "sqlite_errorname", None)
+    name = sqlite_error_name(exc)
     return name is not None and name.startswith(_SQLITE_FILE_ERRORS)
 
 

@@ -220,13 +220,12 @@ class _Lease:
             # holder's that the next try takes over, where it had read as another sync (exit 75).
             with _LOCAL_GUARD:
                 _HOLDING.add(self.holder)
+            taken = False  # (true once the transaction that wrote the row has committed)
             try:
                 with self.engine.begin() as connection:
-                    taken = connection.execute(self._take(me, dead)).first() is not None
-                    row = None if taken else _holder(connection, self.chatbot_id)
-            except BaseException:
-                taken = False
-                raise
+                    written = connection.execute(self._take(me, dead)).first() is not None
+                    row = None if written else _holder(connection, self.chatbot_id)
+                taken = written
             finally:
                 if not taken:
                     with _LOCAL_GUARD:
